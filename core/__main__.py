@@ -1,0 +1,3 @@
+from dagc.cli import main
+
+main()

@@ -1,0 +1,100 @@
+"""The `dagc` command: a thin layer over the Python API.
+
+Every error a user can cause ends with one line on stderr, ``dagc: error: <what> ...; <what to do>``,
+and exit code 2; never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from dagc.errors import DagcError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dagc")
+def cli() -> None:
+    """dagc: search a multi-task central network and compile it into per-task inference models."""
+
+
+@cli.command()
+@click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to write.")
+@click.option("--resume", "resume", type=click.Path(file_okay=False, path_type=Path),
+              help="Continue the interrupted run in this directory (its own configuration is used).")
+@click.option("--dataset", type=str, default=None, help="Built-in dataset: synthetic (default) or digits.")
+@click.option("--preset", type=str, default=None, help="Central network preset: tiny (default), omniglot, vgg16.")
+@click.option("--tasks", type=str, default=None, help="Comma-separated task names (default: all the dataset's).")
+@click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
+@click.option("--warmup-iters", type=int, default=None)
+@click.option("--search-iters", type=int, default=None)
+@click.option("--finetune-iters", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--weight-lr", type=float, default=None, help="Adam learning rate of θ.")
+@click.option("--arch-lr", type=float, default=None, help="Adam learning rate of Γ, A, B.")
+@click.option("--squeeze-weight", type=float, default=None, help="λ_sq of the squeeze loss.")
+@click.option("--kappa", type=float, default=None, help="Squeeze budget κ (default: N, the number of states).")
+@click.option("--dense-loss", type=str, default=None, help="l2 (default) or l1 for dense regression tasks.")
+@click.option("--save-every", type=int, default=None, help="Write resumable state every N iterations.")
+@click.option("--device", type=str, default=None, help="cpu (default) or cuda.")
+@click.option("--seed", type=int, default=None)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(out, resume, quiet, **options) -> None:
+    """Run warm-up, search, flow-based reduction and fine-tuning; write RUN_DIR."""
+    from dagc.trainer.train import TrainConfig
+    from dagc.trainer.train import train as run_training
+
+    if (out is None) == (resume is None):
+        raise DagcError("give exactly one of --out RUN_DIR (a new run) or --resume RUN_DIR (continue one)")
+    given = {k: v for k, v in options.items() if v is not None}
+    if resume is not None:
+        if set(given) - {"device"}:
+            raise DagcError(f"--resume uses the run's own configuration; drop {sorted(given)}")
+        cfg = TrainConfig(device=given["device"]) if "device" in given else None
+        metrics = run_training(cfg, resume, resume=True, progress=not quiet)
+        out = resume
+    else:
+        if "tasks" in given:
+            given["tasks"] = tuple(t.strip() for t in given["tasks"].split(",") if t.strip())
+        metrics = run_training(TrainConfig(**given), out, progress=not quiet)
+    click.echo(summary(metrics, out))
+
+
+def summary(metrics: dict, out: Path) -> str:
+    """A one-screen summary of a finished run."""
+    lines = [f"run: {out}", f"train time: {metrics['train_seconds']:.1f} s, supernet parameters: "
+             f"{metrics['parameters']['supernet']:,}", "",
+             f"{'task':<14}{'metric':<12}{'model':>10}{'constant':>10}   D  W      S"]
+    topo = metrics.get("topology") or {}
+    for task, p in metrics["primary"].items():
+        t = topo.get(task, {})
+        lines.append(f"{task:<14}{p['metric']:<12}{p['model']:>10.4f}{p['constant']:>10.4f}"
+                     f"  {t.get('D', '-'):>2} {t.get('W', '-'):>2} {t.get('S', float('nan')):>6.3f}")
+    lines += ["", f"wrote {out / 'checkpoint.safetensors'}, {out / 'metrics.json'}, {out / 'train.log'}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI, turning user errors into one line and exit code 2."""
+    try:
+        cli.main(args=argv, prog_name="dagc", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        click.echo("dagc: aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as e:
+        click.echo(f"dagc: error: {e.format_message()} (see dagc {e.ctx.info_name if e.ctx else ''} --help)".replace("  ", " "), err=True)
+        sys.exit(2)
+    except DagcError as e:
+        click.echo(f"dagc: error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("dagc: interrupted; continue with --resume RUN_DIR", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

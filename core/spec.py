@@ -1,0 +1,279 @@
+"""The network spec: the one description of a central network that trainer, compiler and runtime share.
+
+A spec names the hidden states (channels, stride), the read-out state, the flow constant M, the
+tasks and their heads, and the input. Indices of hidden states are 0-based everywhere in code and
+in stored arrays: hidden state ``i`` is the paper's ``v_{i+1}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from dagc.errors import SpecError
+
+TASK_KINDS = ("segmentation", "classification", "depth", "normal", "edge", "saliency")
+# Kinds predicted per pixel; classification is the only image-level kind.
+DENSE_KINDS = ("segmentation", "depth", "normal", "edge", "saliency")
+HEADS = ("aspp", "linear")
+PRESETS = ("tiny", "omniglot", "vgg16")
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One hidden (or the read-out) state: its channels and its stride relative to the input."""
+
+    channels: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: a name, a kind, the number of classes (segmentation/classification) and a head.
+
+    ``head`` defaults to ``"linear"`` (global-average-pooled linear) for classification and to
+    ``"aspp"`` (DeepLab-v2 atrous spatial pyramid pooling, upsampled to the input) otherwise.
+    """
+
+    name: str
+    kind: str
+    classes: int | None = None
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.head is None:
+            object.__setattr__(self, "head", "linear" if self.kind == "classification" else "aspp")
+
+    @property
+    def out_channels(self) -> int:
+        """Channels of the head's output: classes for label tasks, 3 for normals, else 1."""
+        if self.kind in ("segmentation", "classification"):
+            return int(self.classes or 0)
+        return 3 if self.kind == "normal" else 1
+
+    @property
+    def dense(self) -> bool:
+        return self.kind in DENSE_KINDS
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A central network (paper Sec. 3.1, appendix A) with its tasks.
+
+    Fields:
+        states: the N hidden states, topologically sorted; strides never decrease.
+        readout: the read-out state v_L that every read-out edge resizes to.
+        flow_constant: M; hidden edges i -> j exist for 0 < j - i <= M.
+        tasks: the K tasks.
+        in_channels, input_size: the input image (C, (H, W)); H and W divide by every stride.
+        shared_input: True if all tasks read one image; False if each task has its own input.
+        head_channels, aspp_rates, head_dropout: the ASPP heads' width, dilation rates, dropout.
+        preset: the preset the spec came from (informational).
+    """
+
+    states: tuple[StateSpec, ...]
+    readout: StateSpec
+    flow_constant: int
+    tasks: tuple[TaskSpec, ...]
+    in_channels: int = 3
+    input_size: tuple[int, int] = (32, 32)
+    shared_input: bool = True
+    head_channels: int = 64
+    aspp_rates: tuple[int, ...] = (1, 2, 3, 4)
+    head_dropout: float = 0.0
+    preset: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ structure
+    @property
+    def n_states(self) -> int:
+        return len(self.states)
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.tasks)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def hidden_edges(self) -> list[tuple[int, int]]:
+        """The flow-restricted hidden edges (i, j), 0-based, i < j <= i + M, in row-major order."""
+        n, m = self.n_states, self.flow_constant
+        return [(i, j) for i in range(n) for j in range(i + 1, min(n, i + m + 1))]
+
+    def n_edges(self) -> int:
+        """All edges of the central network: hidden edges plus N read-in and N read-out edges."""
+        return len(self.hidden_edges()) + 2 * self.n_states
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise SpecError(f"unknown task {name!r}; the spec has tasks {list(self.task_names)}")
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise SpecError naming the first field that is invalid."""
+        if not self.states:
+            raise SpecError("spec.states: a central network needs at least one hidden state")
+        for idx, s in enumerate((*self.states, self.readout)):
+            where = f"spec.states[{idx}]" if idx < len(self.states) else "spec.readout"
+            if not isinstance(s.channels, int) or s.channels < 1:
+                raise SpecError(f"{where}.channels must be a positive integer, got {s.channels!r}")
+            if not isinstance(s.stride, int) or s.stride < 1:
+                raise SpecError(f"{where}.stride must be a positive integer, got {s.stride!r}")
+        for idx in range(1, len(self.states)):
+            lo, hi = self.states[idx - 1].stride, self.states[idx].stride
+            if hi < lo or hi % lo:
+                raise SpecError(
+                    f"spec.states[{idx}].stride must be a multiple of the previous state's "
+                    f"stride {lo} (strides only grow, by integer factors), got {hi}"
+                )
+        if not isinstance(self.flow_constant, int) or self.flow_constant < 1:
+            raise SpecError(f"spec.flow_constant (M) must be an integer >= 1, got {self.flow_constant!r}")
+        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+            raise SpecError(f"spec.in_channels must be a positive integer, got {self.in_channels!r}")
+        if len(self.input_size) != 2 or any(not isinstance(v, int) or v < 1 for v in self.input_size):
+            raise SpecError(f"spec.input_size must be two positive integers (H, W), got {self.input_size!r}")
+        for s in (*self.states, self.readout):
+            if any(v % s.stride for v in self.input_size):
+                raise SpecError(
+                    f"spec.input_size {tuple(self.input_size)} must be divisible by every stride "
+                    f"(found stride {s.stride}); choose a multiple of {self.max_stride()}"
+                )
+        if not self.tasks:
+            raise SpecError("spec.tasks: at least one task is needed")
+        names = [t.name for t in self.tasks]
+        if len(set(names)) != len(names):
+            raise SpecError(f"spec.tasks: task names must be unique, got {names}")
+        for t in self.tasks:
+            where = f"spec.tasks[{t.name!r}]"
+            if not t.name or not t.name.replace("_", "").replace("-", "").isalnum():
+                raise SpecError(f"{where}.name must be letters, digits, '_' or '-'")
+            if t.kind not in TASK_KINDS:
+                raise SpecError(f"{where}.kind must be one of {list(TASK_KINDS)}, got {t.kind!r}")
+            if t.kind in ("segmentation", "classification"):
+                if not isinstance(t.classes, int) or t.classes < 2:
+                    raise SpecError(f"{where}.classes must be an integer >= 2 for {t.kind}, got {t.classes!r}")
+            elif t.classes is not None:
+                raise SpecError(f"{where}.classes is only meaningful for segmentation/classification")
+            if t.head not in HEADS:
+                raise SpecError(f"{where}.head must be one of {list(HEADS)}, got {t.head!r}")
+            if t.dense and t.head != "aspp":
+                raise SpecError(f"{where}.head: dense task kind {t.kind!r} needs the 'aspp' head")
+            if not t.dense and t.head != "linear":
+                raise SpecError(f"{where}.head: classification needs the 'linear' head")
+        if not isinstance(self.head_channels, int) or self.head_channels < 1:
+            raise SpecError(f"spec.head_channels must be a positive integer, got {self.head_channels!r}")
+        if not self.aspp_rates or any(not isinstance(r, int) or r < 1 for r in self.aspp_rates):
+            raise SpecError(f"spec.aspp_rates must be positive integers, got {self.aspp_rates!r}")
+        if not 0.0 <= float(self.head_dropout) < 1.0:
+            raise SpecError(f"spec.head_dropout must be in [0, 1), got {self.head_dropout!r}")
+
+    def max_stride(self) -> int:
+        return max(s.stride for s in (*self.states, self.readout))
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        d["aspp_rates"] = list(self.aspp_rates)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Spec:
+        """Build a spec from `to_dict` output; raises SpecError on a missing or malformed field."""
+        if not isinstance(d, dict):
+            raise SpecError("spec: expected a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise SpecError(f"spec: unknown field(s) {sorted(unknown)}")
+        try:
+            kw = dict(d)
+            kw["states"] = tuple(StateSpec(**s) for s in d["states"])
+            kw["readout"] = StateSpec(**d["readout"])
+            kw["tasks"] = tuple(TaskSpec(**t) for t in d["tasks"])
+            if "input_size" in d:
+                kw["input_size"] = tuple(d["input_size"])
+            if "aspp_rates" in d:
+                kw["aspp_rates"] = tuple(d["aspp_rates"])
+        except KeyError as e:
+            raise SpecError(f"spec: missing field {e.args[0]!r}") from None
+        except TypeError as e:
+            raise SpecError(f"spec: malformed entry ({e})") from None
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> Spec:
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise SpecError(f"spec: not valid JSON ({e})") from None
+
+    def with_tasks(self, tasks: Sequence[TaskSpec]) -> Spec:
+        return replace(self, tasks=tuple(tasks))
+
+
+def _states(channels: Sequence[int], strides: Sequence[int]) -> tuple[StateSpec, ...]:
+    return tuple(StateSpec(c, s) for c, s in zip(channels, strides, strict=True))
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # Appendix Table 7: VGG-16's 12 conv states (max-pooled states dropped), read-out at stride 16;
+    # heads as DeepLab-v2 (1024 wide, rates 6/12/18/24, dropout 0.5).
+    "vgg16": dict(
+        states=_states([64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512],
+                       [1, 1, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16]),
+        readout=StateSpec(512, 16), flow_constant=3, head_channels=1024,
+        aspp_rates=(6, 12, 18, 24), head_dropout=0.5, input_size=(64, 64),
+    ),
+    # Paper Sec. 4.1: 8 hidden states for Omniglot, as the MoE baselines it compares with.
+    "omniglot": dict(
+        states=_states([64] * 8, [1, 1, 2, 2, 4, 4, 8, 8]),
+        readout=StateSpec(64, 8), flow_constant=3, head_channels=64,
+        aspp_rates=(1, 2, 3, 4), head_dropout=0.0, input_size=(8, 8),
+    ),
+    # Small enough for unit tests and for `dagc train` on 2 CPU cores within minutes.
+    "tiny": dict(
+        states=_states([16, 16, 32, 32, 32, 32], [1, 1, 2, 2, 4, 4]),
+        readout=StateSpec(32, 4), flow_constant=3, head_channels=32,
+        aspp_rates=(1, 2, 3, 4), head_dropout=0.0, input_size=(32, 32),
+    ),
+}
+
+
+def preset(
+    name: str,
+    tasks: Sequence[TaskSpec],
+    *,
+    flow_constant: int | None = None,
+    in_channels: int = 3,
+    input_size: tuple[int, int] | None = None,
+    shared_input: bool = True,
+) -> Spec:
+    """Build a spec from a named preset (`PRESETS`) and the given tasks.
+
+    Raises SpecError for an unknown preset or an invalid combination (e.g. an input size not
+    divisible by the preset's largest stride).
+    """
+    if name not in _PRESETS:
+        raise SpecError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    kw = dict(_PRESETS[name])
+    if flow_constant is not None:
+        kw["flow_constant"] = flow_constant
+    if input_size is not None:
+        kw["input_size"] = tuple(input_size)
+    return Spec(tasks=tuple(tasks), in_channels=in_channels, shared_input=shared_input,
+                preset=name, **kw)
+
+
+__all__ = ["Spec", "StateSpec", "TaskSpec", "preset", "PRESETS", "TASK_KINDS", "HEADS"]

@@ -1,0 +1,118 @@
+"""The three training stages of the paper (Sec. 3.2), as plain functions over explicit state.
+
+    warm-up    θ only, Γ/A/B frozen at 0 (σ = 0.5)            `warmup_step`
+    search     θ and Γ/A/B with Adam, task loss + λ_sq·L_sq    `search_step`
+    reduction  per task, Algorithm 1 on σ(Γ/A/B), then closed  `reduce_network`
+    rewind     θ back to the end of warm-up                    `rewind`
+    fine-tune  θ only, binary masks, no sigmoid               `finetune_step`
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from dagc.trainer.losses import squeeze_loss, task_loss
+from dagc.trainer.network import CentralNetwork
+from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
+from dagc.trainer.topology import close_masks, topology_metrics
+from torch import Tensor
+
+REDUCTIONS = ("fbr", "threshold", "random")
+
+
+def make_optimizer(net: CentralNetwork, stage: str, weight_lr: float, arch_lr: float) -> torch.optim.Adam:
+    """Adam for a stage: θ alone in warm-up and fine-tune; θ and the logits (own lr) in search.
+
+    Also sets which parameters need gradients, so frozen logits cost nothing.
+    """
+    train_arch = stage == "search"
+    for p in net.arch_parameters():
+        p.requires_grad_(train_arch)
+    groups = [{"params": net.weight_parameters(), "lr": weight_lr}]
+    if train_arch:
+        groups.append({"params": net.arch_parameters(), "lr": arch_lr})
+    # fused: one kernel for all parameters instead of ~10 small ops each (CPU and CUDA).
+    return torch.optim.Adam(groups, fused=True)
+
+
+def total_task_loss(net: CentralNetwork, x: Tensor, targets: Mapping[str, Tensor],
+                    dense_loss: str) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 7: the sum of the task losses, all tasks run stacked; also each task's value."""
+    out = net(x)
+    losses = {t.name: task_loss(t, out[t.name], targets[t.name], dense_loss) for t in net.spec.tasks}
+    return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
+
+
+def warmup_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
+                targets: Mapping[str, Tensor], dense_loss: str = "l2") -> dict[str, float]:
+    """One warm-up iteration (θ only). Returns the losses."""
+    net.train()
+    loss, parts = total_task_loss(net, x, targets, dense_loss)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": float(loss.detach()), **parts}
+
+
+def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
+                targets: Mapping[str, Tensor], squeeze_weight: float, kappa: float,
+                dense_loss: str = "l2") -> dict[str, float]:
+    """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together."""
+    net.train()
+    loss, parts = total_task_loss(net, x, targets, dense_loss)
+    sq = squeeze_loss(net.arch_gamma, net.band, kappa)
+    total = loss + squeeze_weight * sq
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    opt.step()
+    return {"loss": float(total.detach()), "squeeze": float(sq.detach()), **parts}
+
+
+finetune_step = warmup_step  # same update; the network is in hard mode by then
+
+
+def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
+                   target_sparsity: float | None = None) -> dict[str, dict[str, float]]:
+    """Discretise every task's σ(Γ, A, B) (Algorithm 1 or an ablation), close the masks, and switch
+    the network to hard mode. Returns the topology (D, W, S) of each task's sub-network."""
+    if method not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {method!r}; choose one of {list(REDUCTIONS)}")
+    band = net.band.cpu().numpy()
+    with torch.no_grad():
+        gam = (torch.sigmoid(net.arch_gamma) * net.band).cpu().double().numpy()
+        alp = torch.sigmoid(net.arch_alpha).cpu().double().numpy()
+        bet = torch.sigmoid(net.arch_beta).cpu().double().numpy()
+    masks, topo = [], {}
+    for k, task in enumerate(net.spec.tasks):
+        if method == "fbr":
+            g, a, b = flow_based_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
+        elif method == "threshold":
+            g, a, b = threshold_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
+        else:
+            g, a, b = random_reduction(gam[k], alp[k], bet[k], seed=seed + k,
+                                       target_sparsity=target_sparsity)
+        g, a, b = close_masks(g, a, b)
+        masks.append((g, a, b))
+        topo[task.name] = topology_metrics(g, a, b, band)
+    stacked = [torch.from_numpy(np.stack([m[i] for m in masks])) for i in range(3)]
+    net.set_masks(*stacked)
+    return topo
+
+
+def rewind(net: CentralNetwork, snapshot: Mapping[str, Tensor]) -> None:
+    """Load θ (weights and batch-norm statistics) saved at the end of warm-up; the logits and the
+    masks are kept."""
+    arch = {"arch_gamma", "arch_alpha", "arch_beta"}
+    state = net.state_dict()
+    with torch.no_grad():
+        for k, v in snapshot.items():
+            if k not in arch:
+                state[k].copy_(v)
+
+
+def theta_snapshot(net: CentralNetwork) -> dict[str, Tensor]:
+    """A detached copy of θ (everything in the state_dict but the logits)."""
+    arch = {"arch_gamma", "arch_alpha", "arch_beta"}
+    return {k: v.detach().clone() for k, v in net.state_dict().items() if k not in arch}
