@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from dagc.errors import CheckpointError, SpecError
-from dagc.spec import Spec
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from dagc.errors import CheckpointError, SpecError
+from dagc.spec import Spec
 
 FORMAT = "dagc.checkpoint"
 FORMAT_VERSION = 1

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from dagc.errors import DagcError
 
 
@@ -24,7 +25,7 @@ def cli() -> None:
 @click.option("--resume", "resume", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the interrupted run in this directory (its own configuration is used).")
 @click.option("--dataset", type=str, default=None, help="Built-in dataset: synthetic (default) or digits.")
-@click.option("--preset", type=str, default=None, help="Central network preset: tiny (default), omniglot, vgg16.")
+@click.option("--preset", type=str, default=None, help="Central network preset: tiny, omniglot, vgg16 (default: tiny for synthetic, omniglot for digits).")
 @click.option("--tasks", type=str, default=None, help="Comma-separated task names (default: all the dataset's).")
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
 @click.option("--warmup-iters", type=int, default=None)

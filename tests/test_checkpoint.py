@@ -4,11 +4,12 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from dagc.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from dagc.errors import CheckpointError
 from dagc.spec import TaskSpec, preset
 from dagc.trainer.network import CentralNetwork, network_from_checkpoint, network_tensors
-from safetensors.torch import save_file
 
 SPEC = preset("tiny", [TaskSpec("seg", "segmentation", 3), TaskSpec("depth", "depth")], input_size=(16, 16))
 
@@ -69,7 +70,9 @@ def test_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
     path = tmp_path / "c.safetensors"
     save_checkpoint(path, {"theta.x": torch.ones(3)}, SPEC, "init")
     before = path.read_bytes()
-    with pytest.raises(AttributeError):  # a str has no .detach(): the write fails before renaming
-        save_checkpoint(path, {"theta.x": torch.ones(3), "bad": "not a tensor"}, SPEC, "init")
+    shared = torch.ones(3)
+    # safetensors refuses two names for one storage: the write fails after the temporary exists.
+    with pytest.raises(RuntimeError, match="share memory"):
+        save_checkpoint(path, {"theta.x": shared, "theta.y": shared}, SPEC, "init")
     assert path.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["c.safetensors"]

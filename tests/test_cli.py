@@ -5,8 +5,9 @@ import sys
 
 import pytest
 import torch
-from dagc.cli import main
 from safetensors.torch import save_file
+
+from dagc.cli import main
 
 FAST = ["--warmup-iters", "2", "--search-iters", "2", "--finetune-iters", "2", "--batch-size", "4", "--quiet"]
 

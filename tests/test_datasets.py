@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from dagc.errors import DataError
 from dagc.trainer import datasets
 from dagc.trainer.datasets import DATASETS, load_dataset, task_names

@@ -4,10 +4,11 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from dagc.errors import DataError, SpecError
 from dagc.spec import StateSpec, TaskSpec, preset
 from dagc.trainer.network import CentralNetwork, TaskBatchNorm
-from torch import nn
 
 DENSE = [TaskSpec("seg", "segmentation", 4), TaskSpec("depth", "depth"), TaskSpec("normal", "normal")]
 CLS = [TaskSpec("a", "classification", 3), TaskSpec("b", "classification", 5),

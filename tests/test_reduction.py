@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
 from dagc.trainer.reduction import (
     flow_based_reduction,
     flow_scores,
@@ -15,9 +19,6 @@ from dagc.trainer.reduction import (
     threshold_reduction,
 )
 from dagc.trainer.topology import flow_band, flow_matrix, is_connected, sparsity
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 REDUCTIONS = {
     "flow": flow_based_reduction,

@@ -1,6 +1,7 @@
 """The spec: presets, flow-restricted edges, validation messages and JSON round trip."""
 
 import pytest
+
 from dagc.errors import SpecError
 from dagc.spec import PRESETS, Spec, StateSpec, TaskSpec, preset
 

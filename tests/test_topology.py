@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
 from dagc.trainer.topology import (
     close_masks,
     flow_band,
@@ -14,9 +18,6 @@ from dagc.trainer.topology import (
     split_flow_matrix,
     topology_metrics,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.extra.numpy import arrays
 
 
 def _edges(gamma, alpha, beta):

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
 from dagc.errors import DataError
 
 DATASETS = ("synthetic", "digits")

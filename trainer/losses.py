@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from dagc.spec import TaskSpec
 from torch import Tensor
+
+from dagc.spec import TaskSpec
 
 # Label value that segmentation losses and metrics skip (unlabelled pixels in real datasets).
 IGNORE_INDEX = -1

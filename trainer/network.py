@@ -25,9 +25,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from dagc.errors import DataError, SpecError
 from dagc.spec import Spec, TaskSpec
-from torch import Tensor, nn
 
 
 class TaskBatchNorm(nn.Module):

@@ -13,11 +13,12 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from dagc.trainer.losses import squeeze_loss, task_loss
 from dagc.trainer.network import CentralNetwork
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
-from torch import Tensor
 
 REDUCTIONS = ("fbr", "threshold", "random")
 
