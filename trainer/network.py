@@ -66,20 +66,21 @@ class TaskBatchNorm(nn.Module):
         count = (n // groups) * h * w
         if count < 2:
             raise ValueError(f"batch norm needs more than 1 value per channel and task, got {count}")
+        # Normalise without affine (the affine is shared, so it is applied once on (n, c, h, w)
+        # rather than repeated per lane): fewer calls, which is what small maps are bound by.
         y, mean, invstd = torch.native_batch_norm(
-            x.view(n // groups, groups * c, h, w), self.weight.repeat(groups), self.bias.repeat(groups),
-            None, None, True, 0.0, self.eps)
+            x.view(n // groups, groups * c, h, w), None, None, None, None, True, 0.0, self.eps)
         with torch.no_grad():
-            var = (invstd.pow(-2) - self.eps).clamp(min=0) * (count / (count - 1))
+            var = invstd.pow(-2).sub_(self.eps).mul_(count / (count - 1))  # unbiased, as BatchNorm2d
             self._update_running(mean.view(groups, c), var.view(groups, c), reps)
-        return y.view(n, c, h, w)
+        return torch.addcmul(self.bias.view(1, c, 1, 1), y.view(n, c, h, w), self.weight.view(1, c, 1, 1))
 
     def _update_running(self, means: Tensor, vars_: Tensor, reps: list[int]) -> None:
         # Applying r <- (1-m) r + m s once per task in order has the closed form
         # r_T = (1-m)^T r_0 + sum_t m (1-m)^(T-t) s_t: one weighted sum instead of T small updates.
         keep, coef = _running_coefficients(tuple(reps), self.momentum, means.dtype, means.device)
-        self.running_mean.mul_(keep).add_(coef @ means)
-        self.running_var.mul_(keep).add_(coef @ vars_)
+        self.running_mean.addmv_(means.t(), coef, beta=keep)
+        self.running_var.addmv_(vars_.t(), coef, beta=keep)
         self.num_batches_tracked.add_(sum(reps))
 
 

@@ -19,7 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -281,15 +281,17 @@ def save_state(run: Run, out: Path) -> None:
     save_checkpoint(out / "state.safetensors", tensors, run.spec, run.completed, **meta)
 
 
-def resume_run(run_dir: Path, device: torch.device) -> Run:
-    """Rebuild a run from ``run_dir/state.safetensors``. Raises CheckpointError if the state is
-    missing, truncated, foreign, or not a training state."""
+def resume_run(run_dir: Path, device: str | None = None) -> Run:
+    """Rebuild a run from ``run_dir/state.safetensors``, on its own device or on ``device``.
+    Raises CheckpointError if the state is missing, truncated, foreign, or not a training state."""
     path = run_dir / "state.safetensors"
     if not path.exists():
         raise CheckpointError(f"{run_dir} holds no resumable run (no state.safetensors); start one with dagc train --out {run_dir}")
     ck: Checkpoint = load_checkpoint(path)
     try:
         cfg = TrainConfig.from_dict(ck.json("config"))
+        if device is not None:
+            cfg = replace(cfg, device=device)
         progress = ck.json("progress")
         stage, step = progress["stage"], int(progress["step"])
         if stage not in (*STAGE_ORDER, "done"):
@@ -299,12 +301,13 @@ def resume_run(run_dir: Path, device: torch.device) -> Run:
                               "only run directories written by dagc train can be resumed") from None
     net = CentralNetwork(ck.spec)
     load_network_tensors(net, ck.tensors)
-    net.to(device)
+    net.to(_device(cfg.device))
     rewind_theta = ck.group("rewind") or None
     opt = None
     if stage != "done":
         opt = make_optimizer(net, stage, cfg.weight_lr, cfg.arch_lr)
-        optim_t = {k: v.to(device) for k, v in ck.tensors.items() if k.startswith("optim.")}
+        # Adam's load_state_dict moves the state to its parameters' device.
+        optim_t = {k: v for k, v in ck.tensors.items() if k.startswith("optim.")}
         if optim_t:
             load_optimizer(opt, optim_t, ck.json("optimizer", {}))
     return Run(cfg=cfg, spec=ck.spec, net=net, stage=stage, step=step, opt=opt, rewind_theta=rewind_theta,
@@ -326,7 +329,8 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
           progress: bool = True, on_step: Callable[[Run], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the three-stage search and write the run directory.
 
-    Takes: the configuration (ignored when resuming: the run's own is used), the run directory,
+    Takes: the configuration (when resuming only its device is used: the run's own configuration
+    holds), the run directory,
     ``resume`` to continue ``out_dir/state.safetensors``, ``progress`` for progress bars, and an
     optional callback after every iteration. Returns the metrics written to metrics.json.
     Raises ConfigError (bad configuration or unwritable directory), DataError, CheckpointError.
@@ -335,10 +339,9 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     if resume:
         if not out.is_dir():
             raise CheckpointError(f"{out} is not a run directory; give the --out of an earlier dagc train")
-        device = torch.device(cfg.device if cfg is not None else "cpu")
-        run = resume_run(out, device)
+        # Only the device may differ from the run's own configuration.
+        run = resume_run(out, device=cfg.device if cfg is not None else None)
         device = _device(run.cfg.device)
-        run.net.to(device)
     else:
         if cfg is None:
             raise ConfigError("a configuration is needed to start a run")
