@@ -186,7 +186,7 @@ def batch_at(split: datasets.Split, spec: Spec, batch_size: int, seed: int, stag
 @torch.no_grad()
 def evaluate(net: CentralNetwork, split: datasets.Split, batch_size: int = 256,
              device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-    """Held-out metrics of every task, the network in eval mode."""
+    """Metrics of every task on ``split`` (task -> metric -> value), the network in eval mode."""
     net.eval()
     spec = net.spec
     meters = {t.name: TaskMeter(t) for t in spec.tasks}
@@ -211,8 +211,6 @@ def constant_baselines(spec: Spec, data: datasets.MultiTaskData) -> dict[str, di
     for t in spec.tasks:
         target = data.test.targets[t.name]
         shape = (len(target), t.out_channels, *target.shape[-2:]) if t.dense else (len(target), t.classes)
-        if t.kind == "segmentation":
-            shape = (len(target), t.classes, *target.shape[-2:])
         meter = TaskMeter(t)
         meter.update(np.asarray(constant_prediction(t, data.train.targets[t.name], shape)), target)
         out[t.name] = meter.result()
