@@ -81,3 +81,10 @@ def test_console_script_trains_and_prints_a_summary(tmp_path):
     res = subprocess.run([sys.executable, "-m", "dagc", "train", "--out", str(run), *FAST],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 2 and "already holds a run" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    code, _, err = _run(["train", "--out", str(tmp_path / "run"), "--device", "cuda", *FAST], capsys)
+    assert code == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()

@@ -158,3 +158,27 @@ def test_preset_that_does_not_fit_the_data_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not fit"):
         train(_cfg(dataset="digits", preset="vgg16"), tmp_path / "x", progress=False)
     assert not (tmp_path / "x" / "state.safetensors").exists()
+
+
+def test_task_subset_keeps_the_given_order(tmp_path):
+    metrics = train(_cfg(tasks=("depth", "segmentation")), tmp_path / "s", progress=False)
+    assert list(metrics["spec"]["tasks"][i]["name"] for i in range(2)) == ["depth", "segmentation"]
+    assert set(metrics["final"]) == {"depth", "segmentation"}
+
+
+@pytest.mark.slow
+def test_default_run_beats_constant_predictors_widely(tmp_path):
+    """The README's claim for `dagc train --out DIR` (about 3 minutes on 2 cores)."""
+    metrics = train(TrainConfig(), tmp_path / "default", progress=False)
+    p = metrics["primary"]
+    assert p["segmentation"]["model"] > 5 * p["segmentation"]["constant"]  # mIoU
+    assert p["depth"]["model"] < 0.6 * p["depth"]["constant"]  # abs. error
+    assert p["normal"]["model"] < 0.6 * p["normal"]["constant"]  # mean angle
+    assert p["edge"]["model"] > 1.5 * p["edge"]["constant"]  # max F
+
+
+@pytest.mark.slow
+def test_digits_default_run_reaches_90_percent_on_every_task(tmp_path):
+    metrics = train(TrainConfig(dataset="digits"), tmp_path / "digits", progress=False)
+    for task, m in metrics["final"].items():
+        assert m["accuracy"] >= 0.9, task
