@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_to_the_same_model(tmp_path):
 def test_killed_process_leaves_a_valid_state_and_resumes(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "dagc", "train", "--out", str(run), "--quiet", "--warmup-iters", "30",
-           "--search-iters", "80", "--finetune-iters", "5", "--batch-size", "4", "--save-every", "3"]
+           "--search-iters", "200", "--finetune-iters", "5", "--batch-size", "4", "--save-every", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     state = run / "state.safetensors"
     deadline = time.time() + 120
