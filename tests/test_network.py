@@ -189,6 +189,14 @@ def test_bad_inputs_and_masks_raise_documented_errors():
         net.set_masks(g, a, b)
     with pytest.raises(SpecError, match="shapes"):
         net.set_masks(g[:2], a, b)
+    g, a, b = _closed_masks(spec)
+    g[1, 3, 4] = 1  # state 3 is dead for task 1: the edge dangles
+    with pytest.raises(SpecError, match="'depth' are not closed"):
+        net.set_masks(g, a, b)
+    g, a, b = _closed_masks(spec)
+    b[2] = 0
+    with pytest.raises(SpecError, match="'normal' leave no path"):
+        net.set_masks(g, a, b)
 
 
 def test_custom_readout_stride_smaller_than_states_upsamples():

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from dagc.errors import DataError, SpecError
 from dagc.spec import Spec, TaskSpec
+from dagc.trainer.topology import close_masks, is_connected
 
 
 class TaskBatchNorm(nn.Module):
@@ -264,7 +265,9 @@ class CentralNetwork(nn.Module):
     def set_masks(self, gamma: Tensor, alpha: Tensor, beta: Tensor) -> None:
         """Switch to hard mode with 0/1 masks of shapes (K, N, N), (K, N), (K, N).
 
-        Raises SpecError if a shape is wrong, a mask is not 0/1 or sets an edge outside the band.
+        Raises SpecError if a shape is wrong, a mask is not 0/1, sets an edge outside the band,
+        leaves a task without a path from input to read-out, or is not closed
+        (`dagc.trainer.topology.close_masks`).
         """
         k, n = self.spec.n_tasks, self.spec.n_states
         gamma, alpha, beta = (torch.as_tensor(t).float().to(self.band.device) for t in (gamma, alpha, beta))
@@ -278,6 +281,13 @@ class CentralNetwork(nn.Module):
                 raise SpecError(f"mask {name} must hold only 0 and 1")
         if torch.any(gamma * (1 - self.band) != 0):
             raise SpecError("mask gamma sets an edge outside the flow-restricted band")
+        for k, task in enumerate(self.spec.tasks):
+            g, a, b = (t[k].cpu().numpy().astype("int64") for t in (gamma, alpha, beta))
+            if not is_connected(g, a, b):
+                raise SpecError(f"masks of task {task.name!r} leave no path from the input to the read-out")
+            if any((x != y).any() for x, y in zip((g, a, b), close_masks(g, a, b))):
+                raise SpecError(f"masks of task {task.name!r} are not closed (an active edge lies on no "
+                                "input -> read-out path); close them with dagc.trainer.topology.close_masks")
         self.mask_gamma, self.mask_alpha, self.mask_beta = gamma, alpha, beta
 
     def edge_weights(self, task_idx: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
