@@ -327,10 +327,10 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
           progress: bool = True, on_step: Callable[[Run], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the three-stage search and write the run directory.
 
-    Takes: the configuration (when resuming only its device is used: the run's own configuration
-    holds), the run directory,
-    ``resume`` to continue ``out_dir/state.safetensors``, ``progress`` for progress bars, and an
-    optional callback after every iteration. Returns the metrics written to metrics.json.
+    Takes: the configuration (when resuming, only its device is used: the run's own configuration
+    holds), the run directory, ``resume`` to continue ``out_dir/state.safetensors``, ``progress``
+    for progress bars, and an optional callback after every iteration (tests use it to interrupt).
+    Returns the metrics written to metrics.json.
     Raises ConfigError (bad configuration or unwritable directory), DataError, CheckpointError.
     """
     out = Path(out_dir)
@@ -396,6 +396,7 @@ def _run_stage(run: Run, data, out: Path, device, kappa: float, progress: bool, 
     bar = _progress(stage, n_iters, run.step, progress)
     t0 = time.perf_counter()
     acc: dict[str, float] = {}
+    n_acc = 0  # iterations in acc (after a resume, not necessarily log_every)
     try:
         while run.step < n_iters:
             x, targets = batch_at(data.train, run.spec, cfg.batch_size, cfg.seed, stage, run.step, device)
@@ -410,12 +411,12 @@ def _run_stage(run: Run, data, out: Path, device, kappa: float, progress: bool, 
             run.step += 1
             for k, v in losses.items():
                 acc[k] = acc.get(k, 0.0) + v
+            n_acc += 1
             if run.step % cfg.log_every == 0 or run.step == n_iters:
-                count = (run.step - 1) % cfg.log_every + 1
-                entry = {"step": run.step, **{k: v / count for k, v in acc.items()}}
+                entry = {"step": run.step, **{k: v / n_acc for k, v in acc.items()}}
                 run.history.setdefault(stage, []).append(entry)
                 log.info("%s %s", stage, json.dumps(entry))
-                acc = {}
+                acc, n_acc = {}, 0
                 if bar is not None:
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
             if bar is not None:
