@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         click.echo("dagc: aborted", err=True)
         sys.exit(130)
     except click.UsageError as e:
-        click.echo(f"dagc: error: {e.format_message()} (see dagc {e.ctx.info_name if e.ctx else ''} --help)".replace("  ", " "), err=True)
+        hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        click.echo(f"dagc: error: {e.format_message()}{hint}", err=True)
         sys.exit(2)
     except DagcError as e:
         click.echo(f"dagc: error: {e}", err=True)
