@@ -1,0 +1,135 @@
+"""Compiler passes: small pure functions from IR to IR (`dagc.compiler.ir.Graph`).
+
+    eliminate_dead   drop instances not reachable from an input or not reaching any head
+    early_exit       drop, per task, every instance after the task's last active read-out
+    share            value numbering: an instance whose edges are identical (same blocks, same
+                     shared sources, same scale) in several tasks is computed once for all of them
+    fold             batch norm and the positive 1/In factor folded into each edge's conv
+
+`optimize` runs them in that order. None mutates its input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dagc.compiler.ir import INPUT_PREFIX, READOUT, CompileError, Edge, Graph, Node, node_id
+
+BN_EPS = 1e-5  # dagc.trainer.network.TaskBatchNorm's epsilon
+
+
+def eliminate_dead(g: Graph) -> Graph:
+    """Remove every instance that is not reachable from a model input or that no head needs,
+    together with its edges; an edge out of a removed instance goes with it. (Graphs built from
+    a checkpoint have closed masks, so there this only removes what a hand-made or transformed IR
+    left dangling.) Raises CompileError if a head's read-out is unreachable."""
+    reachable: set[str] = set()
+    for n in g.nodes:
+        if any(e.src.startswith(INPUT_PREFIX) or e.src in reachable for e in n.edges):
+            reachable.add(n.id)
+    for task, src in g.heads:
+        if src not in reachable:
+            raise CompileError(f"task {task!r} has no path from its input to its read-out")
+    needed = {src for _, src in g.heads}
+    for n in reversed(g.nodes):
+        if n.id in needed and n.id in reachable:
+            needed.update(e.src for e in n.edges)
+    keep = reachable & needed
+    nodes = tuple(
+        Node(n.id, n.state, n.tasks, tuple(e for e in n.edges if e.src.startswith(INPUT_PREFIX) or e.src in keep))
+        for n in g.nodes if n.id in keep
+    )
+    return g.replace(nodes=nodes)
+
+
+def early_exit(g: Graph) -> Graph:
+    """Drop each task from the instances of states after its last active read-out (the paper's
+    early exit: a task that reads out at state i computes nothing beyond i); instances left
+    serving no task are removed."""
+    last = {}
+    for task, src in g.heads:
+        readout = g.node(src)
+        last[task] = max(g.node(e.src).state for e in readout.edges)
+    nodes = []
+    for n in g.nodes:
+        tasks = n.tasks if n.state == READOUT else tuple(t for t in n.tasks if n.state <= last[t])
+        if tasks:
+            nodes.append(Node(n.id, n.state, tasks, n.edges))
+    return g.replace(nodes=tuple(nodes))
+
+
+def share(g: Graph) -> Graph:
+    """Value numbering across tasks: instances of the same state whose edges apply the same blocks,
+    with the same scales, to the same (already shared) sources compute the same value, so they
+    become one instance serving the union of their tasks. Ids are renamed after the tasks served."""
+    order = {t: i for i, t in enumerate(g.spec.task_names)}
+    groups: dict[tuple, list[Node]] = {}
+    rep: dict[str, tuple] = {}  # old id -> its group's key
+    for n in g.nodes:
+        edges = tuple(sorted((e.block, _canon(e.src, rep), e.scale, e.folded) for e in n.edges))
+        key = (n.state, edges)
+        groups.setdefault(key, []).append(n)
+        rep[n.id] = key
+    new_id = {key: node_id(ns[0].state, tuple(sorted({t for n in ns for t in n.tasks}, key=order.get)))
+              for key, ns in groups.items()}
+
+    def rename(src: str) -> str:
+        return src if src.startswith(INPUT_PREFIX) else new_id[rep[src]]
+
+    nodes = []
+    for key, ns in groups.items():
+        first = ns[0]
+        tasks = tuple(sorted({t for n in ns for t in n.tasks}, key=order.get))
+        edges = tuple(Edge(e.block, rename(e.src), e.scale, e.folded) for e in first.edges)
+        nodes.append(Node(new_id[key], first.state, tasks, edges))
+    nodes.sort(key=lambda n: (n.state == READOUT, n.state))
+    heads = tuple((t, rename(src)) for t, src in g.heads)
+    return g.replace(nodes=tuple(nodes), heads=heads)
+
+
+def _canon(src: str, rep: dict[str, tuple]) -> object:
+    return src if src.startswith(INPUT_PREFIX) else rep[src]
+
+
+def fold(g: Graph) -> Graph:
+    """Fold each edge's eval-mode batch norm and its positive scale into its conv:
+    ``w' = w · s·γ/√(σ²+ε)``, ``b' = s·(β − μ·γ/√(σ²+ε))``. ReLU and max-pool commute with a
+    positive scale, so the averaging of Eq. 4 costs nothing at inference. Folded parameters are
+    added as ``fold.<block>.s<n>.weight/bias`` (n = 1/scale); each (block, scale) pair is folded once
+    and shared by every edge that uses it."""
+    params = dict(g.params)
+    nodes = []
+    for n in g.nodes:
+        edges = []
+        for e in n.edges:
+            if e.folded is not None:
+                edges.append(e)
+                continue
+            inv = round(1.0 / e.scale)
+            key = f"{e.block}.s{inv}"
+            if f"fold.{key}.weight" not in params:
+                w, b = _folded(g.params, e.block, 1.0 / inv)
+                params[f"fold.{key}.weight"], params[f"fold.{key}.bias"] = w, b
+            edges.append(Edge(e.block, e.src, e.scale, key))
+        nodes.append(Node(n.id, n.state, n.tasks, tuple(edges)))
+    return g.replace(nodes=tuple(nodes), params=params)
+
+
+def _folded(params, block: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    w = params[f"{block}.conv.weight"].astype(np.float64)
+    gamma = params[f"{block}.bn.weight"].astype(np.float64)
+    beta = params[f"{block}.bn.bias"].astype(np.float64)
+    mean = params[f"{block}.bn.running_mean"].astype(np.float64)
+    var = params[f"{block}.bn.running_var"].astype(np.float64)
+    inv = gamma / np.sqrt(var + BN_EPS)
+    weight = w * (scale * inv)[:, None, None, None]
+    bias = scale * (beta - mean * inv)
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def optimize(g: Graph) -> Graph:
+    """All passes: dead-state elimination, early exit, cross-task sharing, folding."""
+    return fold(share(early_exit(eliminate_dead(g))))
+
+
+__all__ = ["eliminate_dead", "early_exit", "share", "fold", "optimize", "READOUT"]

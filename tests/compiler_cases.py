@@ -1,0 +1,40 @@
+"""Random reduced supernets for compiler tests: random weights, random BN statistics (so batch norm
+is not the identity) and random closed masks with a path for every task."""
+
+import numpy as np
+import torch
+
+from dagc.trainer.network import CentralNetwork
+from dagc.trainer.topology import close_masks, flow_band, is_connected
+
+
+def random_masks(spec, rng, density=0.5, same=False):
+    band = flow_band(spec.n_states, spec.flow_constant)
+    out = [[], [], []]
+    first = None
+    for _ in spec.tasks:
+        while first is None or not same:
+            g = band * (rng.random(band.shape) < density)
+            a = (rng.random(spec.n_states) < 0.4).astype(np.int64)
+            b = (rng.random(spec.n_states) < 0.4).astype(np.int64)
+            g, a, b = close_masks(g, a, b)
+            if is_connected(g, a, b):
+                first = (g, a, b)
+                break
+        for lst, m in zip(out, first):
+            lst.append(torch.from_numpy(m))
+    return [torch.stack(lst) for lst in out]
+
+
+def random_reduced_net(spec, seed, density=0.5, same=False):
+    torch.manual_seed(seed)
+    net = CentralNetwork(spec)
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "running_var") and m.running_var is not None:
+                m.running_mean.normal_(0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    net.set_masks(*random_masks(spec, np.random.default_rng(seed), density, same))
+    return net.eval()
