@@ -34,6 +34,7 @@ def test_run_writes_reduced_checkpoint_metrics_and_stage_files(tmp_path):
     assert not [f for f in os.listdir(run) if f.endswith(".tmp")]
     ck = load_checkpoint(run / "checkpoint.safetensors")
     assert ck.stage == "finetune" and ck.reduced
+    assert len(ck.json("preprocessing")["mean"]) == 3
     assert not any(k.startswith(("optim.", "rewind.")) for k in ck.tensors)
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["final"] == metrics["final"]

@@ -59,7 +59,7 @@ split, independent of the selected tasks); the same statistics are applied to th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -119,6 +119,8 @@ class MultiTaskData:
     tasks: tuple[TaskInfo, ...]
     train: Split
     test: Split
+    # How a raw input becomes a model input: ``(raw - mean) / std`` per channel, raw as described.
+    preprocessing: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------- public API
@@ -206,15 +208,17 @@ def _check_count(field: str, value: int | None, default: int | None) -> int | No
     return int(value)
 
 
-def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Takes (n, C, H, W) train and test inputs; returns both standardised per channel with the
-    train split's statistics (the test split must not leak into them)."""
-    mean = train.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
-    std = train.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64)
+def _standardise(train: np.ndarray, test: np.ndarray, raw: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Takes (n, C, H, W) train and test inputs and a description of the raw values; returns both
+    standardised per channel with the train split's statistics (the test split must not leak
+    into them), and those statistics as a preprocessing record for deployment."""
+    mean = train.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
     # A constant channel would otherwise divide by zero.
-    scale = (1.0 / np.maximum(std, 1e-6)).astype(np.float32)
-    mean = mean.astype(np.float32)
-    return (train - mean) * scale, (test - mean) * scale
+    std = np.maximum(train.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64), 1e-6).astype(np.float32)
+    scale = 1.0 / std
+    prep = {"raw": raw, "layout": "NCHW", "dtype": "float32", "formula": "(raw - mean) / std per channel",
+            "mean": mean.ravel().tolist(), "std": std.ravel().tolist()}
+    return (train - mean) * scale, (test - mean) * scale, prep
 
 
 # ---------------------------------------------------------------------------------- synthetic
@@ -238,7 +242,7 @@ def _load_synthetic(tasks: tuple[str, ...], seed: int, size: tuple[int, int], n_
     test_rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
     x_tr, y_tr = render_scenes(train_rng, n_train, size)
     x_te, y_te = render_scenes(test_rng, n_test, size)
-    x_tr, x_te = _standardise(x_tr, x_te)
+    x_tr, x_te, prep = _standardise(x_tr, x_te, "RGB in [0, 1]")
     infos = {
         "segmentation": TaskInfo("segmentation", "segmentation", len(SEG_CLASSES)),
         "depth": TaskInfo("depth", "depth", None),
@@ -250,6 +254,7 @@ def _load_synthetic(tasks: tuple[str, ...], seed: int, size: tuple[int, int], n_
         tasks=tuple(infos[t] for t in tasks),
         train=Split(x_tr, {t: y_tr[t] for t in tasks}),
         test=Split(x_te, {t: y_te[t] for t in tasks}),
+        preprocessing=prep,
     )
 
 
@@ -499,7 +504,7 @@ def _load_digits(tasks: tuple[str, ...], seed: int, size: tuple[int, int],
     images, digits = _raw_digits()
     train_idx, test_idx = _stratified_split(digits, seed)
     x = _resize_bilinear(images, size)[:, None]                   # (1797, 1, H, W)
-    x_tr, x_te = _standardise(x[train_idx], x[test_idx])
+    x_tr, x_te, prep = _standardise(x[train_idx], x[test_idx], "grey level / 16, in [0, 1]")
     d_tr, d_te = digits[train_idx], digits[test_idx]
     train_in, train_y, test_in, test_y = {}, {}, {}, {}
     for t in tasks:
@@ -513,4 +518,5 @@ def _load_digits(tasks: tuple[str, ...], seed: int, size: tuple[int, int],
         tasks=tuple(TaskInfo(t, "classification", classes[t]) for t in tasks),
         train=Split(train_in, train_y),
         test=Split(test_in, test_y),
+        preprocessing=prep,
     )

@@ -477,7 +477,8 @@ def _finish(run: Run, data, out: Path, device) -> dict[str, Any]:
         "test_samples": {t.name: data.test.size(t.name) for t in spec.tasks},
     }
     save_checkpoint(out / "checkpoint.safetensors", network_tensors(net), spec, "finetune",
-                    config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology})
+                    config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology},
+                    preprocessing=data.preprocessing)
     text = json.dumps(metrics, indent=2, sort_keys=True)
     write_atomic(out / "metrics.json", lambda tmp: Path(tmp).write_text(text))
     return metrics
