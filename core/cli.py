@@ -59,10 +59,42 @@ def train(out, resume, quiet, **options) -> None:
         if "tasks" in given:
             given["tasks"] = tuple(t.strip() for t in given["tasks"].split(",") if t.strip())
         metrics = run_training(TrainConfig(**given), out, progress=not quiet)
-    click.echo(summary(metrics, out))
+    click.echo(train_summary(metrics, out))
 
 
-def summary(metrics: dict, out: Path) -> str:
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--target", default="onnx", show_default=True, help="onnx or tensorrt (needs a CUDA GPU).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--fp16", is_flag=True, help="TensorRT: build fp16 plans.")
+@click.option("--batch", "batch", default="1,8,32", show_default=True,
+              help="TensorRT: batch sizes the optimisation profile covers.")
+def compile(checkpoint, target, out, force, fp16, batch) -> None:
+    """Compile a reduced checkpoint into verified models in an artifact directory."""
+    from dagc.compiler.compile import compile_checkpoint, summary
+
+    try:
+        batches = tuple(int(b) for b in batch.split(","))
+    except ValueError:
+        raise DagcError(f"--batch takes comma-separated integers, got {batch!r}") from None
+    manifest = compile_checkpoint(checkpoint, out, target=target, force=force, fp16=fp16, batches=batches)
+    click.echo(summary(manifest))
+    click.echo(f"\nwrote {out} (compiled and verified in {manifest['compile_seconds']:.1f} s)")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def inspect(path) -> None:
+    """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory."""
+    from dagc.compiler.artifact import read_manifest
+    from dagc.compiler.compile import inspect_checkpoint, summary
+
+    manifest = read_manifest(path) if path.is_dir() else inspect_checkpoint(path)
+    click.echo(summary(manifest))
+
+
+def train_summary(metrics: dict, out: Path) -> str:
     """A one-screen summary of a finished run."""
     lines = [f"run: {out}", f"train time: {metrics['train_seconds']:.1f} s, supernet parameters: "
              f"{metrics['parameters']['supernet']:,}", "",

@@ -1,0 +1,324 @@
+"""ONNX emission of the IR (`dagc.compiler.ir.Graph`), written directly with `onnx.helper`.
+
+`to_onnx(graph)` emits the shared multi-output model (one output per task, named after the task);
+`to_onnx(graph, ["depth"])` a per-task model holding only the instances the chosen tasks' heads
+depend on and only the inputs they read. The model computes exactly the IR, in eval mode:
+
+    read_in.j   [AveragePool(stride_j)] -> Conv3x3 -> BatchNormalization -> Relu [-> Mul(scale)]
+    edges.i_j   Conv3x3 -> BatchNormalization -> Relu [-> MaxPool(stride_j/stride_i)] [-> Mul(scale)]
+    read_out.i  [AveragePool | Resize linear half_pixel] -> Conv1x1 -> BatchNormalization -> Relu
+    folded edge the same with the conv's weight and bias ``fold.<key>.*`` and no BN, no Mul
+
+an instance is the Sum of its edges, and a head reads its task's read-out instance:
+
+    aspp        per rate r: Conv3x3 (dilation r) -> Relu -> Conv1x1 -> Relu -> Conv1x1; branches
+                summed; Resize linear half_pixel to the input size; normals L2-normalised
+    linear      GlobalAveragePool -> Flatten -> Gemm
+
+Output is deterministic: the same graph gives byte-identical ``SerializeToString()``. Names come from
+the IR (instance ids, block names, parameter keys), with ':' and '+' replaced by '_'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from dagc.compiler.ir import INPUT_PREFIX, CompileError, Graph
+
+BN_EPS = 1e-5  # dagc.trainer.network.TaskBatchNorm's epsilon
+NORM_EPS = 1e-12  # torch.nn.functional.normalize's default eps
+PRODUCER = "dagc"
+
+__all__ = ["to_onnx", "check", "conv_macs", "sanitize"]
+
+
+def sanitize(name: str) -> str:
+    """A name ONNX tools accept everywhere: ':' and '+' (from instance ids) become '_'."""
+    return name.replace(":", "_").replace("+", "_")
+
+
+class _Builder:
+    """Accumulates nodes and initializers; every name is unique, every initializer emitted once."""
+
+    def __init__(self, graph: Graph, opset: int) -> None:
+        self.graph = graph
+        self.opset = opset
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.names: set[str] = set()
+
+    def unique(self, base: str) -> str:
+        """``base`` or, if taken, ``base_2``, ``base_3``, ... (deterministic: emission order is)."""
+        name, n = base, 1
+        while name in self.names:
+            n += 1
+            name = f"{base}_{n}"
+        self.names.add(name)
+        return name
+
+    def param(self, key: str) -> str:
+        """The initializer of ``graph.params[key]`` (float32), added once; returns its name."""
+        if key not in self.inits:
+            if key not in self.graph.params:
+                raise CompileError(f"the graph lacks parameter {key!r}")
+            arr = np.ascontiguousarray(np.asarray(self.graph.params[key], dtype=np.float32))
+            self.names.add(key)
+            self.inits[key] = numpy_helper.from_array(arr, key)
+        return key
+
+    def const(self, name: str, value, dtype=np.float32) -> str:
+        if name not in self.inits:
+            self.names.add(name)
+            self.inits[name] = numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str, output: str | None = None, **attrs) -> str:
+        """Append one node named ``name``; its output is ``output`` or the node name."""
+        node_name = self.unique(name)
+        out = output if output is not None else node_name
+        if output is not None:
+            self.names.add(output)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=node_name, **attrs))
+        return out
+
+    # ------------------------------------------------------------------ blocks
+    def resize(self, x: str, factor: int, name: str, output: str | None = None) -> str:
+        """Bilinear upsampling by an integer factor, as F.interpolate(align_corners=False)."""
+        scales = self.const(f"const.scales_x{factor}", [1.0, 1.0, float(factor), float(factor)])
+        return self.op("Resize", [x, "", scales], name, output=output, mode="linear",
+                       coordinate_transformation_mode="half_pixel")
+
+    def edge(self, x: str, edge, prefix: str) -> str:
+        spec = self.graph.spec
+        kind, idx = edge.block.split(".", 1)
+        pre = f"{prefix}/{edge.block}"
+        if kind == "read_in":
+            j = int(idx)
+            pool_in, kernel, pool_out = spec.states[j].stride, 3, 1
+        elif kind == "edges":
+            i, j = (int(v) for v in idx.split("_"))
+            pool_in, kernel = 1, 3
+            pool_out = spec.states[j].stride // spec.states[i].stride
+        elif kind == "read_out":
+            i = int(idx)
+            pool_in, kernel, pool_out = 1, 1, 1
+            src, dst = spec.states[i].stride, spec.readout.stride
+            if dst > src:
+                pool_in = dst // src
+            elif dst < src:
+                x = self.resize(x, src // dst, f"{pre}/resize")
+        else:
+            raise CompileError(f"unknown block {edge.block!r}")
+        if pool_in > 1:
+            x = self.op("AveragePool", [x], f"{pre}/avgpool", kernel_shape=[pool_in] * 2, strides=[pool_in] * 2)
+        pad = kernel // 2
+        if edge.folded is not None:
+            w, b = self.param(f"fold.{edge.folded}.weight"), self.param(f"fold.{edge.folded}.bias")
+            x = self.op("Conv", [x, w, b], f"{pre}/conv", kernel_shape=[kernel] * 2, pads=[pad] * 4)
+        else:
+            x = self.op("Conv", [x, self.param(f"{edge.block}.conv.weight")], f"{pre}/conv",
+                        kernel_shape=[kernel] * 2, pads=[pad] * 4)
+            bn = [self.param(f"{edge.block}.bn.{n}") for n in ("weight", "bias", "running_mean", "running_var")]
+            x = self.op("BatchNormalization", [x, *bn], f"{pre}/bn", epsilon=BN_EPS)
+        x = self.op("Relu", [x], f"{pre}/relu")
+        if pool_out > 1:
+            x = self.op("MaxPool", [x], f"{pre}/maxpool", kernel_shape=[pool_out] * 2, strides=[pool_out] * 2)
+        if edge.folded is None and edge.scale != 1.0:
+            if not edge.scale > 0:
+                raise CompileError(f"edge {edge.block} has a non-positive scale {edge.scale}")
+            s = self.const(f"const.scale_{float(edge.scale)!r}", np.float32(edge.scale))
+            x = self.op("Mul", [x, s], f"{pre}/scale")
+        return x
+
+    def aspp(self, x: str, task, out: str) -> str:
+        spec = self.graph.spec
+        pre = f"heads.{task.name}"
+        branches = []
+        for b, rate in enumerate(spec.aspp_rates):
+            p = f"{pre}.branches.{b}"
+            y = self.op("Conv", [x, self.param(f"{p}.0.weight"), self.param(f"{p}.0.bias")], f"{p}/conv3x3",
+                        kernel_shape=[3, 3], pads=[rate] * 4, dilations=[rate, rate])
+            y = self.op("Relu", [y], f"{p}/relu1")
+            y = self.op("Conv", [y, self.param(f"{p}.3.weight"), self.param(f"{p}.3.bias")], f"{p}/conv1x1a",
+                        kernel_shape=[1, 1])
+            y = self.op("Relu", [y], f"{p}/relu2")
+            y = self.op("Conv", [y, self.param(f"{p}.6.weight"), self.param(f"{p}.6.bias")], f"{p}/conv1x1b",
+                        kernel_shape=[1, 1])
+            branches.append(y)
+        normal = task.kind == "normal"
+        up = spec.readout.stride > 1
+        last = None if normal else out
+        y = self._sum(branches, f"{pre}/sum", output=None if up else last)
+        # The input size is the read-out's size times its stride (a valid spec divides exactly), so
+        # a constant scale gives exactly (H, W) and keeps every shape static apart from the batch.
+        if up:
+            y = self.resize(y, spec.readout.stride, f"{pre}/resize", output=last)
+        if normal:
+            if self.opset >= 18:
+                axes = self.const("const.axes_1", [1], np.int64)
+                n = self.op("ReduceL2", [y, axes], f"{pre}/norm", keepdims=1)
+            else:
+                n = self.op("ReduceL2", [y], f"{pre}/norm", axes=[1], keepdims=1)
+            n = self.op("Max", [n, self.const("const.norm_eps", np.float32(NORM_EPS))], f"{pre}/norm_clamp")
+            return self.op("Div", [y, n], f"{pre}/normalize", output=out)
+        return y
+
+    def linear(self, x: str, task, out: str) -> str:
+        pre = f"heads.{task.name}"
+        y = self.op("GlobalAveragePool", [x], f"{pre}/gap")
+        y = self.op("Flatten", [y], f"{pre}/flatten", axis=1)
+        return self.op("Gemm", [y, self.param(f"{pre}.fc.weight"), self.param(f"{pre}.fc.bias")], f"{pre}/fc",
+                       output=out, transB=1)
+
+    def _sum(self, terms: list[str], name: str, output: str | None = None) -> str:
+        if len(terms) == 1:
+            return terms[0] if output is None else self.op("Identity", terms, name, output=output)
+        return self.op("Sum", terms, name, output=output)
+
+
+def _needed(graph: Graph, tasks: Sequence[str]) -> set[str]:
+    """Ids of the instances the heads of ``tasks`` depend on."""
+    heads = dict(graph.heads)
+    needed = {heads[t] for t in tasks}
+    for n in reversed(graph.nodes):
+        if n.id in needed:
+            needed.update(e.src for e in n.edges if not e.src.startswith(INPUT_PREFIX))
+    return needed
+
+
+def to_onnx(graph: Graph, tasks: Sequence[str] | None = None, *, opset: int = 17) -> onnx.ModelProto:
+    """The ONNX model of ``graph``: all tasks (one output per task) or the given subset.
+
+    Takes the IR (folded or not), the tasks to emit (default: all, in the graph's head order; a
+    subset is emitted in the graph's head order too) and the opset (>= 13). Returns a model (it
+    passes `check`) with inputs ``graph.inputs`` that the chosen tasks read, float32 (batch, C, H, W) with a
+    dynamic ``batch`` dimension, and outputs named after the tasks: (batch, out, H, W) for dense
+    tasks, (batch, classes) for classification. Raises CompileError for an unknown task, a missing
+    parameter or a malformed graph.
+    """
+    spec = graph.spec
+    all_tasks = graph.tasks
+    if tasks is None:
+        chosen = list(all_tasks)
+    else:
+        unknown = [t for t in tasks if t not in all_tasks]
+        if unknown or not tasks or len(set(tasks)) != len(tasks):
+            raise CompileError(f"tasks must be a non-empty subset of {list(all_tasks)} without repeats, "
+                               f"got {list(tasks)}")
+        chosen = [t for t in all_tasks if t in tasks]
+    if opset < 13:
+        raise CompileError(f"opset {opset} is too old; dagc emits opset 13 or newer")
+    needed = _needed(graph, chosen)
+    b = _Builder(graph, opset)
+    b.names.update(chosen)  # outputs carry the task names; nothing else may take them
+
+    used_inputs = {e.src[len(INPUT_PREFIX):] for n in graph.nodes if n.id in needed
+                   for e in n.edges if e.src.startswith(INPUT_PREFIX)}
+    unknown_in = used_inputs - set(graph.inputs)
+    if unknown_in:
+        raise CompileError(f"the graph reads undeclared inputs {sorted(unknown_in)}")
+    inputs = [name for name in graph.inputs if name in used_inputs]
+    b.names.update(inputs)
+    h, w = spec.input_size
+    values: dict[str, str] = {f"{INPUT_PREFIX}{name}": name for name in inputs}
+
+    for n in graph.nodes:
+        if n.id not in needed:
+            continue
+        prefix = sanitize(n.id)
+        terms = []
+        for e in n.edges:
+            if e.src not in values:
+                raise CompileError(f"instance {n.id} reads {e.src}, which is not computed before it")
+            terms.append(b.edge(values[e.src], e, prefix))
+        if not terms:
+            raise CompileError(f"instance {n.id} has no incoming edge")
+        if len(terms) == 1:
+            values[n.id] = terms[0]
+        else:
+            values[n.id] = b.op("Sum", terms, f"{prefix}/sum", output=b.unique(prefix))
+
+    outputs = []
+    heads = dict(graph.heads)
+    for t in chosen:
+        task = spec.task(t)
+        x = values[heads[t]]
+        if task.head == "aspp":
+            b.aspp(x, task, t)
+            outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", task.out_channels, h, w]))
+        else:
+            b.linear(x, task, t)
+            outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", task.out_channels]))
+
+    model_inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", spec.in_channels, h, w])
+                    for name in inputs]
+    name = "dagc_" + ("shared" if tasks is None else "_".join(chosen))
+    g = helper.make_graph(b.nodes, name, model_inputs, outputs,
+                          initializer=[b.inits[k] for k in sorted(b.inits)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER)
+    model.ir_version = min(model.ir_version, _IR_VERSION.get(opset, model.ir_version))
+    model.doc_string = f"dagc compiled model: tasks {', '.join(chosen)}"
+    return model
+
+
+# Oldest IR version that carries each opset: keeps models loadable by older runtimes.
+_IR_VERSION = {13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10}
+
+
+def check(model: onnx.ModelProto) -> None:
+    """`onnx.checker.check_model` with full shape checking; raises onnx's ValidationError."""
+    onnx.checker.check_model(model, full_check=True)
+
+
+def _dims(vi: onnx.ValueInfoProto) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+
+def conv_macs(model: onnx.ModelProto, input_hw: tuple[int, int]) -> int:
+    """Multiply-accumulates of all Conv and Gemm nodes for one sample, read off the ONNX graph.
+
+    Takes a model whose inputs are (batch, C, H, W) and the input's (H, W). Shapes come from ONNX
+    shape inference with a batch of 1; a conv costs C_out * C_in/group * kH * kW * H_out * W_out,
+    a Gemm M * N * K. Raises CompileError if a shape cannot be inferred.
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for vi in m.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) == 4:
+            dims[0].Clear()
+            dims[0].dim_value = 1
+            dims[2].Clear()
+            dims[2].dim_value = int(input_hw[0])
+            dims[3].Clear()
+            dims[3].dim_value = int(input_hw[1])
+    for vi in m.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    del m.graph.value_info[:]
+    m = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+    shapes = {vi.name: _dims(vi) for vi in (*m.graph.value_info, *m.graph.input, *m.graph.output)}
+    shapes.update({t.name: list(t.dims) for t in m.graph.initializer})
+
+    def shape(name: str, node) -> list[int]:
+        s = shapes.get(name)
+        if s is None or any(d is None for d in s):
+            raise CompileError(f"cannot infer the shape of {name!r} (node {node.name!r}) to count its MACs")
+        return s
+
+    total = 0
+    for node in m.graph.node:
+        if node.op_type == "Conv":
+            wshape = shape(node.input[1], node)
+            out = shape(node.output[0], node)
+            total += int(np.prod(wshape)) * int(np.prod(out[2:]))
+        elif node.op_type == "Gemm":
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            a, bm = shape(node.input[0], node), shape(node.input[1], node)
+            mm, k = (a[1], a[0]) if attrs.get("transA", 0) else (a[0], a[1])
+            n = bm[0] if attrs.get("transB", 0) else bm[1]
+            total += mm * n * k
+    return total
