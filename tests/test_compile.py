@@ -164,3 +164,27 @@ def test_verification_refuses_a_model_that_disagrees(tmp_path, monkeypatch):
     with pytest.raises(CompileError, match="differs from the masked supernet"):
         compile_checkpoint(path, tmp_path / "art")
     assert not (tmp_path / "art").exists()
+
+
+def test_cli_bad_inputs_are_one_line_exit_2_and_leave_nothing(tmp_path, capsys):
+    spec = preset("tiny", DENSE[:2], input_size=(16, 16))
+    good = _ckpt(tmp_path, spec, 14)
+    data = good.read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(data[: len(data) // 3])
+    unreduced = {k: v for k, v in network_tensors(random_reduced_net(spec, 14)).items() if not k.startswith("mask.")}
+    save_checkpoint(tmp_path / "unreduced.safetensors", unreduced, spec, "search")
+    cases = [
+        ([str(tmp_path / "missing.safetensors")], "no checkpoint"),
+        ([str(tmp_path / "trunc.safetensors")], "truncated"),
+        ([str(tmp_path / "unreduced.safetensors")], "not been reduced"),
+        ([str(good), "--target", "tflite"], "unknown target"),
+        ([str(good), "--batch", "1,x"], "--batch"),
+    ]
+    for args, words in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["compile", *args, "--out", str(tmp_path / "art")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, args
+        assert len(err.strip().splitlines()) == 1 and words in err and "Traceback" not in err, err
+        assert not (tmp_path / "art").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]

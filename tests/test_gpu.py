@@ -37,3 +37,18 @@ def test_short_training_run_on_cuda(tmp_path):
                       device="cuda")
     metrics = train(cfg, tmp_path / "run", progress=False)
     assert set(metrics["final"]) == {"segmentation", "depth", "normal", "edge"}
+
+
+def test_tensorrt_plans_are_built_and_verified(tmp_path):
+    """Builds fp32 plans for a trained checkpoint and checks them against ONNX Runtime (the compile
+    itself refuses plans that disagree)."""
+    pytest.importorskip("tensorrt")
+    from dagc.compiler.compile import compile_checkpoint
+
+    cfg = TrainConfig(warmup_iters=3, search_iters=3, finetune_iters=3, batch_size=4, n_train=16, n_test=8)
+    train(cfg, tmp_path / "run", progress=False)
+    manifest = compile_checkpoint(tmp_path / "run" / "checkpoint.safetensors", tmp_path / "art",
+                                  target="tensorrt", batches=(1, 4, 8))
+    plans = [n for n, m in manifest["models"].items() if m["format"] == "tensorrt"]
+    assert len(plans) == 5
+    assert all(manifest["models"][p]["verified_max_rel_error"] <= 1e-2 for p in plans)
