@@ -74,11 +74,8 @@ def compile(checkpoint, target, out, force, fp16, batch) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
     from dagc.compiler.compile import compile_checkpoint, summary
 
-    try:
-        batches = tuple(int(b) for b in batch.split(","))
-    except ValueError:
-        raise DagcError(f"--batch takes comma-separated integers, got {batch!r}") from None
-    manifest = compile_checkpoint(checkpoint, out, target=target, force=force, fp16=fp16, batches=batches)
+    manifest = compile_checkpoint(checkpoint, out, target=target, force=force, fp16=fp16,
+                                  batches=_int_list("--batch", batch))
     click.echo(summary(manifest))
     click.echo(f"\nwrote {out} (compiled and verified in {manifest['compile_seconds']:.1f} s)")
 
@@ -92,6 +89,57 @@ def inspect(path) -> None:
 
     manifest = read_manifest(path) if path.is_dir() else inspect_checkpoint(path)
     click.echo(summary(manifest))
+
+
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise DagcError(f"{option} takes comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise DagcError(f"{option} takes positive integers, got {text!r}")
+    return values
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--tasks", default=None, help="Comma-separated tasks (default: all).")
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, tensorrt or torch.")
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for the outputs (.npy, pictures, top-k JSON).")
+def run(artifact, images, tasks, backend, out) -> None:
+    """Run a compiled artifact on PNG/JPEG/.npy images and write each task's output."""
+    from dagc.runtime.images import run_images
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    written = run_images(artifact, list(images), out, tasks=task_list, backend=backend)
+    click.echo(f"wrote {len(written)} files to {out}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path),
+              help="The checkpoint the artifact was compiled from (for the supernet baselines).")
+@click.option("--batch", "batch", default="1,8,32", show_default=True)
+@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, tensorrt or torch.")
+@click.option("--threads", type=int, default=None, help="Intra-op threads for PyTorch and ONNX Runtime.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write latency against batch size here (PNG).")
+def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path) -> None:
+    """Latency, throughput and FLOPs of the compiled models against the supernets, side by side."""
+    from dagc.runtime import bench as runtime_bench
+
+    if threads is not None and threads < 1:
+        raise DagcError(f"--threads must be a positive integer, got {threads}")
+    result = runtime_bench.benchmark(artifact, checkpoint, batches=_int_list("--batch", batch), backend=backend,
+                                     threads=threads)
+    click.echo(runtime_bench.format_table(result))
+    if json_path is not None:
+        runtime_bench.write_json(result, json_path)
+    if plot_path is not None:
+        runtime_bench.plot(result, plot_path)
 
 
 def train_summary(metrics: dict, out: Path) -> str:
