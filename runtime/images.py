@@ -1,0 +1,292 @@
+"""Image files in, readable outputs out: what ``dagc run ART IMAGE... --out DIR`` does.
+
+`read_image` turns a PNG/JPEG/.npy file into one preprocessed model input, `save_outputs` writes a
+sample's outputs (raw ``.npy`` plus a picture or top-k JSON), `run_images` does both around
+`dagc.runtime.load`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dagc.runtime.engine import ArtifactError, InputError, _raw_range, load
+
+__all__ = ["read_image", "save_outputs", "run_images", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _chw(input_spec: Mapping[str, Any]) -> tuple[int, int, int]:
+    c, h, w = (int(v) for v in input_spec["shape"][1:])
+    return c, h, w
+
+
+def _resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
+    """(C, h0, w0) float32 -> (C, h, w), bilinear per channel (Pillow, mode "F")."""
+    from PIL import Image
+
+    if x.shape[1:] == (h, w):
+        return x
+    return np.stack([np.asarray(Image.fromarray(ch, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
+                     for ch in x])
+
+
+def _read_picture(path: Path, c: int) -> np.ndarray:
+    """(C, H, W) float32 pixel values in [0, 1] from a PNG/JPEG."""
+    from PIL import Image, UnidentifiedImageError
+
+    if c not in _MODES:
+        raise InputError(f"{path}: the model takes {c}-channel inputs, which an image file cannot hold; "
+                         "pass a .npy array (C, H, W) instead")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert(_MODES[c]))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"{path}: cannot read the image ({e})") from None
+    arr = arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)
+    return arr.astype(np.float32) / 255.0
+
+
+def _read_npy(path: Path, c: int, h: int, w: int) -> tuple[np.ndarray, bool]:
+    """(C, H, W) float32 from a .npy array and whether it held 8-bit pixels (uint8)."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise InputError(f"{path}: cannot read the array ({e})") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+        raise InputError(f"{path}: expected a numeric array, got dtype {getattr(arr, 'dtype', type(arr).__name__)}")
+    if arr.ndim == 2 and c == 1:
+        arr = arr[None]
+    elif arr.ndim == 3:
+        chw, hwc = arr.shape[0] == c, arr.shape[2] == c
+        if chw and hwc:  # (C, x, C): decide by the expected size, else refuse
+            chw, hwc = arr.shape[1:] == (h, w), arr.shape[:2] == (h, w)
+            if chw == hwc:
+                raise InputError(f"{path}: shape {arr.shape} is ambiguous between (C, H, W) and (H, W, C); "
+                                 f"save it as ({c}, H, W)")
+        if hwc and not chw:
+            arr = arr.transpose(2, 0, 1)
+        elif not chw:
+            raise InputError(f"{path}: array of shape {arr.shape} has no axis of {c} channels; the model "
+                             f"takes {c}-channel images as (C, H, W) or (H, W, C)")
+    else:
+        allowed = "(H, W), (C, H, W) or (H, W, C)" if c == 1 else "(C, H, W) or (H, W, C)"
+        raise InputError(f"{path}: array of shape {arr.shape} is not an image; expected {allowed} with C = {c}")
+    pixels = arr.dtype == np.uint8
+    x = np.ascontiguousarray(arr, dtype=np.float32)
+    if pixels:
+        x /= 255.0
+    if not np.all(np.isfinite(x)):
+        raise InputError(f"{path}: the array contains NaN or infinite values")
+    return x, pixels
+
+
+def read_image(path: str | os.PathLike, input_spec: Mapping[str, Any]) -> np.ndarray:
+    """One model input (C, H, W) float32 from an image file, preprocessed as the manifest says.
+
+    Takes the file and an engine's ``input_spec`` (``shape`` and ``preprocessing``).
+
+    * PNG/JPEG (Pillow): converted to RGB for 3-channel models, to grey ("L") for 1-channel ones
+      (RGBA for 4); 8-bit pixels 0..255 are mapped linearly onto the ``raw`` range that
+      ``preprocessing["raw"]`` states (e.g. "RGB in [0, 1]"; [0, 1] when it states none).
+    * ``.npy`` (``allow_pickle=False``): (H, W) for 1 channel, (C, H, W) or (H, W, C) when it is
+      unambiguous; float arrays are taken as raw values already in that range, uint8 arrays as
+      8-bit pixels like image files.
+    * Resized to the model's H x W with bilinear interpolation (Pillow) when the size differs.
+    * Then ``(raw - mean) / std`` per channel (skipped when the artifact recorded no preprocessing).
+
+    Raises InputError naming the file when it is missing, unreadable or corrupt, of an unknown
+    type, or has the wrong number of channels.
+    """
+    p = Path(path)
+    c, h, w = _chw(input_spec)
+    if not p.is_file():
+        raise InputError(f"{p}: no such image file")
+    suffix = p.suffix.lower()
+    pre = input_spec.get("preprocessing") or None
+    lo, hi = _raw_range(pre) or (0.0, 1.0)
+    if suffix in IMAGE_SUFFIXES:
+        x, scale = _read_picture(p, c), True
+    elif suffix == ".npy":
+        x, scale = _read_npy(p, c, h, w)
+    else:
+        raise InputError(f"{p}: unsupported file type {p.suffix or '(none)'!r}; pass PNG, JPEG or .npy files")
+    if scale and (lo, hi) != (0.0, 1.0):
+        x = lo + (hi - lo) * x
+    x = _resize(x, h, w)
+    if pre:
+        mean = np.asarray(pre.get("mean", 0.0), dtype=np.float32).reshape(-1, 1, 1)
+        std = np.asarray(pre.get("std", 1.0), dtype=np.float32).reshape(-1, 1, 1)
+        if mean.shape[0] not in (1, c) or std.shape[0] not in (1, c):
+            raise ArtifactError(f"the manifest's preprocessing has {mean.shape[0]} means and {std.shape[0]} "
+                                f"stds for {c}-channel inputs; recompile the artifact")
+        x = (x - mean) / std
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# outputs
+
+
+def _atomic_write(path: Path, write) -> Path:
+    """Write through ``write(tmp_path)`` to a temporary sibling, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _save_png(path: Path, rgb_or_grey: np.ndarray) -> Path:
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(rgb_or_grey))
+    return _atomic_write(path, lambda tmp: im.save(tmp, format="PNG"))
+
+
+def _palette(n: int) -> np.ndarray:
+    """n distinct colours (uint8 RGB): matplotlib's tab20, then evenly spaced hues."""
+    from matplotlib import colormaps
+
+    base = (np.asarray(colormaps["tab20"].colors)[:, :3] * 255).round().astype(np.uint8)
+    if n <= len(base):
+        return base[:n]
+    hsv = colormaps["hsv"](np.linspace(0, 1, n, endpoint=False))[:, :3]
+    return (hsv * 255).round().astype(np.uint8)
+
+
+def _to_u8(x: np.ndarray) -> np.ndarray:
+    return (np.clip(x, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.min(x)), float(np.max(x))
+    return (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64) - np.max(z)
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name) or "_"
+
+
+def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np.ndarray],
+                 manifest: Mapping[str, Any]) -> list[Path]:
+    """Write one sample's outputs; returns the paths written.
+
+    Takes the output directory (created if needed), the sample's name (file name stem), its
+    outputs task -> array ((out, H, W) for dense tasks, (classes,) for classification; a leading
+    batch axis of 1 is dropped) and the artifact's manifest (for each task's kind). For every task
+    writes ``<name>_<task>.npy`` (the raw output) and:
+
+    * segmentation: ``<name>_<task>.png``, the per-pixel argmax in a colour palette;
+    * depth: ``<name>_<task>.png``, viridis, normalised to the image's own min..max;
+    * normal: ``<name>_<task>.png``, RGB = (n + 1) / 2;
+    * edge, saliency: ``<name>_<task>.png``, grey, the prediction clipped to [0, 1];
+    * classification: ``<name>_<task>.json``, the top-k (k = min(5, classes)) class indices
+      (``label``) with softmax probabilities.
+
+    Every file is written atomically (temporary file, then rename).
+    """
+    from matplotlib import colormaps
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kinds = {t: info.get("kind") for t, info in manifest.get("tasks", {}).items()}
+    written: list[Path] = []
+    stem = _safe(name)
+    for task, value in outputs.items():
+        y = np.asarray(value, dtype=np.float32)
+        kind = kinds.get(task)
+        if kind is None:
+            raise InputError(f"task {task!r} is not in the manifest (tasks {sorted(kinds)})")
+        if y.ndim in (2, 4) and y.shape[0] == 1 and (y.ndim == 4 or kind == "classification"):
+            y = y[0]
+        base = f"{stem}_{_safe(task)}"
+        written.append(_atomic_write(out / f"{base}.npy", lambda tmp, y=y: _save_npy(tmp, y)))
+        if kind == "classification":
+            probs = _softmax(y.reshape(-1))
+            k = min(5, probs.size)
+            top = np.argsort(-probs, kind="stable")[:k]
+            doc = {"task": task, "top_k": [{"label": int(i), "probability": round(float(probs[i]), 6)} for i in top]}
+            text = json.dumps(doc, indent=2) + "\n"
+            written.append(_atomic_write(out / f"{base}.json",
+                                         lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8")))
+            continue
+        if y.ndim != 3:
+            raise InputError(f"task {task!r}: expected a dense output (out, H, W), got shape {y.shape}")
+        if kind == "segmentation":
+            labels = np.argmax(y, axis=0)
+            picture = _palette(y.shape[0])[labels]
+        elif kind == "depth":
+            picture = (colormaps["viridis"](_normalise(y[0]))[..., :3] * 255).round().astype(np.uint8)
+        elif kind == "normal":
+            picture = _to_u8((y[:3].transpose(1, 2, 0) + 1.0) / 2.0)
+        else:  # edge, saliency and any other one-channel map
+            picture = _to_u8(y[0])
+        written.append(_save_png(out / f"{base}.png", picture))
+    return written
+
+
+def _save_npy(tmp: str, y: np.ndarray) -> None:
+    with open(tmp, "wb") as f:
+        np.save(f, y, allow_pickle=False)
+
+
+def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+               tasks: Iterable[str] | str | None = None, backend: str = "auto") -> list[Path]:
+    """``dagc run``: run an artifact on image files and write every output; returns the paths written.
+
+    Takes the artifact directory, the image files (PNG/JPEG/.npy; see `read_image`), the output
+    directory, the tasks (names, or one comma-separated string; default all) and the backend.
+    All images go through the model as one batch; when each task has its own input, the same
+    images are fed to every selected task's input. Outputs are named after each file's stem (a
+    repeated stem gets ``_2``, ``_3``...) and written by `save_outputs`.
+
+    Raises InputError (no images, an unreadable file, a bad task list) and ArtifactError.
+    """
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    files = [Path(p) for p in paths]
+    if not files:
+        raise InputError("no image files given; pass PNG, JPEG or .npy files")
+    engine = load(artifact_dir, backend)
+    names = engine._task_list(tasks)  # validate before reading any image
+    batch = np.stack([read_image(p, engine.input_spec) for p in files])
+    if engine.shared_input:
+        images: Any = batch
+    else:
+        images = {t: batch for t in names}
+    outputs = engine.run(images, names)
+    used: set[str] = set()
+    written: list[Path] = []
+    for i, p in enumerate(files):
+        stem, n = _safe(p.stem), 1
+        while stem in used:
+            n += 1
+            stem = f"{_safe(p.stem)}_{n}"
+        used.add(stem)
+        written += save_outputs(out_dir, stem, {t: outputs[t][i] for t in names}, engine.manifest)
+    return written
