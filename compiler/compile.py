@@ -125,7 +125,7 @@ def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
         plan = tensorrt.build_plan(files[name], {i: shape for i in info["inputs"]}, batches, fp16)
         import onnxruntime as ort
 
-        session = ort.InferenceSession(files[name], providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(files[name], verify.session_options(), providers=["CPUExecutionProvider"])
         x = {i: rng.standard_normal((max(batches), *shape)).astype(np.float32) for i in info["inputs"]}
         want = dict(zip(info["outputs"], session.run(info["outputs"], x), strict=True))
         got = tensorrt.run_plan(plan, x)

@@ -15,18 +15,19 @@ from dagc.compiler.ir import CompileError
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}
 
 
-def unavailable_reason() -> str | None:
-    """None when TensorRT can build here; otherwise why not, as one sentence."""
+def unavailable_reason(what: str = "--target tensorrt", instead: str = "compile with --target onnx") -> str | None:
+    """None when TensorRT can build and run here; otherwise why not, as one sentence naming
+    ``what`` needs it and what to do ``instead``."""
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a dependency
-        return "PyTorch is missing"
+        return f"{what} needs PyTorch with CUDA; {instead}"
     if not torch.cuda.is_available():
-        return "--target tensorrt needs a CUDA GPU and none is available here; compile with --target onnx"
+        return f"{what} needs a CUDA GPU and none is available here; {instead}"
     try:
         import tensorrt  # noqa: F401
     except ImportError:
-        return "--target tensorrt needs the tensorrt package; install dagc[gpu]"
+        return f"{what} needs the tensorrt package; install dagc[gpu] or {instead}"
     return None
 
 

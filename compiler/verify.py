@@ -45,6 +45,21 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
 
 
+def session_options(threads: int | None = None):
+    """ONNX Runtime session options used everywhere in dagc: quiet, ``threads`` intra-op threads if
+    given, and no busy-waiting worker threads (on small machines spinning workers steal the cores
+    from everything else, the PyTorch reference included)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
+
+
 def verify(model: onnx.ModelProto, reference: Reference, graph_or_spec: Graph | Spec, *, n_inputs: int = 3,
            batch: int = 2, seed: int = 0, rtol: float = 1e-4) -> dict[str, float]:
     """Check that ``model`` computes what ``reference`` computes.
@@ -59,11 +74,7 @@ def verify(model: onnx.ModelProto, reference: Reference, graph_or_spec: Graph | 
     import onnxruntime as ort
 
     spec = _spec_of(graph_or_spec)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # No busy-waiting worker threads: they would compete with the PyTorch reference for the cores.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(seed)
     worst = dict.fromkeys(names, 0.0)

@@ -49,7 +49,6 @@ supernet.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import datetime
 import io
@@ -139,56 +138,6 @@ class _Memory:
 # the naive export
 
 
-def _aspp_stacked_exportable(heads, x, size, shared):
-    """`dagc.trainer.network.aspp_stacked` with the zero filters appended by concatenation instead of
-    ``F.pad`` (the TorchScript exporter cannot infer the shape of a padded weight); same values."""
-    import torch
-    import torch.nn.functional as F
-
-    k = len(heads)
-    outs = [h.branches[0][-1].out_channels for h in heads]
-    width = max(outs)
-    p = heads[0].branches[0][2].p
-    total = None
-    for r in range(len(heads[0].branches)):
-        layers = [h.branches[r] for h in heads]
-        c1, c2, c3 = ([b[i] for b in layers] for i in (0, 3, 6))
-        rate = c1[0].dilation[0]
-        y = F.conv2d(x, torch.cat([c.weight for c in c1]), torch.cat([c.bias for c in c1]),
-                     padding=rate, dilation=rate, groups=1 if shared else k)
-        y = F.dropout(F.relu(y), p, heads[0].training)
-        y = F.conv2d(y, torch.cat([c.weight for c in c2]), torch.cat([c.bias for c in c2]), groups=k)
-        y = F.dropout(F.relu(y), p, heads[0].training)
-        ws, bs = [], []
-        for c, o in zip(c3, outs):
-            ws.append(c.weight)
-            bs.append(c.bias)
-            if o < width:
-                ws.append(c.weight.new_zeros(width - o, *c.weight.shape[1:]))
-                bs.append(c.bias.new_zeros(width - o))
-        y = F.conv2d(y, torch.cat(ws), torch.cat(bs), groups=k)
-        total = y if total is None else total + y
-    total = F.interpolate(total, size=size, mode="bilinear", align_corners=False)
-    total = total.view(total.shape[0], k, width, *size)
-    preds = []
-    for i, (h, o) in enumerate(zip(heads, outs)):
-        y = total[:, i, :o]
-        preds.append(F.normalize(y, dim=1) if h.normalize else y)
-    return preds
-
-
-@contextlib.contextmanager
-def _exportable_heads():
-    from dagc.trainer import network
-
-    original = network.aspp_stacked
-    network.aspp_stacked = _aspp_stacked_exportable
-    try:
-        yield
-    finally:
-        network.aspp_stacked = original
-
-
 def _wrapper(net):
     import torch
 
@@ -231,7 +180,7 @@ def naive_export(net, batch: int, *, dynamic: bool = True) -> tuple[bytes, dict[
     example = tuple(torch.zeros(batch, spec.in_channels, h, w) for _ in names)
     buf = io.BytesIO()
     t0 = time.perf_counter()
-    with _exportable_heads(), warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(_wrapper(net), example, buf, dynamo=False, input_names=names,
                           output_names=list(spec.task_names), opset_version=17,
@@ -239,23 +188,19 @@ def naive_export(net, batch: int, *, dynamic: bool = True) -> tuple[bytes, dict[
     info = {"exporter": f"torch.onnx.export(dynamo=False), torch {torch.__version__}, opset 17",
             "dynamic_batch": dynamic, "export_seconds": round(time.perf_counter() - t0, 3),
             "note": "TorchScript exporter (the dynamo exporter fails on the masks' data-dependent "
-                    "lane selection); stacked ASPP heads' zero-padding by concatenation for the export"}
+                    "lane selection)"}
     return buf.getvalue(), info
 
 
 def _ort_session(data: bytes, threads: int | None, device: str):
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    from dagc.compiler.verify import session_options
+
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         providers = [p for p in ("CUDAExecutionProvider",) if p in ort.get_available_providers()] + providers
-    return ort.InferenceSession(data, opts, providers=providers)
+    return ort.InferenceSession(data, session_options(threads), providers=providers)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -416,12 +416,9 @@ class _OrtRunner:
     def __init__(self, data: bytes, threads: int | None) -> None:
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads is not None:
-            opts.intra_op_num_threads = threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        from dagc.compiler.verify import session_options
+
+        opts = session_options(threads)
         providers = _ort_providers()
         try:
             self.session = ort.InferenceSession(data, opts, providers=providers)
@@ -440,17 +437,9 @@ class _OrtRunner:
 
 def _tensorrt_unavailable() -> str | None:
     """None when TensorRT plans can run here, else the reason in one sentence."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return "backend 'tensorrt' needs PyTorch with CUDA"
-    if not torch.cuda.is_available():
-        return "backend 'tensorrt' needs a CUDA GPU and none is available here; use backend 'onnxruntime'"
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "backend 'tensorrt' needs the tensorrt package; install dagc[gpu] or use backend 'onnxruntime'"
-    return None
+    from dagc.compiler.tensorrt import unavailable_reason
+
+    return unavailable_reason("backend 'tensorrt'", "use backend 'onnxruntime'")
 
 
 class _TrtRunner:

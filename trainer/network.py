@@ -171,9 +171,16 @@ def aspp_stacked(heads: Sequence[ASPPHead], x: Tensor, size: tuple[int, int], sh
         y = F.dropout(F.relu(y), p, heads[0].training)
         y = F.conv2d(y, torch.cat([c.weight for c in c2]), torch.cat([c.bias for c in c2]), groups=k)
         y = F.dropout(F.relu(y), p, heads[0].training)
-        # Output widths differ per task: pad each to the widest with zero filters, slice after.
-        w3 = torch.cat([F.pad(c.weight, (0, 0, 0, 0, 0, 0, 0, width - o)) for c, o in zip(c3, outs)])
-        b3 = torch.cat([F.pad(c.bias, (0, width - o)) for c, o in zip(c3, outs)])
+        # Output widths differ per task: append zero filters up to the widest, slice after.
+        # Concatenation rather than F.pad so the TorchScript ONNX exporter can infer the shape.
+        ws, bs = [], []
+        for c, o in zip(c3, outs):
+            ws.append(c.weight)
+            bs.append(c.bias)
+            if o < width:
+                ws.append(c.weight.new_zeros(width - o, *c.weight.shape[1:]))
+                bs.append(c.bias.new_zeros(width - o))
+        w3, b3 = torch.cat(ws), torch.cat(bs)
         y = F.conv2d(y, w3, b3, groups=k)
         total = y if total is None else total + y
     total = F.interpolate(total, size=size, mode="bilinear", align_corners=False)
