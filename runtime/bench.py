@@ -19,6 +19,9 @@ Variants (keys of ``result["batches"][B]["variants"]``):
 ``bare:shared``, ``bare:<t>``
     the same ONNX files in a bare ``onnxruntime.InferenceSession`` (only when the engine's backend
     is ``onnxruntime``): what the engine adds on top of the model (input checks, model choice).
+``unchecked:<t>``
+    (e) again, with the engine loaded with ``check_values=False`` (no scan of the input values;
+    shape, dtype and task checks stay); timed alongside the bare sessions.
 
 Timing: ``time.perf_counter`` around each batch call, after ``warmup`` calls of each variant; the
 variants run round-robin (one call each per round, in a fresh random order every round, so that
@@ -40,7 +43,8 @@ unfolded IR (`build_graph`): each task's active edges, as the masked supernet ru
 
 Ratios per batch, of (d) over (a), (b), (c): ``speedup`` = p50(x) / p50(d), ``flops_ratio`` =
 FLOPs(x) / FLOPs(d), ``efficiency`` = speedup / flops_ratio (1.0: as fast as its FLOPs allow).
-Per task: ``task_vs_shared`` = p50(e_t) / p50(d) and ``task_vs_bare`` = p50(e_t) / p50(bare e_t).
+Per task: ``latency_vs_shared`` = p50(e_t) / p50(d), ``latency_vs_bare`` = p50(e_t) / p50(bare e_t)
+and ``unchecked_vs_bare`` = p50(unchecked e_t) / p50(bare e_t).
 
 Errors: `BenchError` (a `DagcError`) for an artifact and a checkpoint that do not belong together,
 an unknown backend or device, bad batch sizes, or a naive export that disagrees with the masked
@@ -427,10 +431,11 @@ def _run(manifest, ck, artifact_dir, checkpoint, batches, backend, threads, warm
             return dict(zip(tasks, outs))
         return call, export_info["params_held"]
 
-    def build_engine(task: str | None):
+    def build_engine(task: str | None, check_values: bool = True):
         def builder():
-            eng = load(artifact_dir, backend, threads=threads)
-            engines[task] = eng
+            eng = load(artifact_dir, backend, threads=threads, check_values=check_values)
+            if check_values:
+                engines[task] = eng
             name = eng.model_for(None if task is None else [task])
             held = int(manifest["models"].get(name, {}).get("params", 0))
             sel = None if task is None else [task]
@@ -498,6 +503,8 @@ def _run(manifest, ck, artifact_dir, checkpoint, batches, backend, threads, warm
         add("bare:shared", "compiled shared model, bare ONNX Runtime session", build_bare(None), costs["shared"])
         for t in tasks:
             add(f"bare:{t}", f"compiled {t} model, bare ONNX Runtime session", build_bare(t), costs["per_task"][t])
+            add(f"unchecked:{t}", f"compiled {t} model, runtime, check_values=False",
+                build_engine(t, check_values=False), costs["per_task"][t])
     reference.clear()
     export_info["verified_max_rel_error"] = naive_errors
     export_info["verified_rtol"] = NAIVE_RTOL
@@ -550,6 +557,7 @@ def _ratios(stats: dict[str, dict], variants: dict[str, dict], tasks: list[str])
         row = {"latency_vs_shared": e / d, "flops_vs_shared": variants[f"task:{t}"]["flops"] / fd}
         if f"bare:{t}" in stats:
             row["latency_vs_bare"] = e / stats[f"bare:{t}"]["p50_ms"]
+            row["unchecked_vs_bare"] = stats[f"unchecked:{t}"]["p50_ms"] / stats[f"bare:{t}"]["p50_ms"]
         per_task[t] = row
     out["per_task"] = per_task
     if "bare:shared" in stats:
@@ -583,7 +591,7 @@ def format_table(result: dict[str, Any]) -> str:
         for t, v in r["per_task"].items():
             s = f"{t} {v['latency_vs_shared']:.2f} of shared"
             if "latency_vs_bare" in v:
-                s += f", {v['latency_vs_bare']:.2f} of bare"
+                s += f", {v['latency_vs_bare']:.2f} of bare ({v['unchecked_vs_bare']:.2f} unchecked)"
             task_parts.append(s)
         lines.append("  one task via runtime: " + "; ".join(task_parts))
     return "\n".join(lines)

@@ -61,12 +61,16 @@ class InputError(DagcError, ValueError):
     values, an empty batch, an unreadable image file. The message says what was expected."""
 
 
-def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None = None) -> Engine:
+def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
+         check_values: bool = True) -> Engine:
     """Open a compiled artifact for inference.
 
     Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS`)
     and optionally the number of intra-op threads (ONNX Runtime sessions; for ``torch`` it sets
-    ``torch.set_num_threads``, which is process-wide). Verifies the manifest and every file's
+    ``torch.set_num_threads``, which is process-wide). ``check_values=False`` skips the scan of
+    every input value (NaN/inf, far out of the preprocessed range) that `Engine.run` does by
+    default; shape, dtype and task checks stay. The scan costs a pass over the batch, which is
+    measurable only for sub-millisecond models (benchmarks/RESULTS.md). Verifies the manifest and every file's
     sha256 before returning. Raises ArtifactError (missing/tampered/unknown-version artifact,
     backend unavailable here, e.g. ``tensorrt`` without a GPU or without plans in the artifact) and
     InputError (unknown backend name, bad ``threads``).
@@ -85,7 +89,7 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
         manifest = read_manifest(d)
     except CompileError as e:
         raise ArtifactError(str(e)) from None
-    return Engine(d, manifest, backend, threads)
+    return Engine(d, manifest, backend, threads, check_values=bool(check_values))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -128,8 +132,10 @@ class Engine:
         artifact_dir: the directory.
     """
 
-    def __init__(self, artifact_dir: Path, manifest: dict, backend: str, threads: int | None) -> None:
+    def __init__(self, artifact_dir: Path, manifest: dict, backend: str, threads: int | None, *,
+                 check_values: bool = True) -> None:
         self.artifact_dir = artifact_dir
+        self.check_values = check_values
         self.manifest = manifest
         self._threads = threads
         try:
@@ -299,15 +305,37 @@ class Engine:
 
     def _check(self, label: str, x: Any) -> np.ndarray:
         c, h, w = self._chw
-        pre = self.input_spec["preprocessing"]
-        hint = ("; apply the manifest's preprocessing ((raw - mean) / std per channel, engine.input_spec"
-                "['preprocessing']) or read files with dagc.runtime.images.read_image") if pre else ""
+        # The common case (a contiguous float32 NCHW batch of the right size) passes with a few
+        # attribute reads: the per-call cost matters for sub-millisecond models.
+        if not (isinstance(x, np.ndarray) and x.dtype == np.float32 and x.ndim == 4 and x.shape[0] > 0
+                and x.shape[1:] == self._chw and x.flags.c_contiguous):
+            x = self._check_slow(label, x)
+        if self.check_values:
+            lo, hi = float(np.minimum.reduce(x, axis=None)), float(np.maximum.reduce(x, axis=None))
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise InputError(f"{label} contains NaN or infinite values")
+            if self._limits is not None and (lo < self._limits[0] or hi > self._limits[1]):
+                pre = self.input_spec["preprocessing"]
+                raise InputError(f"{label} has values in [{lo:.4g}, {hi:.4g}], far outside what preprocessing "
+                                 f"gives (raw {pre.get('raw')!r} through {pre.get('formula', '(raw - mean) / std')}); "
+                                 "are these un-normalised pixels?" + self._hint())
+        return x
+
+    def _hint(self) -> str:
+        return ("; apply the manifest's preprocessing ((raw - mean) / std per channel, engine.input_spec"
+                "['preprocessing']) or read files with dagc.runtime.images.read_image"
+                if self.input_spec["preprocessing"] else "")
+
+    def _check_slow(self, label: str, x: Any) -> np.ndarray:
+        """Every input that is not already a contiguous float32 batch of the right shape: explain
+        what is wrong, or convert (float16/float64, non-contiguous) and return it."""
+        c, h, w = self._chw
         if not isinstance(x, np.ndarray):
             raise InputError(f"{label} must be a numpy array of shape (batch, {c}, {h}, {w}), got "
                              f"{type(x).__name__}; convert it with numpy.asarray")
         if x.dtype.kind != "f":
             kind = "integer" if x.dtype.kind in "iu" else "boolean" if x.dtype.kind == "b" else "non-float"
-            raise InputError(f"{label} has {kind} dtype {x.dtype}; the model takes float32 values{hint}")
+            raise InputError(f"{label} has {kind} dtype {x.dtype}; the model takes float32 values{self._hint()}")
         if x.ndim != 4:
             extra = "; add a batch axis (x[None]) for a single image" if x.ndim == 3 else ""
             raise InputError(f"{label} must have 4 dimensions (batch, channels, height, width), got shape "
@@ -324,15 +352,7 @@ class Engine:
                              f"takes {h}x{w}; resize them first (dagc.runtime.images.read_image does)")
         if x.dtype != np.float32:
             x = x.astype(np.float32)  # float16 / float64: exact or nearest float32
-        x = np.ascontiguousarray(x)
-        lo, hi = float(x.min()), float(x.max())
-        if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise InputError(f"{label} contains NaN or infinite values")
-        if self._limits is not None and (lo < self._limits[0] or hi > self._limits[1]):
-            raise InputError(f"{label} has values in [{lo:.4g}, {hi:.4g}], far outside what preprocessing "
-                             f"gives (raw {pre.get('raw')!r} through {pre.get('formula', '(raw - mean) / std')}); "
-                             "are these un-normalised pixels?" + hint)
-        return x
+        return np.ascontiguousarray(x)
 
     def _feeds(self, images: Any, tasks: Sequence[str]) -> dict[str, np.ndarray]:
         names = self.input_spec["names"]

@@ -37,8 +37,8 @@ def result(artifact):
 
 def test_every_variant_at_every_batch_with_consistent_flops(result):
     tasks = [t.name for t in DENSE]
-    names = {"supernet", "masked", "naive_onnx", "shared", *(f"task:{t}" for t in tasks)}
-    assert names <= set(result["variants"])
+    names = {"supernet", "masked", "naive_onnx", "shared", *(f"{k}:{t}" for t in tasks for k in ("task", "bare", "unchecked"))}
+    assert names == set(result["variants"]) - {"bare:shared"}
     v = result["variants"]
     assert v["supernet"]["flops"] > v["masked"]["flops"] >= v["shared"]["flops"]
     assert v["naive_onnx"]["flops"] == v["masked"]["flops"]
@@ -57,6 +57,9 @@ def test_every_variant_at_every_batch_with_consistent_flops(result):
             assert r["flops_ratio"] == pytest.approx(v[x]["flops"] / v["shared"]["flops"])
             assert r["efficiency"] == pytest.approx(r["speedup"] / r["flops_ratio"])
         assert set(entry["ratios"]["per_task"]) == set(tasks)
+        for t, r in entry["ratios"]["per_task"].items():
+            assert r["unchecked_vs_bare"] == pytest.approx(
+                entry["variants"][f"unchecked:{t}"]["p50_ms"] / entry["variants"][f"bare:{t}"]["p50_ms"])
     exp = result["naive_export"]
     assert exp["export_seconds"] > 0
     assert all(e <= 1e-4 for e in exp["verified_max_rel_error"].values())

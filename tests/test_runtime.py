@@ -260,6 +260,23 @@ def test_bad_inputs_per_task(per_task, images, tasks, words):
         engine.run(images, tasks)
 
 
+def test_check_values_false_skips_only_the_value_scan(shared):
+    checked, unchecked = load(shared[0], "onnxruntime"), load(shared[0], "onnxruntime", check_values=False)
+    x = _x((2, 3, 16, 16), seed=3)
+    for t, v in checked.run(x).items():
+        np.testing.assert_array_equal(unchecked.run(x)[t], v)
+    pixels = np.full((2, 3, 16, 16), 255.0, np.float32)
+    with pytest.raises(InputError, match="un-normalised"):
+        checked.run(pixels)
+    assert set(unchecked.run(pixels)) == set(checked.tasks)  # runs: nothing scans the values
+    for bad, words in [(_x((2, 1, 16, 16)), "channels"), (np.zeros((2, 3, 16, 16), np.uint8), "integer dtype")]:
+        with pytest.raises(InputError, match=words):
+            unchecked.run(bad)
+    # A non-contiguous float32 view takes the slow path and gives the same result as a copy.
+    wide = _x((2, 3, 16, 32), seed=4)[..., ::2]
+    np.testing.assert_array_equal(checked.run(wide)["seg"], checked.run(np.ascontiguousarray(wide))["seg"])
+
+
 # --------------------------------------------------------------------------------------------- threads
 
 
