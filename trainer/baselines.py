@@ -1,0 +1,113 @@
+"""The paper's baselines and ablations (Sec. 4.1 "Competitive methods", Sec. 4.5 / Table 6) as
+choices of masks and search space over the same central network, backbone and heads.
+
+Baselines (no search, no reduction; every iteration trains θ with fixed binary masks):
+
+``single-task``
+    each task alone on its own copy of the backbone: K separate runs of one task each, every one
+    a *chain* (input -> v_1 -> v_2 -> ... -> v_N -> read-out), the plain backbone.
+``shared-bottom``
+    all tasks on one chain: one shared encoder, task-specific heads (hard parameter sharing).
+
+Ablations of Table 6 (each drops one component of the method; they combine):
+
+``no-flow-restriction``
+    the complete DAG: the flow constant M is raised to N - 1, so every i -> j (i < j) exists.
+``no-read-in-out``
+    the input feeds only v_1 and only v_N feeds the read-out: the read-in/read-out logits are
+    fixed (A = e_1, B = e_N, σ saturated) and not searched, as a plain DAG network would be.
+``no-fbr``
+    no flow-based reduction: after the search every edge is kept (binary masks of ones, so the
+    fine-tuned network is the whole central network, the paper's "never pruned" variant).
+``no-squeeze``
+    λ_sq = 0: no squeeze loss in the search.
+
+A baseline's parameters are counted relative to one backbone (`parameter_ratio`), as the paper's
+"#Params" column: 1.00 for shared-bottom, K for single-task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from dagc.spec import Spec
+
+BASELINES = ("single-task", "shared-bottom")
+ABLATIONS = ("no-flow-restriction", "no-read-in-out", "no-fbr", "no-squeeze")
+# σ(±30) is 1 - 1e-13 and 1e-13: read-in/out weights that are 0/1 to float32 precision.
+_SATURATED = 30.0
+
+
+def chain_masks(spec: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The plain backbone for every task: input -> v_1 -> ... -> v_N -> read-out.
+
+    Takes a spec; returns 0/1 float32 masks of shapes (K, N, N), (K, N), (K, N) (closed and
+    connected, ready for `CentralNetwork.set_masks`).
+    """
+    k, n = spec.n_tasks, spec.n_states
+    gamma = np.zeros((k, n, n), np.float32)
+    idx = np.arange(n - 1)
+    gamma[:, idx, idx + 1] = 1.0
+    alpha = np.zeros((k, n), np.float32)
+    alpha[:, 0] = 1.0
+    beta = np.zeros((k, n), np.float32)
+    beta[:, n - 1] = 1.0
+    return gamma, alpha, beta
+
+
+def full_masks(spec: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every edge of the central network for every task (the ``no-fbr`` ablation): the band,
+    all read-ins and all read-outs. Returns masks shaped as `chain_masks`."""
+    k, n = spec.n_tasks, spec.n_states
+    band = np.zeros((n, n), np.float32)
+    for i, j in spec.hidden_edges():
+        band[i, j] = 1.0
+    return (np.broadcast_to(band, (k, n, n)).copy(), np.ones((k, n), np.float32), np.ones((k, n), np.float32))
+
+
+def complete_dag(spec: Spec) -> Spec:
+    """The ``no-flow-restriction`` search space: the same spec with M = N - 1 (every i < j)."""
+    from dataclasses import replace
+
+    return replace(spec, flow_constant=max(1, spec.n_states - 1))
+
+
+def fix_read_in_out(net: torch.nn.Module) -> None:
+    """The ``no-read-in-out`` ablation: saturate the read-in logits to e_1 and the read-out
+    logits to e_N for every task. The caller keeps them out of the search (`FROZEN_BY_ABLATION`)."""
+    with torch.no_grad():
+        net.arch_alpha.fill_(-_SATURATED)
+        net.arch_alpha[:, 0] = _SATURATED
+        net.arch_beta.fill_(-_SATURATED)
+        net.arch_beta[:, -1] = _SATURATED
+
+
+# Architecture logits an ablation keeps fixed during the search.
+FROZEN_BY_ABLATION = {"no-read-in-out": ("arch_alpha", "arch_beta")}
+
+
+def frozen_logits(ablations: Sequence[str]) -> tuple[str, ...]:
+    """Names of the architecture logits that the given ablations keep out of the search."""
+    return tuple(sorted({n for a in ablations for n in FROZEN_BY_ABLATION.get(a, ())}))
+
+
+def parameter_ratio(spec: Spec, tensors: Mapping[str, object]) -> float:
+    """Parameters of a reduced network relative to one backbone.
+
+    Counts (with the compiler's analytic counter, `dagc.compiler.flops.graph_costs`) the
+    parameters every task's active edges and heads use, each block once, and divides by the same
+    count for the chain backbone of `chain_masks` with the same heads. Takes the spec and the
+    checkpoint tensors (with masks); raises CompileError if they are not reduced.
+    """
+    from dagc.compiler.flops import graph_costs
+    from dagc.compiler.ir import build_graph
+
+    chain = dict(tensors)
+    for name, mask in zip(("gamma", "alpha", "beta"), chain_masks(spec)):
+        chain[f"mask.{name}"] = torch.from_numpy(mask)
+    used = graph_costs(build_graph(spec, tensors))["params"]
+    base = graph_costs(build_graph(spec, chain))["params"]
+    return used / base
