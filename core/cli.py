@@ -142,6 +142,18 @@ def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path) -
         runtime_bench.plot(result, plot_path)
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--against", "against", type=click.Path(path_type=Path), default=None,
+              help="A baseline run (e.g. dagc train --baseline single-task) for Δ per task and Δ_T.")
+def evaluate(run_dir, against) -> None:
+    """Print a finished run's paper-style table: metrics, Δ against a baseline, parameters."""
+    from dagc.trainer.evaluate import format_table, load_run
+
+    run = load_run(run_dir)
+    click.echo(format_table(run, load_run(against) if against is not None else None))
+
+
 def train_summary(metrics: dict, out: Path) -> str:
     """A one-screen summary of a finished run."""
     lines = [f"run: {out}", f"train time: {metrics['train_seconds']:.1f} s, supernet parameters: "
