@@ -15,7 +15,7 @@ import numpy as np
 
 import dagc
 from dagc.checkpoint import load_checkpoint
-from dagc.compiler import onnx_export, report, verify
+from dagc.compiler import aoti, onnx_export, report, verify
 from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
@@ -23,7 +23,7 @@ from dagc.compiler.passes import optimize
 from dagc.errors import SpecError
 from dagc.trainer.network import network_from_checkpoint
 
-TARGETS = ("onnx", "tensorrt")
+TARGETS = ("onnx", "tensorrt", "aoti")
 SHARED_MODEL = "model.onnx"
 ONNX_RTOL = 1e-4
 
@@ -55,7 +55,7 @@ def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: st
                        fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> dict[str, Any]:
     """Compile a reduced checkpoint into an artifact directory; returns its manifest.
 
-    Raises CompileError (unknown target, no GPU for TensorRT, existing --out without force,
+    Raises CompileError (unknown target, no GPU for TensorRT, no C++ compiler for aoti, existing --out without force,
     unreduced checkpoint, a task without a path, a model that fails verification) and
     CheckpointError (missing, truncated, foreign or unknown-version file). Nothing is written
     unless everything verified.
@@ -66,6 +66,10 @@ def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: st
         from dagc.compiler import tensorrt
 
         reason = tensorrt.unavailable_reason()
+        if reason:
+            raise CompileError(reason)
+    if target == "aoti":
+        reason = aoti.unavailable_reason()
         if reason:
             raise CompileError(reason)
     if not batches or any(b < 1 for b in batches):
@@ -94,6 +98,8 @@ def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: st
                         "verified_max_rel_error": max(errors[name].values()), **costs}
     if target == "tensorrt":
         _tensorrt_plans(files, models, graph, spec, batches, fp16)
+    if target == "aoti":
+        aoti.add_packages(files, models, graph, reference, model_file)
 
     manifest = _manifest(ck, raw, graph, models, batches if target == "tensorrt" else None, fp16, target)
     manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
@@ -163,7 +169,8 @@ def _manifest(ck, raw: Graph, graph: Graph, models, batches, fp16, target) -> di
         "sharing": report.sharing_table(graph),
         "topology": report.task_topology(ck.tensors, spec),
         "verification": {"reference": "masked supernet, PyTorch eval mode, float32",
-                         "onnx_rtol": ONNX_RTOL, "metric": "max |model - reference| / max(1, max |reference|)"},
+                         "onnx_rtol": ONNX_RTOL, "metric": "max |model - reference| / max(1, max |reference|)",
+                         **({"aoti_rtol": aoti.AOTI_RTOL} if target == "aoti" else {})},
         "tensorrt": None if batches is None else {"batches": list(batches), "precision": "fp16" if fp16 else "fp32"},
     }
 

@@ -24,8 +24,12 @@ def cli() -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False, path_type=Path), help="Run directory to write.")
 @click.option("--resume", "resume", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the interrupted run in this directory (its own configuration is used).")
-@click.option("--dataset", type=str, default=None, help="Built-in dataset: synthetic (default) or digits.")
-@click.option("--preset", type=str, default=None, help="Central network preset: tiny, omniglot, vgg16 (default: tiny for synthetic, omniglot for digits).")
+@click.option("--dataset", type=str, default=None,
+              help="synthetic (default) or digits (built in); nyuv2, cityscapes, cityscapes19, omniglot or "
+                   "pascal-context (read from --data-root).")
+@click.option("--data-root", "data_root", type=str, default=None,
+              help="Directory of an on-disk dataset (see the README for each layout).")
+@click.option("--preset", type=str, default=None, help="Central network preset: tiny, omniglot, vgg16 (default: tiny for synthetic, omniglot for digits and omniglot, vgg16 for the other on-disk datasets).")
 @click.option("--tasks", type=str, default=None, help="Comma-separated task names (default: all the dataset's).")
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
 @click.option("--warmup-iters", type=int, default=None)
@@ -40,15 +44,33 @@ def cli() -> None:
 @click.option("--save-every", type=int, default=None, help="Write resumable state every N iterations.")
 @click.option("--device", type=str, default=None, help="cpu (default) or cuda.")
 @click.option("--seed", type=int, default=None)
+@click.option("--amp", type=str, default=None,
+              help="Mixed precision of the forward pass: none (default), bf16 (CPU or CUDA), fp16 (CUDA, with gradient scaling).")
+@click.option("--channels-last", "channels_last", is_flag=True, default=None,
+              help="Keep the network's weights and activations channels-last (NHWC).")
+@click.option("--compile", "compile", is_flag=True, default=None,
+              help="torch.compile the network's training forward pass.")
+@click.option("--baseline", type=str, default=None,
+              help="Train a paper baseline instead of searching: single-task or shared-bottom.")
+@click.option("--ablation", "ablations", multiple=True,
+              help="Drop a component (repeatable): no-flow-restriction, no-read-in-out, no-fbr, no-squeeze.")
+@click.option("--reduction", type=str, default=None,
+              help="Reduction after the search: fbr (default, Algorithm 1), threshold or random.")
+@click.option("--target-sparsity", "target_sparsity", type=float, default=None,
+              help="Stop the reduction at this sparsity S in (0, 1] (default: fbr's own stopping rule).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(out, resume, quiet, **options) -> None:
-    """Run warm-up, search, flow-based reduction and fine-tuning; write RUN_DIR."""
+    """Run warm-up, search, flow-based reduction and fine-tuning; write RUN_DIR.
+
+    Several processes: torchrun --nproc-per-node N -m dagc train ... (one DDP replica per process,
+    --batch-size per process; rank 0 writes RUN_DIR)."""
+    from dagc.trainer import distributed
     from dagc.trainer.train import TrainConfig
     from dagc.trainer.train import train as run_training
 
     if (out is None) == (resume is None):
         raise DagcError("give exactly one of --out RUN_DIR (a new run) or --resume RUN_DIR (continue one)")
-    given = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None and v != ()}
     if resume is not None:
         if set(given) - {"device"}:
             raise DagcError(f"--resume uses the run's own configuration; drop {sorted(given)}")
@@ -59,12 +81,14 @@ def train(out, resume, quiet, **options) -> None:
         if "tasks" in given:
             given["tasks"] = tuple(t.strip() for t in given["tasks"].split(",") if t.strip())
         metrics = run_training(TrainConfig(**given), out, progress=not quiet)
-    click.echo(train_summary(metrics, out))
+    if distributed.is_main():  # under torchrun every rank returns the metrics; one summary
+        click.echo(train_summary(metrics, out))
 
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--target", default="onnx", show_default=True, help="onnx or tensorrt (needs a CUDA GPU).")
+@click.option("--target", default="onnx", show_default=True, help="onnx, tensorrt (needs a CUDA GPU) or aoti (adds AOTInductor .pt2 packages for C++; "
+              "needs a C++ compiler).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
 @click.option("--fp16", is_flag=True, help="TensorRT: build fp16 plans.")
@@ -89,6 +113,36 @@ def inspect(path) -> None:
 
     manifest = read_manifest(path) if path.is_dir() else inspect_checkpoint(path)
     click.echo(summary(manifest))
+
+
+@cli.group()
+def export() -> None:
+    """Turn a compiled artifact into another deployment format."""
+
+
+@export.command("triton")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Model repository to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out.")
+@click.option("--name", default="dagc", show_default=True, help="Prefix of the Triton model names.")
+@click.option("--max-batch", "max_batch", type=int, default=None,
+              help="max_batch_size of the ONNX models (default: the TensorRT profile's largest batch, else 32).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances per device.")
+@click.option("--max-queue-delay-us", "delay", type=int, default=100, show_default=True,
+              help="Dynamic batcher: longest wait to fill a batch, in microseconds.")
+@click.option("--no-ensembles", is_flag=True, help="No ensemble models for task subsets.")
+def export_triton(artifact, out, force, name, max_batch, instances, delay, no_ensembles) -> None:
+    """Write a Triton Inference Server model repository for ARTIFACT (ONNX models, TensorRT plans,
+    ensembles for task subsets, routing.json)."""
+    from dagc.compiler.triton import TritonConfig
+    from dagc.compiler.triton import export_triton as run_export
+
+    config = TritonConfig(name=name, max_batch_size=max_batch, instances=instances, max_queue_delay_us=delay,
+                          ensembles=not no_ensembles)
+    routing = run_export(artifact, out, config, force=force)
+    for model, info in sorted(routing["models"].items()):
+        click.echo(f"{model:<32}{info['platform']:<18}{','.join(info['tasks'])}")
+    click.echo(f"\nwrote {out} ({len(routing['models'])} models; task subset -> model in {out / 'routing.json'})")
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
@@ -156,15 +210,20 @@ def evaluate(run_dir, against) -> None:
 
 def train_summary(metrics: dict, out: Path) -> str:
     """A one-screen summary of a finished run."""
+    ratio = metrics["parameters"].get("relative_to_backbone")
     lines = [f"run: {out}", f"train time: {metrics['train_seconds']:.1f} s, supernet parameters: "
-             f"{metrics['parameters']['supernet']:,}", "",
+             f"{metrics['parameters']['supernet']:,}"
+             + (f", deployed parameters relative to one backbone: {ratio:.2f}" if ratio is not None else ""), "",
              f"{'task':<14}{'metric':<12}{'model':>10}{'constant':>10}   D  W      S"]
     topo = metrics.get("topology") or {}
     for task, p in metrics["primary"].items():
         t = topo.get(task, {})
         lines.append(f"{task:<14}{p['metric']:<12}{p['model']:>10.4f}{p['constant']:>10.4f}"
                      f"  {t.get('D', '-'):>2} {t.get('W', '-'):>2} {t.get('S', float('nan')):>6.3f}")
-    lines += ["", f"wrote {out / 'checkpoint.safetensors'}, {out / 'metrics.json'}, {out / 'train.log'}"]
+    if "runs" in metrics:  # the single-task baseline: one run per task
+        lines += ["", f"wrote {out}/<task>/ (one run each: {', '.join(metrics['runs'])}) and {out / 'metrics.json'}"]
+    else:
+        lines += ["", f"wrote {out / 'checkpoint.safetensors'}, {out / 'metrics.json'}, {out / 'train.log'}"]
     return "\n".join(lines)
 
 

@@ -58,6 +58,7 @@ split, independent of the selected tasks); the same statistics are applied to th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -66,7 +67,9 @@ import numpy as np
 
 from dagc.errors import DataError
 
-DATASETS = ("synthetic", "digits")
+# Read from a directory the user has (dagc.trainer.readers): the paper's real benchmarks.
+ON_DISK = ("nyuv2", "cityscapes", "cityscapes19", "omniglot", "pascal-context")
+DATASETS = ("synthetic", "digits", *ON_DISK)
 
 SEG_CLASSES = ("wall", "floor", "sphere", "box", "cylinder")
 _SYNTHETIC_TASKS = ("segmentation", "depth", "normal", "edge")
@@ -124,29 +127,44 @@ class MultiTaskData:
 
 
 # ---------------------------------------------------------------------------------- public API
-def task_names(dataset: str) -> tuple[str, ...]:
-    """Takes a dataset name; returns every task it offers, in the default order.
+def task_names(dataset: str, root: str | os.PathLike | None = None) -> tuple[str, ...]:
+    """Takes a dataset name and, for the on-disk ``omniglot`` (whose tasks are its alphabets), its
+    root directory; returns every task it offers, in the default order.
 
-    Raises DataError (a ValueError) for an unknown dataset.
+    Raises DataError (a ValueError) for an unknown dataset, or omniglot without a readable root.
     """
     _check_dataset(dataset)
+    if dataset in ON_DISK:
+        from dagc.trainer import readers  # imported lazily: readers imports this module
+
+        return readers.task_names(dataset, root)
     return _SYNTHETIC_TASKS if dataset == "synthetic" else _DIGITS_TASKS
 
 
 def load_dataset(name: str, *, tasks: Sequence[str] | None = None, seed: int = 0,
                  input_size: tuple[int, int] | None = None, n_train: int | None = None,
-                 n_test: int | None = None) -> MultiTaskData:
+                 n_test: int | None = None, root: str | os.PathLike | None = None) -> MultiTaskData:
     """Takes a dataset name and options; returns the dataset with the selected tasks.
 
     ``tasks`` (default: all, see ``task_names``) picks and orders the tasks; the arrays do not
     depend on which tasks are picked. ``seed`` fixes every random choice. ``input_size`` is
     (H, W) (default (32, 32) for synthetic, (8, 8) for digits). ``n_train`` / ``n_test`` are
     the number of scenes for synthetic (default 2048 / 512) and a per-task cap for digits
-    (default: all images).
+    (default: all images). ``root`` is the directory of an on-disk dataset (`ON_DISK`, read by
+    ``dagc.trainer.readers``, which documents their layouts and defaults) and must be None for
+    the built-in ones.
 
-    Raises DataError (a ValueError) for an unknown dataset or task, or an invalid option.
+    Raises DataError (a ValueError) for an unknown dataset or task, or an invalid option; for
+    on-disk datasets also for a missing or malformed file (the message names it).
     """
     _check_dataset(name)
+    if name in ON_DISK:
+        from dagc.trainer import readers
+
+        return readers.load(name, root, tasks=tasks, seed=seed, input_size=input_size, n_train=n_train,
+                            n_test=n_test)
+    if root is not None:
+        raise DataError(f"dataset {name!r} is built in and reads no directory; drop root (--data-root)")
     selected = _check_tasks(name, tasks)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DataError(f"seed must be an integer >= 0, got {seed!r}")
@@ -166,9 +184,11 @@ def _check_dataset(name: str) -> None:
         raise DataError(f"unknown dataset {name!r}; choose one of {list(DATASETS)}")
 
 
-def _check_tasks(dataset: str, tasks: Sequence[str] | None) -> tuple[str, ...]:
-    """Returns the selected task names (all when None); raises DataError for bad selections."""
-    valid = task_names(dataset)
+def _check_tasks(dataset: str, tasks: Sequence[str] | None,
+                 valid: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """Returns the selected task names out of ``valid`` (default: ``task_names(dataset)``; all
+    when ``tasks`` is None); raises DataError for bad selections."""
+    valid = task_names(dataset) if valid is None else valid
     if tasks is None:
         return valid
     if isinstance(tasks, str):  # a bare string would otherwise be read as a list of letters
@@ -186,7 +206,7 @@ def _check_size(dataset: str, input_size: tuple[int, int] | None) -> tuple[int, 
     """Returns (H, W) for the dataset; raises DataError for a malformed or too small size."""
     if input_size is None:
         return _DEFAULT_SIZE[dataset]
-    low = _MIN_SIZE[dataset]
+    low = _MIN_SIZE.get(dataset, 8)
     try:
         h, w = input_size
     except (TypeError, ValueError):

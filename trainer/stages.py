@@ -9,65 +9,147 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from dagc.trainer.baselines import full_masks
 from dagc.trainer.losses import squeeze_loss, task_loss
-from dagc.trainer.network import CentralNetwork
+from dagc.trainer.network import CentralNetwork, TaskBatchNorm
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
 
 REDUCTIONS = ("fbr", "threshold", "random")
+AMP_MODES = ("none", "bf16", "fp16")
 
 
-def make_optimizer(net: CentralNetwork, stage: str, weight_lr: float, arch_lr: float) -> torch.optim.Adam:
-    """Adam for a stage: θ alone in warm-up and fine-tune; θ and the logits (own lr) in search.
+@dataclass
+class Precision:
+    """How a training step computes: autocast to ``dtype`` on ``device_type`` (None: float32
+    throughout, the default), and for fp16 a gradient scaler against underflow."""
+
+    dtype: torch.dtype | None = None
+    device_type: str = "cpu"
+    scaler: torch.amp.GradScaler | None = None
+
+    def autocast(self):
+        """The autocast context of the forward pass (a null context in float32)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    def backward_step(self, loss: Tensor, opt: torch.optim.Optimizer) -> None:
+        """Backward and optimizer step, through the scaler when there is one."""
+        if self.scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(opt)
+            self.scaler.update()
+
+
+def make_precision(amp: str, device: torch.device) -> Precision:
+    """The `Precision` of an ``amp`` mode ('none', 'bf16', 'fp16') on ``device``.
+
+    Raises ValueError for an unknown mode or fp16 off CUDA (TrainConfig reports both earlier).
+    """
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {list(AMP_MODES)}, got {amp!r}")
+    if amp == "none":
+        return Precision()
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("amp 'fp16' needs a CUDA device (gradient scaling)")
+        return Precision(torch.float16, "cuda", torch.amp.GradScaler("cuda"))
+    return Precision(torch.bfloat16, device.type)
+
+
+def batch_norm_input_hooks(net: nn.Module, float32: bool, contiguous: bool) -> list:
+    """Adapt the input of every `TaskBatchNorm` of ``net`` for mixed precision / channels-last.
+
+    ``float32``: batch norm computes in float32 under autocast, so per-lane statistics are
+    accumulated in float32 into the float32 running statistics (autocast would hand it bf16/fp16
+    conv outputs). ``contiguous``: a channels-last input normalised per lane (groups > 1) is made
+    contiguous, because per-lane statistics view the batch as (B, lanes*C, H, W), which a
+    channels-last layout cannot express without a copy. Returns the hook handles (``.remove()``).
+    """
+    def hook(module, args):
+        x, *rest = args
+        if float32 and x.is_floating_point() and x.dtype != torch.float32:
+            x = x.float()
+        if contiguous and rest and rest[0] > 1:
+            x = x.contiguous()
+        return (x, *rest)
+
+    return [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, TaskBatchNorm)]
+
+
+def make_optimizer(net: CentralNetwork, stage: str, weight_lr: float, arch_lr: float,
+                   frozen: Sequence[str] = ()) -> torch.optim.Adam:
+    """Adam for a stage: θ alone in warm-up and fine-tune; θ and the logits (own lr) in search,
+    except the logits named in ``frozen`` (e.g. ``("arch_alpha", "arch_beta")`` for an ablation
+    that fixes the read-in/out), which never train.
 
     Also sets which parameters need gradients, so frozen logits cost nothing.
     """
     train_arch = stage == "search"
+    searched = [p for name, p in zip(("arch_gamma", "arch_alpha", "arch_beta"), net.arch_parameters())
+                if name not in frozen]
     for p in net.arch_parameters():
-        p.requires_grad_(train_arch)
+        p.requires_grad_(train_arch and any(p is q for q in searched))
     groups = [{"params": net.weight_parameters(), "lr": weight_lr}]
-    if train_arch:
-        groups.append({"params": net.arch_parameters(), "lr": arch_lr})
+    if train_arch and searched:
+        groups.append({"params": searched, "lr": arch_lr})
     # fused: one kernel for all parameters instead of ~10 small ops each (CPU and CUDA).
     return torch.optim.Adam(groups, fused=True)
 
 
 def total_task_loss(net: CentralNetwork, x: Tensor, targets: Mapping[str, Tensor],
-                    dense_loss: str) -> tuple[Tensor, dict[str, float]]:
-    """Eq. 7: the sum of the task losses, all tasks run stacked; also each task's value."""
-    out = net(x)
-    losses = {t.name: task_loss(t, out[t.name], targets[t.name], dense_loss) for t in net.spec.tasks}
+                    dense_loss: str, *, model: Callable | None = None,
+                    precision: Precision | None = None) -> tuple[Tensor, dict[str, float]]:
+    """Eq. 7: the sum of the task losses, all tasks run stacked; also each task's value.
+
+    ``model`` runs the forward pass instead of ``net`` (a DistributedDataParallel and/or
+    torch.compile wrapper of it); ``precision`` sets autocast. Losses are computed in float32.
+    """
+    precision = precision or Precision()
+    with precision.autocast():
+        out = (model if model is not None else net)(x)
+    losses = {t.name: task_loss(t, out[t.name].float(), targets[t.name], dense_loss) for t in net.spec.tasks}
     return sum(losses.values()), {k: float(v.detach()) for k, v in losses.items()}
 
 
 def warmup_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
-                targets: Mapping[str, Tensor], dense_loss: str = "l2") -> dict[str, float]:
-    """One warm-up iteration (θ only). Returns the losses."""
+                targets: Mapping[str, Tensor], dense_loss: str = "l2", *, model: Callable | None = None,
+                precision: Precision | None = None) -> dict[str, float]:
+    """One warm-up iteration (θ only). ``model`` / ``precision`` as in `total_task_loss`.
+    Returns the losses."""
     net.train()
-    loss, parts = total_task_loss(net, x, targets, dense_loss)
+    loss, parts = total_task_loss(net, x, targets, dense_loss, model=model, precision=precision)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    (precision or Precision()).backward_step(loss, opt)
     return {"loss": float(loss.detach()), **parts}
 
 
 def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
                 targets: Mapping[str, Tensor], squeeze_weight: float, kappa: float,
-                dense_loss: str = "l2") -> dict[str, float]:
-    """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together."""
+                dense_loss: str = "l2", *, model: Callable | None = None,
+                precision: Precision | None = None) -> dict[str, float]:
+    """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together.
+    ``model`` / ``precision`` as in `total_task_loss`. Returns the losses."""
     net.train()
-    loss, parts = total_task_loss(net, x, targets, dense_loss)
+    loss, parts = total_task_loss(net, x, targets, dense_loss, model=model, precision=precision)
+    # Outside the wrapper's forward, but arch_gamma is also used inside it, so its gradient
+    # (both terms summed) is all-reduced once under DDP; the squeeze term is equal on every rank.
     sq = squeeze_loss(net.arch_gamma, net.band, kappa)
     total = loss + squeeze_weight * sq
     opt.zero_grad(set_to_none=True)
-    total.backward()
-    opt.step()
+    (precision or Precision()).backward_step(total, opt)
     return {"loss": float(total.detach()), "squeeze": float(sq.detach()), **parts}
 
 
@@ -76,10 +158,11 @@ finetune_step = warmup_step  # same update; the network is in hard mode by then
 
 def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
                    target_sparsity: float | None = None) -> dict[str, dict[str, float]]:
-    """Discretise every task's σ(Γ, A, B) (Algorithm 1 or an ablation), close the masks, and switch
-    the network to hard mode. Returns the topology (D, W, S) of each task's sub-network."""
-    if method not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {method!r}; choose one of {list(REDUCTIONS)}")
+    """Discretise every task's σ(Γ, A, B) (Algorithm 1, threshold or random reduction, or ``none``:
+    keep every edge), close the masks, and switch the network to hard mode. Returns the topology
+    (D, W, S) of each task's sub-network."""
+    if method not in (*REDUCTIONS, "none"):
+        raise ValueError(f"unknown reduction {method!r}; choose one of {[*REDUCTIONS, 'none']}")
     band = net.band.cpu().numpy()
     with torch.no_grad():
         gam = (torch.sigmoid(net.arch_gamma) * net.band).cpu().double().numpy()
@@ -91,6 +174,8 @@ def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
             g, a, b = flow_based_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
         elif method == "threshold":
             g, a, b = threshold_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
+        elif method == "none":  # the no-fbr ablation: every edge stays
+            g, a, b = (m[k].astype(np.float64) for m in full_masks(net.spec))
         else:
             g, a, b = random_reduction(gam[k], alp[k], bet[k], seed=seed + k,
                                        target_sparsity=target_sparsity)

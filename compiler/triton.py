@@ -1,0 +1,337 @@
+"""`dagc export triton`: a compiled artifact -> a Triton Inference Server model repository.
+
+Layout written (``<p>`` is `TritonConfig.name`, default ``dagc``)::
+
+    REPO/
+        <p>/config.pbtxt, <p>/1/model.onnx                  model.onnx: all tasks (platform onnxruntime_onnx)
+        <p>_<task>/config.pbtxt, <p>_<task>/1/model.onnx    task_<task>.onnx: one task
+        <p>_trt/..., <p>_<task>_trt/...  1/model.plan       the artifact's TensorRT plans (tensorrt_plan), if any
+        <p>_<t1>.<t2>/config.pbtxt, <p>_<t1>.<t2>/1/        ensembles for task subsets (platform ensemble)
+        routing.json                                        task subset -> model to call and outputs to ask for
+
+Every config has ``max_batch_size`` (dynamic batch; ``dims`` without the batch axis), inputs and
+outputs with their data types and shapes from the manifest, ``dynamic_batching`` and
+``instance_group``. Triton takes every sub-directory of the repository as a model and ignores
+plain files, so ``routing.json`` does not disturb it.
+
+Routing (the same choice as `dagc.runtime.Engine.models_for`, the cheapest cover by FLOPs): one
+task -> its own model; all tasks -> the shared model; any other subset -> the shared model (ask
+only for the subset's outputs) when that is cheapest, else an ensemble of the per-task models,
+generated when the spec has at most `TritonConfig.max_ensemble_tasks` tasks (2^K subsets). Beyond
+that, call the per-task models one by one, or the shared model, as ``routing.json`` records.
+
+Every model file's sha256 is checked against the manifest before it is copied, and the repository
+is built in a temporary sibling and renamed into place (``force`` replaces an existing one), so a
+failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dagc.compiler.artifact import _fsync_dir, _install, _write, sha256
+from dagc.compiler.ir import CompileError
+from dagc.errors import ConfigError
+
+__all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH"]
+
+ROUTING = "routing.json"
+DEFAULT_MAX_BATCH = 32
+PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+# model formats dagc writes that no standard Triton backend loads as they are (AOTInductor packages
+# are for C++ embedding); they are left out of the repository, and listed in routing.json
+SKIPPED_FORMATS = ("aoti",)
+DATA_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """How the repository is generated.
+
+    name: prefix of every model name (letters, digits, '_', '-'); several artifacts can then share
+        one repository.
+    max_batch_size: the ONNX models' (and ensembles') ``max_batch_size``; None: the largest batch of
+        the artifact's TensorRT profile if it has plans, else `DEFAULT_MAX_BATCH`. Plans always get
+        their profile's largest batch (Triton refuses more).
+    instances: model instances per device (``instance_group.count``).
+    max_queue_delay_us: how long the dynamic batcher waits to fill a batch.
+    ensembles: generate ensembles for task subsets that are cheapest as per-task models.
+    max_ensemble_tasks: no ensembles when the spec has more tasks than this (2^K subsets).
+    """
+
+    name: str = "dagc"
+    max_batch_size: int | None = None
+    instances: int = 1
+    max_queue_delay_us: int = 100
+    ensembles: bool = True
+    max_ensemble_tasks: int = 6
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ConfigError(f"triton model name prefix {self.name!r} must start with a letter or digit and hold "
+                              "only letters, digits, '_' or '-'")
+        checks = {"max_batch_size": 1, "instances": 1, "max_queue_delay_us": 0, "max_ensemble_tasks": 0}
+        for field, low in checks.items():
+            v = getattr(self, field)
+            if field == "max_batch_size" and v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ConfigError(f"TritonConfig.{field} must be an integer >= {low}, got {v!r}")
+        if not isinstance(self.ensembles, bool):
+            raise ConfigError(f"TritonConfig.ensembles must be true or false, got {self.ensembles!r}")
+
+
+def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TritonConfig | None = None,
+                  *, force: bool = False) -> dict[str, Any]:
+    """Write a Triton model repository for a compiled artifact; returns the routing table (what
+    ``routing.json`` holds: ``models`` Triton name -> {platform, tasks, source, ...}, ``routes``
+    format -> "task1,task2" -> {model, outputs}).
+
+    Takes the artifact directory (``dagc compile --out``), the repository directory to create and a
+    `TritonConfig`. Raises `dagc.runtime.ArtifactError` (not an artifact, unknown format version,
+    missing or tampered file, a manifest this export does not understand), CompileError (``out_dir``
+    exists without ``force``, model names that collide) and ConfigError (bad config). Nothing is
+    written unless everything checked out.
+    """
+    from dagc.runtime import ArtifactError, load
+
+    config = TritonConfig() if config is None else config
+    if not isinstance(config, TritonConfig):
+        raise ConfigError(f"config must be a TritonConfig, got {type(config).__name__}")
+    out = Path(out_dir)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise CompileError(f"{out} exists; pass --force to replace it")
+    art = Path(artifact_dir)
+    # load() verifies the manifest's format, version and every file's sha256; the torch backend
+    # needs no GPU and no ONNX Runtime, and the engine gives the runtime's own model choice.
+    engine = load(art, backend="torch")
+    if art.resolve() == out.resolve() or art.resolve() in out.resolve().parents:
+        raise CompileError(f"--out {out} must not be inside the artifact {art}; choose another directory")
+    try:
+        plan = _plan(engine, config)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise ArtifactError(f"{art / 'manifest.json'}: malformed manifest for a Triton export "
+                            f"({type(e).__name__}: {e}); recompile the artifact") from None
+    files: dict[str, bytes] = {}
+    for name, model in plan["models"].items():
+        files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
+        if model["source"] is not None:
+            data = _read_verified(art, model["source"], engine.manifest)
+            files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = data
+    routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art),
+               "dagc_version": engine.manifest.get("dagc_version"), "input": plan["input"],
+               "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"]}
+    files[ROUTING] = (json.dumps(routing, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    _write_repository(out, files, sorted(plan["models"]), force)
+    return routing
+
+
+def _read_verified(art: Path, name: str, manifest: Mapping[str, Any]) -> bytes:
+    """The bytes of one artifact file, checked against the manifest's sha256 (the bytes copied are
+    the bytes checked)."""
+    from dagc.runtime import ArtifactError
+
+    try:
+        data = (art / name).read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"cannot read artifact file {name!r}: {e.strerror or e}; recompile the artifact") from None
+    if sha256(data) != manifest["files"][name]["sha256"]:
+        raise ArtifactError(f"artifact file {name!r} in {art} does not match its sha256 in manifest.json "
+                            "(modified or corrupted); recompile the artifact")
+    return data
+
+
+# ---------------------------------------------------------------------------------------------------
+# what to generate
+
+
+def _plan(engine, config: TritonConfig) -> dict[str, Any]:
+    from dagc.runtime import ArtifactError
+
+    manifest = engine.manifest
+    tasks = list(engine.tasks)
+    inp = manifest["input"]
+    if inp["shape"][0] != "batch":
+        raise ArtifactError(f"the artifact's input shape {inp['shape']} has no dynamic batch axis; recompile it")
+    dtype = DATA_TYPES.get(inp.get("dtype", "float32"))
+    if dtype is None:
+        raise ArtifactError(f"input dtype {inp.get('dtype')!r} has no Triton data type here; recompile the artifact")
+    in_dims = [int(d) for d in inp["shape"][1:]]
+    out_dims = {}
+    for t in tasks:
+        shape = manifest["tasks"][t]["output_shape"]
+        if shape[0] != "batch":
+            raise ArtifactError(f"task {t!r}: output shape {shape} has no dynamic batch axis; recompile the artifact")
+        out_dims[t] = [int(d) for d in shape[1:]]
+
+    by_format: dict[str, dict[str, Any]] = {"onnx": {}, "tensorrt": {}}
+    skipped = []
+    for fname, info in manifest["models"].items():
+        fmt = info.get("format")
+        if fmt in SKIPPED_FORMATS:
+            skipped.append(fname)
+            continue
+        if fmt not in PLATFORMS:
+            raise ArtifactError(f"model {fname!r} has format {fmt!r}, which the Triton export does not know "
+                                f"(it takes {sorted(PLATFORMS)}); update dagc or recompile the artifact")
+        by_format[fmt][fname] = info
+    plan_batches = sorted({int(b) for info in by_format["tensorrt"].values() for b in info["batches"]})
+    onnx_max = config.max_batch_size or (max(plan_batches) if plan_batches else DEFAULT_MAX_BATCH)
+
+    models: dict[str, dict[str, Any]] = {}
+    triton_of: dict[str, str] = {}  # artifact file -> Triton model name
+    for fmt, infos in by_format.items():
+        for fname, info in sorted(infos.items()):
+            model_tasks = [t for t in tasks if t in info["tasks"]]
+            name = _model_name(config.name, model_tasks, tasks, fmt)
+            if fmt == "tensorrt":
+                batches = [int(b) for b in info["batches"]]
+                max_batch = max(batches)
+                preferred = sorted({b for b in batches if 1 < b <= max_batch})
+                kind = "KIND_GPU"
+            else:
+                max_batch, preferred, kind, batches = onnx_max, [], "KIND_AUTO", None
+            inputs = [(i, dtype, in_dims) for i in info["inputs"]]
+            outputs = [(t, "TYPE_FP32", out_dims[t]) for t in info["outputs"]]
+            header = (f"# {name}: {fname} of a dagc artifact (sha256 {manifest['files'][fname]['sha256']}), "
+                      f"tasks {', '.join(model_tasks)}")
+            text = _config_text(header, name, PLATFORMS[fmt][0], max_batch, inputs, outputs,
+                                dynamic=(config.max_queue_delay_us, preferred), instances=(config.instances, kind))
+            _add(models, name, {"platform": PLATFORMS[fmt][0], "format": fmt, "tasks": model_tasks, "source": fname,
+                                "sha256": manifest["files"][fname]["sha256"], "max_batch_size": max_batch,
+                                "min_batch_size": min(batches) if batches else 1,
+                                "inputs": list(info["inputs"]), "outputs": list(info["outputs"]), "config": text})
+            triton_of[fname] = name
+
+    routes: dict[str, dict[str, Any]] = {}
+    subsets = [s for k in range(1, len(tasks) + 1) for s in itertools.combinations(tasks, k)]
+    if len(tasks) > config.max_ensemble_tasks:  # 2^K subsets: route only one task and all tasks
+        subsets = [(t,) for t in tasks] + [tuple(tasks)]
+    for fmt, infos in by_format.items():
+        if not infos:
+            continue
+        fmt_routes = routes[fmt] = {}
+        for subset in subsets:
+            # the runtime's choice among ONNX models; a plan mirrors the ONNX model it was built from
+            chosen = list(engine.models_for(list(subset)))
+            if fmt == "tensorrt":
+                built = {info["built_from"]: f for f, info in infos.items()}
+                if not all(c in built for c in chosen):
+                    continue
+                chosen = [built[c] for c in chosen]
+            key = ",".join(subset)
+            if len(chosen) == 1:
+                fmt_routes[key] = {"model": triton_of[chosen[0]], "outputs": list(subset)}
+                continue
+            if not config.ensembles or len(tasks) > config.max_ensemble_tasks:
+                fmt_routes[key] = {"models": [triton_of[c] for c in chosen], "outputs": list(subset)}
+                continue
+            name = _model_name(config.name, list(subset), tasks, fmt)
+            steps = [(triton_of[c], list(infos[c]["inputs"]), [t for t in infos[c]["outputs"] if t in subset])
+                     for c in chosen]
+            max_batch = min(models[s[0]]["max_batch_size"] for s in steps)
+            ens_inputs = list(dict.fromkeys(i for _, ins, _ in steps for i in ins))
+            text = _ensemble_text(f"# {name}: ensemble of {', '.join(s[0] for s in steps)} for tasks {key}", name,
+                                  max_batch, [(i, dtype, in_dims) for i in ens_inputs],
+                                  [(t, "TYPE_FP32", out_dims[t]) for t in subset], steps)
+            _add(models, name, {"platform": "ensemble", "format": fmt, "tasks": list(subset), "source": None,
+                                "steps": [s[0] for s in steps], "max_batch_size": max_batch,
+                                "min_batch_size": max(models[s[0]]["min_batch_size"] for s in steps),
+                                "inputs": ens_inputs, "outputs": list(subset), "config": text})
+            fmt_routes[key] = {"model": name, "outputs": list(subset)}
+    return {"models": models, "routes": routes, "skipped": sorted(skipped),
+            "input": {"names": list(inp["names"]), "dims": in_dims, "data_type": dtype,
+                      "preprocessing": inp.get("preprocessing"),
+                      "task_inputs": {t: manifest["tasks"][t]["input"] for t in tasks}}}
+
+
+def _model_name(prefix: str, model_tasks: Sequence[str], all_tasks: Sequence[str], fmt: str) -> str:
+    # '.' cannot occur in task names (letters, digits, '_', '-'), so a joined subset is unambiguous
+    base = prefix if list(model_tasks) == list(all_tasks) else f"{prefix}_{'.'.join(model_tasks)}"
+    return base + ("_trt" if fmt == "tensorrt" else "")
+
+
+def _add(models: dict[str, dict[str, Any]], name: str, model: dict[str, Any]) -> None:
+    if name in models:
+        raise CompileError(f"two Triton models would both be named {name!r} (task names clash with the '_trt' "
+                           "suffix); rename the task or export with another --name")
+    models[name] = model
+
+
+# ---------------------------------------------------------------------------------------------------
+# config.pbtxt text (protobuf text format of inference.ModelConfig)
+
+
+def _q(s: str) -> str:
+    return json.dumps(s, ensure_ascii=False)  # a JSON string is a valid protobuf text string here
+
+
+def _tensors(field: str, tensors) -> list[str]:
+    lines = [f"{field} ["]
+    for k, (name, dtype, dims) in enumerate(tensors):
+        sep = "," if k < len(tensors) - 1 else ""
+        lines.append(f"  {{ name: {_q(name)} data_type: {dtype} dims: [ {', '.join(map(str, dims))} ] }}{sep}")
+    lines.append("]")
+    return lines
+
+
+def _config_text(header: str, name: str, platform: str, max_batch: int, inputs, outputs, *,
+                 dynamic: tuple[int, Sequence[int]], instances: tuple[int, str]) -> str:
+    delay, preferred = dynamic
+    lines = [header, f"name: {_q(name)}", f"platform: {_q(platform)}", f"max_batch_size: {max_batch}",
+             *_tensors("input", inputs), *_tensors("output", outputs), "dynamic_batching {"]
+    if preferred:
+        lines.append(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]")
+    lines += [f"  max_queue_delay_microseconds: {delay}", "}",
+              f"instance_group [ {{ count: {instances[0]} kind: {instances[1]} }} ]"]
+    return "\n".join(lines) + "\n"
+
+
+def _ensemble_text(header: str, name: str, max_batch: int, inputs, outputs, steps) -> str:
+    lines = [header, f"name: {_q(name)}", 'platform: "ensemble"', f"max_batch_size: {max_batch}",
+             *_tensors("input", inputs), *_tensors("output", outputs), "ensemble_scheduling {", "  step ["]
+    for k, (model, ins, outs) in enumerate(steps):
+        lines += ["    {", f"      model_name: {_q(model)}", "      model_version: -1"]
+        lines += [f"      input_map {{ key: {_q(i)} value: {_q(i)} }}" for i in ins]
+        lines += [f"      output_map {{ key: {_q(t)} value: {_q(t)} }}" for t in outs]
+        lines.append("    }" + ("," if k < len(steps) - 1 else ""))
+    lines += ["  ]", "}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing
+
+
+def _write_repository(out: Path, files: Mapping[str, bytes], models: Sequence[str], force: bool) -> None:
+    """Build the repository in a temporary sibling, then rename it into place (see
+    `dagc.compiler.artifact.write_artifact`, whose helpers this reuses)."""
+    name = out.name
+    if not name:
+        raise CompileError(f"repository directory {str(out)!r} has no name")
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; Triton often runs as another user
+    try:
+        for rel, data in sorted(files.items()):
+            _write(tmp.joinpath(*rel.split("/")), data)
+        for m in models:  # an ensemble's version directory exists but is empty
+            (tmp / m / "1").mkdir(parents=True, exist_ok=True)
+        for d in sorted({p.parent for p in tmp.rglob("*")} | {p for p in tmp.rglob("*") if p.is_dir()}):
+            _fsync_dir(d)
+        _install(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
