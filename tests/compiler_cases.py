@@ -38,3 +38,16 @@ def random_reduced_net(spec, seed, density=0.5, same=False):
                 m.bias.normal_(0, 0.2)
     net.set_masks(*random_masks(spec, np.random.default_rng(seed), density, same))
     return net.eval()
+
+
+def compiled_artifact(root, spec, seed, **compile_kw):
+    """Compile a random reduced network of ``spec`` into ``root/art`` (checkpoint in
+    ``root/c.safetensors``); returns the artifact directory."""
+    from dagc.checkpoint import save_checkpoint
+    from dagc.compiler.compile import compile_checkpoint
+    from dagc.trainer.network import network_tensors
+
+    ckpt = root / "c.safetensors"
+    save_checkpoint(ckpt, network_tensors(random_reduced_net(spec, seed)), spec, "finetune")
+    compile_checkpoint(ckpt, root / "art", **compile_kw)
+    return root / "art"

@@ -18,14 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from compiler_cases import random_reduced_net
+from compiler_cases import compiled_artifact
 
-from dagc.checkpoint import save_checkpoint
-from dagc.compiler.compile import compile_checkpoint
 from dagc.errors import ConfigError
 from dagc.runtime import ArtifactError, load
 from dagc.spec import TaskSpec, preset
-from dagc.trainer.network import network_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER_PY = ROOT / "examples" / "python_service" / "server.py"
@@ -43,25 +40,18 @@ def _import_server():
 service = _import_server()
 
 
-def _compile(root, spec, seed):
-    ckpt = root / "c.safetensors"
-    save_checkpoint(ckpt, network_tensors(random_reduced_net(spec, seed)), spec, "finetune")
-    compile_checkpoint(ckpt, root / "art")
-    return root / "art"
-
-
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     spec = preset("tiny", [TaskSpec("seg", "segmentation", 3), TaskSpec("depth", "depth"),
                            TaskSpec("cls", "classification", 4)], input_size=(16, 16))
-    return _compile(tmp_path_factory.mktemp("svc"), spec, 5)
+    return compiled_artifact(tmp_path_factory.mktemp("svc"), spec, 5)
 
 
 @pytest.fixture(scope="module")
 def per_task_artifact(tmp_path_factory):
     spec = preset("omniglot", [TaskSpec("a", "classification", 5), TaskSpec("b", "classification", 3)],
                   in_channels=1, shared_input=False, input_size=(8, 8))
-    return _compile(tmp_path_factory.mktemp("svc_pt"), spec, 6)
+    return compiled_artifact(tmp_path_factory.mktemp("svc_pt"), spec, 6)
 
 
 def _start(art, request_timeout_s=1.0):

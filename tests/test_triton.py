@@ -11,20 +11,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from compiler_cases import random_reduced_net
+from compiler_cases import compiled_artifact
 from google.protobuf import text_format
 
-from dagc.checkpoint import save_checkpoint
 from dagc.cli import main
 from dagc.compiler import triton
 from dagc.compiler.artifact import read_manifest, write_artifact
-from dagc.compiler.compile import compile_checkpoint
 from dagc.compiler.ir import CompileError
 from dagc.compiler.triton import TritonConfig, export_triton
 from dagc.errors import ConfigError
 from dagc.runtime import ArtifactError, load
 from dagc.spec import TaskSpec, preset
-from dagc.trainer.network import network_tensors
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="needs tritonclient[grpc] (Triton's protobuf definitions)")
@@ -32,18 +29,11 @@ DT = model_config_pb2.DataType
 ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: DT.TYPE_FP32, onnx.TensorProto.FLOAT16: DT.TYPE_FP16}
 
 
-def _compile(root, spec, seed):
-    ckpt = root / "c.safetensors"
-    save_checkpoint(ckpt, network_tensors(random_reduced_net(spec, seed)), spec, "finetune")
-    compile_checkpoint(ckpt, root / "art")
-    return root / "art"
-
-
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     spec = preset("tiny", [TaskSpec("seg", "segmentation", 3), TaskSpec("depth", "depth"),
                            TaskSpec("cls", "classification", 4)], input_size=(16, 16))
-    return _compile(tmp_path_factory.mktemp("tr"), spec, 5)
+    return compiled_artifact(tmp_path_factory.mktemp("tr"), spec, 5)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +41,7 @@ def per_task_artifact(tmp_path_factory):
     spec = preset("omniglot", [TaskSpec("a", "classification", 5), TaskSpec("b", "classification", 3),
                                TaskSpec("c", "classification", 2)], in_channels=1, shared_input=False,
                   input_size=(8, 8))
-    return _compile(tmp_path_factory.mktemp("tr_pt"), spec, 6)
+    return compiled_artifact(tmp_path_factory.mktemp("tr_pt"), spec, 6)
 
 
 @pytest.fixture(scope="module")
