@@ -84,7 +84,7 @@ def main() -> None:
                      "params_ratio": float(np.mean([s["params_ratio"] for s in per_seed])),
                      "primary": {t: float(np.mean([s["final"][t][PRIMARY[kinds[t]][0]] for s in per_seed]))
                                  for t in tasks}}
-    doc = {"dataset": args.dataset, "seeds": seeds, "methods": {m: METHODS[m] for m in METHODS},
+    doc = {"dataset": args.dataset, "seeds": seeds, "methods": {m: METHODS[m] for m in METHODS}, "tasks": tasks,
            "primary_metric": {t: PRIMARY[kinds[t]][0] for t in tasks}, "results": results,
            "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                        "torch": torch.__version__, "threads": 1},
@@ -98,12 +98,12 @@ def main() -> None:
 
 def markdown(doc: dict) -> str:
     """The table: one row per method, Δ per task (primary metric value in brackets), Δ_T, params."""
-    tasks = list(doc["primary_metric"])
+    tasks = doc.get("tasks") or list(doc["primary_metric"])  # the spec's task order
     head = "| method | " + " | ".join(f"{t} Δ% ({doc['primary_metric'][t]})" for t in tasks) + \
         " | Δ_T % | params |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
-    for m, r in doc["results"].items():
-        mean = r["mean"]
+    for m in sorted(doc["results"], key=lambda m: list(METHODS).index(m) if m in METHODS else len(METHODS)):
+        mean = doc["results"][m]["mean"]
         cells = [f"{mean['delta'][t]:+.1f} ({mean['primary'][t]:.3f})" for t in tasks]
         spread = f" ± {mean['delta_t_std']:.1f}" if len(doc["seeds"]) > 1 else ""
         lines.append(f"| {m} | " + " | ".join(cells) + f" | **{mean['delta_t']:+.1f}**{spread} | "
