@@ -219,7 +219,8 @@ def train_summary(metrics: dict, out: Path) -> str:
     for task, p in metrics["primary"].items():
         t = topo.get(task, {})
         lines.append(f"{task:<14}{p['metric']:<12}{p['model']:>10.4f}{p['constant']:>10.4f}"
-                     f"  {t.get('D', '-'):>2} {t.get('W', '-'):>2} {t.get('S', float('nan')):>6.3f}")
+                     f"  {t.get('D', '-'):>2} {t.get('W', '-'):>2} "
+                     + (f"{t['S']:>6.3f}" if "S" in t else f"{'-':>6}"))
     if "runs" in metrics:  # the single-task baseline: one run per task
         lines += ["", f"wrote {out}/<task>/ (one run each: {', '.join(metrics['runs'])}) and {out / 'metrics.json'}"]
     else:
