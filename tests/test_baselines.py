@@ -11,12 +11,12 @@ from dagc.trainer.baselines import (
     chain_masks,
     complete_dag,
     fix_read_in_out,
-    frozen_logits,
     full_masks,
     parameter_ratio,
 )
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.topology import close_masks, topology_metrics
+from dagc.trainer.train import TrainConfig
 
 TASKS = [TaskSpec("seg", "segmentation", 3), TaskSpec("depth", "depth")]
 
@@ -84,5 +84,5 @@ def test_fixed_read_in_out_saturates_the_logits(spec):
     expect_b[:, -1] = 1
     np.testing.assert_allclose(a.detach().numpy(), expect_a, atol=1e-12)
     np.testing.assert_allclose(b.detach().numpy(), expect_b, atol=1e-12)
-    assert frozen_logits(["no-read-in-out", "no-squeeze"]) == ("arch_alpha", "arch_beta")
-    assert frozen_logits(["no-fbr"]) == ()
+    assert TrainConfig(ablations=("no-read-in-out", "no-squeeze")).frozen_logits == ("arch_alpha", "arch_beta")
+    assert TrainConfig(ablations=("no-fbr",)).frozen_logits == ()

@@ -28,7 +28,7 @@ A baseline's parameters are counted relative to one backbone (`parameter_ratio`)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -77,21 +77,13 @@ def complete_dag(spec: Spec) -> Spec:
 
 def fix_read_in_out(net: torch.nn.Module) -> None:
     """The ``no-read-in-out`` ablation: saturate the read-in logits to e_1 and the read-out
-    logits to e_N for every task. The caller keeps them out of the search (`FROZEN_BY_ABLATION`)."""
+    logits to e_N for every task. The caller keeps them out of the search
+    (`TrainConfig.frozen_logits`)."""
     with torch.no_grad():
         net.arch_alpha.fill_(-_SATURATED)
         net.arch_alpha[:, 0] = _SATURATED
         net.arch_beta.fill_(-_SATURATED)
         net.arch_beta[:, -1] = _SATURATED
-
-
-# Architecture logits an ablation keeps fixed during the search.
-FROZEN_BY_ABLATION = {"no-read-in-out": ("arch_alpha", "arch_beta")}
-
-
-def frozen_logits(ablations: Sequence[str]) -> tuple[str, ...]:
-    """Names of the architecture logits that the given ablations keep out of the search."""
-    return tuple(sorted({n for a in ablations for n in FROZEN_BY_ABLATION.get(a, ())}))
 
 
 def parameter_ratio(spec: Spec, tensors: Mapping[str, object]) -> float:

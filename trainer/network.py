@@ -54,7 +54,12 @@ class TaskBatchNorm(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
 
     def forward(self, x: Tensor, groups: int = 1, repeats: Sequence[int] | None = None) -> Tensor:
-        """Normalise ``x`` of shape (B*groups, C, H, W); ``repeats[g]`` counts lane g's tasks."""
+        """Normalise ``x`` of shape (B*groups, C, H, W); ``repeats[g]`` counts lane g's tasks.
+
+        Half-precision inputs (autocast's conv outputs) are normalised in float32, so statistics
+        accumulate in the precision of the float32 running statistics."""
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
@@ -69,12 +74,13 @@ class TaskBatchNorm(nn.Module):
             raise ValueError(f"batch norm needs more than 1 value per channel and task, got {count}")
         # Normalise without affine (the affine is shared, so it is applied once on (n, c, h, w)
         # rather than repeated per lane): fewer calls, which is what small maps are bound by.
+        # reshape, not view: a channels-last batch cannot be viewed lane-major (reshape copies it).
         y, mean, invstd = torch.native_batch_norm(
-            x.view(n // groups, groups * c, h, w), None, None, None, None, True, 0.0, self.eps)
+            x.reshape(n // groups, groups * c, h, w), None, None, None, None, True, 0.0, self.eps)
         with torch.no_grad():
             var = invstd.pow(-2).sub_(self.eps).mul_(count / (count - 1))  # unbiased, as BatchNorm2d
             self._update_running(mean.view(groups, c), var.view(groups, c), reps)
-        return torch.addcmul(self.bias.view(1, c, 1, 1), y.view(n, c, h, w), self.weight.view(1, c, 1, 1))
+        return torch.addcmul(self.bias.view(1, c, 1, 1), y.reshape(n, c, h, w), self.weight.view(1, c, 1, 1))
 
     def _update_running(self, means: Tensor, vars_: Tensor, reps: list[int]) -> None:
         # Applying r <- (1-m) r + m s once per task in order has the closed form

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from dagc.trainer.baselines import full_masks
 from dagc.trainer.losses import squeeze_loss, task_loss
-from dagc.trainer.network import CentralNetwork, TaskBatchNorm
+from dagc.trainer.network import CentralNetwork
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
 
@@ -67,26 +67,6 @@ def make_precision(amp: str, device: torch.device) -> Precision:
             raise ValueError("amp 'fp16' needs a CUDA device (gradient scaling)")
         return Precision(torch.float16, "cuda", torch.amp.GradScaler("cuda"))
     return Precision(torch.bfloat16, device.type)
-
-
-def batch_norm_input_hooks(net: nn.Module, float32: bool, contiguous: bool) -> list:
-    """Adapt the input of every `TaskBatchNorm` of ``net`` for mixed precision / channels-last.
-
-    ``float32``: batch norm computes in float32 under autocast, so per-lane statistics are
-    accumulated in float32 into the float32 running statistics (autocast would hand it bf16/fp16
-    conv outputs). ``contiguous``: a channels-last input normalised per lane (groups > 1) is made
-    contiguous, because per-lane statistics view the batch as (B, lanes*C, H, W), which a
-    channels-last layout cannot express without a copy. Returns the hook handles (``.remove()``).
-    """
-    def hook(module, args):
-        x, *rest = args
-        if float32 and x.is_floating_point() and x.dtype != torch.float32:
-            x = x.float()
-        if contiguous and rest and rest[0] > 1:
-            x = x.contiguous()
-        return (x, *rest)
-
-    return [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, TaskBatchNorm)]
 
 
 def make_optimizer(net: CentralNetwork, stage: str, weight_lr: float, arch_lr: float,
@@ -169,13 +149,14 @@ def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
         alp = torch.sigmoid(net.arch_alpha).cpu().double().numpy()
         bet = torch.sigmoid(net.arch_beta).cpu().double().numpy()
     masks, topo = [], {}
+    keep_all = full_masks(net.spec) if method == "none" else None
     for k, task in enumerate(net.spec.tasks):
         if method == "fbr":
             g, a, b = flow_based_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
         elif method == "threshold":
             g, a, b = threshold_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
         elif method == "none":  # the no-fbr ablation: every edge stays
-            g, a, b = (m[k].astype(np.float64) for m in full_masks(net.spec))
+            g, a, b = (m[k] for m in keep_all)
         else:
             g, a, b = random_reduction(gam[k], alp[k], bet[k], seed=seed + k,
                                        target_sparsity=target_sparsity)

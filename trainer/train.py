@@ -50,7 +50,6 @@ from dagc.trainer.baselines import (
     chain_masks,
     complete_dag,
     fix_read_in_out,
-    frozen_logits,
     parameter_ratio,
 )
 from dagc.trainer.losses import DENSE_LOSSES
@@ -60,7 +59,6 @@ from dagc.trainer.stages import (
     AMP_MODES,
     REDUCTIONS,
     Precision,
-    batch_norm_input_hooks,
     finetune_step,
     make_optimizer,
     make_precision,
@@ -222,6 +220,11 @@ class TrainConfig:
     def reduction_method(self) -> str:
         """The reduction after the search (``none`` under the ``no-fbr`` ablation)."""
         return "none" if "no-fbr" in self.ablations else self.reduction
+
+    @property
+    def frozen_logits(self) -> tuple[str, ...]:
+        """Architecture logits kept out of the search (A and B under ``no-read-in-out``)."""
+        return ("arch_alpha", "arch_beta") if "no-read-in-out" in self.ablations else ()
 
     @property
     def search_squeeze_weight(self) -> float:
@@ -420,7 +423,7 @@ def resume_run(run_dir: Path, device: str | None = None) -> Run:
     rewind_theta = ck.group("rewind") or None
     opt = None
     if stage != "done":
-        opt = make_optimizer(net, stage, cfg.weight_lr, cfg.arch_lr, frozen_logits(cfg.ablations))
+        opt = _optimizer(cfg, net, stage)
         # Adam's load_state_dict moves the state to its parameters' device.
         optim_t = {k: v for k, v in ck.tensors.items() if k.startswith("optim.")}
         if optim_t:
@@ -498,7 +501,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         if "no-read-in-out" in cfg.ablations:
             fix_read_in_out(net)
         run = Run(cfg=cfg, spec=spec, net=net, stage=stage, step=0,
-                  opt=make_optimizer(net, stage, cfg.weight_lr, cfg.arch_lr, frozen_logits(cfg.ablations)),
+                  opt=_optimizer(cfg, net, stage),
                   rewind_theta=None, history={s: [] for s in STAGE_ORDER}, precision=make_precision(cfg.amp, device))
     elif run.spec != spec:
         raise CheckpointError(f"{out}/state.safetensors does not match its own configuration's spec")
@@ -510,8 +513,6 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
-    adapt = cfg.amp != "none" or cfg.channels_last
-    hooks = batch_norm_input_hooks(run.net, cfg.amp != "none", cfg.channels_last) if adapt else []
     try:
         log.info("run %s: %s", "resumed" if resume else "started", json.dumps(cfg.to_dict()))
         if distributed.world_size() > 1:
@@ -524,8 +525,6 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         log.info("run finished: %s", json.dumps(metrics["final"]))
         return metrics
     finally:
-        for h in hooks:
-            h.remove()
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
@@ -584,6 +583,11 @@ def _train_single_task(cfg: TrainConfig | None, out: Path, *, resume: bool, devi
     return metrics
 
 
+def _optimizer(cfg: TrainConfig, net: CentralNetwork, stage: str) -> torch.optim.Optimizer:
+    """The stage's optimizer with the run's learning rates and frozen logits."""
+    return make_optimizer(net, stage, cfg.weight_lr, cfg.arch_lr, cfg.frozen_logits)
+
+
 def _device(name: str) -> torch.device:
     """This process's device; under torchrun with CUDA, ``cuda:LOCAL_RANK``."""
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -617,7 +621,7 @@ def _run_stage(run: Run, data, out: Path, device, kappa: float, progress: bool, 
         run.topology = reduce_network(run.net, cfg.reduction_method, seed=cfg.seed,
                                       target_sparsity=cfg.target_sparsity)
         rewind(run.net, run.rewind_theta)
-        run.opt = make_optimizer(run.net, "finetune", cfg.weight_lr, cfg.arch_lr, frozen_logits(cfg.ablations))
+        run.opt = _optimizer(cfg, run.net, "finetune")
         log.info("reduced: %s", json.dumps(run.topology))
         if main:
             save_state(run, out)
@@ -716,8 +720,7 @@ def _end_stage(run: Run, out: Path) -> None:
     run.stage = STAGE_ORDER[nxt] if nxt < len(STAGE_ORDER) else "done"
     run.step = 0
     # The fine-tune optimizer is made after reduction, in _run_stage.
-    run.opt = (make_optimizer(run.net, "search", run.cfg.weight_lr, run.cfg.arch_lr, frozen_logits(run.cfg.ablations))
-               if run.stage == "search" else None)
+    run.opt = _optimizer(run.cfg, run.net, "search") if run.stage == "search" else None
     if main:
         save_state(run, out)
 
