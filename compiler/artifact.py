@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from dagc.compiler.ir import CompileError
@@ -37,12 +37,16 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _check_name(name: str) -> PurePosixPath:
+def _plain_relative(name: str) -> PurePosixPath:
     p = PurePosixPath(name)
     if (not name or p.is_absolute() or any(part in ("", ".", "..") for part in p.parts)
             or "\\" in name or str(p) != name):
-        raise CompileError(f"artifact file name {name!r} must be a plain relative path (no '..', no "
-                           "leading '/')")
+        raise CompileError(f"file name {name!r} must be a plain relative path (no '..', no leading '/')")
+    return p
+
+
+def _check_name(name: str) -> PurePosixPath:
+    p = _plain_relative(name)
     if name in (MANIFEST, REPORT):
         raise CompileError(f"artifact file name {name!r} is reserved; write_artifact creates it")
     return p
@@ -79,37 +83,50 @@ def write_artifact(out_dir: str | os.PathLike, files: Mapping[str, bytes], manif
     ``manifest.json`` (sorted keys, indent 2) and ``report.md``.
 
     Raises CompileError if ``out_dir`` exists and ``force`` is false (before writing anything), or
-    for a bad file name. With ``force`` an existing ``out_dir`` is replaced: the old one is moved
-    aside, the new one renamed in, the old one deleted. On any error the temporary directory is
+    for a bad file name. Replacing and failures as `write_tree`.
+    """
+    for n in files:
+        _check_name(n)
+    full = dict(manifest)
+    full["format"], full["format_version"] = FORMAT, FORMAT_VERSION
+    full["files"] = {n: {"sha256": sha256(bytes(data)), "bytes": len(data)} for n, data in sorted(files.items())}
+    report = report_markdown(full).encode("utf-8")
+    full["files"][REPORT] = {"sha256": sha256(report), "bytes": len(report)}
+    text = json.dumps(full, sort_keys=True, indent=2, allow_nan=False) + "\n"
+    return write_tree(out_dir, {**files, REPORT: report, MANIFEST: text.encode("utf-8")}, force=force)
+
+
+def write_tree(out_dir: str | os.PathLike, files: Mapping[str, bytes], *, force: bool = False,
+               dirs: Sequence[str] = ()) -> Path:
+    """Write a directory of files atomically (an artifact, a Triton model repository) and return
+    its path.
+
+    ``files``: relative POSIX path -> content; ``dirs``: relative paths of directories to create
+    even when empty. Everything is written and fsynced in a temporary sibling (mode 0755: services
+    read it), which is then renamed to ``out_dir``. With ``force`` an existing ``out_dir`` is
+    replaced: the old one is moved aside, the new one renamed in, the old one deleted.
+
+    Raises CompileError if ``out_dir`` has no name, exists and ``force`` is false (before writing
+    anything), or a path is not a plain relative path. On any error the temporary directory is
     removed and an existing ``out_dir`` is left as it was.
     """
     out_dir = Path(out_dir)
     name = out_dir.name
     if not name:
-        raise CompileError(f"artifact directory {str(out_dir)!r} has no name")
+        raise CompileError(f"directory {str(out_dir)!r} has no name")
     if (out_dir.exists() or out_dir.is_symlink()) and not force:
         raise CompileError(f"{out_dir} exists; pass --force to replace it")
-    names = {n: _check_name(n) for n in files}
+    paths = {n: _plain_relative(n) for n in files}
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
-    # mkdtemp makes the directory private (0700); an artifact is meant to be read by services.
-    os.chmod(tmp, 0o755)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700)
     try:
-        entries = {}
         for n in sorted(files):
-            data = bytes(files[n])
-            _write(tmp.joinpath(*names[n].parts), data)
-            entries[n] = {"sha256": sha256(data), "bytes": len(data)}
-        full = dict(manifest)
-        full["format"], full["format_version"] = FORMAT, FORMAT_VERSION
-        full["files"] = dict(entries)
-        report = report_markdown(full).encode("utf-8")
-        _write(tmp / REPORT, report)
-        full["files"][REPORT] = {"sha256": sha256(report), "bytes": len(report)}
-        text = json.dumps(full, sort_keys=True, indent=2, allow_nan=False) + "\n"
-        _write(tmp / MANIFEST, text.encode("utf-8"))
-        for d in sorted({p.parent for p in tmp.rglob("*") if p.is_file()}):
+            _write(tmp.joinpath(*paths[n].parts), bytes(files[n]))
+        for d in dirs:
+            tmp.joinpath(*_plain_relative(d).parts).mkdir(parents=True, exist_ok=True)
+        for d in sorted({tmp, *(p for p in tmp.rglob("*") if p.is_dir())}):
             _fsync_dir(d)
         _install(tmp, out_dir, force)
     except BaseException:

@@ -31,14 +31,12 @@ import itertools
 import json
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagc.compiler.artifact import _fsync_dir, _install, _write, sha256
+from dagc.compiler.artifact import write_tree
 from dagc.compiler.ir import CompileError
 from dagc.errors import ConfigError
 
@@ -126,29 +124,15 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     for name, model in plan["models"].items():
         files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
         if model["source"] is not None:
-            data = _read_verified(art, model["source"], engine.manifest)
+            data = engine.read_verified(model["source"])  # the bytes copied are the bytes checked
             files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = data
     routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art),
                "dagc_version": engine.manifest.get("dagc_version"), "input": plan["input"],
                "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"]}
     files[ROUTING] = (json.dumps(routing, indent=2, sort_keys=True) + "\n").encode("utf-8")
-    _write_repository(out, files, sorted(plan["models"]), force)
+    # An ensemble's version directory exists but is empty.
+    write_tree(out, files, force=force, dirs=[f"{m}/1" for m in sorted(plan["models"])])
     return routing
-
-
-def _read_verified(art: Path, name: str, manifest: Mapping[str, Any]) -> bytes:
-    """The bytes of one artifact file, checked against the manifest's sha256 (the bytes copied are
-    the bytes checked)."""
-    from dagc.runtime import ArtifactError
-
-    try:
-        data = (art / name).read_bytes()
-    except OSError as e:
-        raise ArtifactError(f"cannot read artifact file {name!r}: {e.strerror or e}; recompile the artifact") from None
-    if sha256(data) != manifest["files"][name]["sha256"]:
-        raise ArtifactError(f"artifact file {name!r} in {art} does not match its sha256 in manifest.json "
-                            "(modified or corrupted); recompile the artifact")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -311,27 +295,3 @@ def _ensemble_text(header: str, name: str, max_batch: int, inputs, outputs, step
 
 # ---------------------------------------------------------------------------------------------------
 # writing
-
-
-def _write_repository(out: Path, files: Mapping[str, bytes], models: Sequence[str], force: bool) -> None:
-    """Build the repository in a temporary sibling, then rename it into place (see
-    `dagc.compiler.artifact.write_artifact`, whose helpers this reuses)."""
-    name = out.name
-    if not name:
-        raise CompileError(f"repository directory {str(out)!r} has no name")
-    parent = out.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; Triton often runs as another user
-    try:
-        for rel, data in sorted(files.items()):
-            _write(tmp.joinpath(*rel.split("/")), data)
-        for m in models:  # an ensemble's version directory exists but is empty
-            (tmp / m / "1").mkdir(parents=True, exist_ok=True)
-        for d in sorted({p.parent for p in tmp.rglob("*")} | {p for p in tmp.rglob("*") if p.is_dir()}):
-            _fsync_dir(d)
-        _install(tmp, out, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)

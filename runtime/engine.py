@@ -241,7 +241,7 @@ class Engine:
             with self._lock:
                 r = self._runners.get(model.name)
                 if r is None:
-                    data = self._read_verified(model.name)
+                    data = self.read_verified(model.name)
                     if self.backend == "onnxruntime":
                         r = _OrtRunner(data, self._threads)
                     elif self.backend == "torch":
@@ -251,7 +251,10 @@ class Engine:
                     self._runners[model.name] = r
         return r
 
-    def _read_verified(self, name: str) -> bytes:
+    def read_verified(self, name: str) -> bytes:
+        """The bytes of artifact file ``name``, checked against the manifest's sha256 now (the
+        bytes returned are the bytes checked). Raises ArtifactError if it is unreadable or changed
+        since it was compiled."""
         path = self.artifact_dir / name
         try:
             data = path.read_bytes()

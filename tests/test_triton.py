@@ -15,6 +15,7 @@ from compiler_cases import compiled_artifact
 from google.protobuf import text_format
 
 from dagc.cli import main
+from dagc.compiler import artifact as artifact_module
 from dagc.compiler import triton
 from dagc.compiler.artifact import read_manifest, write_artifact
 from dagc.compiler.ir import CompileError
@@ -316,7 +317,7 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_repository(artifact, tm
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
-    monkeypatch.setattr(triton, "_write", failing_write)
+    monkeypatch.setattr(artifact_module, "_write", failing_write)  # the shared atomic directory writer
     with pytest.raises(OSError, match="No space"):
         export_triton(artifact, repo, TritonConfig(max_batch_size=2), force=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
