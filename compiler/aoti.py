@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from dagc.compiler.ir import CompileError, Graph
-from dagc.compiler.verify import Reference, relative_error
+from dagc.compiler.verify import Reference, compare_with_reference
 
 AOTI_RTOL = 1e-4
 # Batch sizes of the verification inputs: 1 and odd sizes catch a batch dimension specialised by export.
@@ -114,20 +114,15 @@ def verify_package(data: bytes, inputs: Sequence[str], outputs: Sequence[str], r
     spec = graph.spec
     runner = load_package(data)
     rng = np.random.default_rng(seed)
-    worst = dict.fromkeys(outputs, 0.0)
-    for b in VERIFY_BATCHES:
-        feeds = {i: rng.standard_normal((b, spec.in_channels, *spec.input_size)).astype(np.float32) for i in inputs}
+    feeds = ({i: rng.standard_normal((b, spec.in_channels, *spec.input_size)).astype(np.float32) for i in inputs}
+             for b in VERIFY_BATCHES)
+
+    def run(f):
         with torch.no_grad():
-            got = runner(*(torch.from_numpy(feeds[i]) for i in inputs))
-        ref = reference(dict(feeds))
-        for task, value in zip(outputs, got, strict=True):
-            worst[task] = max(worst[task], relative_error(value.numpy(), np.asarray(ref[task])))
-    for task in outputs:
-        if not worst[task] <= rtol:
-            raise CompileError(f"task {task!r}: the AOTInductor package differs from the masked supernet by "
-                               f"{worst[task]:.1e} (relative to the output scale; tolerance {rtol:.0e}); "
-                               "nothing was written")
-    return worst
+            got = runner(*(torch.from_numpy(f[i]) for i in inputs))
+        return {t: v.numpy() for t, v in zip(outputs, got, strict=True)}
+
+    return compare_with_reference(run, reference, feeds, outputs, rtol=rtol, what="AOTInductor package")
 
 
 def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], graph: Graph, reference: Reference,

@@ -8,7 +8,7 @@ reference.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -77,20 +77,32 @@ def verify(model: onnx.ModelProto, reference: Reference, graph_or_spec: Graph | 
     session = ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(seed)
-    worst = dict.fromkeys(names, 0.0)
-    for _ in range(n_inputs):
-        feeds = random_inputs(model, spec, batch=batch, rng=rng)
-        got = dict(zip(names, session.run(names, feeds)))
-        ref = reference(dict(feeds))
-        for t in names:
+    feeds = (random_inputs(model, spec, batch=batch, rng=rng) for _ in range(n_inputs))
+    return compare_with_reference(lambda f: dict(zip(names, session.run(names, f))), reference, feeds, names,
+                                  rtol=rtol, what="compiled model")
+
+
+def compare_with_reference(run: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]], reference: Reference,
+                           feeds: Iterable[dict[str, np.ndarray]], outputs: Sequence[str], *, rtol: float,
+                           what: str) -> dict[str, float]:
+    """Run ``run`` and ``reference`` on every feed dict and compare the ``outputs`` (task names).
+
+    Returns task -> worst relative error (`relative_error`) over the feeds. Raises CompileError
+    naming the task (and ``what`` was compared) if the reference lacks a task or an error exceeds
+    ``rtol``.
+    """
+    worst = dict.fromkeys(outputs, 0.0)
+    for f in feeds:
+        got = run(f)
+        ref = reference(dict(f))
+        for t in outputs:
             if t not in ref:
                 raise CompileError(f"task {t!r}: the reference computes no output for it (it has "
                                    f"{sorted(ref)}); nothing was written")
-            err = relative_error(got[t], np.asarray(ref[t]))
-            worst[t] = max(worst[t], err)
-    for t in names:
+            worst[t] = max(worst[t], relative_error(np.asarray(got[t]), np.asarray(ref[t])))
+    for t in outputs:
         if not worst[t] <= rtol:
-            raise CompileError(f"task {t!r}: the compiled model differs from the masked supernet by "
+            raise CompileError(f"task {t!r}: the {what} differs from the masked supernet by "
                                f"{worst[t]:.1e} (relative to the output scale; tolerance {rtol:.0e}); "
                                "nothing was written")
     return worst
