@@ -30,14 +30,20 @@ def _chw(input_spec: Mapping[str, Any]) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(C, h0, w0) float32 -> (C, h, w), bilinear per channel (Pillow, mode "F")."""
+def resize_chw(chw: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
+    """Takes (C, h, w) and (H, W); returns float32 (C, H, W) resized per channel with Pillow
+    (mode "F"), bilinearly, or by nearest neighbour (labels and masks). The one resize of dagc:
+    `dagc run` applies it to pictures and the dataset readers to training data, so training and
+    deployment agree."""
     from PIL import Image
 
-    if x.shape[1:] == (h, w):
-        return x
-    return np.stack([np.asarray(Image.fromarray(ch, mode="F").resize((w, h), Image.BILINEAR), dtype=np.float32)
-                     for ch in x])
+    chw = chw.astype(np.float32, copy=False)
+    if chw.shape[1:] == tuple(size):
+        return chw
+    method = Image.NEAREST if nearest else Image.BILINEAR
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(ch), mode="F").resize((w, h), method),
+                                dtype=np.float32) for ch in chw])
 
 
 def _read_picture(path: Path, c: int) -> np.ndarray:
@@ -123,7 +129,7 @@ def read_image(path: str | os.PathLike, input_spec: Mapping[str, Any]) -> np.nda
         raise InputError(f"{p}: unsupported file type {p.suffix or '(none)'!r}; pass PNG, JPEG or .npy files")
     if scale and (lo, hi) != (0.0, 1.0):
         x = lo + (hi - lo) * x
-    x = _resize(x, h, w)
+    x = resize_chw(x, (h, w))
     if pre:
         mean = np.asarray(pre.get("mean", 0.0), dtype=np.float32).reshape(-1, 1, 1)
         std = np.asarray(pre.get("std", 1.0), dtype=np.float32).reshape(-1, 1, 1)

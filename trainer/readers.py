@@ -92,6 +92,7 @@ from pathlib import Path
 import numpy as np
 
 from dagc.errors import DataError
+from dagc.runtime.images import resize_chw
 from dagc.trainer.datasets import (
     ON_DISK,
     MultiTaskData,
@@ -282,21 +283,6 @@ def _load_mat(path: Path) -> dict:
         raise DataError(f"{path}: cannot read the .mat file ({e}); the file is corrupt") from None
 
 
-def _resize(chw: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Takes (C, h, w) and (H, W); returns float32 (C, H, W) resized per channel with Pillow
-    (mode "F"), bilinearly -- as `dagc run` resizes pictures, so training and deployment agree --
-    or by nearest neighbour for labels and masks."""
-    from PIL import Image
-
-    chw = chw.astype(np.float32, copy=False)
-    if chw.shape[1:] == tuple(size):
-        return chw
-    method = Image.NEAREST if nearest else Image.BILINEAR
-    h, w = size
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(ch), mode="F").resize((w, h), method),
-                                dtype=np.float32) for ch in chw])
-
-
 def _labels(values: np.ndarray, path: Path, classes: int) -> np.ndarray:
     """Takes raw label values; returns int64 labels with 255 / -1 as IGNORE_INDEX. DataError
     naming the file for non-integer, non-finite or out-of-range values."""
@@ -415,7 +401,7 @@ def _npy_split(name: str, folder: Path, layout: _NpyLayout, tasks: tuple[str, ..
         if x is None:
             x = np.empty((n, 3, *size), np.float32)
             targets = {t: _target_buffer(layout.infos[t], n, size) for t in tasks}
-        x[i] = _resize(img.transpose(2, 0, 1), size)
+        x[i] = resize_chw(img.transpose(2, 0, 1), size)
         for t in tasks:
             targets[t][i] = _npy_target(layout.infos[t], files[t][key], (h, w), size)
     return x, targets, size
@@ -458,7 +444,7 @@ def _npy_target(info: TaskInfo, path: Path, hw: tuple[int, int], size: tuple[int
                         f"{hw[0]}x{hw[1]}")
     if info.kind == "segmentation":
         labels = _labels(arr, path, info.classes)
-        return _resize(labels[None], size, nearest=True)[0].astype(np.int64)
+        return resize_chw(labels[None], size, nearest=True)[0].astype(np.int64)
     values = _finite_float(arr, path, f"{info.kind} map")
     if info.kind == "depth":
         values[values == -1] = 0.0  # the Auto-Lambda copy of Cityscapes marks missing depth with -1
@@ -466,7 +452,7 @@ def _npy_target(info: TaskInfo, path: Path, hw: tuple[int, int], size: tuple[int
             raise DataError(f"{path}: depth has negative values (min {values.min():.3g}); expected >= 0, "
                             "0 for missing")
         # Nearest keeps missing depth exactly 0 instead of blending it into its neighbours.
-        return _resize(values[None], size, nearest=True)
+        return resize_chw(values[None], size, nearest=True)
     if np.abs(values).max() > 1.01:
         raise DataError(f"{path}: normal components reach {np.abs(values).max():.3g}; expected unit "
                         "vectors in [-1, 1] (all-zero for missing)")
@@ -474,8 +460,8 @@ def _npy_target(info: TaskInfo, path: Path, hw: tuple[int, int], size: tuple[int
     valid = (chw != 0).any(axis=0)
     if chw.shape[1:] == tuple(size):
         return np.ascontiguousarray(chw)
-    valid = _resize(valid[None].astype(np.float32), size, nearest=True)[0] > 0.5
-    return _normalise_normals(_resize(chw, size), valid)
+    valid = resize_chw(valid[None].astype(np.float32), size, nearest=True)[0] > 0.5
+    return _normalise_normals(resize_chw(chw, size), valid)
 
 
 # ------------------------------------------------------------------------------------ Omniglot
@@ -544,7 +530,7 @@ def _load_omniglot(base: Path, alphabets: dict[str, Path], seed: int, size: tupl
             for split, idx in (("train", train_idx), ("test", test_idx)):
                 for k in idx:
                     grey = _read_picture(drawings[k], "L").astype(np.float32) / 255.0
-                    parts[split][0].append(_resize(grey[None], size))
+                    parts[split][0].append(resize_chw(grey[None], size))
                     parts[split][1].append(label)
         # Shuffled (by the seed and the alphabet), so a per-task cap keeps every character.
         rng = np.random.default_rng(np.random.SeedSequence([seed, 4, zlib.crc32(folder.name.encode())]))
@@ -660,19 +646,19 @@ def _pascal_split(base: Path, split: str, tasks: tuple[str, ...], size: tuple[in
     x = np.empty((n, 3, *size), np.float32)
     targets = {t: _target_buffer(_PASCAL_INFOS[t], n, size) for t in tasks}
     readers: dict[str, Callable[[str], np.ndarray]] = {
-        "semseg": lambda i: _resize(_label_png(_semseg_path(base, i), 21)[None], size, nearest=True)[0],
+        "semseg": lambda i: resize_chw(_label_png(_semseg_path(base, i), 21)[None], size, nearest=True)[0],
         "human_parts": lambda i: _parts_target(base / "human_parts" / f"{i}.mat", size),
         "saliency": lambda i: _saliency_target(base / "sal_distill" / f"{i}.png", size),
     }
     for k, i in enumerate(ids):
         img = _read_picture(base / "JPEGImages" / f"{i}.jpg", "RGB").astype(np.float32) / 255.0
-        x[k] = _resize(img.transpose(2, 0, 1), size)
+        x[k] = resize_chw(img.transpose(2, 0, 1), size)
         for t in tasks:
             if t in readers:
                 targets[t][k] = readers[t](i)
         if "normal" in tasks or "edge" in tasks:
             # Both come from the full label map, resized once by nearest neighbour.
-            label_map = _resize(_label_map(base / "pascal-context" / "trainval" / f"{i}.mat")[None], size,
+            label_map = resize_chw(_label_map(base / "pascal-context" / "trainval" / f"{i}.mat")[None], size,
                                 nearest=True)[0].astype(np.int64)
             if "normal" in tasks:
                 targets["normal"][k] = _normal_target(base / "normals_distill" / f"{i}.png", label_map, size)
@@ -692,20 +678,20 @@ def _parts_target(path: Path, size: tuple[int, int]) -> np.ndarray:
     parts = _human_parts(path)
     if parts is None:
         return np.full(size, IGNORE_INDEX, np.int64)
-    return _resize(parts[None], size, nearest=True)[0].astype(np.int64)
+    return resize_chw(parts[None], size, nearest=True)[0].astype(np.int64)
 
 
 def _saliency_target(path: Path, size: tuple[int, int]) -> np.ndarray:
     """The distilled saliency map (1, H, W): grey / 255, resized bilinearly, then > 0.5."""
     arr = _read_picture(path, "L").astype(np.float32) / 255.0
-    return (_resize(arr[None], size) > 0.5).astype(np.float32)
+    return (resize_chw(arr[None], size) > 0.5).astype(np.float32)
 
 
 def _normal_target(path: Path, label_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The distilled normals (3, H, W): decoded, resized, renormalised; zero on classes outside
     `_NORMAL_VALID_CLASSES`."""
     rgb = _read_picture(path, "RGB").astype(np.float32)
-    normal = _resize((2.0 * rgb / 255.0 - 1.0).transpose(2, 0, 1), size)
+    normal = resize_chw((2.0 * rgb / 255.0 - 1.0).transpose(2, 0, 1), size)
     return _normalise_normals(normal, np.isin(label_map, _NORMAL_VALID_CLASSES))
 
 
