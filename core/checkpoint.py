@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from dagc.errors import CheckpointError, SpecError
 from dagc.spec import Spec
@@ -93,6 +93,18 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], s
     write_atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
 
 
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's bytes (8-byte little-endian header length, then
+    the JSON header); safetensors' Python API reads metadata only from a path. Raises ValueError."""
+    n = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or n > len(data) - 8:
+        raise ValueError("header length beyond the end of the file")
+    header = json.loads(data[8:8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header.get("__metadata__") or {}
+
+
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Read a checkpoint. Raises CheckpointError if the file is missing, truncated, not a dagc
     checkpoint, of an unknown format version, or holds an invalid spec."""
@@ -100,11 +112,11 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; give the path of a .safetensors file written by dagc train")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
+        # One read of one open file: a writer may replace the path at any moment (write_atomic),
+        # and two opens could see two different files (the header of one, the size of the other).
+        data = path.read_bytes()
+        tensors = load(data)
+        meta = _metadata(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{path} is truncated or not a safetensors file ({e}); "
                               "re-run the command that wrote it") from None
