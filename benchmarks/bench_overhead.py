@@ -27,7 +27,7 @@ import torch
 
 from dagc.checkpoint import write_atomic
 from dagc.compiler.compile import compile_checkpoint
-from dagc.compiler.verify import session_options
+from dagc.runners import session_options
 from dagc.runtime import load
 
 HERE = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_runtime.py [--only tiny|vgg16] [--threads N] [--vgg-size 32] [--no-gpu]
 
-Builds, compiles and benchmarks (`dagc.runtime.bench.benchmark`, batches 1, 8, 32):
+Builds, compiles and benchmarks (`dagc.tools.bench.benchmark`, batches 1, 8, 32):
 
 ``tiny``
     the `tiny` preset at 32x32 with the 4 synthetic tasks (segmentation, depth, normal, edge),
@@ -36,7 +36,7 @@ import torch
 
 from dagc.checkpoint import load_checkpoint, save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
-from dagc.runtime.bench import benchmark, format_table, plot, write_json
+from dagc.tools.bench import benchmark, format_table, plot, write_json
 from dagc.trainer.train import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
@@ -107,7 +107,7 @@ def run_one(name: str, ckpt: Path, tmp: Path, *, threads, warmup, min_reps, min_
     print(format_table(result))
     print("\n".join(goals(result)), flush=True)
     if gpu and torch.cuda.is_available():
-        from dagc.compiler.tensorrt import unavailable_reason
+        from dagc.runners import tensorrt_unavailable as unavailable_reason
 
         target = "tensorrt" if unavailable_reason() is None else "onnx"
         compile_checkpoint(ckpt, tmp / f"{name}_gpu_art", target=target, force=True)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dagc.checkpoint import write_atomic
-from dagc.trainer.evaluate import compare, load_run
+from dagc.tools.evaluate import compare, load_run
 from dagc.trainer.metrics import PRIMARY
 from dagc.trainer.train import TrainConfig, train
 

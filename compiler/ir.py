@@ -25,15 +25,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from dagc.errors import DagcError
+from dagc.errors import CompileError
 from dagc.spec import Spec
 
 READOUT = -1
 INPUT_PREFIX = "input:"
 
-
-class CompileError(DagcError):
-    """A checkpoint cannot be compiled (not reduced, no path for a task, bad target, ...)."""
 
 
 @dataclass(frozen=True)

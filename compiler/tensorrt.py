@@ -8,27 +8,12 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dagc.compiler.ir import CompileError
+from dagc.errors import CompileError
+from dagc.runners import tensorrt_unavailable as unavailable_reason
 
 # TensorRT may run fp32 convolutions in TF32 on Ampere and newer; tolerances relative to the output
 # scale, as in the ONNX verification.
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}
-
-
-def unavailable_reason(what: str = "--target tensorrt", instead: str = "compile with --target onnx") -> str | None:
-    """None when TensorRT can build and run here; otherwise why not, as one sentence naming
-    ``what`` needs it and what to do ``instead``."""
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return f"{what} needs PyTorch with CUDA; {instead}"
-    if not torch.cuda.is_available():
-        return f"{what} needs a CUDA GPU and none is available here; {instead}"
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return f"{what} needs the tensorrt package; install dagc[gpu] or {instead}"
-    return None
 
 
 def _require() -> None:

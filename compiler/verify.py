@@ -13,7 +13,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from dagc.compiler.ir import CompileError, Graph
+from dagc.compiler.ir import Graph
+from dagc.errors import CompileError
+from dagc.runners import session_options
 from dagc.spec import Spec
 
 Reference = Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]]
@@ -43,21 +45,6 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
     if got.size == 0:
         return 0.0
     return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
-
-
-def session_options(threads: int | None = None):
-    """ONNX Runtime session options used everywhere in dagc: quiet, ``threads`` intra-op threads if
-    given, and no busy-waiting worker threads (on small machines spinning workers steal the cores
-    from everything else, the PyTorch reference included)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads is not None:
-        opts.intra_op_num_threads = threads
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return opts
 
 
 def verify(model: onnx.ModelProto, reference: Reference, graph_or_spec: Graph | Spec, *, n_inputs: int = 3,

@@ -21,7 +21,7 @@ Backends (`BACKENDS`):
     ``tensorrt`` when the artifact has plans and a CUDA GPU with TensorRT is present, else
     ``onnxruntime``.
 
-Every model file's sha256 is checked against the manifest at load (`dagc.compiler.artifact.read_manifest`)
+Every model file's sha256 is checked against the manifest at load (`dagc.artifact.read_manifest`)
 and again when its session is created (lazily, on first use, once per file). `Engine.run` is safe to
 call from many threads at once.
 
@@ -42,23 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from dagc.errors import DagcError
+from dagc.artifact import read_manifest
+from dagc.errors import ArtifactError, DagcError, InputError
+from dagc.runners import session_options, tensorrt_unavailable
 
 BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
 
 __all__ = ["load", "Engine", "ArtifactError", "InputError", "BACKENDS"]
 
 
-class ArtifactError(DagcError):
-    """An artifact cannot be used: its directory or manifest is missing or malformed, a model file
-    is missing or does not match its sha256 (the message names the file), the manifest's format
-    version is unknown, or the requested backend is not available for it here."""
-
-
-class InputError(DagcError, ValueError):
-    """Inputs to `Engine.run` (or an image file, or an argument) are unusable: unknown or empty
-    task list, wrong type, rank, channel count, size or dtype, non-finite or far out-of-range
-    values, an empty batch, an unreadable image file. The message says what was expected."""
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
@@ -79,16 +71,10 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
         raise InputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer, got {threads!r}")
-    from dagc.compiler.artifact import read_manifest
-    from dagc.compiler.ir import CompileError
-
     d = Path(artifact_dir)
     if not d.is_dir():
         raise ArtifactError(f"artifact directory {d} does not exist; compile one with dagc compile")
-    try:
-        manifest = read_manifest(d)
-    except CompileError as e:
-        raise ArtifactError(str(e)) from None
+    manifest = read_manifest(d)
     return Engine(d, manifest, backend, threads, check_values=bool(check_values))
 
 
@@ -439,8 +425,6 @@ class _OrtRunner:
     def __init__(self, data: bytes, threads: int | None) -> None:
         import onnxruntime as ort
 
-        from dagc.compiler.verify import session_options
-
         opts = session_options(threads)
         providers = _ort_providers()
         try:
@@ -460,9 +444,7 @@ class _OrtRunner:
 
 def _tensorrt_unavailable() -> str | None:
     """None when TensorRT plans can run here, else the reason in one sentence."""
-    from dagc.compiler.tensorrt import unavailable_reason
-
-    return unavailable_reason("backend 'tensorrt'", "use backend 'onnxruntime'")
+    return tensorrt_unavailable("backend 'tensorrt'", "use backend 'onnxruntime'")
 
 
 class _TrtRunner:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from dagc.preprocessing import resize_chw
 from dagc.runtime.engine import ArtifactError, InputError, _raw_range, load
 
 __all__ = ["read_image", "save_outputs", "run_images", "IMAGE_SUFFIXES"]
@@ -28,22 +29,6 @@ _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 def _chw(input_spec: Mapping[str, Any]) -> tuple[int, int, int]:
     c, h, w = (int(v) for v in input_spec["shape"][1:])
     return c, h, w
-
-
-def resize_chw(chw: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """Takes (C, h, w) and (H, W); returns float32 (C, H, W) resized per channel with Pillow
-    (mode "F"), bilinearly, or by nearest neighbour (labels and masks). The one resize of dagc:
-    `dagc run` applies it to pictures and the dataset readers to training data, so training and
-    deployment agree."""
-    from PIL import Image
-
-    chw = chw.astype(np.float32, copy=False)
-    if chw.shape[1:] == tuple(size):
-        return chw
-    method = Image.NEAREST if nearest else Image.BILINEAR
-    h, w = size
-    return np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(ch), mode="F").resize((w, h), method),
-                                dtype=np.float32) for ch in chw])
 
 
 def _read_picture(path: Path, c: int) -> np.ndarray:

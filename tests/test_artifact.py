@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from dagc.compiler.artifact import read_manifest, write_artifact
+from dagc.artifact import read_manifest
+from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import cost_summary
-from dagc.compiler.ir import CompileError, build_graph, masks_of
+from dagc.compiler.ir import build_graph, masks_of
 from dagc.compiler.report import render_task_svg, report_markdown, sharing_table, task_topology
+from dagc.errors import ArtifactError, CompileError
 from dagc.spec import TaskSpec, preset
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.topology import close_masks, flow_band, is_connected, topology_metrics
@@ -117,12 +119,12 @@ def test_tampering_detected(case, tmp_path):
     _, _, _, files, manifest = case
     out = write_artifact(tmp_path / "art", files, manifest)
     (out / "model_seg.onnx").write_bytes(b"seg bytez")
-    with pytest.raises(CompileError, match="model_seg.onnx"):
+    with pytest.raises(ArtifactError, match="model_seg.onnx"):
         read_manifest(out)
     (out / "model_seg.onnx").write_bytes(files["model_seg.onnx"])
     read_manifest(out)
     (out / "cls.svg").unlink()
-    with pytest.raises(CompileError, match="cls.svg.*missing"):
+    with pytest.raises(ArtifactError, match="cls.svg.*missing"):
         read_manifest(out)
 
 
@@ -130,13 +132,13 @@ def test_foreign_or_unknown_version(tmp_path):
     out = write_artifact(tmp_path / "art", {"a.bin": b"a"}, {})
     m = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
-    with pytest.raises(CompileError, match="version 99"):
+    with pytest.raises(ArtifactError, match="version 99"):
         read_manifest(out)
     (out / "manifest.json").write_text(json.dumps({**m, "format": "something"}))
-    with pytest.raises(CompileError, match="not a dagc artifact"):
+    with pytest.raises(ArtifactError, match="not a dagc artifact"):
         read_manifest(out)
     (out / "manifest.json").unlink()
-    with pytest.raises(CompileError, match="manifest.json"):
+    with pytest.raises(ArtifactError, match="manifest.json"):
         read_manifest(out)
 
 

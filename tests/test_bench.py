@@ -1,4 +1,4 @@
-"""`dagc.runtime.bench`: every variant measured, FLOPs consistent, the naive export checked, files
+"""`dagc.tools.bench`: every variant measured, FLOPs consistent, the naive export checked, files
 written, mismatched inputs refused. No timing thresholds."""
 
 import copy
@@ -12,9 +12,9 @@ from PIL import Image
 from dagc.checkpoint import save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
 from dagc.errors import DagcError
-from dagc.runtime import bench
-from dagc.runtime.bench import BenchError, benchmark, format_table, plot, write_json
 from dagc.spec import TaskSpec, preset
+from dagc.tools import bench
+from dagc.tools.bench import BenchError, benchmark, format_table, plot, write_json
 from dagc.trainer.network import network_tensors
 
 DENSE = [TaskSpec("seg", "segmentation", 3), TaskSpec("depth", "depth"), TaskSpec("normal", "normal")]
@@ -112,7 +112,7 @@ def test_mismatched_checkpoint_and_bad_backend_are_refused(artifact, tmp_path):
 
 
 def test_cli_bench_writes_json_and_plot(artifact, tmp_path, capsys):
-    from dagc.cli import main
+    from dagc.tools.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["bench", str(artifact / "art"), "--checkpoint", str(artifact / "c.safetensors"), "--batch", "2",

@@ -11,9 +11,8 @@ from compiler_cases import random_reduced_net
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
+from dagc.artifact import read_manifest
 from dagc.checkpoint import save_checkpoint
-from dagc.cli import main
-from dagc.compiler.artifact import read_manifest
 from dagc.compiler.compile import compile_checkpoint, load_graph
 from dagc.compiler.flops import graph_costs
 from dagc.compiler.ir import CompileError
@@ -21,6 +20,7 @@ from dagc.compiler.lower import lower
 from dagc.compiler.onnx_export import conv_macs
 from dagc.errors import CheckpointError
 from dagc.spec import TaskSpec, preset
+from dagc.tools.cli import main
 from dagc.trainer.network import network_tensors
 from dagc.trainer.train import TrainConfig, train
 

@@ -16,14 +16,14 @@ import pytest
 import torch
 from compiler_cases import random_reduced_net
 
+from dagc.artifact import read_manifest, sha256
 from dagc.checkpoint import save_checkpoint
-from dagc.cli import main
-from dagc.compiler.artifact import read_manifest, sha256
 from dagc.compiler.compile import compile_checkpoint
 from dagc.compiler.ir import CompileError
 from dagc.compiler.verify import relative_error
 from dagc.runtime import load
 from dagc.spec import TaskSpec, preset
+from dagc.tools.cli import main
 from dagc.trainer.network import network_tensors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -168,7 +168,7 @@ def test_bad_precision_options_are_refused(kw, match):
 
 
 def test_cli_fp16_on_cpu_is_one_line_exit_2(tmp_path, capsys):
-    from dagc.cli import main
+    from dagc.tools.cli import main
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--out", str(tmp_path / "run"), "--amp", "fp16", "--quiet"])
@@ -213,7 +213,7 @@ def _worker(base: Path) -> None:
     import contextlib
     import io
 
-    from dagc.cli import main
+    from dagc.tools.cli import main
 
     rank = int(os.environ["RANK"])
     cwd = base / f"cwd{rank}"

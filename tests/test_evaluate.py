@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from dagc.cli import main
 from dagc.errors import ConfigError
-from dagc.trainer.evaluate import compare, format_table, load_run
+from dagc.tools.cli import main
+from dagc.tools.evaluate import compare, format_table, load_run
 
 
 def _run(path, final, cfg=None, ratio=None, kinds=None):

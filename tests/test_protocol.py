@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from dagc.checkpoint import load_checkpoint
-from dagc.cli import main
 from dagc.compiler.compile import inspect_checkpoint
 from dagc.errors import ConfigError
+from dagc.tools.cli import main
+from dagc.tools.evaluate import compare, load_run
 from dagc.trainer.baselines import chain_masks, full_masks
-from dagc.trainer.evaluate import compare, load_run
 from dagc.trainer.train import TrainConfig, train
 
 # digits: three classification tasks with their own inputs; a few iterations per stage.

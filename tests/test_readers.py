@@ -12,8 +12,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from dagc.cli import main
 from dagc.errors import ConfigError, DataError
+from dagc.tools.cli import main
 from dagc.trainer.datasets import DATASETS, ON_DISK, load_dataset, task_names
 from dagc.trainer.losses import IGNORE_INDEX
 from dagc.trainer.readers import _NORMAL_VALID_CLASSES

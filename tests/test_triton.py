@@ -14,15 +14,16 @@ import pytest
 from compiler_cases import compiled_artifact
 from google.protobuf import text_format
 
-from dagc.cli import main
-from dagc.compiler import artifact as artifact_module
-from dagc.compiler import triton
-from dagc.compiler.artifact import read_manifest, write_artifact
+from dagc import artifact as artifact_module
+from dagc.artifact import read_manifest
+from dagc.compiler.artifact import write_artifact
 from dagc.compiler.ir import CompileError
-from dagc.compiler.triton import TritonConfig, export_triton
 from dagc.errors import ConfigError
 from dagc.runtime import ArtifactError, load
 from dagc.spec import TaskSpec, preset
+from dagc.tools import triton
+from dagc.tools.cli import main
+from dagc.tools.triton import TritonConfig, export_triton
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2",
                                        reason="needs tritonclient[grpc] (Triton's protobuf definitions)")

@@ -92,7 +92,7 @@ from pathlib import Path
 import numpy as np
 
 from dagc.errors import DataError
-from dagc.runtime.images import resize_chw
+from dagc.preprocessing import resize_chw
 from dagc.trainer.datasets import (
     ON_DISK,
     MultiTaskData,

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagc.compiler.artifact import write_tree
+from dagc.artifact import write_tree
 from dagc.compiler.ir import CompileError
 from dagc.errors import ConfigError
 

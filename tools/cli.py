@@ -108,7 +108,7 @@ def compile(checkpoint, target, out, force, fp16, batch) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 def inspect(path) -> None:
     """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory."""
-    from dagc.compiler.artifact import read_manifest
+    from dagc.artifact import read_manifest
     from dagc.compiler.compile import inspect_checkpoint, summary
 
     manifest = read_manifest(path) if path.is_dir() else inspect_checkpoint(path)
@@ -134,8 +134,8 @@ def export() -> None:
 def export_triton(artifact, out, force, name, max_batch, instances, delay, no_ensembles) -> None:
     """Write a Triton Inference Server model repository for ARTIFACT (ONNX models, TensorRT plans,
     ensembles for task subsets, routing.json)."""
-    from dagc.compiler.triton import TritonConfig
-    from dagc.compiler.triton import export_triton as run_export
+    from dagc.tools.triton import TritonConfig
+    from dagc.tools.triton import export_triton as run_export
 
     config = TritonConfig(name=name, max_batch_size=max_batch, instances=instances, max_queue_delay_us=delay,
                           ensembles=not no_ensembles)
@@ -183,7 +183,7 @@ def run(artifact, images, tasks, backend, out) -> None:
               help="Write latency against batch size here (PNG).")
 def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path) -> None:
     """Latency, throughput and FLOPs of the compiled models against the supernets, side by side."""
-    from dagc.runtime import bench as runtime_bench
+    from dagc.tools import bench as runtime_bench
 
     if threads is not None and threads < 1:
         raise DagcError(f"--threads must be a positive integer, got {threads}")
@@ -202,7 +202,7 @@ def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path) -
               help="A baseline run (e.g. dagc train --baseline single-task) for Δ per task and Δ_T.")
 def evaluate(run_dir, against) -> None:
     """Print a finished run's paper-style table: metrics, Δ against a baseline, parameters."""
-    from dagc.trainer.evaluate import format_table, load_run
+    from dagc.tools.evaluate import format_table, load_run
 
     run = load_run(run_dir)
     click.echo(format_table(run, load_run(against) if against is not None else None))

@@ -69,16 +69,13 @@ from typing import Any
 
 import numpy as np
 
-from dagc.errors import DagcError
+from dagc.errors import BenchError, DagcError
 
 BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
 NAIVE_RTOL = 1e-4
 
 __all__ = ["BenchError", "benchmark", "format_table", "plot", "write_json", "naive_export", "BACKENDS"]
 
-
-class BenchError(DagcError, ValueError):
-    """The benchmark cannot run: mismatched artifact and checkpoint, unknown backend, bad option."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,7 +196,7 @@ def naive_export(net, batch: int, *, dynamic: bool = True) -> tuple[bytes, dict[
 def _ort_session(data: bytes, threads: int | None, device: str):
     import onnxruntime as ort
 
-    from dagc.compiler.verify import session_options
+    from dagc.runners import session_options
 
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
@@ -297,8 +294,8 @@ def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
     """
     import torch
 
+    from dagc.artifact import read_manifest
     from dagc.checkpoint import load_checkpoint
-    from dagc.compiler.artifact import read_manifest
     from dagc.compiler.flops import graph_costs
     from dagc.compiler.ir import build_graph
     from dagc.trainer.network import CentralNetwork, load_network_tensors, network_from_checkpoint

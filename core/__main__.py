@@ -1,3 +1,0 @@
-from dagc.cli import main
-
-main()

@@ -1,0 +1,3 @@
+from dagc.tools.cli import main
+
+main()

@@ -1,0 +1,45 @@
+"""Exceptions of dagc's public API.
+
+Every error a user can cause (bad spec, bad checkpoint, bad configuration, bad data) is a
+`DagcError`: the CLI prints its message as one line and exits with code 2.
+"""
+
+
+class DagcError(Exception):
+    """Base class of the errors a user can cause; the message says what is wrong and what to do."""
+
+
+class SpecError(DagcError, ValueError):
+    """A network spec is invalid; the message names the field."""
+
+
+class ConfigError(DagcError, ValueError):
+    """A training configuration is invalid; the message names the field."""
+
+
+class CheckpointError(DagcError):
+    """A checkpoint is missing, truncated, foreign or of an unknown format version."""
+
+
+class DataError(DagcError, ValueError):
+    """A dataset or task name is unknown, or data does not fit the spec."""
+
+
+class CompileError(DagcError):
+    """A checkpoint cannot be compiled (not reduced, no path for a task, bad target, ...)."""
+
+
+class ArtifactError(DagcError):
+    """An artifact cannot be used: its directory or manifest is missing or malformed, a model file
+    is missing or does not match its sha256 (the message names the file), the manifest's format
+    version is unknown, or the requested backend is not available for it here."""
+
+
+class InputError(DagcError, ValueError):
+    """Inputs to `Engine.run` (or an image file, or an argument) are unusable: unknown or empty
+    task list, wrong type, rank, channel count, size or dtype, non-finite or far out-of-range
+    values, an empty batch, an unreadable image file. The message says what was expected."""
+
+
+class BenchError(DagcError, ValueError):
+    """The benchmark cannot run: mismatched artifact and checkpoint, unknown backend, bad option."""

@@ -1,0 +1,1 @@
+"""dagc.tools: the commands on top of the core, trainer, compiler and runtime (CLI, bench, exports, evaluate)."""
