@@ -14,6 +14,7 @@ demo: install
 	dagc train --out $(RUN)
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 lint:
