@@ -137,7 +137,7 @@ class _Builder:
 
     def aspp(self, x: str, hd: HeadDef, out: str) -> str:
         """Emit an ASPP head on ``x`` with its final output named ``out``."""
-        branches = [self.aspp_branch(x, convs, f"{hd.prefix}.branches.{r}") for r, convs in enumerate(hd.branches)]
+        branches = [self.aspp_branch(x, convs, hd.branch(r)) for r, convs in enumerate(hd.branches)]
         up = hd.upsample > 1
         last = None if hd.normalize else out
         y = self._sum(branches, f"{hd.prefix}/sum", output=None if up else last)

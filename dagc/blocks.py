@@ -25,7 +25,7 @@ Shapes are those of one sample at ``spec.input_size``.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dagc.errors import SpecError
 from dagc.spec import Spec, TaskSpec
@@ -262,6 +262,10 @@ class HeadDef:
     def prefix(self) -> str:
         return f"heads.{self.task}"
 
+    def branch(self, r: int) -> str:
+        """The parameter prefix of the ASPP branch of ``rates[r]``."""
+        return f"{self.prefix}.branches.{r}"
+
     @property
     def layers(self) -> tuple[Conv | Linear, ...]:
         return (self.fc,) if self.fc is not None else tuple(c for b in self.branches for c in b)
@@ -342,18 +346,18 @@ def head(spec: Spec, task: str | TaskSpec) -> HeadDef:
     t = spec.task(task) if isinstance(task, str) else task
     cl, out = spec.readout.channels, t.out_channels
     hw = _hw(spec, spec.readout.stride)
-    pre = f"heads.{t.name}"
+    hd = HeadDef(t.name, t.head, cl, out, hw, tuple(spec.input_size))
     if t.head == "linear":
-        return HeadDef(t.name, "linear", cl, out, hw, tuple(spec.input_size), fc=Linear(f"{pre}.fc", cl, out))
+        return replace(hd, fc=Linear(f"{hd.prefix}.fc", cl, out))
     hc = spec.head_channels
     branches = tuple(
-        (Conv(f"{pre}.branches.{r}.{ASPP_CONVS[0]}", cl, hc, 3, hw, dilation=rate),
-         Conv(f"{pre}.branches.{r}.{ASPP_CONVS[1]}", hc, hc, 1, hw),
-         Conv(f"{pre}.branches.{r}.{ASPP_CONVS[2]}", hc, out, 1, hw))
+        (Conv(f"{hd.branch(r)}.{ASPP_CONVS[0]}", cl, hc, 3, hw, dilation=rate),
+         Conv(f"{hd.branch(r)}.{ASPP_CONVS[1]}", hc, hc, 1, hw),
+         Conv(f"{hd.branch(r)}.{ASPP_CONVS[2]}", hc, out, 1, hw))
         for r, rate in enumerate(spec.aspp_rates)
     )
-    return HeadDef(t.name, "aspp", cl, out, hw, tuple(spec.input_size), tuple(spec.aspp_rates), branches,
-                   float(spec.head_dropout), t.kind == "normal", spec.readout.stride)
+    return replace(hd, rates=tuple(spec.aspp_rates), branches=branches, dropout=float(spec.head_dropout),
+                   normalize=t.kind == "normal", upsample=spec.readout.stride)
 
 
 def heads(spec: Spec) -> tuple[HeadDef, ...]:

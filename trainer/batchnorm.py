@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dagc.blocks import BN_EPS
+
 __all__ = ["TaskBatchNorm"]
 
 
@@ -26,7 +28,7 @@ class TaskBatchNorm(nn.Module):
     ``nn.BatchNorm2d``. In eval mode the running statistics serve every lane.
     """
 
-    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, channels: int, eps: float = BN_EPS, momentum: float = 0.1) -> None:
         super().__init__()
         self.eps, self.momentum = eps, momentum
         self.weight = nn.Parameter(torch.ones(channels))
