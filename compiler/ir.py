@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from dagc.blocks import HIDDEN, READ_IN, READ_OUT, BlockDef, BlockKey, blocks, parse_key
+from dagc.blocks import HIDDEN, READ_IN, READ_OUT, BlockDef, BlockKey, blocks, head, parse_key
 from dagc.blocks import block as block_def
 from dagc.errors import CompileError, SpecError
 from dagc.spec import Spec
@@ -252,7 +252,8 @@ def check_graph(g: Graph) -> None:
     any other block reads a node defined earlier (so nodes are in topological order) of the
     block's source state that serves all of the node's tasks; the parameters an edge uses are in
     ``g.params`` (its block's conv and batch norm, or its ``fold.<key>.*``); heads are one per task,
-    in the spec's task order, each on a read-out node that serves its task. Takes a graph; returns
+    in the spec's task order, each on a read-out node that serves its task, with its parameters in
+    ``g.params``. Takes a graph; returns
     None. Raises CompileError naming the first violation.
     """
     def fail(what: str) -> None:
@@ -319,3 +320,6 @@ def _check_heads(g: Graph, defined: Mapping[str, Node], fail) -> None:
             fail(f"the head of task {t!r} reads {src!r}, which is not a read-out node of the graph")
         if t not in n.tasks:
             fail(f"the head of task {t!r} reads {src}, which does not serve it")
+        missing = [k for k in head(g.spec, t).tensors if k not in g.params]
+        if missing:
+            fail(f"the head of task {t!r} uses parameters {missing[:2]} that the graph does not have")

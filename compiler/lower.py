@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dagc.blocks import BN_BUFFERS, BN_PARAMETERS
+from dagc.blocks import BN_BUFFERS, BN_PARAMETERS, head
 from dagc.compiler.ir import INPUT_PREFIX, READOUT, Edge, Graph, check_graph, folded_names, slice_of
 from dagc.trainer.network import make_head, resize
 
@@ -46,11 +46,10 @@ class LoweredModel(nn.Module):
                 self._add_block(graph, e)
         self.heads = nn.ModuleDict()
         for t in self.tasks:
-            head = make_head(spec.task(t), spec)
-            prefix = f"heads.{t}."
-            head.load_state_dict({k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in graph.params.items()
-                                  if k.startswith(prefix)})
-            self.heads[t] = head
+            hd, module = head(spec, t), make_head(spec.task(t), spec)
+            skip = len(hd.prefix) + 1
+            module.load_state_dict({k[skip:]: torch.from_numpy(graph.params[k].copy()) for k in hd.tensors})
+            self.heads[t] = module
         self.size = tuple(spec.input_size)
 
     def _add_block(self, graph: Graph, e: Edge) -> None:

@@ -44,16 +44,26 @@ def _supernet(net, inputs):
         return net({t: inputs[f"image_{t}"] for t in net.spec.task_names})
 
 
-@settings(max_examples=100, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6), k=st.integers(1, 3), density=st.floats(0.2, 0.9),
-       cls=st.booleans())
-def test_lowered_graph_equals_masked_supernet_after_every_pass(seed, m, k, density, cls):
+# Random reduced supernets (tests/compiler_cases.py) over specs, flow constants and densities.
+RANDOM_CASES = dict(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6), k=st.integers(1, 3),
+                    density=st.floats(0.2, 0.9), cls=st.booleans())
+
+
+def _random_case(seed, m, k, density, cls):
+    """(net, graph) of a random reduced supernet: dense tasks on "tiny", or classification on
+    "omniglot" with a shared or per-task input."""
     if cls:
         spec = preset("omniglot", CLS[: min(k, 2)], in_channels=1, shared_input=bool(seed % 2), flow_constant=m)
     else:
         spec = preset("tiny", DENSE[:k], input_size=(16, 16), flow_constant=m)
-    net = random_reduced_net(spec, seed, density, same=seed % 3 == 0)
-    g = build_graph(spec, network_tensors(net))
+    return random_graph(spec, seed, density, same=seed % 3 == 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(**RANDOM_CASES)
+def test_lowered_graph_equals_masked_supernet_after_every_pass(seed, m, k, density, cls):
+    net, g = _random_case(seed, m, k, density, cls)
+    spec = g.spec
     inputs = _inputs(spec, 2, seed)
     ref = _supernet(net, inputs)
     for name, p in PASSES.items():
@@ -162,6 +172,8 @@ def _breakages(g):
     yield "nan scale", _with_edge(g, first.id, scale=float("nan")), "not a positive number"
     yield "folded key", _with_edge(g, first.id, folded="nope.s1"), "['fold.nope.s1.weight', 'fold.nope.s1.bias']"
     yield "lost params", g.replace(params={}), "that the graph does not have"
+    headless = {k: v for k, v in g.params.items() if not k.startswith(f"heads.{t1}.")}
+    yield "head params", g.replace(params=headless), f"the head of task {t1!r} uses parameters"
     yield "undeclared input", _with_node(g, first.id, edges=(Edge(f"read_in.{first.state}", "input:other"),)), \
         "does not read a declared input"
     yield "no edges", _with_node(g, first.id, edges=()), f"node {first.id} has no incoming edge"
@@ -184,18 +196,13 @@ def test_a_valid_graph_passes_and_every_breakage_is_named():
         with pytest.raises(CompileError, match=re.escape(what)):
             check_graph(broken)
         seen.append(name)
-    assert len(seen) == 21, seen
+    assert len(seen) == 22, seen
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 6), k=st.integers(1, 3), density=st.floats(0.2, 0.9),
-       cls=st.booleans())
+@given(**RANDOM_CASES)
 def test_every_pass_output_passes_the_check(seed, m, k, density, cls):
-    if cls:
-        spec = preset("omniglot", CLS[: min(k, 2)], in_channels=1, shared_input=bool(seed % 2), flow_constant=m)
-    else:
-        spec = preset("tiny", DENSE[:k], input_size=(16, 16), flow_constant=m)
-    _, g = random_graph(spec, seed, density, same=seed % 3 == 0)
+    _, g = _random_case(seed, m, k, density, cls)
     check_graph(g)
     for p in PIPELINE:
         g2 = p(g)

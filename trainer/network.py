@@ -13,6 +13,10 @@ is one conv call over all lanes that use it. Batch norm is shared by all tasks b
 lane with its own batch statistics and updates the running statistics once per task, in task order
 (`TaskBatchNorm`), so stacked execution equals running the tasks one after another.
 
+Every block and head is built from its definition in `dagc.blocks` (shapes, strides, pooling,
+resize, BN epsilon and parameter names); the heads and `TaskBatchNorm` have their own modules
+(`dagc.trainer.heads`, `dagc.trainer.batchnorm`) and are re-exported here.
+
 When the input is shared and every task has the same edge weights and no architecture gradient is
 needed (the warm-up stage, where Γ, A, B are frozen at 0), all task states are identical: the
 network then runs once, as one lane that stands for all K tasks.
