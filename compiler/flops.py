@@ -29,7 +29,7 @@ def block_shape(spec: Spec, name: str) -> tuple[int, int, int, int, int]:
     """(C_in, C_out, kernel, H_out, W_out) of a supernet block's conv ("read_in.j", "edges.i_j",
     "read_out.i"). Raises CompileError for a name that is not a block of the spec."""
     b = spec_block(spec, name)
-    return b.cin, b.cout, b.kernel, *b.conv.hw
+    return b.cin, b.cout, b.conv.kernel, *b.conv.hw
 
 
 def block_macs(spec: Spec, name: str) -> int:

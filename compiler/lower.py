@@ -61,7 +61,7 @@ class LoweredModel(nn.Module):
             w, bias = (torch.from_numpy(p[k]) for k in folded_names(e.folded))
         else:
             w, bias = torch.from_numpy(p[b.conv.weight]), None
-        conv = nn.Conv2d(b.cin, b.cout, b.kernel, padding=b.padding, bias=bias is not None)
+        conv = nn.Conv2d(b.cin, b.cout, b.conv.kernel, padding=b.conv.padding, bias=bias is not None)
         with torch.no_grad():
             conv.weight.copy_(w)
             if bias is not None:

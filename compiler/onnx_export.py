@@ -100,7 +100,7 @@ class _Builder:
         if blk.downsample > 1:
             f = blk.downsample
             x = self.op("AveragePool", [x], f"{pre}/avgpool", kernel_shape=[f] * 2, strides=[f] * 2)
-        conv = dict(kernel_shape=[blk.kernel] * 2, pads=[blk.padding] * 4)
+        conv = dict(kernel_shape=[blk.conv.kernel] * 2, pads=[blk.conv.padding] * 4)
         if edge.folded is not None:
             w, b = (self.param(k) for k in folded_names(edge.folded))
             x = self.op("Conv", [x, w, b], f"{pre}/conv", **conv)

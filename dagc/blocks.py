@@ -189,14 +189,6 @@ class BlockDef:
         return self.conv.cout
 
     @property
-    def kernel(self) -> int:
-        return self.conv.kernel
-
-    @property
-    def padding(self) -> int:
-        return self.conv.padding
-
-    @property
     def downsample(self) -> int:
         """Average-pooling factor of the resize before the conv (1: none)."""
         return self.to_stride // self.from_stride if self.to_stride > self.from_stride else 1

@@ -50,13 +50,13 @@ def test_keys_parse_once_and_round_trip():
 
 def test_block_definitions_of_a_hand_spec():
     b = block(HAND, "read_in.2")  # the input average-pooled by 4, conv3x3 1 -> 4 at 2x2
-    assert (b.kind, b.src, b.dst, b.cin, b.cout, b.kernel, b.padding) == (READ_IN, None, 2, 1, 4, 3, 1)
+    assert (b.kind, b.src, b.dst, b.cin, b.cout, b.conv.kernel, b.conv.padding) == (READ_IN, None, 2, 1, 4, 3, 1)
     assert (b.from_stride, b.to_stride, b.downsample, b.upsample, b.pool, b.conv.hw) == (1, 4, 4, 1, 1, (2, 2))
     b = block(HAND, "edges.0_2")  # conv3x3 2 -> 4 at 8x8, then max-pooled by 4
     assert (b.cin, b.cout, b.pool, b.downsample, b.upsample, b.conv.hw) == (2, 4, 4, 1, 1, (8, 8))
     assert b.macs == 4 * 2 * 9 * 64 and b.n_params() == 72 + 8 and b.n_params(folded=True) == 72 + 4
     b = block(HAND, "read_out.2")  # stride 4 -> 2: upsampled, conv1x1 4 -> 3 at 4x4
-    assert (b.cin, b.cout, b.kernel, b.padding, b.upsample, b.downsample, b.conv.hw) == (4, 3, 1, 0, 2, 1, (4, 4))
+    assert (b.cin, b.cout, b.conv.kernel, b.conv.padding, b.upsample, b.downsample, b.conv.hw) == (4, 3, 1, 0, 2, 1, (4, 4))
     assert b.bn_eps == BN_EPS and b.conv.weight == "read_out.2.conv.weight" and b.conv.bias is None
     assert b.tensors == ("read_out.2.conv.weight", "read_out.2.bn.weight", "read_out.2.bn.bias",
                          "read_out.2.bn.running_mean", "read_out.2.bn.running_var", "read_out.2.bn.num_batches_tracked")
@@ -95,7 +95,7 @@ def test_the_network_is_built_from_the_definitions(spec):
         m = modules[b.key]
         assert m.defn is b and m.pool == b.pool and m.bn.eps == b.bn_eps
         assert (m.conv.in_channels, m.conv.out_channels, m.conv.kernel_size, m.conv.padding) == (
-            b.cin, b.cout, (b.kernel, b.kernel), (b.padding, b.padding))
+            b.cin, b.cout, (b.conv.kernel,) * 2, (b.conv.padding,) * 2)
     for h in heads(spec):
         for layer in h.layers:
             m = modules[layer.name]

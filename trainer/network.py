@@ -53,7 +53,7 @@ class Block(nn.Module):
     def __init__(self, defn: BlockDef) -> None:
         super().__init__()
         self.defn = defn
-        self.conv = nn.Conv2d(defn.cin, defn.cout, defn.kernel, padding=defn.padding, bias=False)
+        self.conv = nn.Conv2d(defn.cin, defn.cout, defn.conv.kernel, padding=defn.conv.padding, bias=False)
         self.bn = TaskBatchNorm(defn.cout, eps=defn.bn_eps)
         self.pool = defn.pool
 
