@@ -1,6 +1,7 @@
 """Lowering: a static PyTorch module that computes exactly a `Graph`, with no masks and no
 multiplication by zero. Usable as the reference backend, for export, and for fine-tuning (its
-weights are ordinary parameters)."""
+weights are ordinary parameters). What each edge computes is its block's definition
+(`dagc.blocks.BlockDef`, via `Graph.block`); the heads are the network's own modules."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dagc.compiler.ir import INPUT_PREFIX, READOUT, Edge, Graph
-from dagc.compiler.passes import BN_EPS
+from dagc.blocks import BN_BUFFERS, BN_PARAMETERS, head
+from dagc.compiler.ir import INPUT_PREFIX, READOUT, Edge, Graph, check_graph, folded_names, slice_of
 from dagc.trainer.network import make_head, resize
 
 
@@ -23,23 +24,21 @@ class LoweredModel(nn.Module):
     """The graph's computation for ``tasks`` (default: all), in node order.
 
     ``forward(*inputs)`` takes the graph's model inputs in order (each (B, C, H, W)) and returns
-    one tensor per task, in ``self.tasks`` order.
+    one tensor per task, in ``self.tasks`` order. Raises CompileError for an invalid graph
+    (`check_graph`) or a task it has no head for.
     """
 
     def __init__(self, graph: Graph, tasks: Sequence[str] | None = None) -> None:
         super().__init__()
+        check_graph(graph)
         spec = graph.spec
         self.tasks = tuple(tasks) if tasks is not None else graph.tasks
+        part = slice_of(graph, self.tasks)
+        self.nodes = list(part.nodes)
+        self.inputs = part.inputs
         heads = dict(graph.heads)
-        needed = {heads[t] for t in self.tasks}
-        for n in reversed(graph.nodes):
-            if n.id in needed:
-                needed.update(e.src for e in n.edges)
-        self.nodes = [n for n in graph.nodes if n.id in needed]
-        self.inputs = tuple(i for i in graph.inputs if INPUT_PREFIX + i in needed)
         self.head_src = [heads[t] for t in self.tasks]
-        self.strides = [s.stride for s in spec.states]
-        self.readout_stride = spec.readout.stride
+        self.blocks = {e.block: graph.block(e) for n in self.nodes for e in n.edges}
         self.convs = nn.ModuleDict()
         self.bns = nn.ModuleDict()
         for n in self.nodes:
@@ -47,46 +46,41 @@ class LoweredModel(nn.Module):
                 self._add_block(graph, e)
         self.heads = nn.ModuleDict()
         for t in self.tasks:
-            head = make_head(spec.task(t), spec)
-            prefix = f"heads.{t}."
-            head.load_state_dict({k[len(prefix):]: torch.from_numpy(v.copy()) for k, v in graph.params.items()
-                                  if k.startswith(prefix)})
-            self.heads[t] = head
+            hd, module = head(spec, t), make_head(spec.task(t), spec)
+            skip = len(hd.prefix) + 1
+            module.load_state_dict({k[skip:]: torch.from_numpy(graph.params[k].copy()) for k in hd.tensors})
+            self.heads[t] = module
         self.size = tuple(spec.input_size)
 
     def _add_block(self, graph: Graph, e: Edge) -> None:
         key = _name(e.folded or e.block)
         if key in self.convs:
             return
-        p = graph.params
-        w = p[f"fold.{e.folded}.weight"] if e.folded else p[f"{e.block}.conv.weight"]
-        conv = nn.Conv2d(w.shape[1], w.shape[0], w.shape[2], padding=w.shape[2] // 2, bias=bool(e.folded))
+        p, b = graph.params, self.blocks[e.block]
+        if e.folded:
+            w, bias = (torch.from_numpy(p[k]) for k in folded_names(e.folded))
+        else:
+            w, bias = torch.from_numpy(p[b.conv.weight]), None
+        conv = nn.Conv2d(b.cin, b.cout, b.conv.kernel, padding=b.conv.padding, bias=bias is not None)
         with torch.no_grad():
-            conv.weight.copy_(torch.from_numpy(w))
-            if e.folded:
-                conv.bias.copy_(torch.from_numpy(p[f"fold.{e.folded}.bias"]))
+            conv.weight.copy_(w)
+            if bias is not None:
+                conv.bias.copy_(bias)
         self.convs[key] = conv
         if not e.folded:
-            bn = nn.BatchNorm2d(w.shape[0], eps=BN_EPS)
-            bn.load_state_dict({k: torch.from_numpy(p[f"{e.block}.bn.{k}"].copy())
-                                for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")})
+            bn = nn.BatchNorm2d(b.cout, eps=b.bn_eps)
+            bn.load_state_dict({k: torch.from_numpy(p[b.bn_tensor(k)].copy()) for k in (*BN_PARAMETERS, *BN_BUFFERS)})
             self.bns[key] = bn.eval()
 
     def _edge(self, e: Edge, x: Tensor) -> Tensor:
-        kind, where = e.block.split(".", 1)
+        b = self.blocks[e.block]
         key = _name(e.folded or e.block)
-        if kind == "read_in":
-            x = resize(x, 1, self.strides[int(where)])
-        elif kind == "read_out":
-            x = resize(x, self.strides[int(where)], self.readout_stride)
-        y = self.convs[key](x)
+        y = self.convs[key](resize(x, b.from_stride, b.to_stride))
         if not e.folded:
             y = self.bns[key](y)
         y = F.relu(y)
-        if kind == "edges":
-            i, j = (int(v) for v in where.split("_"))
-            if self.strides[j] > self.strides[i]:
-                y = F.max_pool2d(y, self.strides[j] // self.strides[i])
+        if b.pool > 1:
+            y = F.max_pool2d(y, b.pool)
         if not e.folded and e.scale != 1.0:
             y = y * e.scale
         return y
@@ -108,7 +102,8 @@ class LoweredModel(nn.Module):
 
 
 def lower(graph: Graph, tasks: Sequence[str] | None = None) -> LoweredModel:
-    """A LoweredModel for the graph (all tasks, or only what ``tasks`` need), in eval mode."""
+    """A LoweredModel for the graph (all tasks, or only what ``tasks`` need), in eval mode.
+    Raises CompileError for an invalid graph or an unknown task."""
     return LoweredModel(graph, tasks).eval()
 
 

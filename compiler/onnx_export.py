@@ -27,10 +27,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dagc.compiler.ir import INPUT_PREFIX, CompileError, Graph
+from dagc.blocks import ASPP_BRANCH, Conv, HeadDef, head
+from dagc.compiler.ir import INPUT_PREFIX, CompileError, Edge, Graph, check_graph, folded_names, slice_of
 
-BN_EPS = 1e-5  # dagc.trainer.network.TaskBatchNorm's epsilon
-NORM_EPS = 1e-12  # torch.nn.functional.normalize's default eps
 PRODUCER = "dagc"
 
 __all__ = ["to_onnx", "check", "conv_macs", "sanitize"]
@@ -92,102 +91,81 @@ class _Builder:
         return self.op("Resize", [x, "", scales], name, output=output, mode="linear",
                        coordinate_transformation_mode="half_pixel")
 
-    def edge(self, x: str, edge, prefix: str) -> str:
-        spec = self.graph.spec
-        kind, idx = edge.block.split(".", 1)
+    def edge(self, x: str, edge: Edge, prefix: str) -> str:
+        """Emit ``edge.scale * block(x)`` (or its folded conv) as its `BlockDef` says; returns the output."""
+        blk = self.graph.block(edge)
         pre = f"{prefix}/{edge.block}"
-        if kind == "read_in":
-            j = int(idx)
-            pool_in, kernel, pool_out = spec.states[j].stride, 3, 1
-        elif kind == "edges":
-            i, j = (int(v) for v in idx.split("_"))
-            pool_in, kernel = 1, 3
-            pool_out = spec.states[j].stride // spec.states[i].stride
-        elif kind == "read_out":
-            i = int(idx)
-            pool_in, kernel, pool_out = 1, 1, 1
-            src, dst = spec.states[i].stride, spec.readout.stride
-            if dst > src:
-                pool_in = dst // src
-            elif dst < src:
-                x = self.resize(x, src // dst, f"{pre}/resize")
-        else:
-            raise CompileError(f"unknown block {edge.block!r}")
-        if pool_in > 1:
-            x = self.op("AveragePool", [x], f"{pre}/avgpool", kernel_shape=[pool_in] * 2, strides=[pool_in] * 2)
-        pad = kernel // 2
+        if blk.upsample > 1:
+            x = self.resize(x, blk.upsample, f"{pre}/resize")
+        if blk.downsample > 1:
+            f = blk.downsample
+            x = self.op("AveragePool", [x], f"{pre}/avgpool", kernel_shape=[f] * 2, strides=[f] * 2)
+        conv = dict(kernel_shape=[blk.conv.kernel] * 2, pads=[blk.conv.padding] * 4)
         if edge.folded is not None:
-            w, b = self.param(f"fold.{edge.folded}.weight"), self.param(f"fold.{edge.folded}.bias")
-            x = self.op("Conv", [x, w, b], f"{pre}/conv", kernel_shape=[kernel] * 2, pads=[pad] * 4)
+            w, b = (self.param(k) for k in folded_names(edge.folded))
+            x = self.op("Conv", [x, w, b], f"{pre}/conv", **conv)
         else:
-            x = self.op("Conv", [x, self.param(f"{edge.block}.conv.weight")], f"{pre}/conv",
-                        kernel_shape=[kernel] * 2, pads=[pad] * 4)
-            bn = [self.param(f"{edge.block}.bn.{n}") for n in ("weight", "bias", "running_mean", "running_var")]
-            x = self.op("BatchNormalization", [x, *bn], f"{pre}/bn", epsilon=BN_EPS)
+            x = self.op("Conv", [x, self.param(blk.conv.weight)], f"{pre}/conv", **conv)
+            bn = [self.param(blk.bn_tensor(n)) for n in ("weight", "bias", "running_mean", "running_var")]
+            x = self.op("BatchNormalization", [x, *bn], f"{pre}/bn", epsilon=blk.bn_eps)
         x = self.op("Relu", [x], f"{pre}/relu")
-        if pool_out > 1:
-            x = self.op("MaxPool", [x], f"{pre}/maxpool", kernel_shape=[pool_out] * 2, strides=[pool_out] * 2)
+        if blk.pool > 1:
+            x = self.op("MaxPool", [x], f"{pre}/maxpool", kernel_shape=[blk.pool] * 2, strides=[blk.pool] * 2)
         if edge.folded is None and edge.scale != 1.0:
-            if not edge.scale > 0:
-                raise CompileError(f"edge {edge.block} has a non-positive scale {edge.scale}")
             s = self.const(f"const.scale_{float(edge.scale)!r}", np.float32(edge.scale))
             x = self.op("Mul", [x, s], f"{pre}/scale")
         return x
 
-    def aspp(self, x: str, task, out: str) -> str:
-        spec = self.graph.spec
-        pre = f"heads.{task.name}"
-        branches = []
-        for b, rate in enumerate(spec.aspp_rates):
-            p = f"{pre}.branches.{b}"
-            y = self.op("Conv", [x, self.param(f"{p}.0.weight"), self.param(f"{p}.0.bias")], f"{p}/conv3x3",
-                        kernel_shape=[3, 3], pads=[rate] * 4, dilations=[rate, rate])
-            y = self.op("Relu", [y], f"{p}/relu1")
-            y = self.op("Conv", [y, self.param(f"{p}.3.weight"), self.param(f"{p}.3.bias")], f"{p}/conv1x1a",
-                        kernel_shape=[1, 1])
-            y = self.op("Relu", [y], f"{p}/relu2")
-            y = self.op("Conv", [y, self.param(f"{p}.6.weight"), self.param(f"{p}.6.bias")], f"{p}/conv1x1b",
-                        kernel_shape=[1, 1])
-            branches.append(y)
-        normal = task.kind == "normal"
-        up = spec.readout.stride > 1
-        last = None if normal else out
-        y = self._sum(branches, f"{pre}/sum", output=None if up else last)
+    # Node names of an ASPP branch's convs, in order (ReLUs are relu1, relu2, ...).
+    _ASPP_CONV_NODES = ("conv3x3", "conv1x1a", "conv1x1b")
+
+    def aspp_branch(self, x: str, convs: Sequence[Conv], prefix: str) -> str:
+        """Emit one ASPP branch on ``x``, laid out as `ASPP_BRANCH`; returns its output."""
+        todo = iter(zip(convs, self._ASPP_CONV_NODES))
+        relus = 0
+        for op in ASPP_BRANCH:  # dropout is the identity at inference
+            if op == "conv":
+                c, node = next(todo)
+                # A 1x1 conv needs neither padding nor dilation.
+                spatial = {"pads": [c.padding] * 4, "dilations": [c.dilation] * 2} if c.kernel > 1 else {}
+                x = self.op("Conv", [x, self.param(c.weight), self.param(c.bias)], f"{prefix}/{node}",
+                            kernel_shape=[c.kernel] * 2, **spatial)
+            elif op == "relu":
+                relus += 1
+                x = self.op("Relu", [x], f"{prefix}/relu{relus}")
+        return x
+
+    def aspp(self, x: str, hd: HeadDef, out: str) -> str:
+        """Emit an ASPP head on ``x`` with its final output named ``out``."""
+        branches = [self.aspp_branch(x, convs, hd.branch(r)) for r, convs in enumerate(hd.branches)]
+        up = hd.upsample > 1
+        last = None if hd.normalize else out
+        y = self._sum(branches, f"{hd.prefix}/sum", output=None if up else last)
         # The input size is the read-out's size times its stride (a valid spec divides exactly), so
         # a constant scale gives exactly (H, W) and keeps every shape static apart from the batch.
         if up:
-            y = self.resize(y, spec.readout.stride, f"{pre}/resize", output=last)
-        if normal:
+            y = self.resize(y, hd.upsample, f"{hd.prefix}/resize", output=last)
+        if hd.normalize:
             if self.opset >= 18:
                 axes = self.const("const.axes_1", [1], np.int64)
-                n = self.op("ReduceL2", [y, axes], f"{pre}/norm", keepdims=1)
+                n = self.op("ReduceL2", [y, axes], f"{hd.prefix}/norm", keepdims=1)
             else:
-                n = self.op("ReduceL2", [y], f"{pre}/norm", axes=[1], keepdims=1)
-            n = self.op("Max", [n, self.const("const.norm_eps", np.float32(NORM_EPS))], f"{pre}/norm_clamp")
-            return self.op("Div", [y, n], f"{pre}/normalize", output=out)
+                n = self.op("ReduceL2", [y], f"{hd.prefix}/norm", axes=[1], keepdims=1)
+            n = self.op("Max", [n, self.const("const.norm_eps", np.float32(hd.norm_eps))], f"{hd.prefix}/norm_clamp")
+            return self.op("Div", [y, n], f"{hd.prefix}/normalize", output=out)
         return y
 
-    def linear(self, x: str, task, out: str) -> str:
-        pre = f"heads.{task.name}"
-        y = self.op("GlobalAveragePool", [x], f"{pre}/gap")
-        y = self.op("Flatten", [y], f"{pre}/flatten", axis=1)
-        return self.op("Gemm", [y, self.param(f"{pre}.fc.weight"), self.param(f"{pre}.fc.bias")], f"{pre}/fc",
+    def linear(self, x: str, hd: HeadDef, out: str) -> str:
+        """Emit a linear head on ``x`` with its output named ``out``."""
+        y = self.op("GlobalAveragePool", [x], f"{hd.prefix}/gap")
+        y = self.op("Flatten", [y], f"{hd.prefix}/flatten", axis=1)
+        return self.op("Gemm", [y, self.param(hd.fc.weight), self.param(hd.fc.bias)], f"{hd.prefix}/fc",
                        output=out, transB=1)
 
     def _sum(self, terms: list[str], name: str, output: str | None = None) -> str:
         if len(terms) == 1:
             return terms[0] if output is None else self.op("Identity", terms, name, output=output)
         return self.op("Sum", terms, name, output=output)
-
-
-def _needed(graph: Graph, tasks: Sequence[str]) -> set[str]:
-    """Ids of the instances the heads of ``tasks`` depend on."""
-    heads = dict(graph.heads)
-    needed = {heads[t] for t in tasks}
-    for n in reversed(graph.nodes):
-        if n.id in needed:
-            needed.update(e.src for e in n.edges if not e.src.startswith(INPUT_PREFIX))
-    return needed
 
 
 def to_onnx(graph: Graph, tasks: Sequence[str] | None = None, *, opset: int = 17) -> onnx.ModelProto:
@@ -212,31 +190,17 @@ def to_onnx(graph: Graph, tasks: Sequence[str] | None = None, *, opset: int = 17
         chosen = [t for t in all_tasks if t in tasks]
     if opset < 13:
         raise CompileError(f"opset {opset} is too old; dagc emits opset 13 or newer")
-    needed = _needed(graph, chosen)
+    check_graph(graph)
+    part = slice_of(graph, chosen)
     b = _Builder(graph, opset)
     b.names.update(chosen)  # outputs carry the task names; nothing else may take them
-
-    used_inputs = {e.src[len(INPUT_PREFIX):] for n in graph.nodes if n.id in needed
-                   for e in n.edges if e.src.startswith(INPUT_PREFIX)}
-    unknown_in = used_inputs - set(graph.inputs)
-    if unknown_in:
-        raise CompileError(f"the graph reads undeclared inputs {sorted(unknown_in)}")
-    inputs = [name for name in graph.inputs if name in used_inputs]
+    inputs = list(part.inputs)
     b.names.update(inputs)
     h, w = spec.input_size
     values: dict[str, str] = {f"{INPUT_PREFIX}{name}": name for name in inputs}
-
-    for n in graph.nodes:
-        if n.id not in needed:
-            continue
+    for n in part.nodes:
         prefix = sanitize(n.id)
-        terms = []
-        for e in n.edges:
-            if e.src not in values:
-                raise CompileError(f"instance {n.id} reads {e.src}, which is not computed before it")
-            terms.append(b.edge(values[e.src], e, prefix))
-        if not terms:
-            raise CompileError(f"instance {n.id} has no incoming edge")
+        terms = [b.edge(values[e.src], e, prefix) for e in n.edges]
         if len(terms) == 1:
             values[n.id] = terms[0]
         else:
@@ -245,14 +209,14 @@ def to_onnx(graph: Graph, tasks: Sequence[str] | None = None, *, opset: int = 17
     outputs = []
     heads = dict(graph.heads)
     for t in chosen:
-        task = spec.task(t)
+        hd = head(spec, t)
         x = values[heads[t]]
-        if task.head == "aspp":
-            b.aspp(x, task, t)
-            outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", task.out_channels, h, w]))
+        if hd.kind == "aspp":
+            b.aspp(x, hd, t)
+            outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", hd.out, *hd.size]))
         else:
-            b.linear(x, task, t)
-            outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", task.out_channels]))
+            b.linear(x, hd, t)
+            outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", hd.out]))
 
     model_inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", spec.in_channels, h, w])
                     for name in inputs]

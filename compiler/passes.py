@@ -6,16 +6,27 @@
                      shared sources, same scale) in several tasks is computed once for all of them
     fold             batch norm and the positive 1/In factor folded into each edge's conv
 
-`optimize` runs them in that order. None mutates its input.
+`optimize` runs them in that order and checks the graph's invariants (`check_graph`) after each.
+None mutates its input.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from dagc.compiler.ir import INPUT_PREFIX, READOUT, CompileError, Edge, Graph, Node, node_id
-
-BN_EPS = 1e-5  # dagc.trainer.network.TaskBatchNorm's epsilon
+from dagc.blocks import BlockDef
+from dagc.compiler.ir import (
+    INPUT_PREFIX,
+    READOUT,
+    CompileError,
+    Edge,
+    Graph,
+    Node,
+    check_graph,
+    folded_names,
+    node_id,
+    slice_of,
+)
 
 
 def eliminate_dead(g: Graph) -> Graph:
@@ -30,11 +41,7 @@ def eliminate_dead(g: Graph) -> Graph:
     for task, src in g.heads:
         if src not in reachable:
             raise CompileError(f"task {task!r} has no path from its input to its read-out")
-    needed = {src for _, src in g.heads}
-    for n in reversed(g.nodes):
-        if n.id in needed and n.id in reachable:
-            needed.update(e.src for e in n.edges)
-    keep = reachable & needed
+    keep = slice_of(g, through=reachable).ids
     nodes = tuple(
         Node(n.id, n.state, n.tasks, tuple(e for e in n.edges if e.src.startswith(INPUT_PREFIX) or e.src in keep))
         for n in g.nodes if n.id in keep
@@ -46,10 +53,7 @@ def early_exit(g: Graph) -> Graph:
     """Drop each task from the instances of states after its last active read-out (the paper's
     early exit: a task that reads out at state i computes nothing beyond i); instances left
     serving no task are removed."""
-    last = {}
-    for task, src in g.heads:
-        readout = g.node(src)
-        last[task] = max(g.node(e.src).state for e in readout.edges)
+    last = {task: max(g.block(e).src for e in g.node(src).edges) for task, src in g.heads}
     nodes = []
     for n in g.nodes:
         tasks = n.tasks if n.state == READOUT else tuple(t for t in n.tasks if n.state <= last[t])
@@ -107,29 +111,42 @@ def fold(g: Graph) -> Graph:
                 continue
             inv = round(1.0 / e.scale)
             key = f"{e.block}.s{inv}"
-            if f"fold.{key}.weight" not in params:
-                w, b = _folded(g.params, e.block, 1.0 / inv)
-                params[f"fold.{key}.weight"], params[f"fold.{key}.bias"] = w, b
+            weight, bias = folded_names(key)
+            if weight not in params:
+                params[weight], params[bias] = _folded(g.params, g.block(e), 1.0 / inv)
             edges.append(Edge(e.block, e.src, e.scale, key))
         nodes.append(Node(n.id, n.state, n.tasks, tuple(edges)))
     return g.replace(nodes=tuple(nodes), params=params)
 
 
-def _folded(params, block: str, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    w = params[f"{block}.conv.weight"].astype(np.float64)
-    gamma = params[f"{block}.bn.weight"].astype(np.float64)
-    beta = params[f"{block}.bn.bias"].astype(np.float64)
-    mean = params[f"{block}.bn.running_mean"].astype(np.float64)
-    var = params[f"{block}.bn.running_var"].astype(np.float64)
-    inv = gamma / np.sqrt(var + BN_EPS)
+def _folded(params, block: BlockDef, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    w = params[block.conv.weight].astype(np.float64)
+    gamma, beta, mean, var = (params[block.bn_tensor(t)].astype(np.float64)
+                              for t in ("weight", "bias", "running_mean", "running_var"))
+    inv = gamma / np.sqrt(var + block.bn_eps)
     weight = w * (scale * inv)[:, None, None, None]
     bias = scale * (beta - mean * inv)
     return weight.astype(np.float32), bias.astype(np.float32)
 
 
-def optimize(g: Graph) -> Graph:
-    """All passes: dead-state elimination, early exit, cross-task sharing, folding."""
-    return fold(share(early_exit(eliminate_dead(g))))
+PASSES = (eliminate_dead, early_exit, share, fold)
 
 
-__all__ = ["eliminate_dead", "early_exit", "share", "fold", "optimize", "READOUT"]
+def optimize(g: Graph, *, check: bool = True) -> Graph:
+    """All passes (`PASSES`): dead-state elimination, early exit, cross-task sharing, folding.
+
+    Takes a graph (as `dagc.compiler.ir.build_graph` gives); returns the optimised graph. With
+    ``check`` (the default), `check_graph` runs on every pass's output. Raises CompileError from a
+    pass, or naming the pass whose output violates an invariant.
+    """
+    for p in PASSES:
+        g = p(g)
+        if check:
+            try:
+                check_graph(g)
+            except CompileError as e:
+                raise CompileError(f"pass {p.__name__} produced an {e}") from None
+    return g
+
+
+__all__ = ["eliminate_dead", "early_exit", "share", "fold", "optimize", "PASSES", "READOUT"]

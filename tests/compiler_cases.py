@@ -4,7 +4,8 @@ is not the identity) and random closed masks with a path for every task."""
 import numpy as np
 import torch
 
-from dagc.trainer.network import CentralNetwork
+from dagc.compiler.ir import build_graph
+from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.topology import close_masks, flow_band, is_connected
 
 
@@ -40,12 +41,17 @@ def random_reduced_net(spec, seed, density=0.5, same=False):
     return net.eval()
 
 
+def random_graph(spec, seed, density=0.5, same=False):
+    """The unoptimised IR (`build_graph`) of `random_reduced_net`; returns (net, graph)."""
+    net = random_reduced_net(spec, seed, density, same)
+    return net, build_graph(spec, network_tensors(net))
+
+
 def compiled_artifact(root, spec, seed, **compile_kw):
     """Compile a random reduced network of ``spec`` into ``root/art`` (checkpoint in
     ``root/c.safetensors``); returns the artifact directory."""
     from dagc.checkpoint import save_checkpoint
     from dagc.compiler.compile import compile_checkpoint
-    from dagc.trainer.network import network_tensors
 
     ckpt = root / "c.safetensors"
     save_checkpoint(ckpt, network_tensors(random_reduced_net(spec, seed)), spec, "finetune")

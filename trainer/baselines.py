@@ -33,6 +33,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from dagc.costs import masked_parameters
 from dagc.errors import SpecError
 from dagc.spec import Spec
 
@@ -90,22 +91,13 @@ def fix_read_in_out(net: torch.nn.Module) -> None:
 def parameter_ratio(spec: Spec, tensors: Mapping[str, object]) -> float:
     """Parameters of a reduced network relative to one backbone.
 
-    Counts the parameters that every task's active edges and heads use (conv weights and batch-norm
-    affine parameters; running statistics are buffers), each block once, and divides by the same
-    count for the chain backbone of `chain_masks` with the same heads. Takes the spec and the
-    checkpoint tensors (with masks); raises SpecError if they are not reduced.
+    Counts (with the core's analytic counter, `dagc.costs.masked_parameters`) the parameters that
+    every task's active edges and heads use (conv weights and batch-norm affine parameters; running
+    statistics are buffers), each block once, and divides by the same count for the chain backbone
+    of `chain_masks` with the same heads. Takes the spec and the checkpoint tensors (with masks);
+    raises SpecError if they are not reduced.
     """
     if "mask.gamma" not in tensors:
         raise SpecError("parameter_ratio needs a reduced network (its checkpoint tensors have no masks)")
     masks = tuple(np.asarray(tensors[f"mask.{n}"], dtype=np.int64) for n in ("gamma", "alpha", "beta"))
-    return _used_parameters(spec, tensors, masks) / _used_parameters(spec, tensors, chain_masks(spec))
-
-
-def _used_parameters(spec: Spec, tensors: Mapping[str, object], masks) -> int:
-    gamma, alpha, beta = masks
-    blocks = {f"edges.{i}_{j}" for i, j in spec.hidden_edges() if gamma[:, i, j].any()}
-    blocks |= {f"read_in.{j}" for j in range(spec.n_states) if alpha[:, j].any()}
-    blocks |= {f"read_out.{i}" for i in range(spec.n_states) if beta[:, i].any()}
-    names = [f"theta.{b}.{p}" for b in sorted(blocks) for p in ("conv.weight", "bn.weight", "bn.bias")]
-    names += [k for k in tensors if k.startswith("theta.heads.")]
-    return sum(int(np.prod(tuple(tensors[k].shape))) for k in names)
+    return masked_parameters(spec, *masks) / masked_parameters(spec, *chain_masks(spec))

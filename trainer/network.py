@@ -13,6 +13,10 @@ is one conv call over all lanes that use it. Batch norm is shared by all tasks b
 lane with its own batch statistics and updates the running statistics once per task, in task order
 (`TaskBatchNorm`), so stacked execution equals running the tasks one after another.
 
+Every block and head is built from its definition in `dagc.blocks` (shapes, strides, pooling,
+resize, BN epsilon and parameter names); the heads and `TaskBatchNorm` have their own modules
+(`dagc.trainer.heads`, `dagc.trainer.batchnorm`) and are re-exported here.
+
 When the input is shared and every task has the same edge weights and no architecture gradient is
 needed (the warm-up stage, where Γ, A, B are frozen at 0), all task states are identical: the
 network then runs once, as one lane that stands for all K tasks.
@@ -20,99 +24,41 @@ network then runs once, as one lane that stands for all K tasks.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dagc.errors import DataError, SpecError
-from dagc.spec import Spec, TaskSpec
+from dagc.blocks import HIDDEN, READ_IN, READ_OUT, BlockDef, BlockKey, blocks
+from dagc.errors import CheckpointError, DataError, SpecError
+from dagc.spec import Spec
+from dagc.trainer.batchnorm import TaskBatchNorm
+from dagc.trainer.heads import ASPPHead, LinearHead, aspp_stacked, make_head
 from dagc.trainer.topology import close_masks, is_connected
 
-
-class TaskBatchNorm(nn.Module):
-    """BatchNorm2d over a batch made of ``groups`` lanes, each lane normalised on its own.
-
-    The batch is laid out sample-major, (B, groups) flattened: sample b of lane g is row
-    ``b * groups + g``. Viewed as (B, groups*C, H, W), per-lane statistics are plain per-channel
-    statistics, so one fused native batch-norm call serves all lanes. Parameters and running
-    statistics are shared by all lanes. In training each lane uses its own batch statistics, and the
-    running statistics are updated once per lane, in lane order; a lane may stand for several
-    identical tasks (``repeats``) and is then applied that many times. With one lane this is exactly
-    ``nn.BatchNorm2d``. In eval mode the running statistics serve every lane.
-    """
-
-    def __init__(self, channels: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
-        super().__init__()
-        self.eps, self.momentum = eps, momentum
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.register_buffer("running_mean", torch.zeros(channels))
-        self.register_buffer("running_var", torch.ones(channels))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-
-    def forward(self, x: Tensor, groups: int = 1, repeats: Sequence[int] | None = None) -> Tensor:
-        """Normalise ``x`` of shape (B*groups, C, H, W); ``repeats[g]`` counts lane g's tasks.
-
-        Half-precision inputs (autocast's conv outputs) are normalised in float32, so statistics
-        accumulate in the precision of the float32 running statistics."""
-        if x.dtype in (torch.float16, torch.bfloat16):
-            x = x.float()
-        if not self.training:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                False, 0.0, self.eps)
-        reps = list(repeats) if repeats is not None else [1] * groups
-        if groups == 1 and reps == [1]:
-            self.num_batches_tracked.add_(1)
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                True, self.momentum, self.eps)
-        n, c, h, w = x.shape
-        count = (n // groups) * h * w
-        if count < 2:
-            raise ValueError(f"batch norm needs more than 1 value per channel and task, got {count}")
-        # Normalise without affine (the affine is shared, so it is applied once on (n, c, h, w)
-        # rather than repeated per lane): fewer calls, which is what small maps are bound by.
-        # reshape, not view: a channels-last batch cannot be viewed lane-major (reshape copies it).
-        y, mean, invstd = torch.native_batch_norm(
-            x.reshape(n // groups, groups * c, h, w), None, None, None, None, True, 0.0, self.eps)
-        with torch.no_grad():
-            var = invstd.pow(-2).sub_(self.eps).mul_(count / (count - 1))  # unbiased, as BatchNorm2d
-            self._update_running(mean.view(groups, c), var.view(groups, c), reps)
-        return torch.addcmul(self.bias.view(1, c, 1, 1), y.reshape(n, c, h, w), self.weight.view(1, c, 1, 1))
-
-    def _update_running(self, means: Tensor, vars_: Tensor, reps: list[int]) -> None:
-        # Applying r <- (1-m) r + m s once per task in order has the closed form
-        # r_T = (1-m)^T r_0 + sum_t m (1-m)^(T-t) s_t: one weighted sum instead of T small updates.
-        keep, coef = _running_coefficients(tuple(reps), self.momentum, means.dtype, means.device)
-        self.running_mean.addmv_(means.t(), coef, beta=keep)
-        self.running_var.addmv_(vars_.t(), coef, beta=keep)
-        self.num_batches_tracked.add_(sum(reps))
-
-
-@functools.lru_cache(maxsize=256)
-def _running_coefficients(reps: tuple[int, ...], m: float, dtype: torch.dtype,
-                          device: torch.device) -> tuple[float, Tensor]:
-    """(1-m)^T and each lane's summed weight m (1-m)^(T-t) over the positions t it occupies."""
-    total = sum(reps)
-    weights, pos = [], 0
-    for r in reps:
-        weights.append(sum(m * (1 - m) ** (total - 1 - t) for t in range(pos, pos + r)))
-        pos += r
-    return (1 - m) ** total, torch.tensor(weights, dtype=dtype, device=device)
+# Names other modules import from here (the heads and the batch norm live in their own modules).
+__all__ = [
+    "CentralNetwork", "Block", "TaskBatchNorm", "ASPPHead", "LinearHead", "make_head", "aspp_stacked",
+    "resize", "edge_key", "count_parameters", "network_tensors", "load_network_tensors",
+    "network_from_checkpoint",
+]
 
 
 class Block(nn.Module):
-    """conv(k×k, no bias) → TaskBatchNorm → ReLU → MaxPool(pool) when pool > 1 (appendix Table 8)."""
+    """One block of the central network, as its `dagc.blocks.BlockDef` says: resize(from_stride ->
+    to_stride) → conv (no bias) → TaskBatchNorm → ReLU → MaxPool(pool) when pool > 1 (appendix
+    Table 8)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, pool: int = 1) -> None:
+    def __init__(self, defn: BlockDef) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False)
-        self.bn = TaskBatchNorm(cout)
-        self.pool = pool
+        self.defn = defn
+        self.conv = nn.Conv2d(defn.cin, defn.cout, defn.conv.kernel, padding=defn.conv.padding, bias=False)
+        self.bn = TaskBatchNorm(defn.cout, eps=defn.bn_eps)
+        self.pool = defn.pool
 
     def forward(self, x: Tensor, groups: int = 1, repeats: Sequence[int] | None = None) -> Tensor:
+        x = resize(x, self.defn.from_stride, self.defn.to_stride)
         y = F.relu(self.bn(self.conv(x), groups, repeats))
         return F.max_pool2d(y, self.pool) if self.pool > 1 else y
 
@@ -128,97 +74,9 @@ def resize(x: Tensor, from_stride: int, to_stride: int) -> Tensor:
                          align_corners=False)
 
 
-class ASPPHead(nn.Module):
-    """DeepLab-v2 ASPP: per rate, conv3x3(dilation r) → ReLU → Dropout → conv1x1 → ReLU → Dropout →
-    conv1x1(out); branches summed and bilinearly upsampled to the input size. Normal predictions
-    are L2-normalised to unit vectors."""
-
-    def __init__(self, cin: int, hidden: int, out: int, rates: Sequence[int], dropout: float,
-                 normalize: bool) -> None:
-        super().__init__()
-        self.branches = nn.ModuleList(
-            nn.Sequential(
-                nn.Conv2d(cin, hidden, 3, padding=r, dilation=r), nn.ReLU(), nn.Dropout(dropout),
-                nn.Conv2d(hidden, hidden, 1), nn.ReLU(), nn.Dropout(dropout),
-                nn.Conv2d(hidden, out, 1),
-            )
-            for r in rates
-        )
-        self.normalize = normalize
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        y = self.branches[0](x)
-        for branch in self.branches[1:]:
-            y = y + branch(x)
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        return F.normalize(y, dim=1) if self.normalize else y
-
-
-def aspp_stacked(heads: Sequence[ASPPHead], x: Tensor, size: tuple[int, int], shared: bool) -> list[Tensor]:
-    """Run K ASPP heads at once as grouped convolutions (same result as calling each head).
-
-    Takes the heads, their features — (B, K*C, H, W) with task k's channels in block k (the free
-    view of a sample-major lane tensor), or (B, C, H, W) read by all heads when ``shared`` — and
-    the output size. Returns each head's prediction. Heads have their own weights; concatenating
-    them per call makes one conv call per layer instead of K, which is what matters when per-call
-    overhead dominates (small maps, CPU).
-    """
-    k = len(heads)
-    outs = [h.branches[0][-1].out_channels for h in heads]
-    width = max(outs)
-    p = heads[0].branches[0][2].p
-    total = None
-    for r in range(len(heads[0].branches)):
-        layers = [h.branches[r] for h in heads]
-        c1, c2, c3 = ([b[i] for b in layers] for i in (0, 3, 6))
-        rate = c1[0].dilation[0]
-        y = F.conv2d(x, torch.cat([c.weight for c in c1]), torch.cat([c.bias for c in c1]),
-                     padding=rate, dilation=rate, groups=1 if shared else k)
-        y = F.dropout(F.relu(y), p, heads[0].training)
-        y = F.conv2d(y, torch.cat([c.weight for c in c2]), torch.cat([c.bias for c in c2]), groups=k)
-        y = F.dropout(F.relu(y), p, heads[0].training)
-        # Output widths differ per task: append zero filters up to the widest, slice after.
-        # Concatenation rather than F.pad so the TorchScript ONNX exporter can infer the shape.
-        ws, bs = [], []
-        for c, o in zip(c3, outs):
-            ws.append(c.weight)
-            bs.append(c.bias)
-            if o < width:
-                ws.append(c.weight.new_zeros(width - o, *c.weight.shape[1:]))
-                bs.append(c.bias.new_zeros(width - o))
-        w3, b3 = torch.cat(ws), torch.cat(bs)
-        y = F.conv2d(y, w3, b3, groups=k)
-        total = y if total is None else total + y
-    total = F.interpolate(total, size=size, mode="bilinear", align_corners=False)
-    total = total.view(total.shape[0], k, width, *size)
-    preds = []
-    for i, (h, o) in enumerate(zip(heads, outs)):
-        y = total[:, i, :o]
-        preds.append(F.normalize(y, dim=1) if h.normalize else y)
-    return preds
-
-
-class LinearHead(nn.Module):
-    """Global average pooling → linear layer (classification)."""
-
-    def __init__(self, cin: int, out: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(cin, out)
-
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
-        return self.fc(x.mean(dim=(2, 3)))
-
-
-def make_head(task: TaskSpec, spec: Spec) -> nn.Module:
-    if task.head == "linear":
-        return LinearHead(spec.readout.channels, task.out_channels)
-    return ASPPHead(spec.readout.channels, spec.head_channels, task.out_channels, spec.aspp_rates,
-                    spec.head_dropout, normalize=task.kind == "normal")
-
-
 def edge_key(i: int, j: int) -> str:
     """Module name of hidden edge i -> j (0-based states), e.g. ``"2_4"``."""
-    return f"{i}_{j}"
+    return BlockKey(HIDDEN, i, j).name
 
 
 class CentralNetwork(nn.Module):
@@ -235,14 +93,11 @@ class CentralNetwork(nn.Module):
         super().__init__()
         self.spec = spec
         n, k = spec.n_states, spec.n_tasks
-        st = spec.states
-        self.edge_list = spec.hidden_edges()
-        self.edges = nn.ModuleDict({
-            edge_key(i, j): Block(st[i].channels, st[j].channels, 3, st[j].stride // st[i].stride)
-            for i, j in self.edge_list
-        })
-        self.read_in = nn.ModuleList(Block(spec.in_channels, s.channels, 3) for s in st)
-        self.read_out = nn.ModuleList(Block(s.channels, spec.readout.channels, 1) for s in st)
+        hidden = blocks(spec, HIDDEN)
+        self.edge_list = [(b.src, b.dst) for b in hidden]
+        self.edges = nn.ModuleDict({b.name: Block(b) for b in hidden})
+        self.read_in = nn.ModuleList(Block(b) for b in blocks(spec, READ_IN))
+        self.read_out = nn.ModuleList(Block(b) for b in blocks(spec, READ_OUT))
         self.heads = nn.ModuleDict({t.name: make_head(t, spec) for t in spec.tasks})
         self.arch_gamma = nn.Parameter(torch.zeros(k, n, n))
         self.arch_alpha = nn.Parameter(torch.zeros(k, n))
@@ -260,6 +115,10 @@ class CentralNetwork(nn.Module):
                              persistent=False)
         self.register_buffer("edge_dst", torch.tensor([j for _, j in self.edge_list], dtype=torch.long),
                              persistent=False)
+        # Per state j, its incoming hidden edges as (position in edge_list, source state, module name).
+        self._incoming: list[list[tuple[int, int, str]]] = [[] for _ in range(n)]
+        for pos, b in enumerate(hidden):
+            self._incoming[b.dst].append((pos, b.src, b.name))
 
     # ------------------------------------------------------------------ parameters and modes
     @property
@@ -354,9 +213,12 @@ class CentralNetwork(nn.Module):
             lanes = [[t] for t in range(len(names))]
         vl = self._trunk(x0, ge, ga, gb, [len(lane) for lane in lanes])
         vl = vl.view(-1, len(lanes), *vl.shape[1:])
+        return self._heads(vl, names, lanes, (int(x0.shape[-2]), int(x0.shape[-1])))
+
+    def _heads(self, vl: Tensor, names: list[str], lanes: list[list[int]], size: tuple[int, int]) -> dict[str, Tensor]:
+        """Each task's prediction from v_L, (B, lanes, C_L, H_L, W_L); several ASPP heads at once."""
         out: dict[str, Tensor] = {}
-        size = (int(x0.shape[-2]), int(x0.shape[-1]))
-        aspp = [t for t in range(len(names)) if isinstance(self.heads[names[t]], ASPPHead)]
+        aspp = [t for t in range(len(names)) if self.heads[names[t]].defn.kind == "aspp"]
         if len(aspp) > 1:
             heads = [self.heads[names[t]] for t in aspp]
             if len(lanes) == 1:
@@ -398,79 +260,79 @@ class CentralNetwork(nn.Module):
 
     def _trunk(self, x0: Tensor, ge: Tensor, ga: Tensor, gb: Tensor, reps: list[int]) -> Tensor:
         """Compute v_L of every lane; returns (B*lanes, C_L, H_L, W_L), sample-major."""
-        spec = self.spec
-        n_lanes = len(reps)
         shared = x0.dim() == 4
-        bsz = x0.shape[0] if shared else x0.shape[1]
+        ln = _Lanes(x0.shape[0] if shared else x0.shape[1], reps)
         # Per-task inputs (K, B, ...) -> sample-major (B*K, ...), the layout TaskBatchNorm expects.
         flat_in = x0 if shared else x0.transpose(0, 1).reshape(-1, *x0.shape[2:])
-        all_lanes = list(range(n_lanes))
         # Which lanes use each edge: all in soft mode; in hard mode read once from the masks
         # (one host transfer per forward, not one per edge).
-        if self.hard:
-            on_e, on_a, on_b = ((c != 0).T.tolist() for c in (ge, ga, gb))
-        else:
-            on_e = on_a = on_b = None
-
-        def active(on: list[list[bool]] | None, col: int) -> list[int]:
-            return all_lanes if on is None else [li for li in all_lanes if on[col][li]]
-
-        def gather(t: Tensor, lanes: list[int]) -> Tensor:
-            if len(lanes) == n_lanes:
-                return t
-            return t.view(bsz, n_lanes, *t.shape[1:])[:, lanes].reshape(-1, *t.shape[1:])
-
-        def add(acc: Tensor | None, y: Tensor, coef: Tensor, lanes: list[int]) -> Tensor:
-            """acc + coef[lane] * y on the given lanes; y is (B, len(lanes), C, H, W)."""
-            if len(lanes) == n_lanes:
-                c = coef.view(1, -1, 1, 1, 1)
-                return y * c if acc is None else torch.addcmul(acc, y, c)
-            idx = torch.tensor(lanes, device=y.device)
-            y = y.new_zeros(bsz, n_lanes, *y.shape[2:]).index_add(1, idx, y * coef[idx].view(1, -1, 1, 1, 1))
-            return y if acc is None else acc + y
-
-        def lanes_view(y: Tensor, n: int) -> Tensor:
-            return y.view(bsz, n, *y.shape[1:])
-
+        on_e, on_a, on_b = ((c != 0).T.tolist() for c in (ge, ga, gb)) if self.hard else (None, None, None)
         states: list[Tensor | None] = []  # each (B, lanes, C, H, W), zero on lanes where dead
-        edge_pos = {e: p for p, e in enumerate(self.edge_list)}
-        incoming: dict[int, list[int]] = {j: [] for j in range(spec.n_states)}
-        for i, j in self.edge_list:
-            incoming[j].append(i)
         vl: Tensor | None = None
-        for j, sj in enumerate(spec.states):
+        for j in range(self.spec.n_states):
             acc: Tensor | None = None
-            lanes = active(on_a, j)
+            lanes = ln.active(on_a, j)
             if lanes:
                 blk = self.read_in[j]
                 if shared:
                     # One image for all lanes: the read-in is computed once.
-                    y = blk(resize(flat_in, 1, sj.stride), 1, [sum(reps[li] for li in lanes)])
-                    y = y.unsqueeze(1).expand(bsz, len(lanes), *y.shape[1:])
+                    y = blk(flat_in, 1, [sum(reps[li] for li in lanes)])
+                    y = y.unsqueeze(1).expand(ln.bsz, len(lanes), *y.shape[1:])
                 else:
-                    y = lanes_view(blk(resize(gather(flat_in, lanes), 1, sj.stride), len(lanes),
-                                       [reps[li] for li in lanes]), len(lanes))
-                acc = add(acc, y, ga[:, j], lanes)
-            for i in incoming[j]:
-                pos = edge_pos[(i, j)]
-                lanes = active(on_e, pos)
+                    y = ln.view(blk(ln.gather(flat_in, lanes), len(lanes), ln.repeats(lanes)), len(lanes))
+                acc = ln.add(acc, y, ga[:, j], lanes)
+            for pos, i, name in self._incoming[j]:
+                lanes = ln.active(on_e, pos)
                 if not lanes:
                     continue
                 if states[i] is None:
                     raise SpecError(f"masks are not closed: edge {i}->{j} leaves dead state {i}; "
                                     "close them with dagc.trainer.topology.close_masks")
-                src = gather(states[i].reshape(-1, *states[i].shape[2:]), lanes)
-                y = self.edges[edge_key(i, j)](src, len(lanes), [reps[li] for li in lanes])
-                acc = add(acc, lanes_view(y, len(lanes)), ge[:, pos], lanes)
+                acc = ln.add(acc, ln.apply(self.edges[name], states[i], lanes), ge[:, pos], lanes)
             states.append(acc)
-            lanes = active(on_b, j)
+            lanes = ln.active(on_b, j)
             if lanes and acc is not None:
-                src = resize(gather(acc.reshape(-1, *acc.shape[2:]), lanes), sj.stride, spec.readout.stride)
-                y = self.read_out[j](src, len(lanes), [reps[li] for li in lanes])
-                vl = add(vl, lanes_view(y, len(lanes)), gb[:, j], lanes)
+                vl = ln.add(vl, ln.apply(self.read_out[j], acc, lanes), gb[:, j], lanes)
         if vl is None:
             raise SpecError("no task has an active read-out: the masks leave no path to the output")
         return vl.reshape(-1, *vl.shape[2:])
+
+
+class _Lanes:
+    """The lane layout of one stacked forward: ``bsz`` samples per lane, lane l standing for
+    ``reps[l]`` tasks; states are (B, lanes, C, H, W), blocks run on sample-major (B*lanes, ...)."""
+
+    def __init__(self, bsz: int, reps: list[int]) -> None:
+        self.bsz, self.reps, self.n = bsz, reps, len(reps)
+        self.all = list(range(self.n))
+
+    def active(self, on: list[list[bool]] | None, col: int) -> list[int]:
+        return self.all if on is None else [li for li in self.all if on[col][li]]
+
+    def repeats(self, lanes: list[int]) -> list[int]:
+        return [self.reps[li] for li in lanes]
+
+    def gather(self, t: Tensor, lanes: list[int]) -> Tensor:
+        if len(lanes) == self.n:
+            return t
+        return t.view(self.bsz, self.n, *t.shape[1:])[:, lanes].reshape(-1, *t.shape[1:])
+
+    def view(self, y: Tensor, n: int) -> Tensor:
+        return y.view(self.bsz, n, *y.shape[1:])
+
+    def apply(self, blk: Block, state: Tensor, lanes: list[int]) -> Tensor:
+        """``blk`` on the given lanes of a state; returns (B, len(lanes), C, H, W)."""
+        src = self.gather(state.reshape(-1, *state.shape[2:]), lanes)
+        return self.view(blk(src, len(lanes), self.repeats(lanes)), len(lanes))
+
+    def add(self, acc: Tensor | None, y: Tensor, coef: Tensor, lanes: list[int]) -> Tensor:
+        """acc + coef[lane] * y on the given lanes; y is (B, len(lanes), C, H, W)."""
+        if len(lanes) == self.n:
+            c = coef.view(1, -1, 1, 1, 1)
+            return y * c if acc is None else torch.addcmul(acc, y, c)
+        idx = torch.tensor(lanes, device=y.device)
+        y = y.new_zeros(self.bsz, self.n, *y.shape[2:]).index_add(1, idx, y * coef[idx].view(1, -1, 1, 1, 1))
+        return y if acc is None else acc + y
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -494,8 +356,6 @@ def load_network_tensors(net: CentralNetwork, tensors: Mapping[str, Tensor]) -> 
 
     Raises CheckpointError when a tensor is missing or has the wrong shape for the spec.
     """
-    from dagc.errors import CheckpointError
-
     state = {k[len("theta."):]: v for k, v in tensors.items() if k.startswith("theta.")}
     for name in ("gamma", "alpha", "beta"):
         if f"arch.{name}" not in tensors:
