@@ -1,6 +1,6 @@
 """The central network: a flow-restricted DAG of hidden states with read-in / read-out layers.
 
-Semantics (DESIGN.md, "Central network semantics"), for task k:
+Semantics (FORMAT.md, "Semantics"; what each block computes is `dagc.blocks`), for task k:
 
 * soft (search) mode: ``v_j = (1/In_j) [σ(α_j) R_j(v_0) + Σ_i σ(γ_ij) e_ij(v_i)]`` with ``In_j`` the
   structural in-degree of state j (its band edges plus the read-in edge);
