@@ -19,10 +19,7 @@ from dagc.runners import OrtRunner, Runner, compare, relative_error
 from dagc.spec import Spec
 from dagc.trainer.network import CentralNetwork
 
-# A reference is any runner; the masked supernet's is `supernet_reference`.
-Reference = Runner
-
-__all__ = ["verify", "supernet_reference", "random_inputs", "relative_error", "Reference"]
+__all__ = ["verify", "supernet_reference", "random_inputs", "relative_error"]
 
 
 def _spec_of(graph_or_spec: Graph | Spec) -> Spec:
