@@ -1,14 +1,15 @@
 """The runtime's own per-call cost: one task through `Engine.run` against a bare ONNX Runtime
 session of the same per-task model, in one process.
 
-    python benchmarks/bench_overhead.py [--blocks 300] [--calls 20] [--batch 1,8]
+    python benchmarks/bench_overhead.py [--blocks 300] [--calls 20] [--batch 1,8] [--out overhead.json]
 
 `dagc bench` times each variant once per round in random order, which is fine for ratios of
 milliseconds but too noisy to resolve a few tens of microseconds. Here the variants alternate in
 blocks of ``--calls`` back-to-back calls (block order flipped every block), and the median block
 time per call is compared: bare session, engine with value checks (default), engine with
 ``check_values=False``. Same artifact as `bench_runtime.py`'s ``tiny`` (trained briefly, 32x32,
-4 tasks), one intra-op thread. Writes ``benchmarks/overhead.json``.
+4 tasks), one intra-op thread. The bare session is the ``InferenceSession`` of a CPU
+`dagc.runners.OrtRunner`, called directly. Writes ``benchmarks/overhead.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 
 from dagc.checkpoint import write_atomic
 from dagc.compiler.compile import compile_checkpoint
-from dagc.runners import session_options
+from dagc.runners import OrtRunner
 from dagc.runtime import load
 
 HERE = Path(__file__).resolve().parent
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=300)
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--out", type=Path, default=HERE / "overhead.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -70,9 +72,8 @@ def main() -> None:
             x = np.random.default_rng(0).standard_normal((batch, c, h, w)).astype(np.float32)
             for task in checked.tasks:
                 name = checked.models_for([task])[0]
-                sess = ort.InferenceSession((tmp / "art" / name).read_bytes(), session_options(1),
-                                            providers=["CPUExecutionProvider"])
-                feed = sess.get_inputs()[0].name
+                bare = OrtRunner((tmp / "art" / name).read_bytes(), threads=1, device="cpu")
+                sess, feed = bare.session, bare.inputs[0]
                 calls = {"bare": lambda s=sess, t=task, f=feed, x=x: s.run([t], {f: x}),
                          "engine": lambda t=task, x=x: checked.run(x, [t]),
                          "unchecked": lambda t=task, x=x: unchecked.run(x, [t])}
@@ -92,7 +93,7 @@ def main() -> None:
                        "torch": torch.__version__, "onnxruntime": ort.__version__, "threads": 1},
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     text = json.dumps(doc, indent=2)
-    write_atomic(HERE / "overhead.json", lambda tmp: Path(tmp).write_text(text))
+    write_atomic(args.out, lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch
 
 from dagc.checkpoint import load_checkpoint, save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
+from dagc.runners import tensorrt_unavailable
 from dagc.tools.bench import benchmark, format_table, plot, write_json
 from dagc.trainer.train import TrainConfig, train
 
@@ -107,9 +108,7 @@ def run_one(name: str, ckpt: Path, tmp: Path, *, threads, warmup, min_reps, min_
     print(format_table(result))
     print("\n".join(goals(result)), flush=True)
     if gpu and torch.cuda.is_available():
-        from dagc.runners import tensorrt_unavailable as unavailable_reason
-
-        target = "tensorrt" if unavailable_reason() is None else "onnx"
+        target = "tensorrt" if tensorrt_unavailable() is None else "onnx"
         compile_checkpoint(ckpt, tmp / f"{name}_gpu_art", target=target, force=True)
         result = benchmark(tmp / f"{name}_gpu_art", ckpt, batches=BATCHES, backend="auto", device="cuda",
                            warmup=max(warmup, 3), min_reps=min_reps, min_seconds=min_seconds)

@@ -22,9 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from dagc.compiler.ir import CompileError, Graph
-from dagc.compiler.verify import Reference, compare_with_reference
+from dagc.compiler.lower import lower
+from dagc.compiler.runners import AotiRunner, load_package
+from dagc.runners import Runner, compare
 
 AOTI_RTOL = 1e-4
 # Batch sizes of the verification inputs: 1 and odd sizes catch a batch dimension specialised by export.
@@ -52,12 +55,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _lowered(graph: Graph, tasks: Sequence[str] | None):
-    from dagc.compiler.lower import lower
-
-    return lower(graph, tasks)
-
-
 def build_package(graph: Graph, tasks: Sequence[str] | None = None) -> tuple[bytes, list[str], list[str]]:
     """Compile the graph's model for ``tasks`` (default: all, the shared model) into a ``.pt2``.
 
@@ -66,9 +63,7 @@ def build_package(graph: Graph, tasks: Sequence[str] | None = None) -> tuple[byt
     (batch, C, H, W) with a dynamic batch of 1 to `MAX_BATCH`. Raises CompileError if export or
     compilation fails (the message carries the first line of the cause).
     """
-    import torch
-
-    module = _lowered(graph, tasks)
+    module = lower(graph, tasks)
     spec = graph.spec
     shape = (spec.in_channels, *spec.input_size)
     # Example batch 2: export specialises dimensions whose example size is 0 or 1.
@@ -88,44 +83,26 @@ def build_package(graph: Graph, tasks: Sequence[str] | None = None) -> tuple[byt
     return data, list(module.inputs), list(module.tasks)
 
 
-def load_package(data: bytes):
-    """Load ``.pt2`` bytes in Python; returns a callable (*inputs) -> list of tensors."""
-    import torch
-
-    with tempfile.TemporaryDirectory(prefix="dagc-aoti-") as tmp:
-        path = Path(tmp) / "model.pt2"
-        path.write_bytes(data)
-        # The loader extracts the package into its own directory, so ours can go at once.
-        return torch._inductor.aoti_load_package(str(path))
-
-
-def verify_package(data: bytes, inputs: Sequence[str], outputs: Sequence[str], reference: Reference, graph: Graph,
+def verify_package(data: bytes, inputs: Sequence[str], outputs: Sequence[str], reference: Runner, graph: Graph,
                    *, rtol: float = AOTI_RTOL, seed: int = 0) -> dict[str, float]:
     """Check that the package computes what ``reference`` (normally the masked supernet) computes.
 
     Takes the package bytes, its input and output names (from `build_package`), the reference
-    (dict input name -> array  ->  dict task -> array), the IR (for the input shape), the
-    tolerance and the seed. Runs it on standard-normal inputs of each batch size in
-    `VERIFY_BATCHES`. Returns task -> worst relative error (max|pkg - ref| / max(1, max|ref|)).
-    Raises CompileError naming the task if an error exceeds ``rtol``.
+    runner (`dagc.compiler.verify.supernet_reference`), the IR (for the input shape), the
+    tolerance and the seed. Runs it (`AotiRunner`) on standard-normal inputs of each batch size in
+    `VERIFY_BATCHES` and compares with `dagc.runners.compare`. Returns task -> worst relative
+    error (max|pkg - ref| / max(1, max|ref|)). Raises CompileError naming the task if an error
+    exceeds ``rtol``.
     """
-    import torch
-
     spec = graph.spec
-    runner = load_package(data)
+    runner = AotiRunner(data, inputs, outputs)
     rng = np.random.default_rng(seed)
     feeds = ({i: rng.standard_normal((b, spec.in_channels, *spec.input_size)).astype(np.float32) for i in inputs}
              for b in VERIFY_BATCHES)
-
-    def run(f):
-        with torch.no_grad():
-            got = runner(*(torch.from_numpy(f[i]) for i in inputs))
-        return {t: v.numpy() for t, v in zip(outputs, got, strict=True)}
-
-    return compare_with_reference(run, reference, feeds, outputs, rtol=rtol, what="AOTInductor package")
+    return compare(runner, reference, feeds, rtol=rtol, what="AOTInductor package")
 
 
-def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], graph: Graph, reference: Reference,
+def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], graph: Graph, reference: Runner,
                  model_file: Callable[..., str]) -> None:
     """Build and verify one package per ONNX model (shared, then per task) and add them to
     ``files`` and ``models``.
@@ -137,8 +114,6 @@ def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], gra
     dynamic range) and ``built_from`` (the ONNX file describing the same model). Raises
     CompileError (see `build_package`, `verify_package`).
     """
-    import torch
-
     for task in (None, *graph.tasks):
         onnx_name, name = model_file(task, "onnx"), model_file(task, "pt2")
         data, inputs, outputs = build_package(graph, None if task is None else [task])

@@ -1,6 +1,7 @@
-"""TensorRT plans built from the emitted ONNX models (TensorRT 10 Python API), and a minimal runner
-used to verify them against ONNX Runtime. GPU only: without CUDA or the `tensorrt` package every
-entry point raises CompileError saying so."""
+"""TensorRT plans built from the emitted ONNX models (TensorRT 10 Python API) and their verification
+against ONNX Runtime (`dagc.runners.TrtRunner` against `dagc.runners.OrtRunner`, through
+`dagc.runners.compare`). GPU only: without CUDA or the `tensorrt` package every entry point raises
+CompileError saying so."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from dagc.errors import CompileError
+from dagc.errors import CompileError, RunnerError
+from dagc.runners import OrtRunner, TrtRunner, compare
 from dagc.runners import tensorrt_unavailable as unavailable_reason
 
 # TensorRT may run fp32 convolutions in TF32 on Ampere and newer; tolerances relative to the output
@@ -58,33 +60,33 @@ def build_plan(onnx_bytes: bytes, input_shapes: Mapping[str, Sequence[int]], bat
 
 
 def run_plan(plan: bytes, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a plan once on host arrays (through PyTorch CUDA tensors); returns outputs by name."""
+    """Run a plan once on host arrays (`dagc.runners.TrtRunner`); returns outputs by name. Raises
+    CompileError if TensorRT is unavailable or cannot deserialize or run the plan."""
     _require()
-    import tensorrt as trt
-    import torch
+    batch = next(iter(inputs.values())).shape[0]
+    try:
+        return TrtRunner(plan, (batch,)).run(dict(inputs))
+    except RunnerError as e:
+        raise CompileError(str(e)) from None
 
-    logger = trt.Logger(trt.Logger.WARNING)
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
-    if engine is None:
-        raise CompileError("TensorRT could not deserialize the plan (built for another GPU or version?)")
-    context = engine.create_execution_context()
-    keep = {}
-    outputs = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-            t = torch.from_numpy(np.ascontiguousarray(inputs[name], dtype=np.float32)).cuda()
-            context.set_input_shape(name, tuple(t.shape))
-            context.set_tensor_address(name, t.data_ptr())
-            keep[name] = t
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-            t = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
-            context.set_tensor_address(name, t.data_ptr())
-            outputs[name] = t
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise CompileError("TensorRT execution failed")
-    stream.synchronize()
-    return {k: v.cpu().numpy() for k, v in outputs.items()}
+
+def verify_plan(plan: bytes, onnx_bytes: bytes, name: str, batches: Sequence[int], *, fp16: bool = False,
+                shape: Sequence[int], seed: int = 0) -> dict[str, float]:
+    """Check a plan against ONNX Runtime (CPU) running the ONNX model it was built from.
+
+    Takes the plan, the ONNX bytes, the ONNX file's name (for messages), the plan's batch sizes,
+    its precision, each input's (C, H, W) and the seed. Runs both on one seeded standard-normal
+    batch of ``max(batches)`` and compares them with `dagc.runners.compare` at `TOLERANCE`.
+    Returns task -> worst relative error. Raises CompileError if TensorRT is unavailable, cannot
+    deserialize or run the plan, or an output differs beyond the tolerance.
+    """
+    _require()
+    reference = OrtRunner(onnx_bytes, device="cpu")
+    rng = np.random.default_rng(seed)
+    feeds = {i: rng.standard_normal((max(batches), *shape)).astype(np.float32) for i in reference.inputs}
+    try:
+        runner = TrtRunner(plan, batches)
+        return compare(runner, reference, [feeds], reference.outputs, rtol=TOLERANCE["fp16" if fp16 else "fp32"],
+                       what=f"TensorRT plan of {name}", against="ONNX Runtime")
+    except RunnerError as e:
+        raise CompileError(f"{name}: {e}") from None

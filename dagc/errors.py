@@ -43,3 +43,9 @@ class InputError(DagcError, ValueError):
 
 class BenchError(DagcError, ValueError):
     """The benchmark cannot run: mismatched artifact and checkpoint, unknown backend, bad option."""
+
+
+class RunnerError(DagcError):
+    """An execution back end cannot load or run a model: a TensorRT plan built for another GPU or
+    TensorRT version, a failed TensorRT execution. The runtime reports a plan it cannot load as an
+    `ArtifactError`, the compiler as a `CompileError`."""

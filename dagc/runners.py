@@ -1,13 +1,50 @@
-"""Execution back ends shared by the compiler (which verifies with them) and the runtime (which
-serves with them): ONNX Runtime session options and the TensorRT availability check.
+"""Ways of executing a model, one protocol for all of them, and the one comparison every
+verification uses.
 
-They sit in the core because both the compiler and the runtime need them and neither may import
-the other.
+`Runner` is what every execution back end offers: the input names it reads, the output (task)
+names it computes, and ``run(feeds, outputs=None)``, numpy arrays in and out. Implemented here for
+ONNX Runtime (`OrtRunner`) and TensorRT plans (`TrtRunner`), in `dagc.compiler.runners` for the
+masked supernet, the lowered module and AOTInductor packages, and in `dagc.runtime.torch_backend`
+for the PyTorch interpreter of the emitted ONNX. `compare` runs a runner and a reference on the
+same inputs and refuses outputs that differ by more than a tolerance relative to the output scale
+(`relative_error`).
+
+These sit in the core because both the compiler (which verifies with them) and the runtime (which
+serves with them) need them, and neither may import the other. ``onnxruntime``, ``tensorrt`` and
+``torch`` are imported only when a runner that needs them is created: the core imports without
+them.
 """
 
 from __future__ import annotations
 
-__all__ = ["session_options", "tensorrt_unavailable"]
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from dagc.errors import CompileError, DagcError, RunnerError
+
+__all__ = ["Runner", "OrtRunner", "TrtRunner", "compare", "relative_error", "ort_providers", "session_options",
+           "tensorrt_unavailable"]
+
+
+@runtime_checkable
+class Runner(Protocol):
+    """A model that can be run: ``inputs`` (the input names it reads, in its order), ``outputs``
+    (the output names it computes, task names in dagc, in its order) and ``run``."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run on ``feeds`` (input name -> float32 array (batch, C, H, W); holds at least
+        ``inputs``) and return output name -> array for ``outputs`` (default: all), in that order."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# ONNX Runtime
 
 
 def session_options(threads: int | None = None):
@@ -25,6 +62,58 @@ def session_options(threads: int | None = None):
     return opts
 
 
+ORT_DEVICES = ("auto", "cpu", "cuda")
+
+
+def ort_providers(device: str = "auto") -> list[str]:
+    """ONNX Runtime execution providers for ``device``, CPUExecutionProvider last: ``auto`` puts
+    TensorrtExecutionProvider and CUDAExecutionProvider first when the installed ONNX Runtime offers
+    them, ``cuda`` only CUDAExecutionProvider (when offered), ``cpu`` none. Raises ValueError for
+    another device."""
+    import onnxruntime as ort
+
+    if device not in ORT_DEVICES:
+        raise ValueError(f"unknown ONNX Runtime device {device!r}; choose one of {list(ORT_DEVICES)}")
+    gpu = {"auto": ("TensorrtExecutionProvider", "CUDAExecutionProvider"), "cuda": ("CUDAExecutionProvider",),
+           "cpu": ()}[device]
+    available = ort.get_available_providers()
+    return [p for p in gpu if p in available] + ["CPUExecutionProvider"]
+
+
+class OrtRunner:
+    """An ONNX model in an ONNX Runtime session: the only place dagc creates one.
+
+    Takes the serialized model, the intra-op thread count (None: ONNX Runtime's default) and the
+    device (`ort_providers`). With ``auto`` a GPU provider that fails to initialise falls back to
+    the CPU; with ``cuda`` or ``cpu`` a failure is raised (ONNX Runtime's own exception, as for an
+    unreadable model). `run` is thread-safe (``InferenceSession.run`` is).
+    """
+
+    def __init__(self, model: bytes, *, threads: int | None = None, device: str = "auto") -> None:
+        import onnxruntime as ort
+
+        opts = session_options(threads)
+        providers = ort_providers(device)
+        try:
+            self.session = ort.InferenceSession(model, opts, providers=providers)
+        except Exception:  # noqa: BLE001 - a GPU provider that fails to initialise: run on the CPU
+            if device != "auto" or providers == ["CPUExecutionProvider"]:
+                raise
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        self.inputs = tuple(i.name for i in self.session.get_inputs())
+        self.outputs = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """See `Runner.run`; ``feeds`` must hold exactly the model's inputs (ONNX Runtime refuses
+        others)."""
+        names = self.outputs if outputs is None else outputs
+        return dict(zip(names, self.session.run(names, feeds)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorRT
+
+
 def tensorrt_unavailable(what: str = "--target tensorrt", instead: str = "compile with --target onnx") -> str | None:
     """None when TensorRT can build and run here; otherwise why not, as one sentence naming
     ``what`` needs it and what to do ``instead``."""
@@ -37,3 +126,120 @@ def tensorrt_unavailable(what: str = "--target tensorrt", instead: str = "compil
     except ImportError:
         return f"{what} needs the tensorrt package; install dagc[gpu] or {instead}"
     return None
+
+
+class TrtRunner:
+    """A deserialised TensorRT plan (TensorRT 10 API), run through PyTorch CUDA tensors.
+
+    Takes the plan bytes and the batch sizes its optimisation profile was built for (the profile
+    covers ``min(batches)..max(batches)``). Each calling thread gets its own execution context and
+    CUDA stream, so `run` is thread-safe; a batch beyond the profile runs in chunks of the largest
+    batch, a chunk below the smallest is zero-padded up to it. Inputs and outputs are float32.
+    Raises RunnerError if the plan cannot be deserialised (built for another GPU or TensorRT
+    version); the caller checks `tensorrt_unavailable` first.
+    """
+
+    def __init__(self, plan: bytes, batches: Sequence[int] = (1,)) -> None:
+        import tensorrt as trt
+
+        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        if self.engine is None:
+            raise RunnerError("TensorRT could not deserialize the plan (built for another GPU or TensorRT version?)")
+        self.lo, self.hi = int(min(batches)), int(max(batches))
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        mode = trt.TensorIOMode
+        self.inputs = tuple(n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT)
+        self.outputs = tuple(n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT)
+        self.local = threading.local()
+
+    def _state(self):
+        import torch
+
+        st = getattr(self.local, "state", None)
+        if st is None:
+            st = self.local.state = (self.engine.create_execution_context(), torch.cuda.Stream())
+        return st
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """See `Runner.run`. Raises RunnerError if TensorRT reports a failed execution."""
+        import torch
+
+        names = self.outputs if outputs is None else tuple(outputs)
+        context, stream = self._state()
+        n = next(iter(feeds.values())).shape[0]
+        parts: dict[str, list[np.ndarray]] = {t: [] for t in names}
+        with torch.cuda.stream(stream):
+            for start in range(0, n, self.hi):
+                stop = min(n, start + self.hi)
+                # The input buffers stay referenced until the next chunk: the execution reads them.
+                outs, _inputs = self._bind(context, feeds, start, stop)
+                if not context.execute_async_v3(stream.cuda_stream):
+                    raise RunnerError("TensorRT execution failed")
+                for name in names:  # .cpu() copies on the current stream, after the execution
+                    parts[name].append(outs[name][: stop - start].cpu().numpy())
+        stream.synchronize()
+        return {t: v[0] if len(v) == 1 else np.concatenate(v) for t, v in parts.items()}
+
+    def _bind(self, context, feeds: Mapping[str, np.ndarray], start: int, stop: int):
+        """Device buffers for rows ``start:stop`` of the inputs (padded up to the profile's smallest
+        batch) and for all outputs, bound to ``context``: (outputs by name, inputs to keep alive)."""
+        import torch
+
+        size = max(stop - start, self.lo)
+        keep = []
+        for name in self.inputs:
+            t = torch.zeros((size, *feeds[name].shape[1:]), dtype=torch.float32, device="cuda")
+            t[: stop - start].copy_(torch.from_numpy(np.ascontiguousarray(feeds[name][start:stop], dtype=np.float32)))
+            context.set_input_shape(name, tuple(t.shape))
+            context.set_tensor_address(name, t.data_ptr())
+            keep.append(t)
+        outs = {}
+        for name in self.outputs:
+            t = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+            context.set_tensor_address(name, t.data_ptr())
+            outs[name] = t
+        return outs, keep
+
+
+# ---------------------------------------------------------------------------------------------------
+# the comparison
+
+
+def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
+    """max|got - ref| / max(1, max|ref|); inf when shapes differ or ``got`` is not finite."""
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    if got.shape != ref.shape or not np.all(np.isfinite(got)):
+        return float("inf")
+    if got.size == 0:
+        return 0.0
+    return float(np.max(np.abs(got - ref)) / max(1.0, float(np.max(np.abs(ref)))))
+
+
+def compare(runner: Runner, reference: Runner, feeds: Iterable[Mapping[str, np.ndarray]],
+            outputs: Sequence[str] | None = None, *, rtol: float, what: str, against: str = "the masked supernet",
+            error: type[DagcError] = CompileError, consequence: str = "nothing was written") -> dict[str, float]:
+    """Run ``runner`` and ``reference`` on every feed dict and compare their ``outputs`` (default:
+    all of the runner's).
+
+    Takes the two runners, the feed dicts (input name -> array, holding the inputs of both), the
+    output names, the tolerance, what is compared and against what (for the message: "the
+    {what} differs from {against}"), the error class to raise and the consequence the message ends
+    with. Returns output -> worst `relative_error` over the feeds. Raises ``error`` naming the
+    output if the reference does not compute it or an error exceeds ``rtol``.
+    """
+    names = tuple(runner.outputs if outputs is None else outputs)
+    asked = tuple(t for t in names if t in reference.outputs)  # a runner may refuse names it lacks
+    tail = f"; {consequence}" if consequence else ""
+    worst = dict.fromkeys(names, 0.0)
+    for f in feeds:
+        got = runner.run(dict(f), names)
+        ref = reference.run(dict(f), asked)
+        for t in names:
+            if t not in ref:
+                raise error(f"task {t!r}: {against} computes no output for it (it has {sorted(ref)}){tail}")
+            worst[t] = max(worst[t], relative_error(got[t], ref[t]))
+    for t in names:
+        if not worst[t] <= rtol:
+            raise error(f"task {t!r}: the {what} differs from {against} by {worst[t]:.1e} (relative to the "
+                        f"output scale; tolerance {rtol:.0e}){tail}")
+    return worst

@@ -1,6 +1,7 @@
 """Load a compiled artifact and run any subset of its tasks: `load(artifact_dir) -> Engine`.
 
-Backends (`BACKENDS`):
+Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, made by
+`dagc.runtime.backends.make_runner`):
 
 ``onnxruntime``
     ONNX Runtime sessions of the artifact's ``.onnx`` files: CPUExecutionProvider, with
@@ -12,11 +13,10 @@ Backends (`BACKENDS`):
     the GPU (one execution context and CUDA stream per thread). Needs CUDA and the ``tensorrt``
     package.
 ``torch``
-    The reference: a small interpreter of the ONNX operator set dagc emits (Conv, BatchNormalization,
-    Relu, MaxPool, AveragePool, Resize, Sum/Add/Mul/Div, ReduceL2, Max, GlobalAveragePool, Flatten,
-    Gemm, Identity, Constant) written with ``torch.nn.functional``, reading the weights from the ONNX
-    initializers. An artifact holds no checkpoint, so this is how the lowered computation is
-    reproduced in PyTorch; it is stateless and runs under ``torch.inference_mode``.
+    The reference: a small interpreter of the ONNX operator set dagc emits, written with
+    ``torch.nn.functional`` (`dagc.runtime.torch_backend`). An artifact holds no checkpoint, so
+    this is how the lowered computation is reproduced in PyTorch; it is stateless and runs under
+    ``torch.inference_mode``.
 ``auto``
     ``tensorrt`` when the artifact has plans and a CUDA GPU with TensorRT is present, else
     ``onnxruntime``.
@@ -26,13 +26,13 @@ and again when its session is created (lazily, on first use, once per file). `En
 call from many threads at once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
-available) and `InputError` (bad images, unknown tasks, bad arguments); both are
-`dagc.errors.DagcError`, so the CLI prints them as one line and exits with code 2.
+available, a plan this GPU cannot load) and `InputError` (bad images, unknown tasks, bad
+arguments); a TensorRT execution that fails raises `RunnerError`. All are `dagc.errors.DagcError`,
+so the CLI prints them as one line and exits with code 2.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import re
 import threading
@@ -43,14 +43,11 @@ from typing import Any
 import numpy as np
 
 from dagc.artifact import read_manifest
-from dagc.errors import ArtifactError, DagcError, InputError
-from dagc.runners import session_options, tensorrt_unavailable
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+from dagc.errors import ArtifactError, InputError
+from dagc.runners import Runner
+from dagc.runtime.backends import BACKENDS, make_runner, resolve_backend
 
 __all__ = ["load", "Engine", "ArtifactError", "InputError", "BACKENDS"]
-
-
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
@@ -148,7 +145,7 @@ class Engine:
         fmt = "tensorrt" if self.backend == "tensorrt" else "onnx"
         self._models = {n: m for n, m in models.items() if m.info.get("format") == fmt}
         self._single = {t: [m for m in self._models.values() if m.tasks == {t}] for t in self.tasks}
-        self._runners: dict[str, Any] = {}
+        self._runners: dict[str, Runner] = {}
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
         self._limits = self._value_limits()
@@ -162,26 +159,7 @@ class Engine:
 
     # ------------------------------------------------------------------ backend choice
     def _resolve(self, backend: str, models: Mapping[str, _Model]) -> str:
-        plans = [m for m in models.values() if m.info.get("format") == "tensorrt"]
-        if backend == "auto":
-            return "tensorrt" if plans and _tensorrt_unavailable() is None else "onnxruntime"
-        if backend == "tensorrt":
-            if not plans:
-                raise ArtifactError(f"backend 'tensorrt' needs TensorRT plans and {self.artifact_dir} has none "
-                                    "(compiled with --target onnx); recompile with --target tensorrt on a GPU "
-                                    "machine or use backend 'onnxruntime'")
-            reason = _tensorrt_unavailable()
-            if reason:
-                raise ArtifactError(reason)
-        if backend == "onnxruntime":
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                raise ArtifactError("backend 'onnxruntime' needs the onnxruntime package; install dagc[cpu] "
-                                    "(or onnxruntime-gpu)") from None
-        if backend in ("onnxruntime", "torch") and not any(m.info.get("format") == "onnx" for m in models.values()):
-            raise ArtifactError(f"{self.artifact_dir} has no ONNX models; recompile it with dagc compile")
-        return backend
+        return resolve_backend(backend, {m.info.get("format") for m in models.values()}, self.artifact_dir)
 
     # ------------------------------------------------------------------ model choice
     def models_for(self, tasks: Iterable[str] | None = None) -> tuple[str, ...]:
@@ -221,19 +199,15 @@ class Engine:
         return min(options, key=lambda o: (o[0], o[1], [m.name for m in o[2]]))[2]
 
     # ------------------------------------------------------------------ runners
-    def _runner(self, model: _Model):
+    def _runner(self, model: _Model) -> Runner:
+        """The model's runner, created on first use (once, under the lock) from its verified bytes."""
         r = self._runners.get(model.name)
         if r is None:
             with self._lock:
                 r = self._runners.get(model.name)
                 if r is None:
                     data = self.read_verified(model.name)
-                    if self.backend == "onnxruntime":
-                        r = _OrtRunner(data, self._threads)
-                    elif self.backend == "torch":
-                        r = _TorchRunner(data, model.name)
-                    else:
-                        r = _TrtRunner(data, model.info)
+                    r = make_runner(self.backend, data, model.name, model.info, self._threads)
                     self._runners[model.name] = r
         return r
 
@@ -407,282 +381,3 @@ class Engine:
             model_feeds = {i: feeds[i] for i in model.inputs}
             out.update(self._runner(model).run(model_feeds, outputs))
         return {t: out[t] for t in names}
-
-
-# ---------------------------------------------------------------------------------------------------
-# ONNX Runtime
-
-
-def _ort_providers() -> list[str]:
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    return [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available] + [
-        "CPUExecutionProvider"]
-
-
-class _OrtRunner:
-    def __init__(self, data: bytes, threads: int | None) -> None:
-        import onnxruntime as ort
-
-        opts = session_options(threads)
-        providers = _ort_providers()
-        try:
-            self.session = ort.InferenceSession(data, opts, providers=providers)
-        except Exception:  # noqa: BLE001 - a GPU provider that fails to initialise: run on the CPU
-            if providers == ["CPUExecutionProvider"]:
-                raise
-            self.session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        return dict(zip(outputs, self.session.run(outputs, feeds)))  # InferenceSession.run is thread-safe
-
-
-# ---------------------------------------------------------------------------------------------------
-# TensorRT
-
-
-def _tensorrt_unavailable() -> str | None:
-    """None when TensorRT plans can run here, else the reason in one sentence."""
-    return tensorrt_unavailable("backend 'tensorrt'", "use backend 'onnxruntime'")
-
-
-class _TrtRunner:
-    """A deserialised plan; one execution context and one CUDA stream per calling thread. Batches
-    beyond the plan's profile are run in chunks (and padded up to its smallest batch)."""
-
-    def __init__(self, data: bytes, info: Mapping[str, Any]) -> None:
-        import tensorrt as trt
-
-        self.trt = trt
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(data)
-        if self.engine is None:
-            raise ArtifactError("TensorRT could not deserialize the plan (built for another GPU or TensorRT "
-                                "version?); recompile the artifact on this machine")
-        batches = info.get("batches") or [1]
-        self.lo, self.hi = int(min(batches)), int(max(batches))
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.local = threading.local()
-
-    def _state(self):
-        import torch
-
-        st = getattr(self.local, "state", None)
-        if st is None:
-            st = self.local.state = (self.engine.create_execution_context(), torch.cuda.Stream())
-        return st
-
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        import torch
-
-        context, stream = self._state()
-        n = next(iter(feeds.values())).shape[0]
-        parts: dict[str, list[np.ndarray]] = {t: [] for t in outputs}
-        with torch.cuda.stream(stream):
-            for start in range(0, n, self.hi):
-                stop = min(n, start + self.hi)
-                size = max(stop - start, self.lo)
-                keep = []
-                for name in self.inputs:
-                    t = torch.zeros((size, *feeds[name].shape[1:]), dtype=torch.float32, device="cuda")
-                    t[: stop - start].copy_(torch.from_numpy(feeds[name][start:stop]))
-                    context.set_input_shape(name, tuple(t.shape))
-                    context.set_tensor_address(name, t.data_ptr())
-                    keep.append(t)
-                outs = {}
-                for name in self.outputs:
-                    t = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
-                    context.set_tensor_address(name, t.data_ptr())
-                    outs[name] = t
-                if not context.execute_async_v3(stream.cuda_stream):
-                    raise RuntimeError("TensorRT execution failed")
-                for name in outputs:
-                    parts[name].append(outs[name][: stop - start].cpu().numpy())
-        stream.synchronize()
-        return {t: v[0] if len(v) == 1 else np.concatenate(v) for t, v in parts.items()}
-
-
-# ---------------------------------------------------------------------------------------------------
-# PyTorch reference: an interpreter of the ONNX operators dagc emits
-
-
-def _ints(v, n=2):
-    return [int(a) for a in v] if v is not None else None
-
-
-def _pads(attrs, node) -> tuple[int, int]:
-    pads = _ints(attrs.get("pads")) or [0, 0, 0, 0]
-    if attrs.get("auto_pad", "NOTSET") not in ("NOTSET", ""):
-        raise ArtifactError(f"node {node!r}: auto_pad is not supported by the torch backend")
-    if len(pads) != 4 or pads[0] != pads[2] or pads[1] != pads[3]:
-        raise ArtifactError(f"node {node!r}: asymmetric pads {pads} are not supported by the torch backend")
-    return pads[0], pads[1]
-
-
-def _compile_node(node):
-    """(function of the input tensors) for one ONNX node; raises ArtifactError if unsupported."""
-    import torch
-    import torch.nn.functional as F
-    from onnx import helper
-
-    attrs = {}
-    for a in node.attribute:
-        v = helper.get_attribute_value(a)
-        attrs[a.name] = v.decode() if isinstance(v, bytes) else v
-    op, name = node.op_type, node.name or node.output[0]
-
-    def unsupported(why: str):
-        return ArtifactError(f"the torch backend does not support {op} node {name!r} ({why}); use backend "
-                             "'onnxruntime'")
-
-    if op == "Conv":
-        ph, pw = _pads(attrs, name)
-        stride = _ints(attrs.get("strides")) or [1, 1]
-        dil = _ints(attrs.get("dilations")) or [1, 1]
-        group = int(attrs.get("group", 1))
-        return lambda x, w, b=None: F.conv2d(x, w, b, stride, (ph, pw), dil, group)
-    if op == "BatchNormalization":
-        if attrs.get("training_mode", 0):
-            raise unsupported("training mode")
-        eps = float(attrs.get("epsilon", 1e-5))
-        return lambda x, s, b, m, v: F.batch_norm(x, m, v, s, b, False, 0.0, eps)
-    if op == "Relu":
-        return F.relu
-    if op in ("MaxPool", "AveragePool"):
-        ph, pw = _pads(attrs, name)
-        k = _ints(attrs["kernel_shape"])
-        stride = _ints(attrs.get("strides")) or [1, 1]
-        ceil = bool(attrs.get("ceil_mode", 0))
-        if op == "MaxPool":
-            dil = _ints(attrs.get("dilations")) or [1, 1]
-            return lambda x: F.max_pool2d(x, k, stride, (ph, pw), dil, ceil)
-        include = bool(attrs.get("count_include_pad", 0))
-        return lambda x: F.avg_pool2d(x, k, stride, (ph, pw), ceil, include)
-    if op == "GlobalAveragePool":
-        return lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
-    if op == "Flatten":
-        axis = int(attrs.get("axis", 1))
-
-        def flatten(x):
-            a = axis if axis >= 0 else axis + x.dim()
-            return x.reshape(int(np.prod(x.shape[:a])), -1)
-
-        return flatten
-    if op == "Gemm":
-        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-        ta, tb = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
-
-        def gemm(a, b, c=None):
-            a = a.t() if ta else a
-            if tb and alpha == 1.0 and beta == 1.0:
-                return F.linear(a, b, c)
-            y = alpha * (a @ (b.t() if tb else b))
-            return y if c is None else y + beta * c
-
-        return gemm
-    if op in ("Sum", "Add"):
-        return lambda *xs: functools.reduce(torch.add, xs)
-    if op == "Max":
-        return lambda *xs: functools.reduce(torch.maximum, xs)
-    if op == "Min":
-        return lambda *xs: functools.reduce(torch.minimum, xs)
-    if op == "Mul":
-        return torch.mul
-    if op == "Div":
-        return torch.div
-    if op == "Sub":
-        return torch.sub
-    if op == "Identity":
-        return lambda x: x
-    if op == "ReduceL2":
-        keep = bool(attrs.get("keepdims", 1))
-        axes_attr = attrs.get("axes")
-
-        def reduce_l2(x, axes=None):
-            dims = axes_attr if axes is None else axes.tolist()
-            dims = tuple(int(d) for d in dims) if dims is not None and len(dims) else tuple(range(x.dim()))
-            return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keep)
-
-        return reduce_l2
-    if op == "Resize":
-        if attrs.get("mode", "nearest") != "linear":
-            raise unsupported(f"mode {attrs.get('mode', 'nearest')!r}")
-        ctm = attrs.get("coordinate_transformation_mode", "half_pixel")
-        if ctm not in ("half_pixel", "pytorch_half_pixel"):
-            raise unsupported(f"coordinate_transformation_mode {ctm!r}")
-        if attrs.get("antialias", 0):
-            raise unsupported("antialias")
-
-        def resize(x, roi=None, scales=None, sizes=None):
-            if sizes is not None and sizes.numel():
-                return F.interpolate(x, size=[int(s) for s in sizes.tolist()[2:]], mode="bilinear",
-                                     align_corners=False)
-            s = [float(v) for v in scales.tolist()]
-            if s[:2] != [1.0, 1.0]:
-                raise DagcError(f"Resize node {name!r}: scaling batch or channels is not supported")
-            return F.interpolate(x, scale_factor=s[2:], mode="bilinear", align_corners=False)
-
-        return resize
-    raise unsupported("operator not in the set dagc emits")
-
-
-class _TorchRunner:
-    """Runs an ONNX model dagc emitted with torch.nn.functional; no state is written during a run."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        import onnx
-        import torch
-        from onnx import numpy_helper
-
-        try:
-            model = onnx.load_from_string(data)
-        except Exception as e:  # noqa: BLE001 - any parse failure means a broken file
-            raise ArtifactError(f"{name}: not a readable ONNX model ({e})") from None
-        g = model.graph
-        self.consts: dict[str, torch.Tensor] = {
-            t.name: torch.from_numpy(np.array(numpy_helper.to_array(t))) for t in g.initializer}
-        self.nodes = []
-        for node in g.node:
-            if node.op_type == "Constant":
-                from onnx import helper
-
-                value = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-                if "value" not in value:
-                    raise ArtifactError(f"{name}: Constant node {node.name!r} without a tensor value")
-                self.consts[node.output[0]] = torch.from_numpy(np.array(numpy_helper.to_array(value["value"])))
-                continue
-            if len(node.output) != 1:
-                raise ArtifactError(f"{name}: node {node.name!r} ({node.op_type}) has several outputs, which the "
-                                    "torch backend does not support; use backend 'onnxruntime'")
-            self.nodes.append((_compile_node(node), tuple(node.input), node.output[0]))
-        self.inputs = tuple(i.name for i in g.input if i.name not in self.consts)
-        self._schedules: dict[tuple[str, ...], list] = {}
-
-    def _schedule(self, outputs: tuple[str, ...]) -> list:
-        sched = self._schedules.get(outputs)
-        if sched is None:
-            need = set(outputs)
-            keep = []
-            for fn, ins, out in reversed(self.nodes):
-                if out in need:
-                    keep.append((fn, ins, out))
-                    need.update(i for i in ins if i)
-            sched = keep[::-1]
-            self._schedules[outputs] = sched
-        return sched
-
-    def run(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            values: dict[str, Any] = dict(self.consts)
-            for k, v in feeds.items():
-                values[k] = torch.from_numpy(v if v.flags.writeable else v.copy())
-            for fn, ins, out in self._schedule(tuple(outputs)):
-                args = [values[i] if i else None for i in ins]
-                while args and args[-1] is None:
-                    args.pop()
-                values[out] = fn(*args)
-            return {t: values[t].contiguous().numpy().copy() for t in outputs}

@@ -16,8 +16,8 @@ from dagc.checkpoint import save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
 from dagc.compiler.verify import relative_error, supernet_reference
 from dagc.errors import DagcError
+from dagc.runners import ort_providers
 from dagc.runtime import BACKENDS, ArtifactError, Engine, InputError, load
-from dagc.runtime.engine import _ort_providers
 from dagc.runtime.images import read_image, run_images, save_outputs
 from dagc.spec import TaskSpec, preset
 from dagc.trainer.network import network_tensors
@@ -201,7 +201,7 @@ def test_backend_names_and_availability(shared):
     with pytest.raises(InputError, match="threads"):
         load(shared[0], threads=0)
     assert load(shared[0], threads=1).backend == "onnxruntime"
-    assert _ort_providers()[-1] == "CPUExecutionProvider"
+    assert ort_providers()[-1] == "CPUExecutionProvider"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
