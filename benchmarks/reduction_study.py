@@ -5,8 +5,8 @@
     python benchmarks/reduction_study.py --finetune-iters 100   # also rewind + fine-tune each net
 
 For each dataset (`synthetic` with the `tiny` preset, `digits` with its default `omniglot` preset)
-and each seed, the script trains warm-up + search once, exactly as `dagc train` does (the same stage
-functions, batches and seeds; see `search_network`), evaluates the unreduced soft supernet on the
+and each seed, the script trains warm-up + search once, exactly as `dagc train` does (its own loop,
+`dagc.trainer.loop.run_stage`, with the same batches and seeds; see `search_network`), evaluates the unreduced soft supernet on the
 held-out split, then, for each reduction method (fbr, threshold, random) and each target sparsity
 (a grid plus each method's own automatic stop), reduces a copy of the searched network with
 `dagc.trainer.stages.reduce_network` and evaluates the pruned network.
@@ -31,7 +31,7 @@ Definitions (also written into the JSON):
 - achieved sparsity S: `dagc.trainer.topology.topology_metrics`' S of the closed masks (active edges
   / all edges of the central network, read-ins and read-outs included).
 - retained performance of a task: pruned / unreduced for a higher-is-better primary metric,
-  unreduced / pruned for a lower-is-better one (`dagc.trainer.metrics.PRIMARY`); 1 = no loss, the
+  unreduced / pruned for a lower-is-better one (`dagc.trainer.kinds.PRIMARY`); 1 = no loss, the
   paper's degradation rate is 1 - retained. A record's ``retained_mean`` is the mean over tasks.
 - target sparsity ``null`` (shown as "auto"): no target, the method's own stopping rule; target
   1.0 stops before any removal, i.e. only Algorithm 1's set-up (truncation to [N_α, N_β]) and
@@ -68,32 +68,20 @@ import torch
 
 from dagc.checkpoint import write_atomic
 from dagc.errors import ConfigError, DagcError
-from dagc.trainer.metrics import PRIMARY
+from dagc.trainer.batches import batch_at, build_spec, load_data
+from dagc.trainer.config import TrainConfig
+from dagc.trainer.datasets import REGISTRY
+from dagc.trainer.evaluation import constant_baselines, evaluate
+from dagc.trainer.kinds import PRIMARY
+from dagc.trainer.loop import run_stage
 from dagc.trainer.network import CentralNetwork, TaskBatchNorm
-from dagc.trainer.stages import (
-    REDUCTIONS,
-    finetune_step,
-    make_optimizer,
-    reduce_network,
-    rewind,
-    search_step,
-    theta_snapshot,
-    warmup_step,
-)
-from dagc.trainer.train import (
-    DEFAULT_PRESET,
-    TrainConfig,
-    batch_at,
-    build_spec,
-    constant_baselines,
-    evaluate,
-    load_data,
-)
+from dagc.trainer.stages import REDUCTIONS, reduce_network, rewind
+from dagc.trainer.state import Run, advance, new_run, optimizer
 
 DEFAULT_TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 VARIANTS = ("soft", "hard", "hard_bn", "finetune")
 EVAL_BATCH = 64  # held-out batches: larger ones were slower on the 2-core machine
-DATASETS = ("synthetic", "digits")
+DATASETS = tuple(name for name, d in REGISTRY.items() if not d.on_disk)  # the built-in ones
 HERE = Path(__file__).resolve().parent
 
 
@@ -170,34 +158,24 @@ def quick_config(**overrides: Any) -> StudyConfig:
 # ---------------------------------------------------------------------- training and evaluation
 def search_network(cfg: TrainConfig, data, spec, device: torch.device | str = "cpu"
                    ) -> tuple[CentralNetwork, dict[str, torch.Tensor], dict[str, float]]:
-    """Warm-up + search exactly as `dagc train` (same seeding, batches, optimisers and stage steps).
+    """Warm-up + search exactly as `dagc train`: its run start (`new_run`: seeding, optimisers) and
+    its loop (`run_stage`: batches, stage steps), stage after stage (`advance`).
 
     Takes the run's TrainConfig, its loaded data and spec. Returns the searched (soft) network, the
     θ snapshot at the end of warm-up (for rewinding) and the seconds each stage took.
     Raises ConfigError if a loss becomes non-finite.
     """
-    torch.manual_seed(cfg.seed)
-    net = CentralNetwork(spec).to(device)
-    kappa = cfg.kappa if cfg.kappa is not None else float(spec.n_states)
+    device = torch.device(device)
+    run = new_run(cfg, spec, device)
     seconds: dict[str, float] = {}
-    snapshot: dict[str, torch.Tensor] = {}
     for stage in ("warmup", "search"):
-        opt = make_optimizer(net, stage, cfg.weight_lr, cfg.arch_lr)
         t0 = time.perf_counter()
-        for step in range(cfg.iters(stage)):
-            x, targets = batch_at(data.train, spec, cfg.batch_size, cfg.seed, stage, step, device)
-            if stage == "warmup":
-                losses = warmup_step(net, opt, x, targets, cfg.dense_loss)
-            else:
-                losses = search_step(net, opt, x, targets, cfg.squeeze_weight, kappa, cfg.dense_loss)
-            if not math.isfinite(losses["loss"]):
-                raise ConfigError(f"{stage} loss became {losses['loss']} at step {step}; lower the learning rates")
+        run_stage(run, data, device)
         seconds[stage] = time.perf_counter() - t0
-        if stage == "warmup":
-            snapshot = theta_snapshot(net)
-    for p in net.arch_parameters():
+        advance(run)
+    for p in run.net.arch_parameters():
         p.requires_grad_(False)
-    return net, snapshot, seconds
+    return run.net, run.rewind_theta, seconds
 
 
 @torch.no_grad()
@@ -229,17 +207,15 @@ def reestimate_batchnorm(net: CentralNetwork, data, cfg: TrainConfig, n_batches:
         net.eval()
 
 
-def finetune(net: CentralNetwork, snapshot: dict[str, torch.Tensor], data, cfg: TrainConfig, iters: int,
+def finetune(net: CentralNetwork, snapshot: dict[str, torch.Tensor], data, cfg: TrainConfig,
              device: torch.device | str = "cpu") -> None:
-    """Rewind θ of a reduced ``net`` to ``snapshot`` and fine-tune it ``iters`` iterations in place, as
-    `dagc train` does after reduction. Raises ConfigError if the loss becomes non-finite."""
+    """Rewind θ of a reduced ``net`` to ``snapshot`` and fine-tune it in place for
+    ``cfg.finetune_iters`` iterations, as `dagc train` does after reduction (its loop, `run_stage`).
+    Raises ConfigError if the loss becomes non-finite."""
     rewind(net, snapshot)
-    opt = make_optimizer(net, "finetune", cfg.weight_lr, cfg.arch_lr)
-    for step in range(iters):
-        x, targets = batch_at(data.train, net.spec, cfg.batch_size, cfg.seed, "finetune", step, device)
-        losses = finetune_step(net, opt, x, targets, cfg.dense_loss)
-        if not math.isfinite(losses["loss"]):
-            raise ConfigError(f"fine-tune loss became {losses['loss']} at step {step}; lower the learning rates")
+    run = Run(cfg=cfg, spec=net.spec, net=net, stage="finetune", step=0, opt=optimizer(cfg, net, "finetune"),
+              rewind_theta=snapshot, history={})
+    run_stage(run, data, torch.device(device))
 
 
 def retained(pruned: float, unreduced: float, higher_is_better: bool) -> float:
@@ -306,7 +282,7 @@ def _measure(study: StudyConfig, searched: CentralNetwork, reduced: CentralNetwo
         reestimate_batchnorm(reduced, data, cfg, study.bn_batches, device)
         out["hard_bn"] = ev(reduced)
     if study.finetune_iters:
-        finetune(reduced, snapshot, data, cfg, study.finetune_iters, device)  # rewinds θ first
+        finetune(reduced, snapshot, data, cfg, device)  # rewinds θ first; cfg.finetune_iters = study's
         out["finetune"] = ev(reduced)
     return out
 
@@ -346,7 +322,7 @@ def run_one(study: StudyConfig, dataset: str, seed: int, log: Callable[[str], No
     return {
         "dataset": dataset, "seed": seed, "preset": cfg.preset, "train_config": cfg.to_dict(),
         "tasks": {t: {"metric": m, "higher_is_better": hib} for t, (m, hib) in primary.items()},
-        "total_edges": int(net.band.sum().item()) + 2 * spec.n_states,
+        "total_edges": spec.n_edges(),
         "distinct_networks": len(cache), "seconds": seconds, "unreduced": unreduced,
         "constant_baseline": constant_baselines(spec, data), "records": records,
     }
@@ -436,7 +412,7 @@ def run_study(study: StudyConfig, log: Callable[[str], None] = lambda s: None,
     t0 = time.perf_counter()
     runs = [run_one(study, d, s, log, device) for d in study.datasets for s in study.seeds]
     return {"study": "reduction (paper Sec. 4.4, Fig. 5)", "config": study.to_dict(),
-            "presets": {d: DEFAULT_PRESET[d] for d in study.datasets}, "definitions": DEFINITIONS,
+            "presets": {d: REGISTRY[d].preset for d in study.datasets}, "definitions": DEFINITIONS,
             **machine_info(), "seconds": time.perf_counter() - t0, "runs": runs, "summary": summarise(runs)}
 
 

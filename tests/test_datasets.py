@@ -8,6 +8,7 @@ import pytest
 
 from dagc.errors import DataError
 from dagc.trainer import datasets
+from dagc.trainer import digits as digits_module
 from dagc.trainer.datasets import DATASETS, ON_DISK, load_dataset, task_names
 
 BUILT_IN = tuple(d for d in DATASETS if d not in ON_DISK)
@@ -262,9 +263,9 @@ def test_digits_counts_cap_and_resize():
 
 def test_bilinear_resize_preserves_constants_and_identity():
     images = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
-    assert datasets._resize_bilinear(images, (8, 8)) is images
+    assert digits_module._resize_bilinear(images, (8, 8)) is images
     const = np.full((2, 8, 8), 0.25, np.float32)
-    np.testing.assert_allclose(datasets._resize_bilinear(const, (13, 20)), 0.25, atol=1e-6)
+    np.testing.assert_allclose(digits_module._resize_bilinear(const, (13, 20)), 0.25, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------- learnability

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from dagc.errors import ConfigError
 from dagc.spec import TaskSpec
-from dagc.trainer.losses import IGNORE_INDEX, task_loss, valid_pixels
+from dagc.trainer.kinds import task_loss, valid_pixels
+from dagc.trainer.losses import IGNORE_INDEX
 
 DEPTH = TaskSpec("d", "depth")
 NORMAL = TaskSpec("n", "normal")

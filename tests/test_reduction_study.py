@@ -14,9 +14,10 @@ import torch
 
 from dagc.checkpoint import load_checkpoint
 from dagc.errors import ConfigError
+from dagc.trainer.batches import build_spec, load_data
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.stages import reduce_network
-from dagc.trainer.train import TrainConfig, build_spec, load_data, train
+from dagc.trainer.train import TrainConfig, train
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reduction_study.py"
 _spec = importlib.util.spec_from_file_location("reduction_study", _PATH)
