@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dagc.errors import DataError
+from dagc.spec import PRESETS
 from dagc.trainer import datasets
 from dagc.trainer import digits as digits_module
 from dagc.trainer.datasets import DATASETS, ON_DISK, load_dataset, task_names
@@ -307,3 +308,15 @@ def test_digits_tasks_linearly_learnable(digits):
         x_te = digits.test.inputs[task].reshape(digits.test.size(task), -1)
         clf = LogisticRegression(C=0.1, max_iter=500).fit(x_tr, digits.train.targets[task])
         assert clf.score(x_te, digits.test.targets[task]) > 0.85, task
+
+
+def test_every_dataset_is_registered_once_with_its_defaults():
+    assert tuple(datasets.REGISTRY) == DATASETS
+    assert ON_DISK == tuple(name for name, d in datasets.REGISTRY.items() if d.on_disk)
+    for name, d in datasets.REGISTRY.items():
+        assert datasets.dataset(name) is d and d.name == name
+        assert d.preset in PRESETS, name
+        # Either the tasks are known up front or they are found on disk (Omniglot's alphabets).
+        assert bool(d.tasks) != (d.find_tasks is not None), name
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        datasets.dataset("mnist")

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dagc.errors import ConfigError, DataError
-from dagc.spec import TaskSpec
-from dagc.trainer.kinds import DELTA_METRICS, PRIMARY, constant_prediction, task_meter
+from dagc.spec import KINDS, TaskSpec
+from dagc.trainer.kinds import DELTA_METRICS, PRIMARY, TRAINING, constant_prediction, task_meter
 from dagc.trainer.losses import IGNORE_INDEX, squeeze_loss
 from dagc.trainer.metrics import LOWER_IS_BETTER, delta_t, relative_performance
 
@@ -291,3 +291,10 @@ def test_constant_depth_is_the_median_of_valid_pixels():
     assert depth.item() == 3.0
     with pytest.raises(DataError, match="no valid pixel"):
         constant_prediction(TaskSpec("d", "depth"), np.zeros(3), (1, 1, 1, 1))
+
+
+def test_the_kind_table_covers_every_kind_of_the_spec():
+    assert set(TRAINING) == set(KINDS)
+    for kind, entry in TRAINING.items():
+        assert entry.primary in entry.delta_metrics, kind
+        assert PRIMARY[kind] == (entry.primary, entry.higher_is_better)

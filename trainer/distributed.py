@@ -126,12 +126,6 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    """Wait until every rank got here (no-op for a single process)."""
-    if is_initialized():
-        dist.barrier()
-
-
 def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
     """Overwrite every tensor, in place, with rank ``src``'s value (no-op for a single process).
 

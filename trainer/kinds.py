@@ -102,18 +102,10 @@ def kind_training(task: TaskSpec) -> KindTraining:
 def task_loss(task: TaskSpec, pred: Tensor, target: Tensor, dense_loss: str = "l2") -> Tensor:
     """Loss of one task, a scalar tensor: cross-entropy for labelled kinds (labels
     ``IGNORE_INDEX`` skipped), L2 or L1 (``dense_loss``) regression for the others (edges and
-    saliency on their {0, 1} maps), over the valid pixels (`valid_pixels`). Raises ConfigError
+    saliency on their {0, 1} maps), over the kind's valid pixels. Raises ConfigError
     for an unknown ``dense_loss`` (on a regression kind), SpecError for an unknown kind."""
     kind = kind_training(task)
     return kind.loss(pred, target, dense_loss, kind.valid_pixels)
-
-
-def valid_pixels(task: TaskSpec, target: Tensor) -> Tensor | None:
-    """Which target pixels carry a value for a regression task: a bool tensor broadcastable to
-    the target ((B, 1, H, W) for normals), or None for kinds without invalid pixels. Real
-    datasets mark missing depth with 0 and missing normals with the zero vector."""
-    rule = kind_training(task).valid_pixels
-    return rule(target) if rule is not None else None
 
 
 def task_meter(task: TaskSpec, edge_max_dist: float = EDGE_MAX_DIST) -> Meter:

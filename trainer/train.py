@@ -93,8 +93,12 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                                            train_run=partial(train, progress=progress, on_step=on_step))
 
     # The configuration: a new run's, or the interrupted run's own (only the device may change).
-    run = _resumed(out, cfg) if resume else _check_new(out, cfg)
-    cfg = run.cfg if run is not None else cfg
+    run: Run | None = None
+    if resume:
+        run = _resumed(out, cfg)
+        cfg = run.cfg
+    else:
+        _check_new(out, cfg)
     device = training_device(cfg.device)
 
     # The data, and the network that fits it.
@@ -137,8 +141,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
 
 
 def _check_new(out: Path, cfg: TrainConfig | None) -> None:
-    """Check that a new run can start in ``out`` (there is no run state to resume yet: None);
-    ConfigError if not."""
+    """Check that a new run with ``cfg`` can start in ``out``; ConfigError if not."""
     if cfg is None:
         raise ConfigError("a configuration is needed to start a run")
     if (out / STATE_FILE).exists():
