@@ -21,7 +21,7 @@ import time
 import torch
 
 from dagc.spec import TaskSpec, preset
-from dagc.trainer.losses import task_loss
+from dagc.trainer.kinds import task_loss
 from dagc.trainer.network import CentralNetwork
 from dagc.trainer.stages import make_optimizer
 

@@ -25,7 +25,7 @@ import torch
 
 from dagc.checkpoint import write_atomic
 from dagc.tools.evaluate import compare, load_run
-from dagc.trainer.metrics import PRIMARY
+from dagc.trainer.kinds import PRIMARY
 from dagc.trainer.train import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent

@@ -5,8 +5,8 @@
     python benchmarks/reduction_study.py --finetune-iters 100   # also rewind + fine-tune each net
 
 For each dataset (`synthetic` with the `tiny` preset, `digits` with its default `omniglot` preset)
-and each seed, the script trains warm-up + search once, exactly as `dagc train` does (the same stage
-functions, batches and seeds; see `search_network`), evaluates the unreduced soft supernet on the
+and each seed, the script trains warm-up + search once, exactly as `dagc train` does (its own loop,
+`dagc.trainer.loop.run_stage`, with the same batches and seeds; see `search_network`), evaluates the unreduced soft supernet on the
 held-out split, then, for each reduction method (fbr, threshold, random) and each target sparsity
 (a grid plus each method's own automatic stop), reduces a copy of the searched network with
 `dagc.trainer.stages.reduce_network` and evaluates the pruned network.
@@ -31,7 +31,7 @@ Definitions (also written into the JSON):
 - achieved sparsity S: `dagc.trainer.topology.topology_metrics`' S of the closed masks (active edges
   / all edges of the central network, read-ins and read-outs included).
 - retained performance of a task: pruned / unreduced for a higher-is-better primary metric,
-  unreduced / pruned for a lower-is-better one (`dagc.trainer.metrics.PRIMARY`); 1 = no loss, the
+  unreduced / pruned for a lower-is-better one (`dagc.trainer.kinds.PRIMARY`); 1 = no loss, the
   paper's degradation rate is 1 - retained. A record's ``retained_mean`` is the mean over tasks.
 - target sparsity ``null`` (shown as "auto"): no target, the method's own stopping rule; target
   1.0 stops before any removal, i.e. only Algorithm 1's set-up (truncation to [N_α, N_β]) and
@@ -50,11 +50,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
-import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -66,35 +61,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from dagc.checkpoint import write_atomic
 from dagc.errors import ConfigError, DagcError
-from dagc.trainer.metrics import PRIMARY
+from dagc.trainer.batches import batch_at, build_spec, load_data
+from dagc.trainer.config import TrainConfig
+from dagc.trainer.datasets import REGISTRY
+from dagc.trainer.evaluation import constant_baselines, evaluate
+from dagc.trainer.kinds import PRIMARY
+from dagc.trainer.loop import run_stage
 from dagc.trainer.network import CentralNetwork, TaskBatchNorm
-from dagc.trainer.stages import (
-    REDUCTIONS,
-    finetune_step,
-    make_optimizer,
-    reduce_network,
-    rewind,
-    search_step,
-    theta_snapshot,
-    warmup_step,
-)
-from dagc.trainer.train import (
-    DEFAULT_PRESET,
-    TrainConfig,
-    batch_at,
-    build_spec,
-    constant_baselines,
-    evaluate,
-    load_data,
-)
+from dagc.trainer.stages import REDUCTIONS, reduce_network, rewind
+from dagc.trainer.state import Run, advance, new_run, optimizer
 
 DEFAULT_TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-VARIANTS = ("soft", "hard", "hard_bn", "finetune")
 EVAL_BATCH = 64  # held-out batches: larger ones were slower on the 2-core machine
-DATASETS = ("synthetic", "digits")
+DATASETS = tuple(name for name, d in REGISTRY.items() if not d.on_disk)  # the built-in ones
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from reduction_report import VARIANTS, machine_info, plot, summarise, table, write_json  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -170,34 +153,24 @@ def quick_config(**overrides: Any) -> StudyConfig:
 # ---------------------------------------------------------------------- training and evaluation
 def search_network(cfg: TrainConfig, data, spec, device: torch.device | str = "cpu"
                    ) -> tuple[CentralNetwork, dict[str, torch.Tensor], dict[str, float]]:
-    """Warm-up + search exactly as `dagc train` (same seeding, batches, optimisers and stage steps).
+    """Warm-up + search exactly as `dagc train`: its run start (`new_run`: seeding, optimisers) and
+    its loop (`run_stage`: batches, stage steps), stage after stage (`advance`).
 
     Takes the run's TrainConfig, its loaded data and spec. Returns the searched (soft) network, the
     θ snapshot at the end of warm-up (for rewinding) and the seconds each stage took.
     Raises ConfigError if a loss becomes non-finite.
     """
-    torch.manual_seed(cfg.seed)
-    net = CentralNetwork(spec).to(device)
-    kappa = cfg.kappa if cfg.kappa is not None else float(spec.n_states)
+    device = torch.device(device)
+    run = new_run(cfg, spec, device)
     seconds: dict[str, float] = {}
-    snapshot: dict[str, torch.Tensor] = {}
     for stage in ("warmup", "search"):
-        opt = make_optimizer(net, stage, cfg.weight_lr, cfg.arch_lr)
         t0 = time.perf_counter()
-        for step in range(cfg.iters(stage)):
-            x, targets = batch_at(data.train, spec, cfg.batch_size, cfg.seed, stage, step, device)
-            if stage == "warmup":
-                losses = warmup_step(net, opt, x, targets, cfg.dense_loss)
-            else:
-                losses = search_step(net, opt, x, targets, cfg.squeeze_weight, kappa, cfg.dense_loss)
-            if not math.isfinite(losses["loss"]):
-                raise ConfigError(f"{stage} loss became {losses['loss']} at step {step}; lower the learning rates")
+        run_stage(run, data, device)
         seconds[stage] = time.perf_counter() - t0
-        if stage == "warmup":
-            snapshot = theta_snapshot(net)
-    for p in net.arch_parameters():
+        advance(run)
+    for p in run.net.arch_parameters():
         p.requires_grad_(False)
-    return net, snapshot, seconds
+    return run.net, run.rewind_theta, seconds
 
 
 @torch.no_grad()
@@ -229,17 +202,15 @@ def reestimate_batchnorm(net: CentralNetwork, data, cfg: TrainConfig, n_batches:
         net.eval()
 
 
-def finetune(net: CentralNetwork, snapshot: dict[str, torch.Tensor], data, cfg: TrainConfig, iters: int,
+def finetune(net: CentralNetwork, snapshot: dict[str, torch.Tensor], data, cfg: TrainConfig,
              device: torch.device | str = "cpu") -> None:
-    """Rewind θ of a reduced ``net`` to ``snapshot`` and fine-tune it ``iters`` iterations in place, as
-    `dagc train` does after reduction. Raises ConfigError if the loss becomes non-finite."""
+    """Rewind θ of a reduced ``net`` to ``snapshot`` and fine-tune it in place for
+    ``cfg.finetune_iters`` iterations, as `dagc train` does after reduction (its loop, `run_stage`).
+    Raises ConfigError if the loss becomes non-finite."""
     rewind(net, snapshot)
-    opt = make_optimizer(net, "finetune", cfg.weight_lr, cfg.arch_lr)
-    for step in range(iters):
-        x, targets = batch_at(data.train, net.spec, cfg.batch_size, cfg.seed, "finetune", step, device)
-        losses = finetune_step(net, opt, x, targets, cfg.dense_loss)
-        if not math.isfinite(losses["loss"]):
-            raise ConfigError(f"fine-tune loss became {losses['loss']} at step {step}; lower the learning rates")
+    run = Run(cfg=cfg, spec=net.spec, net=net, stage="finetune", step=0, opt=optimizer(cfg, net, "finetune"),
+              rewind_theta=snapshot, history={})
+    run_stage(run, data, torch.device(device))
 
 
 def retained(pruned: float, unreduced: float, higher_is_better: bool) -> float:
@@ -306,7 +277,7 @@ def _measure(study: StudyConfig, searched: CentralNetwork, reduced: CentralNetwo
         reestimate_batchnorm(reduced, data, cfg, study.bn_batches, device)
         out["hard_bn"] = ev(reduced)
     if study.finetune_iters:
-        finetune(reduced, snapshot, data, cfg, study.finetune_iters, device)  # rewinds θ first
+        finetune(reduced, snapshot, data, cfg, device)  # rewinds θ first; cfg.finetune_iters = study's
         out["finetune"] = ev(reduced)
     return out
 
@@ -346,67 +317,9 @@ def run_one(study: StudyConfig, dataset: str, seed: int, log: Callable[[str], No
     return {
         "dataset": dataset, "seed": seed, "preset": cfg.preset, "train_config": cfg.to_dict(),
         "tasks": {t: {"metric": m, "higher_is_better": hib} for t, (m, hib) in primary.items()},
-        "total_edges": int(net.band.sum().item()) + 2 * spec.n_states,
+        "total_edges": spec.n_edges(),
         "distinct_networks": len(cache), "seconds": seconds, "unreduced": unreduced,
         "constant_baseline": constant_baselines(spec, data), "records": records,
-    }
-
-
-# ---------------------------------------------------------------------- aggregation
-def _target_key(target: float | None) -> str:
-    return "auto" if target is None else f"{target:g}"
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value); NaN entries are ignored."""
-    vals = [v for v in values if not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return float(statistics.fmean(vals)), float(statistics.stdev(vals)) if len(vals) > 1 else 0.0
-
-
-def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """dataset -> variant -> method -> target key -> mean ± std over seeds of the task-mean retained
-    performance and achieved sparsity (draws averaged within a seed first), plus per-task means."""
-    groups: dict[tuple, dict[int, list[dict]]] = {}
-    for run in runs:
-        for r in run["records"]:
-            key = (run["dataset"], r["variant"], r["method"], _target_key(r["target"]))
-            groups.setdefault(key, {}).setdefault(run["seed"], []).append(r)
-    out: dict[str, Any] = {}
-    for (dataset, variant, method, tkey), by_seed in groups.items():
-        per_seed_ret = [statistics.fmean(r["retained_mean"] for r in rs) for rs in by_seed.values()]
-        per_seed_s = [statistics.fmean(r["sparsity_mean"] for r in rs) for rs in by_seed.values()]
-        tasks = next(iter(by_seed.values()))[0]["retained"].keys()
-        ret_m, ret_s = _mean_std(per_seed_ret)
-        s_m, s_s = _mean_std(per_seed_s)
-        out.setdefault(dataset, {}).setdefault(variant, {}).setdefault(method, {})[tkey] = {
-            "retained_mean": ret_m, "retained_std": ret_s, "sparsity_mean": s_m, "sparsity_std": s_s,
-            "seeds": len(by_seed),
-            "retained_per_task": {t: _mean_std([statistics.fmean(r["retained"][t] for r in rs)
-                                                for rs in by_seed.values()])[0] for t in tasks},
-        }
-    return out
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import matplotlib
-
-    return {
-        "machine": {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-                     "matplotlib": matplotlib.__version__},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
@@ -436,99 +349,8 @@ def run_study(study: StudyConfig, log: Callable[[str], None] = lambda s: None,
     t0 = time.perf_counter()
     runs = [run_one(study, d, s, log, device) for d in study.datasets for s in study.seeds]
     return {"study": "reduction (paper Sec. 4.4, Fig. 5)", "config": study.to_dict(),
-            "presets": {d: DEFAULT_PRESET[d] for d in study.datasets}, "definitions": DEFINITIONS,
+            "presets": {d: REGISTRY[d].preset for d in study.datasets}, "definitions": DEFINITIONS,
             **machine_info(), "seconds": time.perf_counter() - t0, "runs": runs, "summary": summarise(runs)}
-
-
-# ---------------------------------------------------------------------- output
-METHOD_STYLE = {"fbr": ("tab:red", "o", "flow-based (FBR)"), "threshold": ("tab:blue", "s", "threshold"),
-                "random": ("tab:grey", "^", "random")}
-
-
-def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Retained performance vs achieved sparsity: one column per dataset, one row per variant, one
-    line per method over the targets (mean ± std over seeds), each method's automatic stop as a
-    star. Written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    summary = result["summary"]
-    datasets = list(summary)
-    variants = [v for v in VARIANTS if any(v in summary[d] for d in datasets)]
-    fig, axes = plt.subplots(len(variants), len(datasets), figsize=(5.2 * len(datasets), 3.8 * len(variants)),
-                             squeeze=False)
-    titles = {"soft": "kept edges, searched σ weights", "hard": "binary masks, no fine-tuning",
-              "hard_bn": "binary masks, BN statistics re-estimated", "finetune": "binary masks, rewound + fine-tuned"}
-    for r, variant in enumerate(variants):
-        for c, dataset in enumerate(datasets):
-            ax = axes[r][c]
-            for method, by_target in summary[dataset].get(variant, {}).items():
-                color, marker, label = METHOD_STYLE[method]
-                pts = sorted((v["sparsity_mean"], v["retained_mean"], v["sparsity_std"], v["retained_std"])
-                             for k, v in by_target.items() if k != "auto")
-                if pts:
-                    xs, ys, xe, ye = map(np.array, zip(*pts))
-                    ax.errorbar(xs, ys, yerr=ye, xerr=xe, color=color, marker=marker, ms=4, capsize=2, lw=1.3,
-                                label=label)
-                if "auto" in by_target:
-                    a = by_target["auto"]
-                    ax.errorbar([a["sparsity_mean"]], [a["retained_mean"]], yerr=[a["retained_std"]],
-                                xerr=[a["sparsity_std"]], color=color, marker="*", ms=13, mec="black", capsize=2,
-                                ls="none", label=f"{label}, own stop")
-            ax.axhline(1.0, color="black", lw=0.7, ls=":")
-            preset = result.get("presets", {}).get(dataset, "")
-            ax.set_title(f"{dataset} ({preset}): {titles[variant]}", fontsize=9)
-            ax.set_xlabel("achieved sparsity S (active / all edges)")
-            ax.set_ylabel("retained performance (pruned vs unreduced)")
-            ax.set_xlim(0, 1.05)
-            ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    n_seeds = len(result["config"]["seeds"])
-    fig.suptitle(f"Reduction study (paper Fig. 5): mean ± std over {n_seeds} seed(s)", fontsize=11)
-    fig.tight_layout()
-    path = Path(path)
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
-
-
-def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write the result as indented JSON, atomically (NaN written as null)."""
-    def clean(o):
-        if isinstance(o, float) and not math.isfinite(o):
-            return None
-        if isinstance(o, dict):
-            return {k: clean(v) for k, v in o.items()}
-        if isinstance(o, (list, tuple)):
-            return [clean(v) for v in o]
-        return o
-
-    text = json.dumps(clean(result), indent=1)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def table(result: dict[str, Any], variant: str = "soft") -> str:
-    """A markdown table per dataset: rows method, columns target, cells mean ± std retained
-    performance (mean achieved S underneath)."""
-    lines = []
-    for dataset, by_variant in result["summary"].items():
-        by_method = by_variant.get(variant)
-        if not by_method:
-            continue
-        keys = sorted({k for v in by_method.values() for k in v if k != "auto"}, key=float) + ["auto"]
-        lines += [f"**{dataset}** ({variant})", "",
-                  "| method | " + " | ".join(f"target {k}" for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
-        for method, by_target in by_method.items():
-            cells = []
-            for k in keys:
-                v = by_target.get(k)
-                cells.append("" if v is None else
-                             f"{v['retained_mean']:.3f} ± {v['retained_std']:.3f} (S {v['sparsity_mean']:.2f})")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines)
 
 
 def _floats(text: str) -> tuple[float, ...]:

@@ -14,11 +14,48 @@ from typing import Any
 
 from dagc.errors import SpecError
 
-TASK_KINDS = ("segmentation", "classification", "depth", "normal", "edge", "saliency")
-# Kinds predicted per pixel; classification is the only image-level kind.
-DENSE_KINDS = ("segmentation", "depth", "normal", "edge", "saliency")
 HEADS = ("aspp", "linear")
 PRESETS = ("tiny", "omniglot", "vgg16")
+
+
+@dataclass(frozen=True)
+class TaskKind:
+    """The structural facts of a task kind, which trainer, compiler and runtime share (how a kind
+    is trained and scored is the trainer's: `dagc.trainer.kinds`).
+
+    Fields:
+        name: the kind's name in a spec (``TaskSpec.kind``).
+        dense: predicted per pixel (else one prediction per image).
+        labelled: predicts one of ``TaskSpec.classes`` labels (so a task of this kind has classes).
+        channels: output channels of an unlabelled kind (a labelled one outputs its classes).
+        head: the head a task of this kind uses (`HEADS`).
+    """
+
+    name: str
+    dense: bool
+    labelled: bool
+    channels: int | None
+    head: str
+
+
+# Every task kind, registered once. Classification is the only image-level kind.
+KINDS: dict[str, TaskKind] = {k.name: k for k in (
+    TaskKind("segmentation", dense=True, labelled=True, channels=None, head="aspp"),
+    TaskKind("classification", dense=False, labelled=True, channels=None, head="linear"),
+    TaskKind("depth", dense=True, labelled=False, channels=1, head="aspp"),
+    TaskKind("normal", dense=True, labelled=False, channels=3, head="aspp"),
+    TaskKind("edge", dense=True, labelled=False, channels=1, head="aspp"),
+    TaskKind("saliency", dense=True, labelled=False, channels=1, head="aspp"),
+)}
+TASK_KINDS = tuple(KINDS)
+DENSE_KINDS = tuple(name for name, k in KINDS.items() if k.dense)
+
+
+def task_kind(name: str) -> TaskKind:
+    """Takes a kind's name; returns its `TaskKind`. Raises SpecError for an unknown kind."""
+    if name not in KINDS:
+        raise SpecError(f"unknown task kind {name!r}; choose one of {list(TASK_KINDS)}")
+    return KINDS[name]
 
 
 @dataclass(frozen=True)
@@ -33,8 +70,9 @@ class StateSpec:
 class TaskSpec:
     """One task: a name, a kind, the number of classes (segmentation/classification) and a head.
 
-    ``head`` defaults to ``"linear"`` (global-average-pooled linear) for classification and to
-    ``"aspp"`` (DeepLab-v2 atrous spatial pyramid pooling, upsampled to the input) otherwise.
+    ``head`` defaults to the kind's (`TaskKind.head`): ``"linear"`` (global-average-pooled linear)
+    for classification, ``"aspp"`` (DeepLab-v2 atrous spatial pyramid pooling, upsampled to the
+    input) otherwise. The kind is checked by `Spec.validate`; an unknown one gets no default head.
     """
 
     name: str
@@ -43,19 +81,24 @@ class TaskSpec:
     head: str | None = None
 
     def __post_init__(self) -> None:
-        if self.head is None:
-            object.__setattr__(self, "head", "linear" if self.kind == "classification" else "aspp")
+        if self.head is None and self.kind in KINDS:
+            object.__setattr__(self, "head", KINDS[self.kind].head)
 
     @property
     def out_channels(self) -> int:
-        """Channels of the head's output: classes for label tasks, 3 for normals, else 1."""
-        if self.kind in ("segmentation", "classification"):
-            return int(self.classes or 0)
-        return 3 if self.kind == "normal" else 1
+        """Channels of the head's output: classes for labelled kinds, else the kind's channels."""
+        kind = task_kind(self.kind)
+        return int(self.classes or 0) if kind.labelled else int(kind.channels)
 
     @property
     def dense(self) -> bool:
-        return self.kind in DENSE_KINDS
+        """Whether the task is predicted per pixel. Raises SpecError for an unknown kind."""
+        return task_kind(self.kind).dense
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the task predicts one of its classes. Raises SpecError for an unknown kind."""
+        return task_kind(self.kind).labelled
 
 
 @dataclass(frozen=True)
@@ -155,19 +198,20 @@ class Spec:
             where = f"spec.tasks[{t.name!r}]"
             if not t.name or not t.name.replace("_", "").replace("-", "").isalnum():
                 raise SpecError(f"{where}.name must be letters, digits, '_' or '-'")
-            if t.kind not in TASK_KINDS:
+            if t.kind not in KINDS:
                 raise SpecError(f"{where}.kind must be one of {list(TASK_KINDS)}, got {t.kind!r}")
-            if t.kind in ("segmentation", "classification"):
+            kind = KINDS[t.kind]
+            if kind.labelled:
                 if not isinstance(t.classes, int) or t.classes < 2:
                     raise SpecError(f"{where}.classes must be an integer >= 2 for {t.kind}, got {t.classes!r}")
             elif t.classes is not None:
-                raise SpecError(f"{where}.classes is only meaningful for segmentation/classification")
+                labelled = [k.name for k in KINDS.values() if k.labelled]
+                raise SpecError(f"{where}.classes is only meaningful for {'/'.join(labelled)}")
             if t.head not in HEADS:
                 raise SpecError(f"{where}.head must be one of {list(HEADS)}, got {t.head!r}")
-            if t.dense and t.head != "aspp":
-                raise SpecError(f"{where}.head: dense task kind {t.kind!r} needs the 'aspp' head")
-            if not t.dense and t.head != "linear":
-                raise SpecError(f"{where}.head: classification needs the 'linear' head")
+            if t.head != kind.head:
+                what = "dense task kind" if kind.dense else "task kind"
+                raise SpecError(f"{where}.head: {what} {t.kind!r} needs the {kind.head!r} head")
         if not isinstance(self.head_channels, int) or self.head_channels < 1:
             raise SpecError(f"spec.head_channels must be a positive integer, got {self.head_channels!r}")
         if not self.aspp_rates or any(not isinstance(r, int) or r < 1 for r in self.aspp_rates):
@@ -276,4 +320,5 @@ def preset(
                 preset=name, **kw)
 
 
-__all__ = ["Spec", "StateSpec", "TaskSpec", "preset", "PRESETS", "TASK_KINDS", "HEADS"]
+__all__ = ["Spec", "StateSpec", "TaskSpec", "TaskKind", "preset", "task_kind", "PRESETS", "KINDS", "TASK_KINDS",
+           "DENSE_KINDS", "HEADS"]

@@ -7,7 +7,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dagc.tools.cli import main
+from dagc.spec import PRESETS
+from dagc.tools.cli import cli, main
+from dagc.trainer.datasets import DATASETS
 
 FAST = ["--warmup-iters", "2", "--search-iters", "2", "--finetune-iters", "2", "--batch-size", "4", "--quiet"]
 
@@ -88,3 +90,9 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
     code, _, err = _run(["train", "--out", str(tmp_path / "run"), "--device", "cuda", *FAST], capsys)
     assert code == 2 and "no CUDA GPU" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_train_choices_in_the_help_come_from_the_registries():
+    helps = {p.name: p.help for p in cli.commands["train"].params}
+    assert all(name in helps["dataset"] for name in DATASETS)
+    assert all(name in helps["preset"] for name in PRESETS)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from dagc.errors import DataError
+from dagc.spec import PRESETS
 from dagc.trainer import datasets
+from dagc.trainer import digits as digits_module
 from dagc.trainer.datasets import DATASETS, ON_DISK, load_dataset, task_names
 
 BUILT_IN = tuple(d for d in DATASETS if d not in ON_DISK)
@@ -262,9 +264,9 @@ def test_digits_counts_cap_and_resize():
 
 def test_bilinear_resize_preserves_constants_and_identity():
     images = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
-    assert datasets._resize_bilinear(images, (8, 8)) is images
+    assert digits_module._resize_bilinear(images, (8, 8)) is images
     const = np.full((2, 8, 8), 0.25, np.float32)
-    np.testing.assert_allclose(datasets._resize_bilinear(const, (13, 20)), 0.25, atol=1e-6)
+    np.testing.assert_allclose(digits_module._resize_bilinear(const, (13, 20)), 0.25, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------- learnability
@@ -306,3 +308,15 @@ def test_digits_tasks_linearly_learnable(digits):
         x_te = digits.test.inputs[task].reshape(digits.test.size(task), -1)
         clf = LogisticRegression(C=0.1, max_iter=500).fit(x_tr, digits.train.targets[task])
         assert clf.score(x_te, digits.test.targets[task]) > 0.85, task
+
+
+def test_every_dataset_is_registered_once_with_its_defaults():
+    assert tuple(datasets.REGISTRY) == DATASETS
+    assert ON_DISK == tuple(name for name, d in datasets.REGISTRY.items() if d.on_disk)
+    for name, d in datasets.REGISTRY.items():
+        assert datasets.dataset(name) is d and d.name == name
+        assert d.preset in PRESETS, name
+        # Either the tasks are known up front or they are found on disk (Omniglot's alphabets).
+        assert bool(d.tasks) != (d.find_tasks is not None), name
+    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
+        datasets.dataset("mnist")

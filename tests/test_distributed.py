@@ -20,7 +20,10 @@ import torch
 
 from dagc.checkpoint import load_checkpoint
 from dagc.errors import ConfigError
-from dagc.trainer.train import TrainConfig, tensor_digest, train
+from dagc.trainer import distributed
+from dagc.trainer.batches import batch_at, build_spec, load_data
+from dagc.trainer.distributed import tensor_digest
+from dagc.trainer.train import TrainConfig, train
 
 # Tiny runs: digits (per-task inputs) through the CLI; synthetic (shared input) through train().
 DIGITS_ARGS = ["--dataset", "digits", "--warmup-iters", "2", "--search-iters", "3", "--finetune-iters", "2",
@@ -127,8 +130,6 @@ def test_channels_last_trains_like_the_default(tmp_path):
 
 
 def test_rank_slices_partition_the_global_batch():
-    from dagc.trainer.train import batch_at, build_spec, load_data
-
     cfg = TrainConfig(**SYNTH)
     data = load_data(cfg)
     spec = build_spec(cfg, data)
@@ -142,8 +143,6 @@ def test_rank_slices_partition_the_global_batch():
 
 
 def test_launch_is_detected_from_torchrun_variables(monkeypatch):
-    from dagc.trainer import distributed
-
     for var in distributed.ENV_VARS:
         monkeypatch.delenv(var, raising=False)
     assert not distributed.launched() and distributed.rank() == 0 and distributed.world_size() == 1

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 
 from dagc.errors import ConfigError
 from dagc.spec import TaskSpec
-from dagc.trainer.losses import IGNORE_INDEX, task_loss, valid_pixels
+from dagc.trainer.kinds import task_loss
+from dagc.trainer.losses import IGNORE_INDEX, valid_normal
 
 DEPTH = TaskSpec("d", "depth")
 NORMAL = TaskSpec("n", "normal")
@@ -59,7 +60,7 @@ def test_zero_normal_targets_are_skipped_across_all_channels():
     target[0, :, 0, 0] = 0.0  # the zero vector: invalid
     target[0, 1, 2, 2] = 0.0  # one zero component only: still valid
     loss, grad = _grad(NORMAL, pred, target)
-    keep = valid_pixels(NORMAL, target).expand_as(target)
+    keep = valid_normal(target).expand_as(target)
     assert int(keep.sum()) == 3 * 8
     assert loss == pytest.approx(float(F.mse_loss(pred[keep], target[keep])), rel=1e-6)
     assert (grad[0, :, 0, 0] == 0).all() and (grad[keep] != 0).all()

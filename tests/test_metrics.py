@@ -5,17 +5,10 @@ import pytest
 import torch
 
 from dagc.errors import ConfigError, DataError
-from dagc.spec import TaskSpec
+from dagc.spec import KINDS, TaskSpec
+from dagc.trainer.kinds import DELTA_METRICS, PRIMARY, TRAINING, constant_prediction, task_meter
 from dagc.trainer.losses import IGNORE_INDEX, squeeze_loss
-from dagc.trainer.metrics import (
-    DELTA_METRICS,
-    LOWER_IS_BETTER,
-    PRIMARY,
-    TaskMeter,
-    constant_prediction,
-    delta_t,
-    relative_performance,
-)
+from dagc.trainer.metrics import LOWER_IS_BETTER, delta_t, relative_performance
 
 
 def _onehot(labels, classes):
@@ -26,7 +19,7 @@ def test_segmentation_miou_and_pixel_accuracy_by_hand():
     task = TaskSpec("s", "segmentation", 3)
     target = np.array([[[0, 0, 1, 1], [2, 2, 2, IGNORE_INDEX]]])
     pred = np.array([[[0, 1, 1, 1], [2, 2, 0, 1]]])
-    m = TaskMeter(task)
+    m = task_meter(task)
     # Split across two updates: the meter must accumulate, not average per batch.
     m.update(_onehot(pred[:, :1], 3), target[:, :1])
     m.update(_onehot(pred[:, 1:], 3), target[:, 1:])
@@ -38,20 +31,20 @@ def test_segmentation_miou_and_pixel_accuracy_by_hand():
 
 
 def test_classification_accuracy():
-    m = TaskMeter(TaskSpec("c", "classification", 4))
+    m = task_meter(TaskSpec("c", "classification", 4))
     m.update(np.eye(4)[[0, 1, 2, 3]], np.array([0, 1, 3, 3]))
     assert m.result() == {"accuracy": 0.75}
 
 
 def test_depth_errors():
-    m = TaskMeter(TaskSpec("d", "depth"))
+    m = task_meter(TaskSpec("d", "depth"))
     m.update(np.array([[[[1.0, 3.0]]]]), np.array([[[[2.0, 2.0]]]]))
     r = m.result()
     assert r["abs_err"] == pytest.approx(1.0) and r["rel_err"] == pytest.approx(0.5) and r["mse"] == pytest.approx(1.0)
 
 
 def test_normal_angles_in_degrees():
-    m = TaskMeter(TaskSpec("n", "normal"))
+    m = task_meter(TaskSpec("n", "normal"))
     target = np.zeros((1, 3, 1, 2))
     target[0, 2] = 1.0
     pred = np.zeros((1, 3, 1, 2))
@@ -64,7 +57,7 @@ def test_normal_angles_in_degrees():
 
 
 def test_edge_max_f_by_hand():
-    m = TaskMeter(TaskSpec("e", "edge"))
+    m = task_meter(TaskSpec("e", "edge"))
     target = np.array([[[[1, 1, 0, 0]]]], dtype=float)
     pred = np.array([[[[0.9, 0.3, 0.6, 0.1]]]])
     m.update(pred, target)
@@ -95,7 +88,7 @@ def test_squeeze_loss_is_eq_9():
 
 # ------------------------------------------------------------------ the paper's full metric set
 def test_labels_outside_the_classes_are_a_data_error():
-    m = TaskMeter(TaskSpec("s", "segmentation", 3))
+    m = task_meter(TaskSpec("s", "segmentation", 3))
     with pytest.raises(DataError, match=r"\[0, 2\]"):
         m.update(_onehot(np.array([[[0, 1]]]), 3), np.array([[[0, 3]]]))
     with pytest.raises(DataError, match="do not fit"):
@@ -108,7 +101,7 @@ def test_labels_outside_the_classes_are_a_data_error():
 def test_depth_deltas_and_errors_skip_invalid_pixels():
     gt = np.array([2.0, 2.0, 0.0, 4.0, 1.0]).reshape(1, 1, 1, 5)
     pred = np.array([1.1, 3.0, 7.0, -1.0, 1.2]).reshape(1, 1, 1, 5)
-    m = TaskMeter(TaskSpec("d", "depth"))
+    m = task_meter(TaskSpec("d", "depth"))
     m.update(pred, gt)
     r = m.result()
     # Valid: pixels 0, 1, 3, 4. |err| = 0.9, 1, 5, 0.2; ratios 1.818, 1.5, miss (pred <= 0), 1.2.
@@ -117,16 +110,16 @@ def test_depth_deltas_and_errors_skip_invalid_pixels():
     assert r["rel_err"] == pytest.approx((0.45 + 0.5 + 1.25 + 0.2) / 4)
     assert (r["delta_1.25"], r["delta_1.25^2"], r["delta_1.25^3"]) == pytest.approx((0.25, 0.5, 0.75))
     # The invalid pixel's prediction is irrelevant.
-    other = TaskMeter(TaskSpec("d", "depth"))
+    other = task_meter(TaskSpec("d", "depth"))
     other.update(np.where(gt > 0, pred, -123.0), gt)
     assert other.result() == r
 
 
 def test_depth_delta_threshold_is_strict_and_all_invalid_is_an_error():
-    m = TaskMeter(TaskSpec("d", "depth"))
+    m = task_meter(TaskSpec("d", "depth"))
     m.update(np.array([[[[2.5, 2.0]]]]), np.array([[[[2.0, 2.0]]]]))  # ratios 1.25 (not within), 1
     assert m.result()["delta_1.25"] == 0.5 and m.result()["delta_1.25^2"] == 1.0
-    empty = TaskMeter(TaskSpec("d", "depth"))
+    empty = task_meter(TaskSpec("d", "depth"))
     empty.update(np.ones((1, 1, 2, 2)), np.zeros((1, 1, 2, 2)))
     with pytest.raises(DataError, match="no valid target"):
         empty.result()
@@ -140,7 +133,7 @@ def test_normals_skip_zero_targets_and_report_every_threshold():
     pred[0, :, 0, 1] = [np.sin(np.radians(20)), 0, np.cos(np.radians(20))]  # 20 degrees
     pred[0, :, 0, 2] = [1.0, 0, 0]                                    # 90 degrees
     pred[0, :, 0, 3] = [-1.0, 0, 0]                                   # ignored
-    m = TaskMeter(TaskSpec("n", "normal"))
+    m = task_meter(TaskSpec("n", "normal"))
     m.update(pred, target)
     r = m.result()
     assert r["mean_angle"] == pytest.approx(110 / 3) and r["median_angle"] == pytest.approx(20)
@@ -158,7 +151,7 @@ def _edge_case():
 
 def test_edge_ods_f_with_a_one_pixel_tolerance_by_hand():
     pred, target = _edge_case()
-    m = TaskMeter(TaskSpec("e", "edge"), edge_max_dist=1.2 / np.hypot(10, 10))  # 1.2 pixels
+    m = task_meter(TaskSpec("e", "edge"), edge_max_dist=1.2 / np.hypot(10, 10))  # 1.2 pixels
     m.update(pred, target)
     r = m.result()
     # Thresholds in (0, 0.8]: 11 predicted, 10 near the edge: P = 10/11; every edge pixel has a
@@ -167,7 +160,7 @@ def test_edge_ods_f_with_a_one_pixel_tolerance_by_hand():
     # Zero tolerance: no predicted pixel is on the edge; the best is everything positive at
     # threshold 0: P = 10/100, R = 1, F = 2/11.
     assert r["max_f"] == pytest.approx(2 / 11)
-    exact = TaskMeter(TaskSpec("e", "edge"), edge_max_dist=0)
+    exact = task_meter(TaskSpec("e", "edge"), edge_max_dist=0)
     exact.update(pred, target)
     assert exact.result()["ods_f"] == pytest.approx(2 / 11)
 
@@ -196,7 +189,7 @@ def test_edge_ods_f_matches_the_brute_force_definition():
     target[2] = 0.0  # an image without edges
     pred = np.clip(target * 0.5 + rng.random(target.shape) * 0.6 - 0.1, -0.2, 1.2)
     radius = 0.14 * np.hypot(12, 12)  # about 2.4 pixels
-    m = TaskMeter(TaskSpec("e", "edge"), edge_max_dist=0.14)
+    m = task_meter(TaskSpec("e", "edge"), edge_max_dist=0.14)
     m.update(pred[:2], target[:2])
     m.update(pred[2:], target[2:])
     assert m.result()["ods_f"] == pytest.approx(_brute_force_ods_f(pred, target, radius))
@@ -207,7 +200,7 @@ def test_edge_default_tolerance_is_exact_on_small_images():
     # 0.0075 x the diagonal of 32 x 32 is a third of a pixel: ODS F is the exact-pixel F.
     rng = np.random.default_rng(1)
     target = (rng.random((2, 1, 32, 32)) < 0.1).astype(float)
-    m = TaskMeter(TaskSpec("e", "edge"))
+    m = task_meter(TaskSpec("e", "edge"))
     m.update(rng.random(target.shape) * 0.5 + target * 0.3, target)
     assert m.result()["ods_f"] == m.result()["max_f"] > 0.2
 
@@ -215,7 +208,7 @@ def test_edge_default_tolerance_is_exact_on_small_images():
 def test_saliency_max_f_and_max_miou_by_hand():
     target = np.array([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=float).reshape(2, 1, 1, 4)
     pred = np.array([[0.9, 0.4, 0.6, 0.1], [0.3, 0.2, 0.1, 0.0]]).reshape(2, 1, 1, 4)
-    m = TaskMeter(TaskSpec("sal", "saliency"))
+    m = task_meter(TaskSpec("sal", "saliency"))
     m.update(pred[:1], target[:1])
     m.update(pred[1:], target[1:])
     r = m.result()
@@ -229,9 +222,9 @@ def test_saliency_max_f_and_max_miou_by_hand():
 
 def test_bad_meter_configuration_and_shapes():
     with pytest.raises(ConfigError, match="edge_max_dist"):
-        TaskMeter(TaskSpec("e", "edge"), edge_max_dist=-0.1)
+        task_meter(TaskSpec("e", "edge"), edge_max_dist=-0.1)
     with pytest.raises(DataError, match=r"\(B, C, H, W\)"):
-        TaskMeter(TaskSpec("d", "depth")).update(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 3)))
+        task_meter(TaskSpec("d", "depth")).update(np.ones((1, 1, 2, 2)), np.ones((1, 1, 2, 3)))
 
 
 def test_every_kind_reports_its_delta_metrics_and_primary():
@@ -245,7 +238,7 @@ def test_every_kind_reports_its_delta_metrics_and_primary():
         "saliency": (rng.random((2, 1, 4, 4)), (rng.random((2, 1, 4, 4)) < 0.5).astype(float)),
     }
     for kind, (pred, target) in cases.items():
-        m = TaskMeter(TaskSpec("t", kind, 3 if kind in ("segmentation", "classification") else None))
+        m = task_meter(TaskSpec("t", kind, 3 if kind in ("segmentation", "classification") else None))
         m.update(pred, target)
         r = m.result()
         assert set(DELTA_METRICS[kind]) <= set(r) and PRIMARY[kind][0] in r, kind
@@ -298,3 +291,10 @@ def test_constant_depth_is_the_median_of_valid_pixels():
     assert depth.item() == 3.0
     with pytest.raises(DataError, match="no valid pixel"):
         constant_prediction(TaskSpec("d", "depth"), np.zeros(3), (1, 1, 1, 1))
+
+
+def test_the_kind_table_covers_every_kind_of_the_spec():
+    assert set(TRAINING) == set(KINDS)
+    for kind, entry in TRAINING.items():
+        assert entry.primary in entry.delta_metrics, kind
+        assert PRIMARY[kind] == (entry.primary, entry.higher_is_better)

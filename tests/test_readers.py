@@ -16,7 +16,7 @@ from dagc.errors import ConfigError, DataError
 from dagc.tools.cli import main
 from dagc.trainer.datasets import DATASETS, ON_DISK, load_dataset, task_names
 from dagc.trainer.losses import IGNORE_INDEX
-from dagc.trainer.readers import _NORMAL_VALID_CLASSES
+from dagc.trainer.pascal import _NORMAL_VALID_CLASSES
 from dagc.trainer.train import TrainConfig, train
 
 HW = (16, 24)

@@ -14,9 +14,11 @@ import torch
 
 from dagc.checkpoint import load_checkpoint
 from dagc.errors import ConfigError
+from dagc.trainer.batches import build_spec, load_data
+from dagc.trainer.network import network_tensors
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.stages import reduce_network
-from dagc.trainer.train import TrainConfig, build_spec, load_data, train
+from dagc.trainer.train import TrainConfig, train
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "reduction_study.py"
 _spec = importlib.util.spec_from_file_location("reduction_study", _PATH)
@@ -235,3 +237,19 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
     rc = rs.main(["--quick", "--json", str(tmp_path / "missing" / "a.json")])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "does not exist" in err
+
+
+def test_finetune_is_the_same_as_dagc_train(tmp_path):
+    """The study fine-tunes with dagc train's own loop: the same reduction and rewind give the
+    checkpoint that dagc train writes, tensor for tensor."""
+    cfg = TrainConfig(warmup_iters=3, search_iters=4, finetune_iters=3, batch_size=4, n_train=16, n_test=8)
+    train(cfg, tmp_path / "run", progress=False)
+    stored = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").tensors
+    data = load_data(cfg)
+    net, snapshot, _ = rs.search_network(cfg, data, build_spec(cfg, data))
+    reduce_network(net, cfg.reduction, seed=cfg.seed)
+    rs.finetune(net, snapshot, data, cfg)
+    mine = network_tensors(net)
+    assert mine.keys() == stored.keys()
+    for k, v in mine.items():
+        torch.testing.assert_close(v, stored[k], rtol=0, atol=0, msg=k)

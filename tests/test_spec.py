@@ -3,7 +3,7 @@
 import pytest
 
 from dagc.errors import SpecError
-from dagc.spec import PRESETS, Spec, StateSpec, TaskSpec, preset
+from dagc.spec import DENSE_KINDS, KINDS, PRESETS, TASK_KINDS, Spec, StateSpec, TaskSpec, preset, task_kind
 
 TASKS = [TaskSpec("seg", "segmentation", 13), TaskSpec("depth", "depth"), TaskSpec("cls", "classification", 20)]
 
@@ -69,3 +69,15 @@ def test_unknown_preset_and_malformed_json():
         Spec.from_dict({"readout": {"channels": 1, "stride": 1}})
     with pytest.raises(SpecError, match="unknown field"):
         Spec.from_dict({**preset("tiny", TASKS).to_dict(), "colour": 1})
+
+
+def test_every_task_kind_is_registered_once_with_its_structure():
+    assert TASK_KINDS == tuple(KINDS) and DENSE_KINDS == tuple(k for k in KINDS if KINDS[k].dense)
+    for name, kind in KINDS.items():
+        task = TaskSpec("t", name, 4 if kind.labelled else None)
+        assert task_kind(name) is kind and task.head == kind.head
+        assert task.dense == kind.dense and task.labelled == kind.labelled
+        assert task.out_channels == (4 if kind.labelled else kind.channels)
+    assert TaskSpec("n", "normal").out_channels == 3 and TaskSpec("c", "classification", 7).head == "linear"
+    with pytest.raises(SpecError, match="unknown task kind 'colour'"):
+        task_kind("colour")

@@ -12,6 +12,13 @@ from pathlib import Path
 import click
 
 from dagc.errors import DagcError
+from dagc.spec import PRESETS
+from dagc.trainer.datasets import ON_DISK, REGISTRY
+
+BUILT_IN = tuple(name for name, d in REGISTRY.items() if not d.on_disk)
+# "tiny for synthetic; omniglot for digits, omniglot; ...": each preset with the datasets it is the default of.
+DEFAULT_PRESETS = "; ".join(f"{p} for {', '.join(n for n, d in REGISTRY.items() if d.preset == p)}"
+                            for p in PRESETS if any(d.preset == p for d in REGISTRY.values()))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -25,11 +32,12 @@ def cli() -> None:
 @click.option("--resume", "resume", type=click.Path(file_okay=False, path_type=Path),
               help="Continue the interrupted run in this directory (its own configuration is used).")
 @click.option("--dataset", type=str, default=None,
-              help="synthetic (default) or digits (built in); nyuv2, cityscapes, cityscapes19, omniglot or "
-                   "pascal-context (read from --data-root).")
+              help=f"{', '.join(BUILT_IN)} (built in; default synthetic) or {', '.join(ON_DISK)} (read from "
+                   "--data-root).")
 @click.option("--data-root", "data_root", type=str, default=None,
               help="Directory of an on-disk dataset (see the README for each layout).")
-@click.option("--preset", type=str, default=None, help="Central network preset: tiny, omniglot, vgg16 (default: tiny for synthetic, omniglot for digits and omniglot, vgg16 for the other on-disk datasets).")
+@click.option("--preset", type=str, default=None,
+              help=f"Central network preset: {', '.join(PRESETS)} (default: the dataset's: {DEFAULT_PRESETS}).")
 @click.option("--tasks", type=str, default=None, help="Comma-separated task names (default: all the dataset's).")
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
 @click.option("--warmup-iters", type=int, default=None)

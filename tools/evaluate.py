@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from dagc.errors import ConfigError
-from dagc.trainer.metrics import DELTA_METRICS, LOWER_IS_BETTER, delta_t, relative_performance
+from dagc.trainer.kinds import DELTA_METRICS
+from dagc.trainer.metrics import LOWER_IS_BETTER, delta_t, relative_performance
 
 
 def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:

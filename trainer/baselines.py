@@ -29,6 +29,7 @@ A baseline's parameters are counted relative to one backbone (`parameter_ratio`)
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -72,8 +73,6 @@ def full_masks(spec: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def complete_dag(spec: Spec) -> Spec:
     """The ``no-flow-restriction`` search space: the same spec with M = N - 1 (every i < j)."""
-    from dataclasses import replace
-
     return replace(spec, flow_constant=max(1, spec.n_states - 1))
 
 

@@ -12,6 +12,7 @@ Collectives that carry structured values (JSON, digests) go through uint8 tensor
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -125,12 +126,6 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    """Wait until every rank got here (no-op for a single process)."""
-    if is_initialized():
-        dist.barrier()
-
-
 def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
     """Overwrite every tensor, in place, with rank ``src``'s value (no-op for a single process).
 
@@ -189,3 +184,15 @@ def all_reduce_mean(values: Mapping[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= world_size()
     return dict(zip(keys, t.cpu().tolist()))
+
+
+def tensor_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 (hex) of named tensors: names, dtypes, shapes and exact bytes, in name order.
+    Takes e.g. `network_tensors` of a network or a loaded checkpoint's tensors; the ranks of a job
+    compare these digests to check that they hold the same model."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -1,57 +1,68 @@
-"""Task losses (paper Sec. 4.1) and the squeeze loss (Eq. 9)."""
+"""Task losses (paper Sec. 4.1) and the squeeze loss (Eq. 9).
+
+Which loss a task kind trains with is the kind table's (`dagc.trainer.kinds`); this module holds
+the losses themselves and the rules for invalid pixels.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from dagc.errors import ConfigError
-from dagc.spec import TaskSpec
+from dagc.trainer.data import IGNORE_INDEX
 
-# Label value that segmentation losses and metrics skip (unlabelled pixels in real datasets).
-IGNORE_INDEX = -1
 DENSE_LOSSES = ("l2", "l1")
+# Which target pixels of a regression task carry a value: a bool tensor broadcastable to the target.
+ValidPixels = Callable[[Tensor], Tensor]
+
+__all__ = ["DENSE_LOSSES", "IGNORE_INDEX", "cross_entropy_loss", "regression_loss", "squeeze_loss",
+           "valid_depth", "valid_normal"]
 
 
-def valid_pixels(task: TaskSpec, target: Tensor) -> Tensor | None:
-    """Which target pixels carry a label for a dense regression task.
+def valid_depth(target: Tensor) -> Tensor:
+    """Depth pixels with a measurement: real datasets mark missing depth with 0 (target (B, 1, H, W))."""
+    return target > 0
 
-    Takes the task and its target (B, C, H, W); returns a bool tensor broadcastable to the target
-    ((B, 1, H, W) for normals), or None for kinds without invalid pixels. Real datasets mark
-    missing depth with 0 and missing normals with the zero vector; `dagc.trainer.metrics` skips
-    the same pixels.
+
+def valid_normal(target: Tensor) -> Tensor:
+    """Normal pixels with a direction: real datasets mark missing normals with the zero vector.
+    Takes (B, 3, H, W); returns (B, 1, H, W). `dagc.trainer.metrics` skips the same pixels."""
+    return (target != 0).any(dim=1, keepdim=True)
+
+
+def cross_entropy_loss(pred: Tensor, target: Tensor, dense_loss: str = "l2",
+                       valid: ValidPixels | None = None) -> Tensor:
+    """Cross-entropy of logits (B, classes[, H, W]) against labels (B[, H, W]), labels
+    ``IGNORE_INDEX`` skipped; a scalar. ``dense_loss`` and ``valid`` are the regression losses'
+    options (the kind table calls every loss alike): labels have one loss and mark their own
+    unlabelled pixels."""
+    return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX)
+
+
+def regression_loss(pred: Tensor, target: Tensor, dense_loss: str = "l2",
+                    valid: ValidPixels | None = None) -> Tensor:
+    """L2 (or L1 when ``dense_loss="l1"``) regression of a dense map (B, C, H, W); a scalar.
+
+    ``valid`` picks the target pixels that carry a value (None: all do). When a batch has invalid
+    pixels the loss is the mean over the valid elements only (zero, with a graph, when none is
+    valid); a batch without any gives exactly the plain mean over all elements. Raises
+    ConfigError for an unknown ``dense_loss``.
     """
-    if task.kind == "depth":
-        return target > 0
-    if task.kind == "normal":
-        return (target != 0).any(dim=1, keepdim=True)
-    return None
-
-
-def task_loss(task: TaskSpec, pred: Tensor, target: Tensor, dense_loss: str = "l2") -> Tensor:
-    """Loss of one task, a scalar tensor.
-
-    Cross-entropy for segmentation and classification (labels ``IGNORE_INDEX`` skipped); L2
-    (or L1 when ``dense_loss="l1"``) regression for depth, normals, edges and saliency (the
-    last two on their {0, 1} maps). Depth pixels with target <= 0 and normal pixels whose target
-    is the zero vector are invalid: when a batch has any, the loss is the mean over the valid
-    elements only (zero, with a graph, when none is valid); a batch without any gives exactly
-    the plain mean over all elements. Raises ConfigError for an unknown ``dense_loss``.
-    """
-    if task.kind in ("segmentation", "classification"):
-        return F.cross_entropy(pred, target, ignore_index=IGNORE_INDEX)
     if dense_loss not in DENSE_LOSSES:
         raise ConfigError(f"dense_loss must be one of {list(DENSE_LOSSES)}, got {dense_loss!r}")
     loss = F.mse_loss if dense_loss == "l2" else F.l1_loss
-    valid = valid_pixels(task, target)
+    mask = valid(target) if valid is not None else None
     # The all-valid case takes the unmasked path so that synthetic data (always valid) trains
     # bit for bit as before; the check costs one sync, like the float() of every logged loss.
-    if valid is None or bool(valid.all()):
+    if mask is None or bool(mask.all()):
         return loss(pred, target)
     # Select before computing: an invalid target may be NaN or inf, and even a masked-out
     # NaN element would turn the gradient into NaN (0 * NaN).
-    keep = valid.expand_as(target)
+    keep = mask.expand_as(target)
     if not bool(keep.any()):
         return pred.sum() * 0.0
     return loss(pred[keep], target[keep])

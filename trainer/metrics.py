@@ -1,7 +1,9 @@
 """Task metrics (paper Sec. 4.1), the relative performance Δ (Eq. 10-11) and the best constant
 predictors the metrics are compared against.
 
-A `TaskMeter` accumulates one task's predictions batch by batch; ``result()`` gives, per kind:
+A `Meter` accumulates one task's predictions batch by batch, one subclass per kind (which kind
+uses which meter, constant predictor and primary metric is the kind table's, `dagc.trainer.kinds`);
+``result()`` gives:
 
 * classification: ``accuracy``;
 * segmentation: ``miou`` (mean over the classes present in targets or predictions) and
@@ -19,9 +21,9 @@ A `TaskMeter` accumulates one task's predictions batch by batch; ``result()`` gi
   ``max_miou`` (best, over thresholds, mean per-image IoU of the thresholded map: ASTMT's and
   MTI-Net's saliency mIoU), ``abs_err`` and ``mse``.
 
-`constant_prediction` gives the best constant predictor of a task fitted on training targets
-(majority class, median depth, mean normal direction, mean edge value), so every metric has a
-floor to beat. `relative_performance` and `delta_t` compare a method with single-task baselines.
+The best constant predictors of a task fitted on training targets (`majority_class`,
+`median_depth`, `mean_direction`, `mean_value`) give every metric a floor to beat.
+`relative_performance` and `delta_t` compare a method with single-task baselines.
 """
 
 from __future__ import annotations
@@ -33,29 +35,10 @@ import numpy as np
 
 from dagc.errors import ConfigError, DataError
 from dagc.spec import TaskSpec
-from dagc.trainer.losses import IGNORE_INDEX
+from dagc.trainer.data import IGNORE_INDEX
 
-# The metric summarising each kind, and whether higher is better. Edges: the toleranced ODS F of
-# the benchmark the paper follows; saliency: mIoU, the saliency column of the paper's Table 13.
-PRIMARY = {
-    "segmentation": ("miou", True),
-    "classification": ("accuracy", True),
-    "depth": ("abs_err", False),
-    "normal": ("mean_angle", False),
-    "edge": ("ods_f", True),
-    "saliency": ("max_miou", True),
-}
 # Metric keys where a lower value is better: l_j = 1 in Eq. 10.
 LOWER_IS_BETTER = frozenset({"abs_err", "rel_err", "mse", "rmse", "mean_angle", "median_angle"})
-# The metrics of each kind that the paper's tables report, i.e. what Eq. 10 averages over.
-DELTA_METRICS = {
-    "segmentation": ("miou", "pixel_acc"),
-    "classification": ("accuracy",),
-    "depth": ("abs_err", "rel_err", "delta_1.25", "delta_1.25^2", "delta_1.25^3"),
-    "normal": ("mean_angle", "median_angle", "within_11.25", "within_22.5", "within_30"),
-    "edge": ("ods_f",),
-    "saliency": ("max_miou", "max_f"),
-}
 # Thresholds at which binary-map tasks (edges, saliency) are scored; a pixel is called positive
 # at threshold t when its prediction is >= t (everything at t = 0). The grid contains ASTMT's
 # saliency thresholds (0.2, 0.25, ..., 0.9) and is as fine as BSDS' 99 edge thresholds.
@@ -66,10 +49,11 @@ DEPTH_DELTAS = {"delta_1.25": 1.25, "delta_1.25^2": 1.25**2, "delta_1.25^3": 1.2
 ANGLE_WITHIN = {"within_11.25": 11.25, "within_22.5": 22.5, "within_30": 30.0}
 
 
-class TaskMeter:
-    """Accumulates a task's metrics over batches of numpy predictions and targets.
+class Meter:
+    """Accumulates one task's metrics over batches of numpy predictions and targets; one subclass
+    per task kind (the kind table, `dagc.trainer.kinds`, says which).
 
-    Predictions: logits (B, classes[, H, W]) for label tasks, values (B, C, H, W) otherwise;
+    Predictions: logits (B, classes[, H, W]) for labelled kinds, values (B, C, H, W) otherwise;
     targets: labels (B[, H, W]) or values of the prediction's shape. ``edge_max_dist`` is the
     edge matching tolerance as a fraction of the image diagonal (0: exact pixels); a tolerance
     under one pixel, e.g. the default on 32×32 images, is exact matching. Raises ConfigError
@@ -82,66 +66,102 @@ class TaskMeter:
                               f"diagonal, e.g. {EDGE_MAX_DIST}), got {edge_max_dist!r}")
         self.task = task
         self.edge_max_dist = float(edge_max_dist)
-        self.n = 0  # valid pixels (dense regression tasks) seen so far
-        self.sums: dict[str, float] = {}
-        self.angles: list[np.ndarray] = []
-        t = len(F_THRESHOLDS)
-        if task.kind in ("segmentation", "classification"):
-            self.confusion = np.zeros((task.classes, task.classes), dtype=np.int64)
-        if task.kind in ("edge", "saliency"):
-            # Histograms of the predictions on positive and negative pixels: enough to get
-            # precision and recall at every threshold without keeping the predictions.
-            self.pos_hist = np.zeros(t, dtype=np.int64)
-            self.neg_hist = np.zeros(t, dtype=np.int64)
-        if task.kind == "edge":
-            self.near_hist = np.zeros(t, dtype=np.int64)     # predictions within tolerance of an edge
-            self.matched_hist = np.zeros(t, dtype=np.int64)  # per edge pixel: best prediction nearby
-        if task.kind == "saliency":
-            self.iou_sum = np.zeros(t, dtype=np.float64)
-            self.images = 0
 
     def update(self, pred: np.ndarray, target: np.ndarray) -> None:
         """Adds one batch. Raises DataError when shapes or labels do not fit the task."""
-        pred = np.asarray(pred)
-        target = np.asarray(target)
-        kind = self.task.kind
-        name = self.task.name
-        if kind in ("segmentation", "classification"):
-            k = self.task.classes
-            if pred.ndim != target.ndim + 1 or pred.shape[1] != k or pred.shape[:1] + pred.shape[2:] != target.shape:
-                raise DataError(f"task {name!r}: predictions {pred.shape} do not fit targets {target.shape}; "
-                                f"expected logits (B, {k}, ...) for labels (B, ...)")
-            labels = pred.argmax(axis=1).ravel()
-            t = target.ravel().astype(np.int64)
-            keep = t != IGNORE_INDEX
-            t, labels = t[keep], labels[keep]
-            if t.size and (t.min() < 0 or t.max() >= k):
-                raise DataError(f"task {name!r}: target labels must be in [0, {k - 1}] or {IGNORE_INDEX} "
-                                f"(ignored), got values from {t.min()} to {t.max()}")
-            self.confusion += np.bincount(t * k + labels, minlength=k * k).reshape(k, k)
-            return
+        raise NotImplementedError
+
+    def result(self) -> dict[str, float]:
+        """The task's metrics as plain floats (angles in degrees, fractions in 0..1).
+
+        Raises DataError when nothing valid was seen (no labelled pixel, no depth > 0, ...).
+        """
+        raise NotImplementedError
+
+    def _empty(self) -> DataError:
+        return DataError(f"task {self.task.name!r}: no valid target to score; check the data (labels "
+                         f"{IGNORE_INDEX}, depth <= 0 and zero normals are skipped)")
+
+
+class _LabelMeter(Meter):
+    """A confusion matrix of labels (classification and segmentation)."""
+
+    def __init__(self, task: TaskSpec, edge_max_dist: float = EDGE_MAX_DIST) -> None:
+        super().__init__(task, edge_max_dist)
+        self.confusion = np.zeros((task.classes, task.classes), dtype=np.int64)
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        pred, target = np.asarray(pred), np.asarray(target)
+        k, name = self.task.classes, self.task.name
+        if pred.ndim != target.ndim + 1 or pred.shape[1] != k or pred.shape[:1] + pred.shape[2:] != target.shape:
+            raise DataError(f"task {name!r}: predictions {pred.shape} do not fit targets {target.shape}; "
+                            f"expected logits (B, {k}, ...) for labels (B, ...)")
+        labels = pred.argmax(axis=1).ravel()
+        t = target.ravel().astype(np.int64)
+        keep = t != IGNORE_INDEX
+        t, labels = t[keep], labels[keep]
+        if t.size and (t.min() < 0 or t.max() >= k):
+            raise DataError(f"task {name!r}: target labels must be in [0, {k - 1}] or {IGNORE_INDEX} "
+                            f"(ignored), got values from {t.min()} to {t.max()}")
+        self.confusion += np.bincount(t * k + labels, minlength=k * k).reshape(k, k)
+
+    def _accuracy(self) -> float:
+        c = self.confusion
+        if c.sum() == 0:
+            raise self._empty()
+        return float(np.trace(c)) / float(c.sum())
+
+
+class ClassificationMeter(_LabelMeter):
+    """``accuracy``."""
+
+    def result(self) -> dict[str, float]:
+        return {"accuracy": self._accuracy()}
+
+
+class SegmentationMeter(_LabelMeter):
+    """``miou`` (mean over the classes present in targets or predictions) and ``pixel_acc``."""
+
+    def result(self) -> dict[str, float]:
+        acc = self._accuracy()
+        c = self.confusion
+        inter = np.diag(c).astype(np.float64)
+        union = c.sum(0) + c.sum(1) - inter
+        present = union > 0
+        return {"miou": float((inter[present] / union[present]).mean()), "pixel_acc": acc}
+
+
+class _DenseMeter(Meter):
+    """Dense regression maps (B, C, H, W): sums over the valid pixels seen so far."""
+
+    def __init__(self, task: TaskSpec, edge_max_dist: float = EDGE_MAX_DIST) -> None:
+        super().__init__(task, edge_max_dist)
+        self.n = 0  # valid pixels seen so far
+        self.sums: dict[str, float] = {}
+
+    def update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        pred, target = np.asarray(pred), np.asarray(target)
         if pred.shape != target.shape or pred.ndim != 4:
-            raise DataError(f"task {name!r}: predictions {pred.shape} and targets {target.shape} must "
+            raise DataError(f"task {self.task.name!r}: predictions {pred.shape} and targets {target.shape} must "
                             "both be (B, C, H, W)")
-        pred = pred.astype(np.float64, copy=False)
-        target = target.astype(np.float64, copy=False)
-        if kind == "normal":
-            self._update_normal(pred, target)
-        elif kind == "depth":
-            self._update_depth(pred, target)
-        else:
-            self._update_map(pred, target)
+        self._update(pred.astype(np.float64, copy=False), target.astype(np.float64, copy=False))
 
-    def _update_normal(self, pred: np.ndarray, target: np.ndarray) -> None:
-        valid = (target != 0).any(axis=1)  # (B, H, W), the rule of losses.valid_pixels
-        p = np.moveaxis(pred, 1, -1)[valid]
-        g = np.moveaxis(target, 1, -1)[valid]
-        p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
-        g = g / np.linalg.norm(g, axis=1, keepdims=True)
-        cos = np.clip((p * g).sum(axis=1), -1.0, 1.0)
-        self.angles.append(np.degrees(np.arccos(cos)))
+    def _update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        raise NotImplementedError
 
-    def _update_depth(self, pred: np.ndarray, target: np.ndarray) -> None:
+    def _add(self, key: str, value: float) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def _means(self) -> dict[str, float]:
+        if self.n == 0:
+            raise self._empty()
+        return {key: value / self.n for key, value in self.sums.items()}
+
+
+class DepthMeter(_DenseMeter):
+    """``abs_err``, ``rel_err``, ``mse`` and the ``delta_1.25^k`` fractions, over pixels with d > 0."""
+
+    def _update(self, pred: np.ndarray, target: np.ndarray) -> None:
         valid = target > 0
         d, p = target[valid], pred[valid]
         err = np.abs(p - d)
@@ -155,7 +175,47 @@ class TaskMeter:
             self._add(key, np.count_nonzero(ratio < limit))
         self.n += d.size
 
-    def _update_map(self, pred: np.ndarray, target: np.ndarray) -> None:
+    def result(self) -> dict[str, float]:
+        return self._means()
+
+
+class NormalMeter(_DenseMeter):
+    """``mean_angle``, ``median_angle`` (degrees) and the ``within_*`` fractions, over the pixels
+    whose target is not the zero vector."""
+
+    def __init__(self, task: TaskSpec, edge_max_dist: float = EDGE_MAX_DIST) -> None:
+        super().__init__(task, edge_max_dist)
+        self.angles: list[np.ndarray] = []
+
+    def _update(self, pred: np.ndarray, target: np.ndarray) -> None:
+        valid = (target != 0).any(axis=1)  # (B, H, W), the rule of losses.valid_normal
+        p = np.moveaxis(pred, 1, -1)[valid]
+        g = np.moveaxis(target, 1, -1)[valid]
+        p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        cos = np.clip((p * g).sum(axis=1), -1.0, 1.0)
+        self.angles.append(np.degrees(np.arccos(cos)))
+
+    def result(self) -> dict[str, float]:
+        a = np.concatenate(self.angles) if self.angles else np.zeros(0)
+        if a.size == 0:
+            raise self._empty()
+        out = {"mean_angle": float(a.mean()), "median_angle": float(np.median(a))}
+        out.update({key: float((a < limit).mean()) for key, limit in ANGLE_WITHIN.items()})
+        return out
+
+
+class _BinaryMapMeter(_DenseMeter):
+    """Binary maps (edges, saliency), one channel: ``abs_err``, ``mse`` and ``max_f``."""
+
+    def __init__(self, task: TaskSpec, edge_max_dist: float = EDGE_MAX_DIST) -> None:
+        super().__init__(task, edge_max_dist)
+        # Histograms of the predictions on positive and negative pixels: enough to get
+        # precision and recall at every threshold without keeping the predictions.
+        self.pos_hist = np.zeros(len(F_THRESHOLDS), dtype=np.int64)
+        self.neg_hist = np.zeros(len(F_THRESHOLDS), dtype=np.int64)
+
+    def _update(self, pred: np.ndarray, target: np.ndarray) -> None:
         err = np.abs(pred - target)
         self._add("abs_err", err.sum())
         self._add("mse", (err**2).sum())
@@ -167,65 +227,66 @@ class TaskMeter:
         t = len(F_THRESHOLDS)
         self.pos_hist += np.bincount(bins[positive], minlength=t)
         self.neg_hist += np.bincount(bins[~positive], minlength=t)
-        if self.task.kind == "edge":
-            near, best = _edge_matches(images, positive, self.edge_max_dist)
-            self.near_hist += np.bincount(bins[near], minlength=t)
-            self.matched_hist += np.bincount(_bins(best[positive]), minlength=t)
-        else:
-            # Per image and threshold: TP and FP counts, from per-image histograms.
-            b = len(images)
-            flat_bins = bins.reshape(b, -1) + (np.arange(b) * t)[:, None]
-            flat_pos = positive.reshape(b, -1)
-            tp = _at_least(np.bincount(flat_bins[flat_pos], minlength=b * t).reshape(b, t))
-            fp = _at_least(np.bincount(flat_bins[~flat_pos], minlength=b * t).reshape(b, t))
-            union = flat_pos.sum(axis=1)[:, None] + fp
-            # ASTMT's convention: an image with no salient pixel and none predicted scores 1.
-            iou = np.where(union > 0, tp / np.maximum(union, 1), 1.0)
-            self.iou_sum += iou.sum(axis=0)
-            self.images += b
+        self._update_images(images, positive, bins)
 
-    def _add(self, key: str, value: float) -> None:
-        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+    def _update_images(self, images: np.ndarray, positive: np.ndarray, bins: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _max_f(self) -> dict[str, float]:
+        out = self._means()
+        exact = _at_least(self.pos_hist)
+        out["max_f"] = _best_f(exact, self._predicted(), exact, int(self.pos_hist.sum()))
+        return out
+
+    def _predicted(self) -> np.ndarray:
+        return _at_least(self.pos_hist + self.neg_hist)
+
+
+class EdgeMeter(_BinaryMapMeter):
+    """Also ``ods_f``, the optimal-dataset-scale F-measure with the ``edge_max_dist`` tolerance."""
+
+    def __init__(self, task: TaskSpec, edge_max_dist: float = EDGE_MAX_DIST) -> None:
+        super().__init__(task, edge_max_dist)
+        self.near_hist = np.zeros(len(F_THRESHOLDS), dtype=np.int64)     # predictions within tolerance of an edge
+        self.matched_hist = np.zeros(len(F_THRESHOLDS), dtype=np.int64)  # per edge pixel: best prediction nearby
+
+    def _update_images(self, images: np.ndarray, positive: np.ndarray, bins: np.ndarray) -> None:
+        t = len(F_THRESHOLDS)
+        near, best = _edge_matches(images, positive, self.edge_max_dist)
+        self.near_hist += np.bincount(bins[near], minlength=t)
+        self.matched_hist += np.bincount(_bins(best[positive]), minlength=t)
 
     def result(self) -> dict[str, float]:
-        """The task's metrics as plain floats (angles in degrees, fractions in 0..1).
+        out = self._max_f()
+        out["ods_f"] = _best_f(_at_least(self.near_hist), self._predicted(), _at_least(self.matched_hist),
+                               int(self.pos_hist.sum()))
+        return out
 
-        Raises DataError when nothing valid was seen (no labelled pixel, no depth > 0, ...).
-        """
-        kind = self.task.kind
-        empty = DataError(f"task {self.task.name!r}: no valid target to score; check the data (labels "
-                          f"{IGNORE_INDEX}, depth <= 0 and zero normals are skipped)")
-        if kind in ("segmentation", "classification"):
-            c = self.confusion
-            if c.sum() == 0:
-                raise empty
-            acc = float(np.trace(c)) / float(c.sum())
-            if kind == "classification":
-                return {"accuracy": acc}
-            inter = np.diag(c).astype(np.float64)
-            union = c.sum(0) + c.sum(1) - inter
-            present = union > 0
-            return {"miou": float((inter[present] / union[present]).mean()), "pixel_acc": acc}
-        if kind == "normal":
-            a = np.concatenate(self.angles) if self.angles else np.zeros(0)
-            if a.size == 0:
-                raise empty
-            out = {"mean_angle": float(a.mean()), "median_angle": float(np.median(a))}
-            out.update({key: float((a < limit).mean()) for key, limit in ANGLE_WITHIN.items()})
-            return out
-        if self.n == 0:
-            raise empty
-        out = {key: value / self.n for key, value in self.sums.items()}
-        if kind == "depth":
-            return out
-        predicted = _at_least(self.pos_hist + self.neg_hist)
-        exact = _at_least(self.pos_hist)
-        out["max_f"] = _best_f(exact, predicted, exact, int(self.pos_hist.sum()))
-        if kind == "edge":
-            out["ods_f"] = _best_f(_at_least(self.near_hist), predicted, _at_least(self.matched_hist),
-                                   int(self.pos_hist.sum()))
-        else:
-            out["max_miou"] = float((self.iou_sum / self.images).max())
+
+class SaliencyMeter(_BinaryMapMeter):
+    """Also ``max_miou``: the best, over thresholds, mean per-image IoU of the thresholded map."""
+
+    def __init__(self, task: TaskSpec, edge_max_dist: float = EDGE_MAX_DIST) -> None:
+        super().__init__(task, edge_max_dist)
+        self.iou_sum = np.zeros(len(F_THRESHOLDS), dtype=np.float64)
+        self.images = 0
+
+    def _update_images(self, images: np.ndarray, positive: np.ndarray, bins: np.ndarray) -> None:
+        # Per image and threshold: TP and FP counts, from per-image histograms.
+        b, t = len(images), len(F_THRESHOLDS)
+        flat_bins = bins.reshape(b, -1) + (np.arange(b) * t)[:, None]
+        flat_pos = positive.reshape(b, -1)
+        tp = _at_least(np.bincount(flat_bins[flat_pos], minlength=b * t).reshape(b, t))
+        fp = _at_least(np.bincount(flat_bins[~flat_pos], minlength=b * t).reshape(b, t))
+        union = flat_pos.sum(axis=1)[:, None] + fp
+        # ASTMT's convention: an image with no salient pixel and none predicted scores 1.
+        iou = np.where(union > 0, tp / np.maximum(union, 1), 1.0)
+        self.iou_sum += iou.sum(axis=0)
+        self.images += b
+
+    def result(self) -> dict[str, float]:
+        out = self._max_f()
+        out["max_miou"] = float((self.iou_sum / self.images).max())
         return out
 
 
@@ -309,36 +370,35 @@ def delta_t(per_task: Mapping[str, float]) -> float:
     return float(sum(per_task.values())) / len(per_task)
 
 
-def constant_prediction(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """The best constant predictor of a task, fitted on the training targets, broadcast to
-    ``shape`` (the shape a model's prediction would have for a batch).
+# The best constant predictors of each kind, fitted on training targets and broadcast to ``shape``
+# (the shape a model's prediction would have for a batch). The kind table picks one per kind.
+def majority_class(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Labelled kinds: the most frequent label (``IGNORE_INDEX`` skipped), as one-hot logits."""
+    t = train_targets.ravel()
+    counts = np.bincount(t[t != IGNORE_INDEX], minlength=task.classes)
+    logits = np.zeros(task.classes, dtype=np.float32)
+    logits[int(counts.argmax())] = 1.0
+    view = (1, task.classes) + (1,) * (len(shape) - 2)
+    return np.broadcast_to(logits.reshape(view), shape)
 
-    Majority class for label tasks (as one-hot logits), median valid (> 0) depth, mean edge /
-    saliency value, and the normalised mean normal direction (zero vectors add nothing to it).
-    Raises DataError when the targets hold no valid depth.
-    """
-    if task.kind in ("segmentation", "classification"):
-        t = train_targets.ravel()
-        counts = np.bincount(t[t != IGNORE_INDEX], minlength=task.classes)
-        logits = np.zeros(task.classes, dtype=np.float32)
-        logits[int(counts.argmax())] = 1.0
-        view = (1, task.classes) + (1,) * (len(shape) - 2)
-        return np.broadcast_to(logits.reshape(view), shape)
-    if task.kind == "normal":
-        mean = train_targets.mean(axis=(0, 2, 3))
-        mean = mean / max(np.linalg.norm(mean), 1e-12)
-        return np.broadcast_to(mean.reshape(1, 3, 1, 1).astype(np.float32), shape)
-    if task.kind == "depth":
-        valid = train_targets[train_targets > 0]
-        if valid.size == 0:
-            raise DataError(f"task {task.name!r}: the training depth has no valid pixel (all <= 0)")
-        # The constant minimising mean absolute error, depth's primary metric, is the median.
-        return np.full(shape, np.median(valid), dtype=np.float32)
-    # Edge / saliency maps: every constant has the same max F (all pixels called positive), and
-    # the mean minimises the L2 error they are trained with.
+
+def mean_direction(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Normals: the normalised mean direction (zero vectors add nothing to it)."""
+    mean = train_targets.mean(axis=(0, 2, 3))
+    mean = mean / max(np.linalg.norm(mean), 1e-12)
+    return np.broadcast_to(mean.reshape(1, 3, 1, 1).astype(np.float32), shape)
+
+
+def median_depth(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Depth: the median valid (> 0) depth, the constant minimising mean absolute error (depth's
+    primary metric). Raises DataError when the targets hold no valid depth."""
+    valid = train_targets[train_targets > 0]
+    if valid.size == 0:
+        raise DataError(f"task {task.name!r}: the training depth has no valid pixel (all <= 0)")
+    return np.full(shape, np.median(valid), dtype=np.float32)
+
+
+def mean_value(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Edge / saliency maps: the mean value. Every constant has the same max F (all pixels called
+    positive), and the mean minimises the L2 error they are trained with."""
     return np.full(shape, train_targets.mean(), dtype=np.float32)
-
-
-def is_better(task: TaskSpec, a: float, b: float) -> bool:
-    """Whether primary-metric value ``a`` beats ``b`` for this task."""
-    return a > b if PRIMARY[task.kind][1] else a < b

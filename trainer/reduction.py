@@ -15,7 +15,7 @@ All three reductions share the set-up and the stopping rule of DESIGN.md, "Flow-
 Further interpretations (not fixed by the paper or DESIGN.md):
 
 - If Ψ is already disconnected after the set-up (e.g. alpha or beta is 0 on every state of
-  [N_α, N_β]), there is no "last connected Ψ" to return: ValueError.
+  [N_α, N_β]), there is no "last connected Ψ" to return: SpecError.
 - The target is also checked on the set-up Ψ: if the truncation to [N_α, N_β] alone reaches
   it, nothing is removed.
 - The total edge count for the sparsity is that of the task's whole central network,
@@ -28,6 +28,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
+from dagc.errors import ConfigError, SpecError
 
 from .topology import (
     _as_flow_matrix,
@@ -54,16 +56,16 @@ def state_range(alpha, beta) -> tuple[int, int]:
 
     Takes alpha and beta, 1-D arrays of the same length N >= 1. Returns
     (N_α, N_β) = (argmax alpha, min(N-1, max(N_α+1, argmax beta))), 0-based, first maximum on
-    ties. Raises ValueError if the arrays are not 1-D of the same non-zero length or contain NaN.
+    ties. Raises SpecError if the arrays are not 1-D of the same non-zero length or contain NaN.
     """
     a = np.asarray(alpha, dtype=np.float64)
     b = np.asarray(beta, dtype=np.float64)
     if a.ndim != 1 or a.shape != b.shape or a.size == 0:
-        raise ValueError(
+        raise SpecError(
             f"alpha and beta must be 1-D of the same length N >= 1, got {a.shape} and {b.shape}"
         )
     if np.isnan(a).any() or np.isnan(b).any():
-        raise ValueError("alpha and beta must not contain NaN")
+        raise SpecError("alpha and beta must not contain NaN")
     n_alpha = int(np.argmax(a))
     n_beta = min(a.size - 1, max(n_alpha + 1, int(np.argmax(b))))
     return n_alpha, n_beta
@@ -85,7 +87,7 @@ def flow_scores(psi) -> np.ndarray:
     counts as 0. Vectorised: the first ratio depends on i only, the second term on j only.
 
     Takes an (N+2)×(N+2) array with values in [0, 1], zero on and below the diagonal. Returns
-    a float64 array of the same shape (0 where ψ is 0). Raises ValueError on a malformed Ψ.
+    a float64 array of the same shape (0 where ψ is 0). Raises SpecError on a malformed Ψ.
     """
     arr = _as_flow_matrix(psi)
     active = arr != 0
@@ -106,17 +108,17 @@ def _first_smallest_positive(values: np.ndarray) -> int | None:
 
 
 def _check_target(target_sparsity) -> float | None:
-    """Return the target sparsity as a float, or None; ValueError if outside (0, 1]."""
+    """Return the target sparsity as a float, or None; ConfigError if outside (0, 1]."""
     if target_sparsity is None:
         return None
     try:
         target = float(target_sparsity)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise ConfigError(
             f"target_sparsity must be a number in (0, 1], got {target_sparsity!r}"
         ) from None
     if not 0.0 < target <= 1.0:  # also rejects NaN
-        raise ValueError(f"target_sparsity must be in (0, 1], got {target_sparsity!r}")
+        raise ConfigError(f"target_sparsity must be in (0, 1], got {target_sparsity!r}")
     return target
 
 
@@ -140,7 +142,7 @@ def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity):
     psi = _initial_flow_matrix(g, a, b)
     if not is_flow_connected(psi):
         n_alpha, n_beta = state_range(a, b)
-        raise ValueError(
+        raise SpecError(
             "input and read-out are not connected before any removal: no path through states "
             f"[{n_alpha}, {n_beta}] (are alpha or beta zero on all of them?)"
         )
@@ -168,7 +170,7 @@ def flow_based_reduction(gamma, alpha, beta, *, target_sparsity=None):
     Takes gamma (N×N, zero outside the flow-restricted band, in particular on and below the
     diagonal), alpha (N), beta (N), all in [0, 1], and optionally target_sparsity in (0, 1].
     Returns (gamma_hat, alpha_hat, beta_hat), 0/1 np.int64 arrays of the input shapes, whose
-    graph connects input to read-out. Raises ValueError on wrong shapes, NaN, values outside
+    graph connects input to read-out. Raises SpecError on wrong shapes, NaN, values outside
     [0, 1], a bad target, or an input already disconnected within [N_α, N_β].
     """
     return _reduce(

@@ -17,13 +17,22 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dagc.errors import ConfigError
 from dagc.trainer.baselines import full_masks
-from dagc.trainer.losses import squeeze_loss, task_loss
+from dagc.trainer.kinds import task_loss
+from dagc.trainer.losses import squeeze_loss
 from dagc.trainer.network import CentralNetwork
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
 
-REDUCTIONS = ("fbr", "threshold", "random")
+# Each reduction as (gamma, alpha, beta, seed, target_sparsity) -> binary (gamma, alpha, beta);
+# only the random one uses the seed.
+_REDUCE = {
+    "fbr": lambda g, a, b, seed, target: flow_based_reduction(g, a, b, target_sparsity=target),
+    "threshold": lambda g, a, b, seed, target: threshold_reduction(g, a, b, target_sparsity=target),
+    "random": lambda g, a, b, seed, target: random_reduction(g, a, b, seed=seed, target_sparsity=target),
+}
+REDUCTIONS = tuple(_REDUCE)
 AMP_MODES = ("none", "bf16", "fp16")
 
 
@@ -56,15 +65,15 @@ class Precision:
 def make_precision(amp: str, device: torch.device) -> Precision:
     """The `Precision` of an ``amp`` mode ('none', 'bf16', 'fp16') on ``device``.
 
-    Raises ValueError for an unknown mode or fp16 off CUDA (TrainConfig reports both earlier).
+    Raises ConfigError for an unknown mode or fp16 off CUDA (TrainConfig reports both earlier).
     """
     if amp not in AMP_MODES:
-        raise ValueError(f"amp must be one of {list(AMP_MODES)}, got {amp!r}")
+        raise ConfigError(f"amp must be one of {list(AMP_MODES)}, got {amp!r}")
     if amp == "none":
         return Precision()
     if amp == "fp16":
         if device.type != "cuda":
-            raise ValueError("amp 'fp16' needs a CUDA device (gradient scaling)")
+            raise ConfigError("amp 'fp16' needs a CUDA device (gradient scaling)")
         return Precision(torch.float16, "cuda", torch.amp.GradScaler("cuda"))
     return Precision(torch.bfloat16, device.type)
 
@@ -140,9 +149,10 @@ def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
                    target_sparsity: float | None = None) -> dict[str, dict[str, float]]:
     """Discretise every task's σ(Γ, A, B) (Algorithm 1, threshold or random reduction, or ``none``:
     keep every edge), close the masks, and switch the network to hard mode. Returns the topology
-    (D, W, S) of each task's sub-network."""
+    (D, W, S) of each task's sub-network. The random reduction of task k draws from ``seed + k``.
+    Raises ConfigError for an unknown method or target."""
     if method not in (*REDUCTIONS, "none"):
-        raise ValueError(f"unknown reduction {method!r}; choose one of {[*REDUCTIONS, 'none']}")
+        raise ConfigError(f"unknown reduction {method!r}; choose one of {[*REDUCTIONS, 'none']}")
     band = net.band.cpu().numpy()
     with torch.no_grad():
         gam = (torch.sigmoid(net.arch_gamma) * net.band).cpu().double().numpy()
@@ -151,15 +161,10 @@ def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
     masks, topo = [], {}
     keep_all = full_masks(net.spec) if method == "none" else None
     for k, task in enumerate(net.spec.tasks):
-        if method == "fbr":
-            g, a, b = flow_based_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
-        elif method == "threshold":
-            g, a, b = threshold_reduction(gam[k], alp[k], bet[k], target_sparsity=target_sparsity)
-        elif method == "none":  # the no-fbr ablation: every edge stays
+        if method == "none":  # the no-fbr ablation: every edge stays
             g, a, b = (m[k] for m in keep_all)
         else:
-            g, a, b = random_reduction(gam[k], alp[k], bet[k], seed=seed + k,
-                                       target_sparsity=target_sparsity)
+            g, a, b = _REDUCE[method](gam[k], alp[k], bet[k], seed + k, target_sparsity)
         g, a, b = close_masks(g, a, b)
         masks.append((g, a, b))
         topo[task.name] = topology_metrics(g, a, b, band)

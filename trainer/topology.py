@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dagc.errors import SpecError
+
 __all__ = [
     "close_masks",
     "flow_band",
@@ -34,14 +36,14 @@ def _as_unit_array(name: str, value, *, binary: bool = False) -> np.ndarray:
         or np.issubdtype(arr.dtype, np.integer)
         or np.issubdtype(arr.dtype, np.floating)
     ):
-        raise ValueError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
+        raise SpecError(f"{name} must be a real numeric array, got dtype {arr.dtype}")
     arr = arr.astype(np.float64)
     if np.isnan(arr).any():
-        raise ValueError(f"{name} contains NaN")
+        raise SpecError(f"{name} contains NaN")
     if ((arr < 0.0) | (arr > 1.0)).any():
-        raise ValueError(f"{name} has values outside [0, 1]")
+        raise SpecError(f"{name} has values outside [0, 1]")
     if binary and not np.isin(arr, (0.0, 1.0)).all():
-        raise ValueError(f"{name} must be a 0/1 mask, got other values")
+        raise SpecError(f"{name} must be a 0/1 mask, got other values")
     return arr
 
 
@@ -49,9 +51,9 @@ def _as_hidden_matrix(name: str, value, *, binary: bool = False) -> np.ndarray:
     """Check an N×N hidden-edge array (square, N >= 1, zero on and below the diagonal)."""
     arr = _as_unit_array(name, value, binary=binary)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] < 1:
-        raise ValueError(f"{name} must be a square N×N array with N >= 1, got shape {arr.shape}")
+        raise SpecError(f"{name} must be a square N×N array with N >= 1, got shape {arr.shape}")
     if np.any(np.tril(arr) != 0):
-        raise ValueError(
+        raise SpecError(
             f"{name} must be zero on and below the diagonal "
             "(a hidden edge goes from state i to a later state j > i only)"
         )
@@ -66,7 +68,7 @@ def _as_task_arrays(gamma, alpha, beta, *, binary: bool = False):
     b = _as_unit_array("beta", beta, binary=binary)
     for name, vec in (("alpha", a), ("beta", b)):
         if vec.shape != (n,):
-            raise ValueError(
+            raise SpecError(
                 f"{name} must have shape ({n},) to match gamma of shape {g.shape}, got {vec.shape}"
             )
     return g, a, b
@@ -76,10 +78,10 @@ def _as_flow_matrix(psi) -> np.ndarray:
     """Check a flow matrix: square, at least input and read-out, strictly upper triangular."""
     arr = _as_unit_array("psi", psi)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] < 2:
-        raise ValueError(f"psi must be a square (N+2)×(N+2) array, got shape {arr.shape}")
+        raise SpecError(f"psi must be a square (N+2)×(N+2) array, got shape {arr.shape}")
     # The one-sweep passes rely on node order being topological.
     if np.any(np.tril(arr) != 0):
-        raise ValueError("psi must be zero on and below the diagonal (node order is topological)")
+        raise SpecError("psi must be zero on and below the diagonal (node order is topological)")
     return arr
 
 
@@ -116,12 +118,12 @@ def flow_band(n_states: int, flow_constant: int) -> np.ndarray:
     """The flow-restricted band of structurally existing hidden edges.
 
     Takes the number of hidden states N >= 1 and the flow constant M >= 1. Returns an N×N int64
-    array with 1 at (i, j) where 0 < j - i <= M and 0 elsewhere. Raises ValueError if N or M is
+    array with 1 at (i, j) where 0 < j - i <= M and 0 elsewhere. Raises SpecError if N or M is
     not a positive integer.
     """
     for name, value in (("n_states", n_states), ("flow_constant", flow_constant)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise SpecError(f"{name} must be a positive integer, got {value!r}")
     offset = np.arange(n_states)[None, :] - np.arange(n_states)[:, None]
     return ((offset > 0) & (offset <= flow_constant)).astype(np.int64)
 
@@ -131,7 +133,7 @@ def flow_matrix(gamma, alpha, beta) -> np.ndarray:
 
     Takes gamma (N×N), alpha (N) and beta (N) with values in [0, 1]. Returns the (N+2)×(N+2)
     float64 matrix with Ψ[i+1, j+1] = gamma[i, j], Ψ[0, j+1] = alpha[j] and
-    Ψ[i+1, N+1] = beta[i] (node 0 = input, node N+1 = read-out). Raises ValueError on wrong
+    Ψ[i+1, N+1] = beta[i] (node 0 = input, node N+1 = read-out). Raises SpecError on wrong
     shapes, NaN, values outside [0, 1] or gamma entries on or below the diagonal.
     """
     g, a, b = _as_task_arrays(gamma, alpha, beta)
@@ -147,11 +149,11 @@ def split_flow_matrix(psi) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of `flow_matrix`.
 
     Takes an (N+2)×(N+2) array. Returns copies (gamma, alpha, beta) = (Ψ[1:N+1, 1:N+1],
-    Ψ[0, 1:N+1], Ψ[1:N+1, N+1]) in Ψ's dtype. Raises ValueError if Ψ is not square with N >= 1.
+    Ψ[0, 1:N+1], Ψ[1:N+1, N+1]) in Ψ's dtype. Raises SpecError if Ψ is not square with N >= 1.
     """
     arr = np.asarray(psi)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or arr.shape[0] < 3:
-        raise ValueError(f"psi must be a square (N+2)×(N+2) array with N >= 1, got {arr.shape}")
+        raise SpecError(f"psi must be a square (N+2)×(N+2) array with N >= 1, got {arr.shape}")
     return arr[1:-1, 1:-1].copy(), arr[0, 1:-1].copy(), arr[1:-1, -1].copy()
 
 
@@ -159,7 +161,7 @@ def is_flow_connected(psi) -> bool:
     """Whether the last node of a flow matrix Ψ is reachable from node 0 over non-zero entries.
 
     Takes an (N+2)×(N+2) array with values in [0, 1], zero on and below the diagonal. Returns a
-    bool. Raises ValueError on a malformed Ψ.
+    bool. Raises SpecError on a malformed Ψ.
     """
     return bool(_forward_reach(_as_flow_matrix(psi))[-1])
 
@@ -168,7 +170,7 @@ def is_connected(gamma, alpha, beta) -> bool:
     """Whether the read-out is reachable from the input over the non-zero entries.
 
     Takes one task's gamma (N×N), alpha (N) and beta (N), weights or 0/1 masks in [0, 1].
-    Returns a bool. Raises ValueError on malformed input (see `flow_matrix`).
+    Returns a bool. Raises SpecError on malformed input (see `flow_matrix`).
     """
     return bool(_forward_reach(flow_matrix(gamma, alpha, beta))[-1])
 
@@ -187,7 +189,7 @@ def close_masks(gamma, alpha, beta) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     connected (every edge of an input -> read-out path is kept).
 
     Takes one task's 0/1 masks gamma (N×N), alpha (N), beta (N) of any real or bool dtype.
-    Returns (gamma, alpha, beta) as 0/1 int64 arrays of the same shapes. Raises ValueError on
+    Returns (gamma, alpha, beta) as 0/1 int64 arrays of the same shapes. Raises SpecError on
     wrong shapes, values other than 0/1, or gamma entries on or below the diagonal.
     """
     g, a, b = _as_task_arrays(gamma, alpha, beta, binary=True)
@@ -203,15 +205,15 @@ def sparsity(gamma_hat, alpha_hat, beta_hat, gamma) -> float:
     Takes the kept masks gamma_hat (N×N), alpha_hat (N), beta_hat (N) (0/1, or weights whose
     non-zero entries count as kept) and `gamma`, the task's N×N weights or band: its non-zero
     entries are the structurally existing hidden edges. All edges = count_nonzero(gamma) + 2N
-    (every state has a read-in and a read-out). Returns a float in [0, 1]. Raises ValueError on
+    (every state has a read-in and a read-out). Returns a float in [0, 1]. Raises SpecError on
     malformed input or on a kept hidden edge where `gamma` is zero.
     """
     g_hat, a_hat, b_hat = _as_task_arrays(gamma_hat, alpha_hat, beta_hat)
     structure = _as_hidden_matrix("gamma", gamma)
     if structure.shape != g_hat.shape:
-        raise ValueError(f"gamma has shape {structure.shape} but gamma_hat has shape {g_hat.shape}")
+        raise SpecError(f"gamma has shape {structure.shape} but gamma_hat has shape {g_hat.shape}")
     if np.any((g_hat != 0) & (structure == 0)):
-        raise ValueError("gamma_hat keeps a hidden edge that does not exist in gamma")
+        raise SpecError("gamma_hat keeps a hidden edge that does not exist in gamma")
     n = g_hat.shape[0]
     kept = np.count_nonzero(g_hat) + np.count_nonzero(a_hat) + np.count_nonzero(b_hat)
     return float(kept / (np.count_nonzero(structure) + 2 * n))
@@ -233,14 +235,14 @@ def topology_metrics(gamma, alpha, beta, band) -> dict:
 
     Takes 0/1 masks gamma (N×N), alpha (N), beta (N) and `band`, the N×N 0/1 array of
     structurally existing hidden edges (see `flow_band`). Returns {"D": int, "W": int,
-    "S": float}. Raises ValueError on malformed input or an active hidden edge outside the band.
+    "S": float}. Raises SpecError on malformed input or an active hidden edge outside the band.
     """
     g, a, b = _as_task_arrays(gamma, alpha, beta, binary=True)
     structure = _as_hidden_matrix("band", band, binary=True)
     if structure.shape != g.shape:
-        raise ValueError(f"band has shape {structure.shape} but gamma has shape {g.shape}")
+        raise SpecError(f"band has shape {structure.shape} but gamma has shape {g.shape}")
     if np.any((g != 0) & (structure == 0)):
-        raise ValueError("gamma has an active edge outside the band")
+        raise SpecError("gamma has an active edge outside the band")
     psi = flow_matrix(g, a, b)
     n = g.shape[0]
     width = int(np.count_nonzero(psi[1 : n + 1, 1:], axis=1).max())

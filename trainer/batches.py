@@ -1,0 +1,61 @@
+"""What a run trains on: the configured dataset, the network spec that fits it, and the training
+batch of every (stage, step) -- a pure function of the seed, so a resumed run sees the same batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dagc.errors import ConfigError, DataError, SpecError
+from dagc.spec import Spec, preset
+from dagc.trainer import datasets
+from dagc.trainer.baselines import complete_dag
+from dagc.trainer.config import STAGES, TrainConfig
+
+
+def load_data(cfg: TrainConfig) -> datasets.MultiTaskData:
+    """The configured dataset (built in, or read from ``cfg.data_root``). Raises DataError for
+    unknown names and for missing or malformed files of an on-disk dataset."""
+    try:
+        return datasets.load_dataset(cfg.dataset, tasks=cfg.tasks, seed=cfg.seed, n_train=cfg.n_train,
+                                     n_test=cfg.n_test, root=cfg.data_root)
+    except ValueError as e:  # DataError, or a stray ValueError of numpy / Pillow: one line for the user
+        raise DataError(str(e)) from None
+
+
+def build_spec(cfg: TrainConfig, data: datasets.MultiTaskData) -> Spec:
+    """The central network of the run: the configured preset with the data's tasks and input (the
+    complete DAG under the ``no-flow-restriction`` ablation). Raises ConfigError when the preset
+    does not fit the data."""
+    try:
+        spec = preset(cfg.preset, data.tasks, flow_constant=cfg.flow_constant, in_channels=data.in_channels,
+                      input_size=tuple(data.input_size), shared_input=data.shared_input)
+        return complete_dag(spec) if "no-flow-restriction" in cfg.ablations else spec
+    except SpecError as e:
+        raise ConfigError(f"preset {cfg.preset!r} does not fit dataset {cfg.dataset!r}: {e}") from None
+
+
+def batch_at(split: datasets.Split, spec: Spec, batch_size: int, seed: int, stage: str, step: int,
+             device: torch.device, rank: int = 0, world: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
+    """The training batch of (stage, step) for process ``rank`` of ``world``: a pure function of
+    (seed, stage, step), so a resumed run sees the same batches. The ``batch_size * world``
+    samples of the global batch are drawn at once and each rank takes its own ``batch_size``
+    slice (with one process, exactly the batch it always was). Shared input: x (B, C, H, W);
+    per-task inputs: x (K, B, C, H, W). Returns x and the targets by task, on ``device``."""
+    rng = np.random.default_rng([seed, STAGES.index(stage), step])
+    targets: dict[str, Tensor] = {}
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    if spec.shared_input:
+        idx = rng.integers(0, split.size(spec.tasks[0].name), batch_size * world)[mine]
+        x = torch.from_numpy(np.ascontiguousarray(split.inputs[idx]))
+        for t in spec.tasks:
+            targets[t.name] = torch.from_numpy(np.ascontiguousarray(split.targets[t.name][idx]))
+    else:
+        xs = []
+        for t in spec.tasks:
+            idx = rng.integers(0, split.size(t.name), batch_size * world)[mine]
+            xs.append(torch.from_numpy(np.ascontiguousarray(split.inputs[t.name][idx])))
+            targets[t.name] = torch.from_numpy(np.ascontiguousarray(split.targets[t.name][idx]))
+        x = torch.stack(xs)
+    return x.to(device), {k: v.to(device) for k, v in targets.items()}

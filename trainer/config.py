@@ -1,0 +1,208 @@
+"""`TrainConfig`: everything a run depends on, as typed and validated data.
+
+A configuration is stored in every checkpoint and run directory as JSON (`TrainConfig.to_dict`)
+and read back with `TrainConfig.from_dict`, so a resumed run trains exactly as it started.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from dagc.errors import ConfigError
+from dagc.spec import PRESETS
+from dagc.trainer import datasets
+from dagc.trainer.baselines import ABLATIONS, BASELINES
+from dagc.trainer.losses import DENSE_LOSSES
+from dagc.trainer.stages import AMP_MODES, REDUCTIONS
+
+# The stages of a run, in order (paper Sec. 3.2); reduction and rewinding open fine-tuning.
+STAGES = ("warmup", "search", "finetune")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a run depends on. Learning rates and λ_sq default to the paper's Table 9
+    (NYU-v2 / Omniglot row); ``kappa=None`` sets the squeeze budget κ to N, about one incoming
+    edge per hidden state. Raises ConfigError naming the first invalid field."""
+
+    dataset: str = "synthetic"
+    data_root: str | None = None  # the directory of an on-disk dataset (datasets.ON_DISK)
+    preset: str | None = None  # None: the dataset's own (its registered `Dataset.preset`)
+    tasks: tuple[str, ...] | None = None
+    flow_constant: int | None = None
+    warmup_iters: int = 150
+    search_iters: int = 250
+    finetune_iters: int = 400
+    batch_size: int = 16
+    weight_lr: float = 1e-4
+    arch_lr: float = 0.01
+    squeeze_weight: float = 0.05
+    kappa: float | None = None
+    dense_loss: str = "l2"
+    reduction: str = "fbr"
+    target_sparsity: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    save_every: int = 100
+    log_every: int = 10
+    n_train: int | None = None
+    n_test: int | None = None
+    # Speed only; the defaults train exactly as before. amp: autocast dtype of the forward pass
+    # (bf16 on CPU or CUDA, fp16 with gradient scaling on CUDA only).
+    amp: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    # The paper's baselines and ablations (dagc.trainer.baselines): a baseline trains fixed chain
+    # masks for warmup + search + finetune iterations, without search; ablations combine.
+    baseline: str | None = None
+    ablations: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+        if isinstance(self.ablations, (list, tuple)):
+            object.__setattr__(self, "ablations", tuple(self.ablations))
+        if isinstance(self.data_root, os.PathLike):  # stored as text: the config is JSON metadata
+            object.__setattr__(self, "data_root", os.fspath(self.data_root))
+        if self.preset is None and self.dataset in datasets.REGISTRY:
+            object.__setattr__(self, "preset", datasets.REGISTRY[self.dataset].preset)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field."""
+        self._validate_data()
+        self._validate_schedule()
+        self._validate_optimisation()
+        self._validate_speed()
+        self._validate_protocol()
+
+    def _validate_data(self) -> None:
+        if self.dataset not in datasets.REGISTRY:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {list(datasets.DATASETS)}")
+        if self.dataset in datasets.ON_DISK:
+            if self.data_root is None:
+                raise ConfigError(f"dataset {self.dataset!r} is read from disk; give its directory as "
+                                  "data_root (--data-root DIR)")
+            if not isinstance(self.data_root, str) or not os.path.isdir(self.data_root):
+                raise ConfigError(f"data_root {self.data_root!r} is not a directory; give the folder that "
+                                  f"holds the {self.dataset} dataset")
+        elif self.data_root is not None:
+            raise ConfigError(f"data_root is only for the on-disk datasets {list(datasets.ON_DISK)}; "
+                              f"the built-in {self.dataset!r} needs none")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; choose one of {list(PRESETS)}")
+        if self.tasks is not None:
+            valid = datasets.task_names(self.dataset, self.data_root)
+            bad = [t for t in self.tasks if t not in valid]
+            if bad or not self.tasks:
+                raise ConfigError(f"unknown task(s) {bad} for dataset {self.dataset!r}; choose from {list(valid)}")
+            if len(set(self.tasks)) != len(self.tasks):
+                raise ConfigError(f"tasks: each task at most once, got {list(self.tasks)}")
+        for name in ("n_train", "n_test"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 2):
+                raise ConfigError(f"{name} must be an integer >= 2, got {v!r}")
+
+    def _validate_schedule(self) -> None:
+        if self.flow_constant is not None and (not isinstance(self.flow_constant, int) or self.flow_constant < 1):
+            raise ConfigError(f"flow_constant (M) must be an integer >= 1, got {self.flow_constant!r}")
+        for name in ("warmup_iters", "search_iters", "finetune_iters", "batch_size", "save_every", "log_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be at least 2 (batch norm needs per-task batch statistics)")
+
+    def _validate_optimisation(self) -> None:
+        for name in ("weight_lr", "arch_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{name} must be a positive number, got {v!r}")
+        if not (math.isfinite(self.squeeze_weight) and self.squeeze_weight >= 0):
+            raise ConfigError(f"squeeze_weight must be >= 0, got {self.squeeze_weight!r}")
+        if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa >= 0):
+            raise ConfigError(f"kappa must be >= 0, got {self.kappa!r}")
+        if self.dense_loss not in DENSE_LOSSES:
+            raise ConfigError(f"dense_loss must be one of {list(DENSE_LOSSES)}, got {self.dense_loss!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ConfigError(f"reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
+        if self.target_sparsity is not None and not 0 < self.target_sparsity <= 1:
+            raise ConfigError(f"target_sparsity must be in (0, 1], got {self.target_sparsity!r}")
+
+    def _validate_speed(self) -> None:
+        if self.device != "cpu" and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.amp not in AMP_MODES:
+            raise ConfigError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
+        if self.amp == "fp16" and not self.device.startswith("cuda"):
+            raise ConfigError("amp 'fp16' needs a CUDA GPU (it trains with gradient scaling); "
+                              "use --amp bf16 on CPU, or --device cuda")
+        for name in ("channels_last", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    def _validate_protocol(self) -> None:
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise ConfigError(f"baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
+        if not isinstance(self.ablations, tuple) or not all(isinstance(a, str) for a in self.ablations):
+            raise ConfigError(f"ablations must be a list of names from {list(ABLATIONS)}, got {self.ablations!r}")
+        bad = [a for a in self.ablations if a not in ABLATIONS]
+        if bad:
+            raise ConfigError(f"unknown ablation(s) {bad}; choose from {list(ABLATIONS)}")
+        if len(set(self.ablations)) != len(self.ablations):
+            raise ConfigError(f"ablations: name each at most once, got {list(self.ablations)}")
+        if self.baseline is not None and self.ablations:
+            raise ConfigError(f"baseline {self.baseline!r} has no search to ablate; drop the ablations "
+                              f"{list(self.ablations)} or the baseline")
+        if self.baseline is not None and (self.reduction != "fbr" or self.target_sparsity is not None):
+            raise ConfigError(f"baseline {self.baseline!r} is not reduced; drop --reduction/--target-sparsity")
+        if "no-fbr" in self.ablations and (self.reduction != "fbr" or self.target_sparsity is not None):
+            raise ConfigError("ablation 'no-fbr' keeps every edge; drop --reduction/--target-sparsity")
+        if "no-flow-restriction" in self.ablations and self.flow_constant is not None:
+            raise ConfigError("ablation 'no-flow-restriction' searches the complete DAG (M = N - 1); "
+                              "drop --flow-constant")
+
+    # ------------------------------------------------------------------ what the stages use
+    def iters(self, stage: str) -> int:
+        """Iterations of a stage (`STAGES`). A baseline has no search: its fine-tuning trains the
+        fixed backbone for the whole budget."""
+        if self.baseline is not None and stage == "finetune":
+            return self.warmup_iters + self.search_iters + self.finetune_iters
+        return getattr(self, f"{stage}_iters")
+
+    def squeeze_budget(self, n_states: int) -> float:
+        """κ of the squeeze loss for a network of ``n_states`` hidden states (default: N)."""
+        return self.kappa if self.kappa is not None else float(n_states)
+
+    @property
+    def reduction_method(self) -> str:
+        """The reduction after the search (``none`` under the ``no-fbr`` ablation)."""
+        return "none" if "no-fbr" in self.ablations else self.reduction
+
+    @property
+    def frozen_logits(self) -> tuple[str, ...]:
+        """Architecture logits kept out of the search (A and B under ``no-read-in-out``)."""
+        return ("arch_alpha", "arch_beta") if "no-read-in-out" in self.ablations else ()
+
+    @property
+    def search_squeeze_weight(self) -> float:
+        """λ_sq in the search (0 under the ``no-squeeze`` ablation)."""
+        return 0.0 if "no-squeeze" in self.ablations else self.squeeze_weight
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as JSON-ready data (tuples as lists)."""
+        d = asdict(self)
+        d["tasks"] = list(self.tasks) if self.tasks is not None else None
+        d["ablations"] = list(self.ablations)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Takes `to_dict` output (unknown keys are ignored); returns the configuration. Raises
+        ConfigError for an invalid field, TypeError for a malformed entry."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

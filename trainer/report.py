@@ -1,0 +1,81 @@
+"""``metrics.json``: the report of a finished run, its schema defined once (`metrics`).
+
+Keys: ``config`` (the `TrainConfig`), ``spec`` (the network spec; for the single-task baseline
+only ``tasks``), ``final`` (held-out metrics, task -> metric -> value), ``constant_baseline`` (the
+same for each task's best constant predictor), ``primary`` (per task: the kind's primary metric,
+whether higher is better, the model's and the constant's value), ``topology`` (per task D, W, S
+of the reduced network; None or empty for a baseline), ``parameters`` (``supernet``: θ's size;
+``relative_to_backbone``: the deployed parameters over one backbone's), ``train_seconds``; then
+per run ``losses`` (per stage, one entry per logged iteration) and ``test_samples`` (per task),
+under torchrun ``distributed`` (world size, backend, global batch size, each rank's digest, the
+stages whose end found the ranks apart); for the single-task baseline ``runs`` (task -> its run
+directory under the baseline's).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dagc.checkpoint import write_atomic
+from dagc.spec import TaskSpec
+from dagc.trainer import distributed
+from dagc.trainer.baselines import parameter_ratio
+from dagc.trainer.config import TrainConfig
+from dagc.trainer.datasets import MultiTaskData
+from dagc.trainer.kinds import kind_training
+from dagc.trainer.network import count_parameters, network_tensors
+from dagc.trainer.state import Run
+
+METRICS_FILE = "metrics.json"
+Scores = Mapping[str, Mapping[str, float]]  # task -> metric -> value
+
+
+def metrics(cfg: TrainConfig, spec: dict[str, Any], tasks: Sequence[TaskSpec], final: Scores, constant: Scores,
+            topology: Any, parameters: dict[str, float], seconds: float, **extra: Any) -> dict[str, Any]:
+    """The report of a run (see the module doc for the keys); ``extra`` adds the keys that only
+    some runs have. Takes the configuration, the spec as JSON data, the tasks, the held-out and
+    constant-predictor metrics, the topology, the parameter counts and the training time."""
+    primary = {}
+    for t in tasks:
+        kind = kind_training(t)
+        primary[t.name] = {"metric": kind.primary, "higher_is_better": kind.higher_is_better,
+                           "model": final[t.name][kind.primary], "constant": constant[t.name][kind.primary]}
+    return {"config": cfg.to_dict(), "spec": spec, "final": final, "constant_baseline": constant,
+            "primary": primary, "topology": topology, "parameters": parameters, "train_seconds": seconds, **extra}
+
+
+def run_metrics(run: Run, data: MultiTaskData, final: Scores, constant: Scores) -> dict[str, Any]:
+    """The report of one finished run, from its state, its data and its held-out metrics."""
+    net, spec = run.net, run.spec
+    parameters = {"supernet": count_parameters(net) - sum(p.numel() for p in net.arch_parameters()),
+                  "relative_to_backbone": parameter_ratio(spec, network_tensors(net))}
+    extra: dict[str, Any] = {"losses": run.history,
+                             "test_samples": {t.name: data.test.size(t.name) for t in spec.tasks}}
+    if distributed.world_size() > 1:
+        extra["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend(),
+                                "global_batch_size": run.cfg.batch_size * distributed.world_size(),
+                                "replica_digests": run.replica_digests, "resynced": run.resynced}
+    return metrics(run.cfg, spec.to_dict(), spec.tasks, final, constant, run.topology, parameters, run.seconds,
+                   **extra)
+
+
+def single_task_metrics(cfg: TrainConfig, runs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """The single-task baseline's report: its per-task runs' reports (task -> report) side by
+    side; parameters and training time add up."""
+    spec_tasks = [m["spec"]["tasks"][0] for m in runs.values()]
+    parameters = {"supernet": sum(m["parameters"]["supernet"] for m in runs.values()),
+                  "relative_to_backbone": sum(m["parameters"]["relative_to_backbone"] for m in runs.values())}
+    return metrics(cfg, {"tasks": spec_tasks}, [TaskSpec(**t) for t in spec_tasks],
+                   {t: m["final"][t] for t, m in runs.items()},
+                   {t: m["constant_baseline"][t] for t, m in runs.items()},
+                   {t: (m.get("topology") or {}).get(t, {}) for t, m in runs.items()}, parameters,
+                   sum(m["train_seconds"] for m in runs.values()), runs={t: t for t in runs})
+
+
+def write_json(path: Path, value: Any, sort_keys: bool = True) -> None:
+    """Write ``value`` as indented JSON to ``path``, atomically."""
+    text = json.dumps(value, indent=2, sort_keys=sort_keys)
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))

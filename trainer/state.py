@@ -1,0 +1,217 @@
+"""The state of a run between iterations (`Run`): how a run starts, how it moves from one stage to
+the next (the warm-up snapshot, reduction and rewinding), and how it is saved to and resumed from
+``state.safetensors``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dagc.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from dagc.errors import CheckpointError, ConfigError
+from dagc.spec import Spec
+from dagc.trainer import distributed
+from dagc.trainer.baselines import chain_masks, fix_read_in_out
+from dagc.trainer.config import STAGES, TrainConfig
+from dagc.trainer.network import CentralNetwork, load_network_tensors, network_tensors
+from dagc.trainer.stages import (
+    Precision,
+    make_optimizer,
+    make_precision,
+    reduce_network,
+    rewind,
+    theta_snapshot,
+)
+
+STATE_FILE = "state.safetensors"
+
+
+@dataclass
+class Run:
+    """Explicit state of a run between iterations."""
+
+    cfg: TrainConfig
+    spec: Spec
+    net: CentralNetwork
+    stage: str                    # the stage in progress (or "done")
+    step: int                     # iterations done in that stage
+    opt: torch.optim.Optimizer | None
+    rewind_theta: dict[str, Tensor] | None
+    history: dict[str, list[dict[str, float]]]
+    topology: dict[str, dict[str, float]] | None = None
+    seconds: float = 0.0
+    precision: Precision = field(default_factory=Precision)  # autocast and fp16 gradient scaler
+    # Under torchrun: each rank's digest at the last stage end, and the stages whose end found
+    # the ranks' parameters different (repaired from rank 0). Not saved: they describe this process.
+    replica_digests: list[str] | None = None
+    resynced: list[str] = field(default_factory=list)
+
+    @property
+    def completed(self) -> str:
+        """The last completed stage, in the checkpoint's vocabulary."""
+        if self.stage == "done":
+            return "finetune"
+        if self.stage == "finetune":
+            return "reduced"
+        return {"warmup": "init", "search": "warmup"}[self.stage]
+
+
+def training_device(name: str) -> torch.device:
+    """This process's device for a configured device name; under torchrun with CUDA,
+    ``cuda:LOCAL_RANK``. Raises ConfigError when CUDA is asked for but missing."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
+    return distributed.local_device(name)
+
+
+def optimizer(cfg: TrainConfig, net: CentralNetwork, stage: str) -> torch.optim.Optimizer:
+    """The stage's optimizer with the run's learning rates and frozen logits."""
+    return make_optimizer(net, stage, cfg.weight_lr, cfg.arch_lr, cfg.frozen_logits)
+
+
+# ---------------------------------------------------------------------- starting and moving on
+def new_run(cfg: TrainConfig, spec: Spec, device: torch.device) -> Run:
+    """A run at its start: the network initialised from ``cfg.seed``, at warm-up -- or, for a
+    baseline (no search), at fine-tuning with the backbone's fixed chain masks."""
+    torch.manual_seed(cfg.seed)
+    net = CentralNetwork(spec).to(device)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    stage = "warmup"
+    if cfg.baseline is not None:
+        net.set_masks(*(torch.from_numpy(m) for m in chain_masks(spec)))
+        stage = "finetune"
+    if "no-read-in-out" in cfg.ablations:
+        fix_read_in_out(net)
+    return Run(cfg=cfg, spec=spec, net=net, stage=stage, step=0, opt=optimizer(cfg, net, stage),
+               rewind_theta=None, history={s: [] for s in STAGES}, precision=make_precision(cfg.amp, device))
+
+
+def advance(run: Run) -> None:
+    """Move a run whose stage is complete to the next stage: θ is snapshot at the end of warm-up
+    (for rewinding), the search gets its optimizer; fine-tuning gets its own after reduction
+    (`reduce_and_rewind`). After fine-tuning the stage is ``done``."""
+    if run.stage == "warmup":
+        run.rewind_theta = theta_snapshot(run.net)
+    nxt = STAGES.index(run.stage) + 1
+    run.stage = STAGES[nxt] if nxt < len(STAGES) else "done"
+    run.step = 0
+    run.opt = optimizer(run.cfg, run.net, "search") if run.stage == "search" else None
+
+
+def reduce_and_rewind(run: Run) -> None:
+    """Open fine-tuning (appendix A): reduce the searched network to binary masks, rewind θ to the
+    end of warm-up, and make a fresh optimizer. Every rank of a torchrun job does it: the logits
+    are equal on all of them (checked at the search's end) and the reduction is deterministic,
+    so all ranks get the same masks."""
+    cfg = run.cfg
+    run.topology = reduce_network(run.net, cfg.reduction_method, seed=cfg.seed, target_sparsity=cfg.target_sparsity)
+    rewind(run.net, run.rewind_theta)
+    run.opt = optimizer(cfg, run.net, "finetune")
+
+
+def writable_dir(out: Path) -> None:
+    """Create ``out`` if needed and check that it can be written; ConfigError if not."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {out} ({e.strerror or e}); choose a writable --out") from None
+
+
+# ---------------------------------------------------------------------- saving and resuming
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """An optimizer's state as named tensors (``optim.<param id>.<key>``) and its parameter
+    groups as JSON-ready metadata."""
+    sd = opt.state_dict()
+    tensors = {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(val)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups_meta: dict[str, Any]) -> None:
+    """Load `optimizer_tensors` output into ``opt``. Raises CheckpointError if it does not fit."""
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, val in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = val
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups_meta["param_groups"]})
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"optimizer state does not match the model: {e}") from None
+
+
+def save_state(run: Run, out: Path) -> None:
+    """Write the resumable state to ``out/state.safetensors``, atomically."""
+    tensors = network_tensors(run.net)
+    meta: dict[str, Any] = {"config": run.cfg.to_dict(), "progress": {"stage": run.stage, "step": run.step},
+                            "history": run.history, "seconds": run.seconds}
+    if run.opt is not None:
+        opt_t, opt_meta = optimizer_tensors(run.opt)
+        tensors.update(opt_t)
+        meta["optimizer"] = opt_meta
+    if run.rewind_theta is not None:
+        tensors.update({f"rewind.{k}": v for k, v in run.rewind_theta.items()})
+    if run.topology is not None:
+        meta["topology"] = run.topology
+    if run.precision.scaler is not None:
+        meta["grad_scaler"] = run.precision.scaler.state_dict()
+    save_checkpoint(out / STATE_FILE, tensors, run.spec, run.completed, **meta)
+
+
+def _read_progress(path: Path, ck: Checkpoint) -> tuple[TrainConfig, str, int]:
+    """The configuration and progress (stage, step) of a training state; CheckpointError if the
+    checkpoint is not one."""
+    try:
+        cfg = TrainConfig.from_dict(ck.json("config"))
+        progress = ck.json("progress")
+        stage, step = progress["stage"], int(progress["step"])
+    except (TypeError, KeyError, ConfigError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is a dagc checkpoint but not a training state ({e}); "
+                              "only run directories written by dagc train can be resumed") from None
+    if stage not in (*STAGES, "done"):
+        raise CheckpointError(f"{path} is a dagc checkpoint but not a training state (stage {stage!r}); "
+                              "only run directories written by dagc train can be resumed")
+    return cfg, stage, step
+
+
+def resume_run(run_dir: Path, device: str | None = None) -> Run:
+    """Rebuild a run from ``run_dir/state.safetensors``, on its own device or on ``device``.
+    Raises CheckpointError if the state is missing, truncated, foreign, or not a training state;
+    ConfigError if the device does not fit the run (fp16 on CPU)."""
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        raise CheckpointError(f"{run_dir} holds no resumable run (no {STATE_FILE}); start one with "
+                              f"dagc train --out {run_dir}")
+    ck: Checkpoint = load_checkpoint(path)
+    cfg, stage, step = _read_progress(path, ck)
+    if device is not None:
+        cfg = replace(cfg, device=device)
+    dev = training_device(cfg.device)
+    net = CentralNetwork(ck.spec)
+    load_network_tensors(net, ck.tensors)
+    net.to(dev)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    precision = make_precision(cfg.amp, dev)
+    if precision.scaler is not None and ck.json("grad_scaler") is not None:
+        precision.scaler.load_state_dict(ck.json("grad_scaler"))
+    opt = None
+    if stage != "done":
+        opt = optimizer(cfg, net, stage)
+        # Adam's load_state_dict moves the state to its parameters' device.
+        optim_t = {k: v for k, v in ck.tensors.items() if k.startswith("optim.")}
+        if optim_t:
+            load_optimizer(opt, optim_t, ck.json("optimizer", {}))
+    return Run(cfg=cfg, spec=ck.spec, net=net, stage=stage, step=step, opt=opt,
+               rewind_theta=ck.group("rewind") or None, history=ck.json("history", {}),
+               topology=ck.json("topology"), seconds=ck.json("seconds", 0.0), precision=precision)
