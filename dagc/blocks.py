@@ -1,5 +1,5 @@
 """What every block and head of a central network computes, defined once, as typed data derived
-from a `Spec` (DESIGN.md, "Central network semantics"; appendix Tables 7 and 8).
+from a `Spec` (FORMAT.md, "Semantics"; the paper's appendix Tables 7 and 8).
 
 The network (`dagc.trainer.network`), the torch lowering, the ONNX emitter and the cost counter
 (`dagc.costs`) all read these definitions; none of them parses a block name or knows a shape,

@@ -1,5 +1,5 @@
 """Batch norm shared by all tasks that normalises each task's lane of a stacked batch on its own
-(DESIGN.md, "Central network semantics": one set of parameters and running statistics per edge;
+(README, "Training", and FORMAT.md, "Semantics": one set of parameters and running statistics per edge;
 running the K tasks stacked equals running them one after another)."""
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Reduction of one task's searched weights to binary masks (paper Algorithm 1) and baselines.
 
-All three reductions share the set-up and the stopping rule of DESIGN.md, "Flow-based reduction
-(Algorithm 1), conventions"; they differ only in which edge they try to remove next:
+All three reductions share the set-up and the stopping rule below (the conventions this project
+fixed for Algorithm 1); they differ only in which edge they try to remove next (FBR: the smallest
+non-zero `flow_scores`; threshold: the smallest ψ; random: a seeded draw):
 
 - set-up: ``N_α = argmax alpha`` and ``N_β = min(N-1, max(N_α+1, argmax beta))`` (0-based,
   first maximum on ties as numpy's argmax); only states in [N_α, N_β] keep edges (hidden edges
@@ -12,7 +13,7 @@ All three reductions share the set-up and the stopping rule of DESIGN.md, "Flow-
   picking, once the sparsity (see `dagc.trainer.topology.sparsity`) is <= the target.
 - result: Ψ binarised and split back into (gamma_hat, alpha_hat, beta_hat), 0/1 np.int64.
 
-Further interpretations (not fixed by the paper or DESIGN.md):
+Further interpretations (not fixed by the paper):
 
 - If Ψ is already disconnected after the set-up (e.g. alpha or beta is 0 on every state of
   [N_α, N_β]), there is no "last connected Ψ" to return: SpecError.
