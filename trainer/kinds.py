@@ -17,6 +17,7 @@ from torch import Tensor
 
 from dagc.errors import SpecError
 from dagc.spec import KINDS, TaskSpec
+from dagc.trainer.constants import majority_class, mean_direction, mean_value, median_depth
 from dagc.trainer.losses import ValidPixels, cross_entropy_loss, regression_loss, valid_depth, valid_normal
 from dagc.trainer.metrics import (
     EDGE_MAX_DIST,
@@ -28,15 +29,11 @@ from dagc.trainer.metrics import (
     NormalMeter,
     SaliencyMeter,
     SegmentationMeter,
-    majority_class,
-    mean_direction,
-    mean_value,
-    median_depth,
 )
 
 # (pred, target, dense_loss, valid) -> scalar loss; see `dagc.trainer.losses`.
 Loss = Callable[[Tensor, Tensor, str, ValidPixels | None], Tensor]
-# (task, training targets, prediction shape) -> the constant prediction; see `dagc.trainer.metrics`.
+# (task, training targets, prediction shape) -> the constant prediction; see `dagc.trainer.constants`.
 ConstantPredictor = Callable[[TaskSpec, np.ndarray, tuple[int, ...]], np.ndarray]
 
 

@@ -1,5 +1,5 @@
-"""Task metrics (paper Sec. 4.1), the relative performance Δ (Eq. 10-11) and the best constant
-predictors the metrics are compared against.
+"""Task metrics (paper Sec. 4.1) and the relative performance Δ (Eq. 10-11); the best constant
+predictors they are compared against are `dagc.trainer.constants`.
 
 A `Meter` accumulates one task's predictions batch by batch, one subclass per kind (which kind
 uses which meter, constant predictor and primary metric is the kind table's, `dagc.trainer.kinds`);
@@ -21,8 +21,6 @@ uses which meter, constant predictor and primary metric is the kind table's, `da
   ``max_miou`` (best, over thresholds, mean per-image IoU of the thresholded map: ASTMT's and
   MTI-Net's saliency mIoU), ``abs_err`` and ``mse``.
 
-The best constant predictors of a task fitted on training targets (`majority_class`,
-`median_depth`, `mean_direction`, `mean_value`) give every metric a floor to beat.
 `relative_performance` and `delta_t` compare a method with single-task baselines.
 """
 
@@ -368,37 +366,3 @@ def delta_t(per_task: Mapping[str, float]) -> float:
     if not per_task:
         raise DataError("delta_t needs the relative performance of at least one task")
     return float(sum(per_task.values())) / len(per_task)
-
-
-# The best constant predictors of each kind, fitted on training targets and broadcast to ``shape``
-# (the shape a model's prediction would have for a batch). The kind table picks one per kind.
-def majority_class(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Labelled kinds: the most frequent label (``IGNORE_INDEX`` skipped), as one-hot logits."""
-    t = train_targets.ravel()
-    counts = np.bincount(t[t != IGNORE_INDEX], minlength=task.classes)
-    logits = np.zeros(task.classes, dtype=np.float32)
-    logits[int(counts.argmax())] = 1.0
-    view = (1, task.classes) + (1,) * (len(shape) - 2)
-    return np.broadcast_to(logits.reshape(view), shape)
-
-
-def mean_direction(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Normals: the normalised mean direction (zero vectors add nothing to it)."""
-    mean = train_targets.mean(axis=(0, 2, 3))
-    mean = mean / max(np.linalg.norm(mean), 1e-12)
-    return np.broadcast_to(mean.reshape(1, 3, 1, 1).astype(np.float32), shape)
-
-
-def median_depth(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Depth: the median valid (> 0) depth, the constant minimising mean absolute error (depth's
-    primary metric). Raises DataError when the targets hold no valid depth."""
-    valid = train_targets[train_targets > 0]
-    if valid.size == 0:
-        raise DataError(f"task {task.name!r}: the training depth has no valid pixel (all <= 0)")
-    return np.full(shape, np.median(valid), dtype=np.float32)
-
-
-def mean_value(task: TaskSpec, train_targets: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Edge / saliency maps: the mean value. Every constant has the same max F (all pixels called
-    positive), and the mean minimises the L2 error they are trained with."""
-    return np.full(shape, train_targets.mean(), dtype=np.float32)

@@ -67,6 +67,7 @@ __all__ = ["TrainConfig", "train"]
 log = logging.getLogger("dagc.train")
 
 
+# Long on purpose: the whole run, stage by stage, in the order it happens, like a training script.
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False,
           progress: bool = True, on_step: Callable[[Run], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the three-stage search and write the run directory.
