@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from manifest_cases import typed_manifest
 
 from dagc.artifact import FORMAT_VERSION, load_manifest, read_manifest
 from dagc.compiler.artifact import write_artifact
@@ -15,20 +16,7 @@ from dagc.compiler.flops import cost_summary
 from dagc.compiler.ir import build_graph, masks_of
 from dagc.compiler.report import render_task_svg, report_markdown, sharing_table, task_topology
 from dagc.errors import ArtifactError, CompileError
-from dagc.manifest import (
-    PREVIEW,
-    Cost,
-    Costs,
-    InputInfo,
-    Manifest,
-    ModelInfo,
-    SharingRow,
-    TaskInfo,
-    TaskMasks,
-    Topology,
-    Verification,
-)
-from dagc.routes import compute_routes
+from dagc.manifest import PREVIEW, Manifest
 from dagc.spec import TaskSpec, preset
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.topology import close_masks, flow_band, is_connected, topology_metrics
@@ -55,32 +43,6 @@ def _reduced(seed=0):
     return spec, network_tensors(net)
 
 
-def _model(name, tasks, cost):
-    return ModelInfo(name, "onnx", tuple(tasks), ("image",), tuple(tasks), Cost(**cost), 1e-6, opset=17)
-
-
-def _manifest(spec, tensors, graph) -> Manifest:
-    """A typed manifest of the compile's shape for the graph, with models model.onnx (all tasks)
-    and model_<task>.onnx (one task each); the unshared cost is the graph's own."""
-    costs = cost_summary(graph)
-    gamma, alpha, beta = masks_of(tensors, spec)
-    tasks = {t.name: TaskInfo(t.name, t.kind, t.classes, t.name, "image",
-                              (t.out_channels, *spec.input_size) if t.dense else (t.classes,), f"model_{t.name}.onnx",
-                              TaskMasks(tuple(map(tuple, gamma[k].tolist())), tuple(alpha[k].tolist()),
-                                        tuple(beta[k].tolist())))
-             for k, t in enumerate(spec.tasks)}
-    models = {"model.onnx": _model("model.onnx", spec.task_names, costs["shared"])}
-    models.update({f"model_{t}.onnx": _model(f"model_{t}.onnx", [t], costs["tasks"][t]) for t in spec.task_names})
-    shared = Cost(**costs["shared"])
-    return Manifest(
-        dagc_version="test", target="onnx", spec=spec, input=InputInfo(("image",), (3, 16, 16)), tasks=tasks,
-        models=models, routes=compute_routes(spec.task_names, dict.fromkeys(spec.task_names, "image"), models.values()),
-        costs=Costs(Cost(**costs["supernet"]), shared, shared, {t: Cost(**c) for t, c in costs["tasks"].items()}),
-        sharing=tuple(SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"]) for r in sharing_table(graph)),
-        topology={t: Topology(**m) for t, m in task_topology(tensors, spec).items()},
-        verification=Verification("masked supernet", "max relative error", 1e-4))
-
-
 def _preview(manifest: Manifest) -> Manifest:
     """The same without models: a manifest that any set of files satisfies."""
     return replace(manifest, target=PREVIEW, models={}, routes={})
@@ -95,7 +57,7 @@ def case():
             for k, t in enumerate(spec.task_names)}
     files = {"model.onnx": b"shared model bytes", **{f"model_{t}.onnx": f"{t} bytes".encode()
                                                      for t in spec.task_names}, **svgs}
-    return spec, tensors, graph, files, _manifest(spec, tensors, graph)
+    return spec, tensors, graph, files, typed_manifest(spec, tensors, graph)
 
 
 def _listing(d):
