@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 import dagc
+from dagc import manifest as mf
 from dagc.artifact import load_manifest
 from dagc.checkpoint import load_checkpoint
 from dagc.compiler import aoti, onnx_export, report, tensorrt, verify
@@ -28,20 +29,6 @@ from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
 from dagc.errors import CheckpointError, DataError, SpecError
-from dagc.manifest import (
-    PREVIEW,
-    Cost,
-    Costs,
-    InputInfo,
-    Manifest,
-    ModelInfo,
-    SharingRow,
-    TaskInfo,
-    TaskMasks,
-    TensorRTSettings,
-    Topology,
-    Verification,
-)
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
 from dagc.trainer.network import network_from_checkpoint
@@ -128,7 +115,7 @@ def _target(name: str) -> Target:
 
 
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
-                     fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> Manifest:
+                     fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
     from the directory (`dagc.artifact.load_manifest`, so every file is checked once more).
 
@@ -230,38 +217,38 @@ def _preprocessing(ck) -> Preprocessing | None:
         raise CheckpointError(f"the checkpoint's metadata: {e}; retrain or fix the checkpoint") from None
 
 
-def _tasks(ck, graph: Graph) -> dict[str, TaskInfo]:
+def _tasks(ck, graph: Graph) -> dict[str, mf.TaskInfo]:
     spec = ck.spec
     gamma, alpha, beta = masks_of(ck.tensors, spec)
-    return {t.name: TaskInfo(t.name, t.kind, t.classes, t.name, graph.task_input(t.name),
-                             (t.out_channels, *spec.input_size) if t.dense else (t.classes,), model_file(t.name),
-                             TaskMasks(tuple(tuple(r) for r in gamma[k].tolist()), tuple(alpha[k].tolist()),
-                                       tuple(beta[k].tolist())))
+    return {t.name: mf.TaskInfo(t.name, t.kind, t.classes, t.name, graph.task_input(t.name),
+                                (t.out_channels, *spec.input_size) if t.dense else (t.classes,), model_file(t.name),
+                                mf.TaskMasks.of(gamma[k], alpha[k], beta[k]))
             for k, t in enumerate(spec.tasks)}
 
 
-def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target | None) -> Manifest:
+def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target | None) -> mf.Manifest:
     """The manifest of a compile of ``target`` (None, with no build: the preview of
     `inspect_checkpoint`, no models), with the routes computed here, once, from the models."""
     spec = ck.spec
     models = {} if build is None else build.models
-    typed = {n: ModelInfo.from_dict(n, m, source="compiled models") for n, m in models.items()}
+    typed = {n: mf.ModelInfo.from_dict(n, m, source="compiled models") for n, m in models.items()}
     tasks = _tasks(ck, graph)
     trt = None
     if build is not None and target is not None and target.records_tensorrt:
-        trt = TensorRTSettings(tuple(int(b) for b in build.batches), "fp16" if build.fp16 else "fp32")
-    return Manifest(
-        dagc_version=dagc.__version__, target=PREVIEW if target is None else target.name, spec=spec,
-        input=InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
+        trt = mf.TensorRTSettings(tuple(int(b) for b in build.batches), "fp16" if build.fp16 else "fp32")
+    return mf.Manifest(
+        dagc_version=dagc.__version__, target=mf.PREVIEW if target is None else target.name, spec=spec,
+        input=mf.InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
         tasks=tasks, models=typed,
         routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, typed.values()),
-        costs=Costs(Cost(**supernet_costs(spec)), Cost(**graph_costs(raw)), Cost(**graph_costs(graph)),
-                    {t: Cost(**graph_costs(graph, [t])) for t in spec.task_names}),
-        sharing=tuple(SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"]) for r in report.sharing_table(graph)),
-        topology={t: Topology(**m) for t, m in report.task_topology(ck.tensors, spec).items()},
-        verification=Verification("masked supernet, PyTorch eval mode, float32",
-                                  "max |model - reference| / max(1, max |reference|)", ONNX_RTOL,
-                                  None if target is None else target.aoti_rtol),
+        costs=mf.Costs(mf.Cost(**supernet_costs(spec)), mf.Cost(**graph_costs(raw)), mf.Cost(**graph_costs(graph)),
+                       {t: mf.Cost(**graph_costs(graph, [t])) for t in spec.task_names}),
+        sharing=tuple(mf.SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"])
+                      for r in report.sharing_table(graph)),
+        topology={t: mf.Topology(**m) for t, m in report.task_topology(ck.tensors, spec).items()},
+        verification=mf.Verification("masked supernet, PyTorch eval mode, float32",
+                                     "max |model - reference| / max(1, max |reference|)", ONNX_RTOL,
+                                     None if target is None else target.aoti_rtol),
         tensorrt=trt)
 
 
@@ -271,14 +258,14 @@ def inspect_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     return preview_manifest(ckpt_path).to_dict()
 
 
-def preview_manifest(ckpt_path: str | Path) -> Manifest:
+def preview_manifest(ckpt_path: str | Path) -> mf.Manifest:
     """The `Manifest` a compile would write, without models (target ``"none"``). Raises like
     `compile_checkpoint`."""
     ck, _, raw, graph = load_graph(ckpt_path)
     return _manifest(ck, raw, graph, None, None)
 
 
-def summary(manifest: Manifest) -> str:
+def summary(manifest: mf.Manifest) -> str:
     """A one-screen text summary of a manifest: per-task FLOPs against the supernet, topology,
     models and sharing."""
     costs = manifest.costs

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 from dagc.errors import ArtifactError, DataError
 from dagc.jsonfields import Fields
@@ -41,8 +41,25 @@ def _batch_shape(o: Fields, key: str) -> tuple[int, ...]:
     return tuple(v[1:])
 
 
+class _Numbers:
+    """A record of numeric fields, its JSON an object of the same keys; ``_KINDS``: field -> the
+    `Fields` accessor that reads it ("integer" or "number")."""
+
+    _KINDS: ClassVar[dict[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self._KINDS}
+
+    @classmethod
+    def read(cls, o: Fields, strict: bool = True):
+        """``strict``: refuse other fields (False where the fields sit in a larger object)."""
+        if strict:
+            o.only(*cls._KINDS)
+        return cls(**{k: getattr(o, kind)(k) for k, kind in cls._KINDS.items()})
+
+
 @dataclass(frozen=True)
-class Cost:
+class Cost(_Numbers):
     """Per-sample cost: multiply-accumulates, FLOPs (2 x MACs of convolutions and linear layers)
     and parameters."""
 
@@ -50,12 +67,7 @@ class Cost:
     flops: int
     params: int
 
-    def to_dict(self) -> dict[str, int]:
-        return {"macs": self.macs, "flops": self.flops, "params": self.params}
-
-    @classmethod
-    def read(cls, o: Fields) -> Cost:
-        return cls(o.integer("macs"), o.integer("flops"), o.integer("params"))
+    _KINDS: ClassVar[dict[str, str]] = {"macs": "integer", "flops": "integer", "params": "integer"}
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,12 @@ class TaskMasks:
     gamma: tuple[tuple[int, ...], ...]
     alpha: tuple[int, ...]
     beta: tuple[int, ...]
+
+    @classmethod
+    def of(cls, gamma, alpha, beta) -> TaskMasks:
+        """From one task's mask arrays (numpy, (N, N), (N,), (N,)), as the checkpoint holds them."""
+        return cls(tuple(tuple(int(v) for v in row) for row in gamma), tuple(int(v) for v in alpha),
+                   tuple(int(v) for v in beta))
 
     def to_dict(self) -> dict[str, list]:
         return {"gamma": [list(r) for r in self.gamma], "alpha": list(self.alpha), "beta": list(self.beta)}
@@ -268,7 +286,7 @@ class ModelInfo:
                "precision", "batches", "built_from", "torch_version", "batch")
         rng = o.optional("batch", o.child)
         return cls(name, o.string("format"), o.strings("tasks"), o.strings("inputs"), o.strings("outputs"),
-                   Cost.read(o), o.number("verified_max_rel_error"), opset=o.optional("opset", o.integer),
+                   Cost.read(o, strict=False), o.number("verified_max_rel_error"), opset=o.optional("opset", o.integer),
                    precision=o.optional("precision", lambda k: o.string(k, PRECISIONS)),
                    batches=o.optional("batches", lambda k: o.integers(k, low=1)),
                    built_from=o.optional("built_from", o.string), torch_version=o.optional("torch_version", o.string),
@@ -315,20 +333,14 @@ class SharingRow:
 
 
 @dataclass(frozen=True)
-class Topology:
+class Topology(_Numbers):
     """A task's depth D, width W and sparsity S (paper Sec. 3.1)."""
 
     D: int
     W: int
     S: float
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"D": self.D, "W": self.W, "S": self.S}
-
-    @classmethod
-    def read(cls, o: Fields) -> Topology:
-        o.only("D", "W", "S")
-        return cls(o.integer("D"), o.integer("W"), o.number("S"))
+    _KINDS: ClassVar[dict[str, str]] = {"D": "integer", "W": "integer", "S": "number"}
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,7 @@ def typed_manifest(spec, tensors, graph) -> Manifest:
     c, h, w = spec.in_channels, *spec.input_size
     tasks = {t.name: TaskInfo(t.name, t.kind, t.classes, t.name, "image",
                               (t.out_channels, h, w) if t.dense else (t.classes,), f"model_{t.name}.onnx",
-                              TaskMasks(tuple(map(tuple, gamma[k].tolist())), tuple(alpha[k].tolist()),
-                                        tuple(beta[k].tolist())))
+                              TaskMasks.of(gamma[k], alpha[k], beta[k]))
              for k, t in enumerate(spec.tasks)}
     models = {"model.onnx": _model("model.onnx", spec.task_names, costs["shared"])}
     models.update({f"model_{t}.onnx": _model(f"model_{t}.onnx", [t], costs["tasks"][t]) for t in spec.task_names})
