@@ -112,8 +112,8 @@ class Manifest:
         spec, names = self.spec, self.spec.task_names
         if self.target not in (*MODEL_FORMATS, PREVIEW):
             return f"target must be one of {[*MODEL_FORMATS, PREVIEW]}, got {self.target!r}"
-        for what, keys in (("tasks", self.tasks), ("topology", self.topology), ("costs.per_task",
-                                                                                 self.costs.per_task)):
+        keyed = {"tasks": self.tasks, "topology": self.topology, "costs.per_task": self.costs.per_task}
+        for what, keys in keyed.items():
             if tuple(keys) != names:
                 return f"{what} must list the spec's tasks {list(names)} in order, got {list(keys)}"
         if self.input.shape != (spec.in_channels, *spec.input_size):
