@@ -2,35 +2,88 @@
 
 Every emitted model is verified against the masked supernet (PyTorch, eval mode) before anything
 is written; a model that disagrees aborts the compile and leaves no artifact behind.
+
+Targets are registered in one place, `REGISTRY` (``--target`` name -> `Target`: its availability
+check and the models it adds to the ONNX ones). The typed manifest (`dagc.manifest.Manifest`) is
+built here, with the task-subset routes computed once from the compiled models
+(`dagc.routes.compute_routes`); every reader uses the recorded routes.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import dagc
+from dagc import manifest as mf
+from dagc.artifact import load_manifest
 from dagc.checkpoint import load_checkpoint
 from dagc.compiler import aoti, onnx_export, report, tensorrt, verify
 from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
-from dagc.errors import SpecError
+from dagc.errors import CheckpointError, DataError, SpecError
+from dagc.preprocessing import Preprocessing
+from dagc.routes import compute_routes
 from dagc.trainer.network import network_from_checkpoint
 
-TARGETS = ("onnx", "tensorrt", "aoti")
 SHARED_MODEL = "model.onnx"
 ONNX_RTOL = 1e-4
+
+
+@dataclass
+class _Build:
+    """What a compile has produced so far; a target's ``add`` puts its models into files/models."""
+
+    files: dict[str, bytes]
+    models: dict[str, dict[str, Any]]
+    graph: Graph
+    reference: verify.Reference
+    batches: Sequence[int]
+    fp16: bool
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compile target. ``unavailable()``: why it cannot build here, or None; ``add(build)``: add
+    its model files beyond the ONNX models every target writes; ``records_tensorrt``: the
+    manifest records the TensorRT settings; ``aoti_rtol``: the manifest records this tolerance."""
+
+    name: str
+    unavailable: Callable[[], str | None]
+    add: Callable[[_Build], None]
+    records_tensorrt: bool = False
+    aoti_rtol: float | None = None
 
 
 def model_file(task: str | None, ext: str = "onnx") -> str:
     """File name of the shared model (task None) or of a task's model."""
     return f"model.{ext}" if task is None else f"task_{task}.{ext}"
+
+
+def _add_plans(b: _Build) -> None:
+    _tensorrt_plans(b.files, b.models, b.graph, b.graph.spec, b.batches, b.fp16)
+
+
+def _add_packages(b: _Build) -> None:
+    files, models, graph, reference = b.files, b.models, b.graph, b.reference
+    aoti.add_packages(files, models, graph, reference, model_file)
+
+
+# The registry: a target's name (``--target``) -> what it needs and adds. The manifest's model
+# formats (`dagc.manifest.MODEL_FORMATS`) are the formats these targets write.
+REGISTRY: dict[str, Target] = {t.name: t for t in (
+    Target("onnx", lambda: None, lambda b: None),
+    Target("tensorrt", tensorrt.unavailable_reason, _add_plans, records_tensorrt=True),
+    Target("aoti", aoti.unavailable_reason, _add_packages, aoti_rtol=aoti.AOTI_RTOL),
+)}
+TARGETS = tuple(REGISTRY)
 
 
 def load_graph(ckpt_path: str | Path):
@@ -51,25 +104,27 @@ def load_graph(ckpt_path: str | Path):
     return ck, net, raw, optimize(raw)
 
 
-def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
-                       fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> dict[str, Any]:
-    """Compile a reduced checkpoint into an artifact directory; returns its manifest.
+def _target(name: str) -> Target:
+    """The registered target ``name``; CompileError if it is unknown or cannot build here."""
+    if name not in REGISTRY:
+        raise CompileError(f"unknown target {name!r}; choose one of {list(TARGETS)}")
+    reason = REGISTRY[name].unavailable()
+    if reason:
+        raise CompileError(reason)
+    return REGISTRY[name]
+
+
+def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
+                     fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> mf.Manifest:
+    """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
+    from the directory (`dagc.artifact.load_manifest`, so every file is checked once more).
 
     Raises CompileError (unknown target, no GPU for TensorRT, no C++ compiler for aoti, existing --out without force,
     unreduced checkpoint, a task without a path, a model that fails verification) and
-    CheckpointError (missing, truncated, foreign or unknown-version file). Nothing is written
-    unless everything verified.
+    CheckpointError (missing, truncated, foreign or unknown-version file, invalid preprocessing
+    record). Nothing is written unless everything verified.
     """
-    if target not in TARGETS:
-        raise CompileError(f"unknown target {target!r}; choose one of {list(TARGETS)}")
-    if target == "tensorrt":
-        reason = tensorrt.unavailable_reason()
-        if reason:
-            raise CompileError(reason)
-    if target == "aoti":
-        reason = aoti.unavailable_reason()
-        if reason:
-            raise CompileError(reason)
+    chosen = _target(target)
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
     out = Path(out_dir)
@@ -77,34 +132,41 @@ def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: st
         raise CompileError(f"{out} exists; pass --force to replace it")
     t0 = time.perf_counter()
     ck, net, raw, graph = load_graph(ckpt_path)
+    build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16)
+    _onnx_models(build, opset)
+    chosen.add(build)
+    manifest = _manifest(ck, raw, graph, build, chosen)
+    manifest = replace(manifest, compile_seconds=round(time.perf_counter() - t0, 3))
     spec = ck.spec
-    reference = verify.supernet_reference(net)
+    for t in spec.task_names:
+        build.files[report.picture_file(t)] = report.render_task_svg(spec, _task_masks(ck, spec, t), t).encode()
+    write_artifact(out, build.files, manifest, force=force)
+    return load_manifest(out)
 
-    files: dict[str, bytes] = {}
-    models: dict[str, dict[str, Any]] = {}
-    errors: dict[str, dict[str, float]] = {}
+
+def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
+                       fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> dict[str, Any]:
+    """`compile_artifact`, returning the manifest as the JSON ``manifest.json`` holds
+    (`Manifest.to_dict`). Raises as `compile_artifact`."""
+    return compile_artifact(ckpt_path, out_dir, target=target, force=force, fp16=fp16, batches=batches,
+                            opset=opset).to_dict()
+
+
+def _onnx_models(b: _Build, opset: int) -> None:
+    """The shared and per-task ONNX models, each verified against the reference, into ``b``."""
+    graph = b.graph
+    spec = graph.spec
     for task in (None, *spec.task_names):
         tasks = None if task is None else [task]
         model = onnx_export.to_onnx(graph, tasks, opset=opset)
         onnx_export.check(model)
-        errors[model_file(task)] = verify.verify(model, reference, graph, rtol=ONNX_RTOL)
         name = model_file(task)
-        files[name] = model.SerializeToString()
+        errors = verify.verify(model, b.reference, graph, rtol=ONNX_RTOL)
+        b.files[name] = model.SerializeToString()
         costs = graph_costs(graph, tasks)
-        models[name] = {"tasks": list(spec.task_names) if task is None else [task], "format": "onnx",
-                        "opset": opset, "inputs": _inputs_of(graph, tasks), "outputs": tasks or list(spec.task_names),
-                        "verified_max_rel_error": max(errors[name].values()), **costs}
-    if target == "tensorrt":
-        _tensorrt_plans(files, models, graph, spec, batches, fp16)
-    if target == "aoti":
-        aoti.add_packages(files, models, graph, reference, model_file)
-
-    manifest = _manifest(ck, raw, graph, models, batches if target == "tensorrt" else None, fp16, target)
-    manifest["compile_seconds"] = round(time.perf_counter() - t0, 3)
-    for t in spec.task_names:
-        files[f"graph_{t}.svg"] = report.render_task_svg(spec, _task_masks(ck, spec, t), t).encode()
-    write_artifact(out, files, manifest, force=force)
-    return manifest
+        b.models[name] = {"tasks": list(spec.task_names) if task is None else [task], "format": "onnx",
+                          "opset": opset, "inputs": _inputs_of(graph, tasks), "outputs": tasks or list(spec.task_names),
+                          "verified_max_rel_error": max(errors.values()), **costs}
 
 
 def _inputs_of(graph: Graph, tasks: Sequence[str] | None) -> list[str]:
@@ -132,60 +194,82 @@ def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
                              "built_from": name}
 
 
-def _manifest(ck, raw: Graph, graph: Graph, models, batches, fp16, target) -> dict[str, Any]:
+def _preprocessing(ck) -> Preprocessing | None:
+    """The checkpoint's preprocessing record, either form (`Preprocessing.from_record`)."""
+    record = ck.json("preprocessing", None)
+    try:
+        return None if record is None else Preprocessing.from_record(record)
+    except DataError as e:
+        raise CheckpointError(f"the checkpoint's metadata: {e}; retrain or fix the checkpoint") from None
+
+
+def _tasks(ck, graph: Graph) -> dict[str, mf.TaskInfo]:
     spec = ck.spec
     gamma, alpha, beta = masks_of(ck.tensors, spec)
-    per_task = {t: graph_costs(graph, [t]) for t in spec.task_names}
-    return {
-        "dagc_version": dagc.__version__,
-        "target": target,
-        "spec": spec.to_dict(),
-        "input": {"names": list(graph.inputs), "shape": ["batch", spec.in_channels, *spec.input_size],
-                  "dtype": "float32", "preprocessing": ck.json("preprocessing", None)},
-        "tasks": {t.name: {"kind": t.kind, "classes": t.classes, "output": t.name, "input": graph.task_input(t.name),
-                           "output_shape": ["batch", t.out_channels, *spec.input_size] if t.dense
-                           else ["batch", t.classes], "model": model_file(t.name),
-                           "masks": {"gamma": gamma[k].tolist(), "alpha": alpha[k].tolist(), "beta": beta[k].tolist()}}
-                  for k, t in enumerate(spec.tasks)},
-        "models": models,
-        "costs": {"supernet": supernet_costs(spec), "shared": graph_costs(graph), "per_task": per_task,
-                  "unshared": graph_costs(raw)},
-        "sharing": report.sharing_table(graph),
-        "topology": report.task_topology(ck.tensors, spec),
-        "verification": {"reference": "masked supernet, PyTorch eval mode, float32",
-                         "onnx_rtol": ONNX_RTOL, "metric": "max |model - reference| / max(1, max |reference|)",
-                         **({"aoti_rtol": aoti.AOTI_RTOL} if target == "aoti" else {})},
-        "tensorrt": None if batches is None else {"batches": list(batches), "precision": "fp16" if fp16 else "fp32"},
-    }
+    return {t.name: mf.TaskInfo(t.name, t.kind, t.classes, t.name, graph.task_input(t.name),
+                                (t.out_channels, *spec.input_size) if t.dense else (t.classes,), model_file(t.name),
+                                mf.TaskMasks.of(gamma[k], alpha[k], beta[k]))
+            for k, t in enumerate(spec.tasks)}
+
+
+def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target | None) -> mf.Manifest:
+    """The manifest of a compile of ``target`` (None, with no build: the preview of
+    `inspect_checkpoint`, no models), with the routes computed here, once, from the models."""
+    spec = ck.spec
+    models = {} if build is None else build.models
+    typed = {n: mf.ModelInfo.from_dict(n, m, source="compiled models") for n, m in models.items()}
+    tasks = _tasks(ck, graph)
+    trt = None
+    if build is not None and target is not None and target.records_tensorrt:
+        trt = mf.TensorRTSettings(tuple(int(b) for b in build.batches), "fp16" if build.fp16 else "fp32")
+    return mf.Manifest(
+        dagc_version=dagc.__version__, target=mf.PREVIEW if target is None else target.name, spec=spec,
+        input=mf.InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
+        tasks=tasks, models=typed,
+        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, typed.values()),
+        costs=mf.Costs(mf.Cost(**supernet_costs(spec)), mf.Cost(**graph_costs(raw)), mf.Cost(**graph_costs(graph)),
+                       {t: mf.Cost(**graph_costs(graph, [t])) for t in spec.task_names}),
+        sharing=tuple(mf.SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"])
+                      for r in report.sharing_table(graph)),
+        topology={t: mf.Topology(**m) for t, m in report.task_topology(ck.tensors, spec).items()},
+        verification=mf.Verification("masked supernet, PyTorch eval mode, float32",
+                                     "max |model - reference| / max(1, max |reference|)", ONNX_RTOL,
+                                     None if target is None else target.aoti_rtol),
+        tensorrt=trt)
 
 
 def inspect_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """What a compile would produce, without compiling: the manifest's costs, sharing and topology
-    (no model files). Raises like `compile_checkpoint`."""
+    (no model files), as the JSON of `preview_manifest`. Raises like `compile_checkpoint`."""
+    return preview_manifest(ckpt_path).to_dict()
+
+
+def preview_manifest(ckpt_path: str | Path) -> mf.Manifest:
+    """The `Manifest` a compile would write, without models (target ``"none"``). Raises like
+    `compile_checkpoint`."""
     ck, _, raw, graph = load_graph(ckpt_path)
-    return _manifest(ck, raw, graph, {}, None, False, "none")
+    return _manifest(ck, raw, graph, None, None)
 
 
-def summary(manifest: dict[str, Any]) -> str:
+def summary(manifest: mf.Manifest) -> str:
     """A one-screen text summary of a manifest: per-task FLOPs against the supernet, topology,
     models and sharing."""
-    costs = manifest["costs"]
-    sup = costs["supernet"]["flops"]
+    costs = manifest.costs
+    sup = costs.supernet.flops
     lines = [f"{'task':<14}{'MFLOPs':>10}{'vs supernet':>13}{'params':>11}   D  W      S"]
-    for task in (t["name"] for t in manifest["spec"]["tasks"]):  # spec order; JSON sorts keys
-        c = costs["per_task"][task]
-        topo = manifest["topology"].get(task, {})
-        lines.append(f"{task:<14}{c['flops'] / 1e6:>10.2f}{c['flops'] / sup:>12.1%} {c['params']:>11,}"
-                     f"  {topo.get('D', '-'):>2} {topo.get('W', '-'):>2} {topo.get('S', float('nan')):>6.3f}")
-    sh, un = costs["shared"], costs["unshared"]
-    lines += ["", f"shared model: {sh['flops'] / 1e6:.2f} MFLOPs ({sh['flops'] / sup:.1%} of the unpruned supernet's "
-              f"{sup / 1e6:.2f}; {un['flops'] / 1e6:.2f} without cross-task sharing), {sh['params']:,} parameters"]
-    shared_rows = [r for r in manifest["sharing"] if len(r["tasks"]) > 1]
-    lines.append(f"state instances: {len(manifest['sharing'])}, shared by several tasks: {len(shared_rows)}")
+    for task, c in costs.per_task.items():  # spec order
+        topo = manifest.topology[task]
+        lines.append(f"{task:<14}{c.flops / 1e6:>10.2f}{c.flops / sup:>12.1%} {c.params:>11,}"
+                     f"  {topo.D:>2} {topo.W:>2} {topo.S:>6.3f}")
+    sh, un = costs.shared, costs.unshared
+    lines += ["", f"shared model: {sh.flops / 1e6:.2f} MFLOPs ({sh.flops / sup:.1%} of the unpruned supernet's "
+              f"{sup / 1e6:.2f}; {un.flops / 1e6:.2f} without cross-task sharing), {sh.params:,} parameters"]
+    shared_rows = [r for r in manifest.sharing if len(r.tasks) > 1]
+    lines.append(f"state instances: {len(manifest.sharing)}, shared by several tasks: {len(shared_rows)}")
     for r in shared_rows:
-        lines.append(f"  {r['id']}")
-    if manifest.get("models"):
+        lines.append(f"  {r.id}")
+    if manifest.models:
         lines += ["", f"{'model':<24}{'MFLOPs':>10}{'max rel err':>13}"]
-        for name, m in manifest["models"].items():
-            lines.append(f"{name:<24}{m['flops'] / 1e6:>10.2f}{m['verified_max_rel_error']:>13.1e}")
+        for name, m in manifest.models.items():
+            lines.append(f"{name:<24}{m.flops / 1e6:>10.2f}{m.verified_max_rel_error:>13.1e}")
     return "\n".join(lines)

@@ -1,26 +1,9 @@
 """Human-readable reports of a compiled artifact: the sharing table, per-task topology metrics,
 per-task SVG pictures of the sub-networks and ``report.md``.
 
-Manifest keys `report_markdown` reads (each optional; a missing one drops its section):
-
-    format, format_version      the artifact format
-    input                       the input: a string or a mapping (names, shape, dtype, ...)
-    tasks                       task names: a list of names or of {"name", ...} objects, or a
-                                mapping name -> {...}
-    models                      a list of {"file", "tasks", "macs", "flops", "params"} or a mapping
-                                file -> {...} (optional "format", "verified_max_rel_error");
-                                sha256 from files[file]["sha256"]
-    costs                       shared, supernet, tasks (alias per_task), supernet_tasks, unshared:
-                                each {"macs", "flops", "params"}, per task where named so
-                                (`dagc.compiler.flops.cost_summary` gives all but unshared).
-                                Without supernet_tasks, the per-task supernet cost is computed from
-                                ``spec``.
-    spec                        `dagc.spec.Spec.to_dict` (used only as said above)
-    topology                    task -> {"D", "W", "S"} (`task_topology`)
-    sharing                     `sharing_table` rows
-    pictures                    task -> SVG file name; without it, a listed file named
-                                ``graph_<task>.svg`` or ``<task>.svg`` is taken
-    files                       name -> {"sha256", "bytes"} (written by `write_artifact`)
+`report_markdown` reads the typed `dagc.manifest.Manifest`: its models (sha256 from its files),
+costs (the per-task supernet costs computed from its spec), topology, sharing, and the pictures
+``graph_<task>.svg`` among its files.
 """
 
 from __future__ import annotations
@@ -32,11 +15,11 @@ import numpy as np
 
 from dagc.compiler.flops import supernet_costs
 from dagc.compiler.ir import READOUT, Graph, masks_of
-from dagc.errors import DagcError
+from dagc.manifest import FORMAT, FORMAT_VERSION, Cost, Manifest
 from dagc.spec import Spec
 from dagc.trainer.topology import flow_band, topology_metrics
 
-__all__ = ["sharing_table", "task_topology", "render_task_svg", "report_markdown"]
+__all__ = ["sharing_table", "task_topology", "render_task_svg", "report_markdown", "picture_file"]
 
 
 # ---------------------------------------------------------------------------------- tables
@@ -119,6 +102,22 @@ def render_task_svg(spec: Spec, masks_for_task, task: str) -> str:
         f"{int(np.count_nonzero(b))} read-out edges</text>",
         '<g class="edges">',
     ]
+    out += _svg_edges(g, a, b, xs)
+    out.append("</g>")
+    out.append('<g class="nodes">')
+    out += _svg_nodes(spec, xs, active)
+    out.append("</g>")
+    out.append(f'<text x="10" y="{height - 20}" font-size="9" fill="#777777">blue: hidden edges, '
+               "green: read-in, red: read-out; grey states are unused</text>")
+    out.append(f'<text x="10" y="{height - 8}" font-size="9" fill="#777777">under each state: '
+               "channels/stride; hidden states are 0-based (v0 is the paper's v_1)</text>")
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def _svg_edges(g, a, b, xs: list[float]) -> list[str]:
+    """One ``<path>`` per active edge: hidden edges arc above the line, read-ins and read-outs below."""
+    n, out = len(a), []
     span = max(1, n + 1)
     for i in range(n):
         for j in range(i + 1, n):
@@ -136,8 +135,12 @@ def render_task_svg(spec: Spec, masks_for_task, task: str) -> str:
             lift = 10 + 45 * (n - i) / span
             out.append(f'<path class="edge read-out" data-src="v{i}" data-dst="L" '
                        f'd="{_arc(xs[i + 1], xs[-1], False, lift)}"/>')
-    out.append("</g>")
-    out.append('<g class="nodes">')
+    return out
+
+
+def _svg_nodes(spec: Spec, xs: list[float], active: list[bool]) -> list[str]:
+    """The input, the hidden states (grey when unused, with channels/stride) and the read-out."""
+    n, out = spec.n_states, []
     labels = ["in", *(f"v{j}" for j in range(n)), "L"]
     for p, (x, label) in enumerate(zip(xs, labels)):
         if p in (0, n + 1):
@@ -150,13 +153,7 @@ def render_task_svg(spec: Spec, masks_for_task, task: str) -> str:
             s = spec.states[p - 1]
             out.append(f'<text x="{x}" y="{_Y + 130}" text-anchor="middle" font-size="9" fill="#777777">'
                        f"{s.channels}/{s.stride}</text>")
-    out.append("</g>")
-    out.append(f'<text x="10" y="{height - 20}" font-size="9" fill="#777777">blue: hidden edges, '
-               "green: read-in, red: read-out; grey states are unused</text>")
-    out.append(f'<text x="10" y="{height - 8}" font-size="9" fill="#777777">under each state: '
-               "channels/stride; hidden states are 0-based (v0 is the paper's v_1)</text>")
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
+    return out
 
 
 # ---------------------------------------------------------------------------------- markdown
@@ -171,29 +168,9 @@ def _num(v) -> str:
     return str(v)
 
 
-def _task_names(manifest: Mapping) -> list[str]:
-    tasks = manifest.get("tasks") or []
-    if isinstance(tasks, Mapping):
-        return list(tasks)
-    names = [t["name"] if isinstance(t, Mapping) else str(t) for t in tasks]
-    if not names:
-        names = list((manifest.get("costs") or {}).get("tasks", {}) or manifest.get("topology", {}) or [])
-    return names
-
-
-def _models(manifest: Mapping) -> list[dict]:
-    models = manifest.get("models") or []
-    if isinstance(models, Mapping):
-        return [{"file": f, **m} for f, m in models.items()]
-    return list(models)
-
-
-def _supernet_tasks(manifest: Mapping, tasks: list[str]) -> dict:
-    try:
-        spec = Spec.from_dict(manifest["spec"])
-        return {t: supernet_costs(spec, [t]) for t in tasks}
-    except (KeyError, TypeError, DagcError):
-        return {}
+def picture_file(task: str) -> str:
+    """The artifact's SVG picture of ``task``'s sub-network."""
+    return f"graph_{task}.svg"
 
 
 def _cell(v) -> str:
@@ -206,107 +183,67 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     return lines + [""]
 
 
-def report_markdown(manifest: Mapping) -> str:
+def _ratio_cell(cost: Cost, sup: Cost) -> str:
+    ratio = cost.flops / sup.flops if sup.flops else None
+    return "-" if ratio is None else f"{ratio:.3f} ({100 * ratio:.1f} %)"
+
+
+def _model_rows(manifest: Manifest) -> list[list]:
+    rows = []
+    for name, m in manifest.models.items():
+        sha = manifest.files[name].sha256 if name in manifest.files else ""
+        rows.append([f"`{name}`", ", ".join(m.tasks), _num(m.cost.macs), _num(m.cost.flops), _num(m.cost.params),
+                     f"`{sha[:12]}`" if sha else "-", m.format, f"{m.verified_max_rel_error:.1e}"])
+    return rows
+
+
+def _cost_rows(manifest: Manifest) -> list[list]:
+    costs, spec = manifest.costs, manifest.spec
+    rows = []
+    for t, c in costs.per_task.items():
+        sup = Cost(**supernet_costs(spec, [t]))
+        rows.append([f"`{t}`", _num(c.flops), _num(c.params), _num(sup.flops), _ratio_cell(c, sup)])
+    for label, c in (("all (shared model)", costs.shared), ("all, without cross-task sharing", costs.unshared)):
+        rows.append([label, _num(c.flops), _num(c.params), _num(costs.supernet.flops), _ratio_cell(c, costs.supernet)])
+    return rows
+
+
+def report_markdown(manifest: Manifest) -> str:
     """``report.md`` of an artifact: the manifest's numbers as tables (models, per-task cost against
-    the unpruned supernet, topology, sharing) and links to the per-task pictures. See the module
-    docstring for the keys read."""
-    files = manifest.get("files") or {}
-    tasks = _task_names(manifest)
-    costs = manifest.get("costs") or {}
-    lines = ["# dagc artifact", ""]
-    fmt = manifest.get("format")
-    if fmt:
-        lines += [f"Format `{fmt}` version {manifest.get('format_version', '?')}.", ""]
-    if tasks:
-        lines += [f"Tasks: {', '.join(f'`{t}`' for t in tasks)}.", ""]
-    inp = manifest.get("input")
-    if isinstance(inp, Mapping):
-        parts = [f"{k}: `{v}`" for k, v in sorted(inp.items()) if v is not None]
-        lines += [f"Input: {'; '.join(parts)}.", ""]
-    elif inp is not None:
-        lines += [f"Input: `{inp}`.", ""]
-    lines += ["MACs and FLOPs are per sample (batch 1), counting convolutions and linear layers "
-              "only (FLOPs = 2 x MACs); parameters exclude batch-norm running statistics.", ""]
-
-    models = _models(manifest)
-    if models:
-        extra = [k for k in ("format", "verified_max_rel_error") if any(k in m for m in models)]
-        rows = []
-        for m in models:
-            f = m.get("file", "?")
-            sha = (files.get(f) or {}).get("sha256") or m.get("sha256") or ""
-            mtasks = m.get("tasks")
-            row = [f"`{f}`", ", ".join(mtasks) if isinstance(mtasks, (list, tuple)) else (mtasks or "-"),
-                   _num(m.get("macs")), _num(m.get("flops")), _num(m.get("params")),
-                   f"`{sha[:12]}`" if sha else "-"]
-            if "format" in extra:
-                row.append(m.get("format", "-"))
-            if "verified_max_rel_error" in extra:
-                err = m.get("verified_max_rel_error")
-                row.append("-" if err is None else f"{float(err):.1e}")
-            rows.append(row)
-        header = ["file", "tasks", "MACs", "FLOPs", "params", "sha256"]
-        header += [{"format": "format", "verified_max_rel_error": "max rel. error vs supernet"}[k] for k in extra]
+    the unpruned supernet, topology, sharing) and links to the per-task pictures. Takes the
+    manifest; returns the markdown text. A manifest without models (a preview) has no models
+    table, one without files no file list."""
+    tasks = list(manifest.tasks)
+    inp = manifest.input.to_dict()
+    lines = ["# dagc artifact", "", f"Format `{FORMAT}` version {FORMAT_VERSION}.", "",
+             f"Tasks: {', '.join(f'`{t}`' for t in tasks)}.", "",
+             f"Input: {'; '.join(f'{k}: `{v}`' for k, v in sorted(inp.items()) if v is not None)}.", "",
+             "MACs and FLOPs are per sample (batch 1), counting convolutions and linear layers "
+             "only (FLOPs = 2 x MACs); parameters exclude batch-norm running statistics.", ""]
+    if manifest.models:
         lines += ["## Models", ""]
-        lines += _table(header, rows)
-
-    per_task = costs.get("tasks") or costs.get("per_task") or {}
-    if per_task:
-        sup_tasks = costs.get("supernet_tasks") or _supernet_tasks(manifest, list(per_task))
-        rows = []
-        for t in tasks or list(per_task):
-            c = per_task.get(t) or {}
-            s = sup_tasks.get(t) or {}
-            ratio = (c.get("flops") or 0) / s["flops"] if s.get("flops") else None
-            rows.append([f"`{t}`", _num(c.get("flops")), _num(c.get("params")), _num(s.get("flops")),
-                         "-" if ratio is None else f"{ratio:.3f} ({100 * ratio:.1f} %)"])
-        shared, sup = costs.get("shared"), costs.get("supernet")
-        if shared:
-            ratio = shared["flops"] / sup["flops"] if sup and sup.get("flops") else None
-            rows.append(["all (shared model)", _num(shared.get("flops")), _num(shared.get("params")),
-                         _num((sup or {}).get("flops")),
-                         "-" if ratio is None else f"{ratio:.3f} ({100 * ratio:.1f} %)"])
-        unshared = costs.get("unshared")
-        if unshared:
-            ratio = unshared["flops"] / sup["flops"] if sup and sup.get("flops") else None
-            rows.append(["all, without cross-task sharing", _num(unshared.get("flops")),
-                         _num(unshared.get("params")), _num((sup or {}).get("flops")),
-                         "-" if ratio is None else f"{ratio:.3f} ({100 * ratio:.1f} %)"])
-        lines += ["## Compute per task against the unpruned supernet", ""]
-        lines += _table(["task", "FLOPs", "params", "supernet FLOPs", "ratio"], rows)
-        if sup:
-            lines += [f"The unpruned supernet running all tasks: {_num(sup.get('flops'))} FLOPs, "
-                      f"{_num(sup.get('params'))} parameters.", ""]
-
-    topo = manifest.get("topology") or {}
-    if topo:
-        rows = [[f"`{t}`", m.get("D"), m.get("W"), f"{float(m.get('S', 0)):.4f}"]
-                for t, m in ((t, topo[t]) for t in (tasks or list(topo)) if t in topo)]
-        lines += ["## Topology (paper Sec. 3.1)", "",
-                  "D: longest path in edges; W: largest out-degree of a hidden state; S: active edges "
-                  "/ all edges of the central network.", ""]
-        lines += _table(["task", "D", "W", "S"], rows)
-
-    sharing = manifest.get("sharing") or []
-    if sharing:
-        rows = [[f"`{r.get('id')}`", r.get("state"), ", ".join(r.get("tasks", [])), r.get("edges")]
-                for r in sharing]
-        lines += ["## Sharing", "", "One row per computed state instance (hidden states 0-based: `v0` is the "
-                  "paper's v_1; `L` the read-out); an instance serving several tasks is computed once "
-                  "for all of them.", ""]
-        lines += _table(["node", "state", "tasks", "edges"], rows)
-
-    pictures = manifest.get("pictures") or {
-        t: f for t in tasks for f in (f"graph_{t}.svg", f"{t}.svg") if f in files}
+        lines += _table(["file", "tasks", "MACs", "FLOPs", "params", "sha256", "format", "max rel. error vs supernet"],
+                        _model_rows(manifest))
+    lines += ["## Compute per task against the unpruned supernet", ""]
+    lines += _table(["task", "FLOPs", "params", "supernet FLOPs", "ratio"], _cost_rows(manifest))
+    sup = manifest.costs.supernet
+    lines += [f"The unpruned supernet running all tasks: {_num(sup.flops)} FLOPs, {_num(sup.params)} parameters.", ""]
+    lines += ["## Topology (paper Sec. 3.1)", "",
+              "D: longest path in edges; W: largest out-degree of a hidden state; S: active edges "
+              "/ all edges of the central network.", ""]
+    lines += _table(["task", "D", "W", "S"], [[f"`{t}`", m.D, m.W, f"{m.S:.4f}"] for t, m in manifest.topology.items()])
+    lines += ["## Sharing", "", "One row per computed state instance (hidden states 0-based: `v0` is the "
+              "paper's v_1; `L` the read-out); an instance serving several tasks is computed once "
+              "for all of them.", ""]
+    lines += _table(["node", "state", "tasks", "edges"],
+                    [[f"`{r.id}`", r.state, ", ".join(r.tasks), r.edges] for r in manifest.sharing])
+    pictures = [t for t in tasks if picture_file(t) in manifest.files]
     if pictures:
         lines += ["## Sub-networks", ""]
-        for t in tasks or list(pictures):
-            if t in pictures:
-                lines += [f"### {t}", "", f"![sub-network of task {t}]({pictures[t]})", ""]
-
-    if files:
+        for t in pictures:
+            lines += [f"### {t}", "", f"![sub-network of task {t}]({picture_file(t)})", ""]
+    if manifest.files:
         lines += ["## Files", ""]
-        lines += _table(["file", "bytes", "sha256"],
-                        [[f"`{f}`", (files[f] or {}).get("bytes", "-"), f"`{(files[f] or {}).get('sha256', '')}`"]
-                         for f in sorted(files)])
+        lines += _table(["file", "bytes", "sha256"], [[f"`{f}`", "-" if e.bytes is None else e.bytes, f"`{e.sha256}`"]
+                                                      for f, e in sorted(manifest.files.items())])
     return "\n".join(lines).rstrip("\n") + "\n"

@@ -11,7 +11,8 @@ Layout::
 `write_tree` builds a whole directory in a temporary sibling and renames it into place, so a
 reader never sees a half-written artifact and a failed write leaves nothing behind. This is the
 core's part of the contract: the compiler writes artifacts with it, the runtime and the tools read
-them with `read_manifest`.
+them with `load_manifest` (the typed `dagc.manifest.Manifest`) or `read_manifest` (the verified
+JSON, for tools that only pass it on), and read a model file's bytes with `read_verified`.
 """
 
 from __future__ import annotations
@@ -25,16 +26,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from dagc.errors import ArtifactError, CompileError
+from dagc.manifest import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, Manifest
 
-FORMAT = "dagc.artifact"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "REPORT", "read_manifest", "write_tree", "sha256", "check_name"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "REPORT", "read_manifest", "load_manifest", "read_verified",
+           "write_tree", "sha256", "check_name"]
 
 
 def sha256(data: bytes) -> str:
+    """The hex sha256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
 
 
@@ -136,14 +138,45 @@ def _install(tmp: Path, out_dir: Path, force: bool) -> None:
     shutil.rmtree(aside_root, ignore_errors=True)
 
 
-def read_manifest(artifact_dir: str | os.PathLike) -> dict:
-    """Read ``manifest.json`` of an artifact and verify every file it lists.
+def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
+    """The typed manifest of an artifact directory, every listed file verified (`read_manifest`).
 
-    Raises ArtifactError if the manifest is missing or not JSON, its format is not
-    ``dagc.artifact`` or its version unknown, or a listed file is missing or its sha256 (or size)
-    differs from the recorded one (the message names the file).
+    Takes the directory; returns `dagc.manifest.Manifest` (a version-1 manifest converted: routes
+    computed, preprocessing made numeric). Raises ArtifactError as `read_manifest` does and for
+    any invalid field (the message names it).
+    """
+    path = Path(artifact_dir) / MANIFEST
+    return Manifest.from_dict(read_manifest(artifact_dir), source=str(path))
+
+
+def read_verified(artifact_dir: str | os.PathLike, name: str, expected_sha256: str) -> bytes:
+    """The bytes of artifact file ``name``, checked against ``expected_sha256`` now (the bytes
+    returned are the bytes checked). Raises ArtifactError if it is unreadable or changed since it
+    was compiled."""
+    d = Path(artifact_dir)
+    try:
+        data = d.joinpath(*_check_name_for_read(name).parts).read_bytes()
+    except CompileError:
+        raise ArtifactError(f"artifact file name {name!r} is not a plain relative path") from None
+    except OSError as e:
+        raise ArtifactError(f"cannot read artifact file {name!r}: {e}") from None
+    if sha256(data) != expected_sha256:
+        raise ArtifactError(f"artifact file {name!r} in {d} does not match its sha256 in {MANIFEST} "
+                            "(modified after load?); recompile the artifact")
+    return data
+
+
+def read_manifest(artifact_dir: str | os.PathLike) -> dict:
+    """Read ``manifest.json`` of an artifact and verify every file it lists; returns the decoded
+    JSON (any readable version, unconverted; `load_manifest` gives the typed form).
+
+    Raises ArtifactError if the directory or the manifest is missing, the manifest is not JSON,
+    its format is not ``dagc.artifact`` or its version unknown, or a listed file is missing or its
+    sha256 (or size) differs from the recorded one (the message names the file).
     """
     d = Path(artifact_dir)
+    if not d.is_dir():
+        raise ArtifactError(f"artifact directory {d} does not exist; compile one with dagc compile")
     path = d / MANIFEST
     try:
         text = path.read_text(encoding="utf-8")
@@ -158,10 +191,10 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise ArtifactError(f"{path}: not a dagc artifact manifest (format {found!r}, expected {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(f"{path}: artifact format version {manifest.get('format_version')!r} is not "
-                           f"supported (this dagc reads version {FORMAT_VERSION}); recompile the "
-                           "checkpoint with this version of dagc")
+                            f"supported (this dagc reads versions {list(READABLE_VERSIONS)}); recompile the "
+                            "checkpoint with this version of dagc")
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise ArtifactError(f"{path}: the manifest has no 'files' table")

@@ -21,9 +21,10 @@ Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, ma
     ``tensorrt`` when the artifact has plans and a CUDA GPU with TensorRT is present, else
     ``onnxruntime``.
 
-Every model file's sha256 is checked against the manifest at load (`dagc.artifact.read_manifest`)
-and again when its session is created (lazily, on first use, once per file). `Engine.run` is safe to
-call from many threads at once.
+Every model file's sha256 is checked against the manifest at load (`dagc.artifact.load_manifest`,
+which gives the typed `dagc.manifest.Manifest`) and again when its session is created (lazily, on
+first use, once per file). The models a task subset runs are the routes the compiler recorded in
+the manifest (`dagc.routes`). `Engine.run` is safe to call from many threads at once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
 available, a plan this GPU cannot load) and `InputError` (bad images, unknown tasks, bad
@@ -33,8 +34,6 @@ so the CLI prints them as one line and exits with code 2.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -42,8 +41,10 @@ from typing import Any
 
 import numpy as np
 
-from dagc.artifact import read_manifest
+from dagc.artifact import load_manifest, read_verified
 from dagc.errors import ArtifactError, InputError
+from dagc.manifest import Manifest, ModelInfo
+from dagc.preprocessing import FORMULA
 from dagc.runners import Runner
 from dagc.runtime.backends import BACKENDS, make_runner, resolve_backend
 
@@ -69,9 +70,7 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer, got {threads!r}")
     d = Path(artifact_dir)
-    if not d.is_dir():
-        raise ArtifactError(f"artifact directory {d} does not exist; compile one with dagc compile")
-    manifest = read_manifest(d)
+    manifest = load_manifest(d)
     return Engine(d, manifest, backend, threads, check_values=bool(check_values))
 
 
@@ -80,25 +79,18 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
 
 
 class _Model:
-    """One model file of the artifact as the manifest describes it."""
+    """One model file of the artifact as the manifest describes it; ``info`` is its manifest entry
+    in JSON form (what the runners read: ``format``, ``batches``)."""
 
     __slots__ = ("name", "tasks", "inputs", "outputs", "flops", "info")
 
-    def __init__(self, name: str, info: Mapping[str, Any]) -> None:
-        self.name = name
-        self.info = info
-        self.tasks = frozenset(info["tasks"])
-        self.inputs = tuple(info["inputs"])
-        self.outputs = tuple(info["outputs"])
-        self.flops = int(info.get("flops", 0))
-
-
-def _raw_range(pre: Mapping[str, Any] | None) -> tuple[float, float] | None:
-    """The ``[a, b]`` range that the preprocessing's ``raw`` description states, if any."""
-    if not pre or not isinstance(pre.get("raw"), str):
-        return None
-    m = re.search(r"\[\s*(-?\d+(?:\.\d*)?)\s*,\s*(-?\d+(?:\.\d*)?)\s*\]", pre["raw"])
-    return (float(m.group(1)), float(m.group(2))) if m else None
+    def __init__(self, entry: ModelInfo) -> None:
+        self.name = entry.name
+        self.info = entry.to_dict()
+        self.tasks = frozenset(entry.tasks)
+        self.inputs = entry.inputs
+        self.outputs = entry.outputs
+        self.flops = entry.flops
 
 
 class Engine:
@@ -107,45 +99,35 @@ class Engine:
     Attributes:
         tasks: the task names, in the spec's order.
         input_spec: ``names`` (model inputs), ``shape`` (``["batch", C, H, W]``), ``dtype``
-            (``"float32"``), ``preprocessing`` (from the manifest: ``raw``, ``mean``, ``std``,
-            ``formula``...; None when the checkpoint recorded none) and ``task_inputs`` (task ->
-            the input it reads).
-        manifest: the artifact's manifest (a dict; do not modify).
+            (``"float32"``), ``preprocessing`` (`dagc.preprocessing.Preprocessing.to_dict`:
+            ``raw_range``, ``mean``, ``std``...; None when the checkpoint recorded none) and
+            ``task_inputs`` (task -> the input it reads): JSON-ready, for services.
+        preprocessing: the same preprocessing, typed (`dagc.preprocessing.Preprocessing` or None).
+        manifest: the artifact's manifest (`dagc.manifest.Manifest`, read-only).
         backend: the backend in use (``auto`` resolved).
         artifact_dir: the directory.
     """
 
-    def __init__(self, artifact_dir: Path, manifest: dict, backend: str, threads: int | None, *,
+    def __init__(self, artifact_dir: Path, manifest: Manifest, backend: str, threads: int | None, *,
                  check_values: bool = True) -> None:
         self.artifact_dir = artifact_dir
         self.check_values = check_values
         self.manifest = manifest
         self._threads = threads
-        try:
-            self.tasks = tuple(t["name"] for t in manifest["spec"]["tasks"])
-            inp = manifest["input"]
-            shape = list(inp["shape"])
-            self._chw = tuple(int(v) for v in shape[1:])
-            task_inputs = {t: manifest["tasks"][t]["input"] for t in self.tasks}
-            models = {name: _Model(name, info) for name, info in manifest["models"].items()}
-            files = manifest["files"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ArtifactError(f"{artifact_dir / 'manifest.json'}: malformed manifest ({type(e).__name__}: {e}); "
-                                "recompile the artifact") from None
-        if len(self._chw) != 3:
-            raise ArtifactError(f"{artifact_dir / 'manifest.json'}: input shape {shape} is not [batch, C, H, W]")
-        self.input_spec = {"names": list(inp["names"]), "shape": shape, "dtype": inp.get("dtype", "float32"),
-                           "preprocessing": inp.get("preprocessing"), "task_inputs": task_inputs}
-        self.shared_input = len(self.input_spec["names"]) == 1
-        for name in models:
-            if name not in files:
-                raise ArtifactError(f"model {name!r} is not listed with a sha256 in the manifest's files; "
-                                    "recompile the artifact")
+        # the manifest was validated when it was read: the fields below are all there and agree
+        inp = manifest.input
+        self.tasks = manifest.spec.task_names
+        self._chw = inp.shape
+        self.preprocessing = inp.preprocessing
+        self.input_spec = {"names": list(inp.names), "shape": inp.batch_shape(), "dtype": inp.dtype,
+                           "preprocessing": None if inp.preprocessing is None else inp.preprocessing.to_dict(),
+                           "task_inputs": manifest.task_inputs()}
+        self.shared_input = len(inp.names) == 1
+        models = {name: _Model(entry) for name, entry in manifest.models.items()}
         self.backend = self._resolve(backend, models)
-        fmt = "tensorrt" if self.backend == "tensorrt" else "onnx"
-        self._models = {n: m for n, m in models.items() if m.info.get("format") == fmt}
-        self._single = {t: [m for m in self._models.values() if m.tasks == {t}] for t in self.tasks}
-        self._runners: dict[str, Runner] = {}
+        self._format = "tensorrt" if self.backend == "tensorrt" else "onnx"
+        self._models = {n: m for n, m in models.items() if m.info["format"] == self._format}
+        self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
         self._limits = self._value_limits()
@@ -163,11 +145,13 @@ class Engine:
 
     # ------------------------------------------------------------------ model choice
     def models_for(self, tasks: Iterable[str] | None = None) -> tuple[str, ...]:
-        """The model files `run` uses for ``tasks`` (default: all).
+        """The model files `run` uses for ``tasks`` (default: all): the manifest's route for them
+        in this backend's model format (`dagc.manifest.Manifest.route`).
 
         The cheapest way (by the manifest's FLOPs) to cover the tasks: one model that computes all
         of them (and reads only their inputs), or each task's own model; ties go to fewer models.
-        One task therefore runs its per-task model, all tasks the shared model.
+        One task therefore runs its per-task model, all tasks the shared model. Raises InputError
+        for a bad task list, ArtifactError if no model of the backend's format covers them.
         """
         return tuple(m.name for m in self._plan(self._task_list(tasks)))
 
@@ -184,19 +168,10 @@ class Engine:
         return plan
 
     def _choose(self, want: frozenset) -> tuple[_Model, ...]:
-        tin = self.input_spec["task_inputs"]
-        have_inputs = {tin[t] for t in want}
-        options: list[tuple[int, int, tuple[_Model, ...]]] = []
-        for m in self._models.values():
-            if want <= m.tasks and set(m.inputs) <= have_inputs:
-                options.append((m.flops, 1, (m,)))
-        if all(self._single[t] for t in want):
-            per_task = tuple(min(self._single[t], key=lambda m: m.flops) for t in self.tasks if t in want)
-            options.append((sum(m.flops for m in per_task), len(per_task), per_task))
-        if not options:
-            raise ArtifactError(f"no model in {self.artifact_dir} computes tasks {sorted(want)} for backend "
-                                f"{self.backend!r}; recompile the artifact")
-        return min(options, key=lambda o: (o[0], o[1], [m.name for m in o[2]]))[2]
+        try:
+            return tuple(self._models[name] for name in self.manifest.route(self._format, want))
+        except ArtifactError as e:
+            raise ArtifactError(f"{self.artifact_dir}, backend {self.backend!r}: {e}") from None
 
     # ------------------------------------------------------------------ runners
     def _runner(self, model: _Model) -> Runner:
@@ -215,15 +190,7 @@ class Engine:
         """The bytes of artifact file ``name``, checked against the manifest's sha256 now (the
         bytes returned are the bytes checked). Raises ArtifactError if it is unreadable or changed
         since it was compiled."""
-        path = self.artifact_dir / name
-        try:
-            data = path.read_bytes()
-        except OSError as e:
-            raise ArtifactError(f"cannot read artifact file {name!r}: {e}") from None
-        if hashlib.sha256(data).hexdigest() != self.manifest["files"][name]["sha256"]:
-            raise ArtifactError(f"artifact file {name!r} in {self.artifact_dir} does not match its sha256 in "
-                                "manifest.json (modified after load?); recompile the artifact")
-        return data
+        return read_verified(self.artifact_dir, name, self.manifest.files[name].sha256)
 
     # ------------------------------------------------------------------ inputs
     def _task_list(self, tasks: Iterable[str] | str | None) -> list[str]:
@@ -250,19 +217,9 @@ class Engine:
         """Loose bounds on preprocessed values: the raw range mapped through (raw - mean) / std,
         widened by ten times its width on each side. Catches un-normalised 8-bit pixels without
         refusing any plausible input (or standard-normal test data)."""
-        pre = self.input_spec["preprocessing"]
-        rng = _raw_range(pre)
-        if rng is None:
+        if self.preprocessing is None:
             return None
-        try:
-            mean = np.asarray(pre["mean"], dtype=np.float64)
-            std = np.asarray(pre["std"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError):
-            return None
-        if std.size == 0 or np.any(std <= 0):
-            return None
-        lo = (rng[0] - mean) / std
-        hi = (rng[1] - mean) / std
+        lo, hi = self.preprocessing.value_bounds()
         width = float(np.max(hi - lo))
         return float(np.min(lo)) - 10 * width, float(np.max(hi)) + 10 * width
 
@@ -278,9 +235,9 @@ class Engine:
             if not (np.isfinite(lo) and np.isfinite(hi)):
                 raise InputError(f"{label} contains NaN or infinite values")
             if self._limits is not None and (lo < self._limits[0] or hi > self._limits[1]):
-                pre = self.input_spec["preprocessing"]
+                raw_lo, raw_hi = self.preprocessing.raw_range
                 raise InputError(f"{label} has values in [{lo:.4g}, {hi:.4g}], far outside what preprocessing "
-                                 f"gives (raw {pre.get('raw')!r} through {pre.get('formula', '(raw - mean) / std')}); "
+                                 f"gives (raw values in [{raw_lo:g}, {raw_hi:g}] through {FORMULA}); "
                                  "are these un-normalised pixels?" + self._hint())
         return x
 

@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from dagc.preprocessing import resize_chw
-from dagc.runtime.engine import ArtifactError, InputError, _raw_range, load
+from dagc.manifest import Manifest
+from dagc.preprocessing import Preprocessing, resize_chw
+from dagc.runtime.engine import ArtifactError, InputError, load
 
 __all__ = ["read_image", "save_outputs", "run_images", "IMAGE_SUFFIXES"]
 
@@ -85,11 +86,12 @@ def _read_npy(path: Path, c: int, h: int, w: int) -> tuple[np.ndarray, bool]:
 def read_image(path: str | os.PathLike, input_spec: Mapping[str, Any]) -> np.ndarray:
     """One model input (C, H, W) float32 from an image file, preprocessed as the manifest says.
 
-    Takes the file and an engine's ``input_spec`` (``shape`` and ``preprocessing``).
+    Takes the file and an engine's ``input_spec`` (``shape``, and ``preprocessing``: the
+    `dagc.preprocessing.Preprocessing.to_dict` form, or None).
 
     * PNG/JPEG (Pillow): converted to RGB for 3-channel models, to grey ("L") for 1-channel ones
-      (RGBA for 4); 8-bit pixels 0..255 are mapped linearly onto the ``raw`` range that
-      ``preprocessing["raw"]`` states (e.g. "RGB in [0, 1]"; [0, 1] when it states none).
+      (RGBA for 4); 8-bit pixels 0..255 are mapped linearly onto the preprocessing's
+      ``raw_range`` ([0, 1] when the artifact recorded no preprocessing).
     * ``.npy`` (``allow_pickle=False``): (H, W) for 1 channel, (C, H, W) or (H, W, C) when it is
       unambiguous; float arrays are taken as raw values already in that range, uint8 arrays as
       8-bit pixels like image files.
@@ -97,15 +99,16 @@ def read_image(path: str | os.PathLike, input_spec: Mapping[str, Any]) -> np.nda
     * Then ``(raw - mean) / std`` per channel (skipped when the artifact recorded no preprocessing).
 
     Raises InputError naming the file when it is missing, unreadable or corrupt, of an unknown
-    type, or has the wrong number of channels.
+    type, or has the wrong number of channels; DataError for an invalid ``preprocessing``.
     """
     p = Path(path)
     c, h, w = _chw(input_spec)
     if not p.is_file():
         raise InputError(f"{p}: no such image file")
     suffix = p.suffix.lower()
-    pre = input_spec.get("preprocessing") or None
-    lo, hi = _raw_range(pre) or (0.0, 1.0)
+    record = input_spec["preprocessing"]
+    pre = None if record is None else Preprocessing.from_dict(record)
+    lo, hi = (0.0, 1.0) if pre is None else pre.raw_range
     if suffix in IMAGE_SUFFIXES:
         x, scale = _read_picture(p, c), True
     elif suffix == ".npy":
@@ -115,13 +118,11 @@ def read_image(path: str | os.PathLike, input_spec: Mapping[str, Any]) -> np.nda
     if scale and (lo, hi) != (0.0, 1.0):
         x = lo + (hi - lo) * x
     x = resize_chw(x, (h, w))
-    if pre:
-        mean = np.asarray(pre.get("mean", 0.0), dtype=np.float32).reshape(-1, 1, 1)
-        std = np.asarray(pre.get("std", 1.0), dtype=np.float32).reshape(-1, 1, 1)
-        if mean.shape[0] not in (1, c) or std.shape[0] not in (1, c):
-            raise ArtifactError(f"the manifest's preprocessing has {mean.shape[0]} means and {std.shape[0]} "
-                                f"stds for {c}-channel inputs; recompile the artifact")
-        x = (x - mean) / std
+    if pre is not None:
+        if pre.channels not in (1, c):
+            raise ArtifactError(f"the manifest's preprocessing has {pre.channels} means and stds for {c}-channel "
+                                "inputs; recompile the artifact")
+        x = pre.normalise(x)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
@@ -184,12 +185,12 @@ def _safe(name: str) -> str:
 
 
 def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np.ndarray],
-                 manifest: Mapping[str, Any]) -> list[Path]:
+                 manifest: Manifest) -> list[Path]:
     """Write one sample's outputs; returns the paths written.
 
     Takes the output directory (created if needed), the sample's name (file name stem), its
     outputs task -> array ((out, H, W) for dense tasks, (classes,) for classification; a leading
-    batch axis of 1 is dropped) and the artifact's manifest (for each task's kind). For every task
+    batch axis of 1 is dropped) and the artifact's `Manifest` (for each task's kind). For every task
     writes ``<name>_<task>.npy`` (the raw output) and:
 
     * segmentation: ``<name>_<task>.png``, the per-pixel argmax in a colour palette;
@@ -205,7 +206,7 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kinds = {t: info.get("kind") for t, info in manifest.get("tasks", {}).items()}
+    kinds = {t: info.kind for t, info in manifest.tasks.items()}
     written: list[Path] = []
     stem = _safe(name)
     for task, value in outputs.items():

@@ -3,17 +3,20 @@
 import hashlib
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from manifest_cases import typed_manifest
 
-from dagc.artifact import read_manifest
+from dagc.artifact import FORMAT_VERSION, load_manifest, read_manifest
 from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import cost_summary
 from dagc.compiler.ir import build_graph, masks_of
 from dagc.compiler.report import render_task_svg, report_markdown, sharing_table, task_topology
 from dagc.errors import ArtifactError, CompileError
+from dagc.manifest import PREVIEW, Manifest
 from dagc.spec import TaskSpec, preset
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.topology import close_masks, flow_band, is_connected, topology_metrics
@@ -40,22 +43,21 @@ def _reduced(seed=0):
     return spec, network_tensors(net)
 
 
+def _preview(manifest: Manifest) -> Manifest:
+    """The same without models: a manifest that any set of files satisfies."""
+    return replace(manifest, target=PREVIEW, models={}, routes={})
+
+
 @pytest.fixture(scope="module")
 def case():
     spec, tensors = _reduced()
     graph = build_graph(spec, tensors)
     gamma, alpha, beta = masks_of(tensors, spec)
-    svgs = {f"{t}.svg": render_task_svg(spec, (gamma[k], alpha[k], beta[k]), t).encode()
+    svgs = {f"graph_{t}.svg": render_task_svg(spec, (gamma[k], alpha[k], beta[k]), t).encode()
             for k, t in enumerate(spec.task_names)}
-    costs = cost_summary(graph)
     files = {"model.onnx": b"shared model bytes", **{f"model_{t}.onnx": f"{t} bytes".encode()
                                                      for t in spec.task_names}, **svgs}
-    models = [{"file": "model.onnx", "tasks": list(spec.task_names), **costs["shared"]}]
-    models += [{"file": f"model_{t}.onnx", "tasks": [t], **costs["tasks"][t]} for t in spec.task_names]
-    manifest = {"tasks": [{"name": t.name, "kind": t.kind} for t in spec.tasks], "models": models,
-                "costs": costs, "topology": task_topology(tensors, spec), "sharing": sharing_table(graph),
-                "pictures": {t: f"{t}.svg" for t in spec.task_names}, "spec": spec.to_dict()}
-    return spec, tensors, graph, files, manifest
+    return spec, tensors, graph, files, typed_manifest(spec, tensors, graph)
 
 
 def _listing(d):
@@ -69,13 +71,14 @@ def test_write_and_read(case, tmp_path):
     assert _listing(tmp_path) == ["art"]  # no temporary left next to it
     assert _listing(out) == sorted([*files, "manifest.json", "report.md"])
     m = read_manifest(out)
-    assert m["format"] == "dagc.artifact" and m["format_version"] == 1
+    assert m["format"] == "dagc.artifact" and m["format_version"] == FORMAT_VERSION == 2
     for name, data in files.items():
         assert (out / name).read_bytes() == data
         assert m["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
     assert m["files"]["report.md"]["sha256"] == hashlib.sha256((out / "report.md").read_bytes()).hexdigest()
-    assert m["costs"] == json.loads(json.dumps(manifest["costs"]))
-    assert "files" not in manifest  # the caller's manifest is left alone
+    assert m["costs"] == json.loads(json.dumps(manifest.costs.to_dict()))
+    assert not manifest.files  # the caller's manifest is left alone
+    assert load_manifest(out) == replace(manifest, files=load_manifest(out).files)  # typed round trip
     text = (out / "manifest.json").read_text()
     assert text == json.dumps(json.loads(text), sort_keys=True, indent=2) + "\n"
 
@@ -83,13 +86,13 @@ def test_write_and_read(case, tmp_path):
 def test_failed_write_leaves_nothing(case, tmp_path):
     _, _, _, files, manifest = case
     with pytest.raises(TypeError):
-        write_artifact(tmp_path / "art", files, {**manifest, "bad": object()})
+        write_artifact(tmp_path / "art", {**files, "bad.bin": object()}, manifest)
     assert _listing(tmp_path) == []
     # With force over an existing artifact: the old one stays untouched.
     write_artifact(tmp_path / "art", files, manifest)
     before = {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()}
     with pytest.raises(TypeError):
-        write_artifact(tmp_path / "art", {"x.onnx": b"new"}, {**manifest, "bad": object()}, force=True)
+        write_artifact(tmp_path / "art", {"x.onnx": b"new", "bad.bin": object()}, _preview(manifest), force=True)
     assert _listing(tmp_path) == ["art"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "art").iterdir()} == before
 
@@ -98,20 +101,21 @@ def test_refuses_without_force_replaces_with_force(case, tmp_path):
     _, _, _, files, manifest = case
     out = write_artifact(tmp_path / "art", files, manifest)
     with pytest.raises(CompileError, match="exists; pass --force to replace it"):
-        write_artifact(out, {"other.onnx": b"other"}, manifest)
+        write_artifact(out, {"other.onnx": b"other"}, _preview(manifest))
     assert _listing(tmp_path) == ["art"] and (out / "model.onnx").exists()
-    write_artifact(out, {"other.onnx": b"other"}, manifest, force=True)
+    write_artifact(out, {"other.onnx": b"other"}, _preview(manifest), force=True)
     assert _listing(tmp_path) == ["art"]  # old one deleted, no temporaries
     assert _listing(out) == ["manifest.json", "other.onnx", "report.md"]
     assert set(read_manifest(out)["files"]) == {"other.onnx", "report.md"}
 
 
-def test_bad_file_names_rejected(tmp_path):
+def test_bad_file_names_rejected(case, tmp_path):
+    preview = _preview(case[4])
     for name in ("../x", "/abs", "manifest.json", "report.md", "a/../b", ""):
         with pytest.raises(CompileError):
-            write_artifact(tmp_path / "art", {name: b"x"}, {})
+            write_artifact(tmp_path / "art", {name: b"x"}, preview)
         assert _listing(tmp_path) == []
-    write_artifact(tmp_path / "art", {"repo/seg/1/model.onnx": b"x"}, {})
+    write_artifact(tmp_path / "art", {"repo/seg/1/model.onnx": b"x"}, preview)
     assert read_manifest(tmp_path / "art")["files"]["repo/seg/1/model.onnx"]["bytes"] == 1
 
 
@@ -123,13 +127,13 @@ def test_tampering_detected(case, tmp_path):
         read_manifest(out)
     (out / "model_seg.onnx").write_bytes(files["model_seg.onnx"])
     read_manifest(out)
-    (out / "cls.svg").unlink()
-    with pytest.raises(ArtifactError, match="cls.svg.*missing"):
+    (out / "graph_cls.svg").unlink()
+    with pytest.raises(ArtifactError, match="graph_cls.svg.*missing"):
         read_manifest(out)
 
 
-def test_foreign_or_unknown_version(tmp_path):
-    out = write_artifact(tmp_path / "art", {"a.bin": b"a"}, {})
+def test_foreign_or_unknown_version(case, tmp_path):
+    out = write_artifact(tmp_path / "art", {"a.bin": b"a"}, _preview(case[4]))
     m = json.loads((out / "manifest.json").read_text())
     (out / "manifest.json").write_text(json.dumps({**m, "format_version": 99}))
     with pytest.raises(ArtifactError, match="version 99"):
@@ -146,17 +150,19 @@ def test_report_mentions_everything(case, tmp_path):
     spec, _, graph, files, manifest = case
     out = write_artifact(tmp_path / "art", files, manifest)
     report = (out / "report.md").read_text()
-    assert report == report_markdown(read_manifest(out) | {"files": {k: v for k, v in read_manifest(out)[
-        "files"].items() if k != "report.md"}})
+    written = load_manifest(out)
+    assert report == report_markdown(replace(written, files={k: v for k, v in written.files.items()
+                                                             if k != "report.md"}))
     for t in spec.task_names:
-        assert f"`{t}`" in report and f"({t}.svg)" in report
-        assert str(manifest["costs"]["tasks"][t]["flops"]) in report
+        assert f"`{t}`" in report and f"(graph_{t}.svg)" in report
+        assert str(manifest.costs.per_task[t].flops) in report
     for name in files:
         assert name in report
-    assert str(manifest["costs"]["supernet"]["flops"]) in report
+    assert str(manifest.costs.supernet.flops) in report
     for row in sharing_table(graph):
         assert f"`{row['id']}`" in report
-    assert report_markdown({}).startswith("# dagc artifact")  # every section optional
+    preview = report_markdown(_preview(manifest))  # no models, no files: those sections are left out
+    assert preview.startswith("# dagc artifact") and "## Models" not in preview and "## Files" not in preview
 
 
 def test_sharing_table_and_topology(case):
@@ -196,19 +202,11 @@ def test_svg_well_formed_one_element_per_edge(seed):
 
 
 def test_report_of_compile_shaped_manifest(case, tmp_path):
-    """The manifest shape `dagc compile` writes: tasks and models as mappings, costs.per_task and
-    no per-task supernet costs (taken from the spec), pictures found by file name."""
+    """Per-task costs against the per-task supernet (computed from the spec), pictures found by
+    file name, the unshared row, the verification error and the input."""
     spec, _, graph, files, manifest = case
     costs = cost_summary(graph)
-    svgs = {f"graph_{t}.svg": files[f"{t}.svg"] for t in spec.task_names}
-    m = {"spec": spec.to_dict(), "input": {"names": ["image"], "shape": ["batch", 3, 16, 16], "dtype": "float32"},
-         "tasks": {t.name: {"kind": t.kind} for t in spec.tasks},
-         "models": {"model.onnx": {"tasks": list(spec.task_names), "format": "onnx",
-                                   "verified_max_rel_error": 1e-6, **costs["shared"]}},
-         "costs": {"supernet": costs["supernet"], "shared": costs["shared"], "per_task": costs["tasks"],
-                   "unshared": costs["shared"]},
-         "topology": manifest["topology"], "sharing": manifest["sharing"]}
-    out = write_artifact(tmp_path / "art", {"model.onnx": b"m", **svgs}, m)
+    out = write_artifact(tmp_path / "art", files, manifest)
     report = (out / "report.md").read_text()
     for t in spec.task_names:
         ratio = costs["tasks"][t]["flops"] / costs["supernet_tasks"][t]["flops"]

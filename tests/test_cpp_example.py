@@ -5,6 +5,7 @@ The end-to-end tests compile three AOTInductor packages and build the C++ exampl
 on two cores), so they are marked slow; run them with `-m slow`.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -109,6 +110,12 @@ def test_manifest_records_verified_packages(built):
         assert 0 <= info["verified_max_rel_error"] <= rtol
         assert manifest["files"][name]["sha256"] == sha256((art / name).read_bytes())
         assert info["flops"] == manifest["models"][info["built_from"]]["flops"]
+    # one route per task subset and model format, recorded once by the compiler
+    for fmt, ext in (("onnx", "onnx"), ("aoti", "pt2")):
+        routes = manifest["routes"][fmt]
+        assert set(routes) == {"seg", "cls", "seg,cls"}
+        assert routes["seg"] == [f"task_seg.{ext}"] and routes["cls"] == [f"task_cls.{ext}"]
+        assert routes["seg,cls"] == [f"model.{ext}"]
 
 
 @pytest.mark.slow
@@ -151,6 +158,28 @@ def test_tampered_or_missing_package_is_refused(built, tmp_path):
     shutil.rmtree(bad)
     _one_line_error(_run(exe, bad, tmp_path / "x.npy", "--out", tmp_path / "o"), "not a directory")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_cpp_runs_the_recorded_routes_and_refuses_version_1(built, tmp_path):
+    """dagc_run takes the packages from manifest.json's routes (here one rewritten to the shared
+    package, which manifest.json's own checksums do not cover), and refuses a version-1 manifest,
+    which records none."""
+    art, exe, _ = built
+    x = _x(2)
+    np.save(tmp_path / "x.npy", x)
+    routed = _copy(art, tmp_path)
+    manifest = json.loads((routed / "manifest.json").read_text())
+    manifest["routes"]["aoti"]["cls"] = ["model.pt2"]
+    (routed / "manifest.json").write_text(json.dumps(manifest))
+    result = _run(exe, routed, tmp_path / "x.npy", "--tasks", "cls", "--out", tmp_path / "o")
+    assert result.returncode == 0 and result.stdout.startswith("ran model.pt2;"), result
+    ref = load(art).run(x, ["cls"])["cls"]
+    assert relative_error(np.load(tmp_path / "o" / "cls.npy"), ref) <= manifest["verification"]["aoti_rtol"]
+    del manifest["routes"]
+    (routed / "manifest.json").write_text(json.dumps({**manifest, "format_version": 1}))
+    _one_line_error(_run(exe, routed, tmp_path / "x.npy", "--out", tmp_path / "o1"), "format version 1",
+                    "--target aoti")
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from dagc.checkpoint import save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
 from dagc.compiler.verify import relative_error, supernet_reference
 from dagc.errors import DagcError
+from dagc.manifest import Manifest
 from dagc.runners import ort_providers
 from dagc.runtime import BACKENDS, ArtifactError, Engine, InputError, load
 from dagc.runtime.images import read_image, run_images, save_outputs
@@ -133,11 +134,11 @@ def test_one_task_runs_its_per_task_model_and_all_tasks_the_shared_one(shared, p
         assert engine.model_for([t]) == f"task_{t}.onnx"
         assert engine.models_for(t) == (f"task_{t}.onnx",)
     assert engine.model_for() == "model.onnx" and engine.model_for(list(engine.tasks)) == "model.onnx"
-    costs = engine.manifest["costs"]
+    costs = engine.manifest.costs
     for subset in itertools.combinations(engine.tasks, 2):
         chosen = engine.models_for(subset)
-        per_task_flops = sum(costs["per_task"][t]["flops"] for t in subset)
-        assert chosen == (("model.onnx",) if costs["shared"]["flops"] <= per_task_flops
+        per_task_flops = sum(costs.per_task[t].flops for t in subset)
+        assert chosen == (("model.onnx",) if costs.shared.flops <= per_task_flops
                           else tuple(f"task_{t}.onnx" for t in subset))
     # only the chosen model's session was created
     fresh = load(shared[0], "onnxruntime")
@@ -367,6 +368,14 @@ def test_read_image_refusals_name_the_file(shared, tmp_path, make, words):
         read_image(tmp_path / "missing.png", load(shared[0]).input_spec)
 
 
+def _relabelled(manifest: Manifest, task: str, kind: str) -> Manifest:
+    """``manifest`` with ``task`` of another kind with the same output shape (depth -> edge)."""
+    d = manifest.to_dict()
+    d["spec"]["tasks"] = [{**t, "kind": kind} if t["name"] == task else t for t in d["spec"]["tasks"]]
+    d["tasks"][task]["kind"] = kind
+    return Manifest.from_dict(d)
+
+
 def test_save_outputs_writes_raw_arrays_pictures_and_top_k(shared, tmp_path):
     engine = load(shared[0])
     out = engine.run(_x((1, 3, 16, 16)))
@@ -384,9 +393,9 @@ def test_save_outputs_writes_raw_arrays_pictures_and_top_k(shared, tmp_path):
     assert len(probs) == 4 and probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
     assert doc["top_k"][0]["label"] == int(np.argmax(out["cls"][0]))
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.startswith(".")]  # no temporary files left
-    # an edge map: grey
-    manifest = {"tasks": {"edge": {"kind": "edge"}}}
-    [npy, png] = save_outputs(tmp_path / "o", "e", {"edge": np.linspace(-1, 2, 64, dtype=np.float32).reshape(1, 8, 8)},
+    # an edge map: grey (the artifact's one-channel depth task, relabelled as an edge task)
+    manifest = _relabelled(engine.manifest, "depth", "edge")
+    [npy, png] = save_outputs(tmp_path / "o", "e", {"depth": np.linspace(-1, 2, 64, dtype=np.float32).reshape(1, 8, 8)},
                               manifest)
     with Image.open(png) as im:
         assert im.mode == "L" and im.size == (8, 8)

@@ -5,6 +5,7 @@ computes, and a bad artifact or an existing --out gives one line, exit 2 and not
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,12 @@ from compiler_cases import compiled_artifact
 from google.protobuf import text_format
 
 from dagc import artifact as artifact_module
-from dagc.artifact import read_manifest
+from dagc.artifact import load_manifest, read_manifest
 from dagc.compiler.artifact import write_artifact
 from dagc.compiler.ir import CompileError
 from dagc.errors import ConfigError
+from dagc.manifest import TensorRTSettings
+from dagc.routes import compute_routes
 from dagc.runtime import ArtifactError, load
 from dagc.spec import TaskSpec, preset
 from dagc.tools import triton
@@ -51,18 +54,18 @@ def plan_artifact(artifact, tmp_path_factory):
     """The artifact as `--target tensorrt` lays it out: a .plan per ONNX model, listed in the
     manifest with its profile's batches. The plan bytes are opaque to the export, which only
     copies them, so this runs without a GPU."""
-    manifest = read_manifest(artifact)
-    files = {n: (artifact / n).read_bytes() for n in manifest["files"] if n != "report.md"}
-    for name, info in list(manifest["models"].items()):
+    manifest = load_manifest(artifact)
+    files = {n: (artifact / n).read_bytes() for n in manifest.files if n != "report.md"}
+    models = dict(manifest.models)
+    for name, info in manifest.models.items():
         plan = name.replace(".onnx", ".plan")
         files[plan] = f"plan of {name}".encode()
-        manifest["models"][plan] = {**info, "format": "tensorrt", "precision": "fp32", "batches": [1, 8, 16],
-                                    "built_from": name}
-    manifest["target"], manifest["tensorrt"] = "tensorrt", {"batches": [1, 8, 16], "precision": "fp32"}
-    for key in ("format", "format_version", "files"):
-        del manifest[key]
+        models[plan] = replace(info, name=plan, format="tensorrt", precision="fp32", batches=(1, 8, 16),
+                               built_from=name)
+    routes = compute_routes(manifest.spec.task_names, manifest.task_inputs(), models.values())
     out = tmp_path_factory.mktemp("tr_plan") / "art"
-    write_artifact(out, files, manifest)
+    write_artifact(out, files, replace(manifest, target="tensorrt", tensorrt=TensorRTSettings((1, 8, 16), "fp32"),
+                                       models=models, routes=routes, files={}))
     return out
 
 

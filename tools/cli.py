@@ -104,22 +104,22 @@ def train(out, resume, quiet, **options) -> None:
               help="TensorRT: batch sizes the optimisation profile covers.")
 def compile(checkpoint, target, out, force, fp16, batch) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
-    from dagc.compiler.compile import compile_checkpoint, summary
+    from dagc.compiler.compile import compile_artifact, summary
 
-    manifest = compile_checkpoint(checkpoint, out, target=target, force=force, fp16=fp16,
-                                  batches=_int_list("--batch", batch))
+    manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16,
+                                batches=_int_list("--batch", batch))
     click.echo(summary(manifest))
-    click.echo(f"\nwrote {out} (compiled and verified in {manifest['compile_seconds']:.1f} s)")
+    click.echo(f"\nwrote {out} (compiled and verified in {manifest.compile_seconds:.1f} s)")
 
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 def inspect(path) -> None:
     """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory."""
-    from dagc.artifact import read_manifest
-    from dagc.compiler.compile import inspect_checkpoint, summary
+    from dagc.artifact import load_manifest
+    from dagc.compiler.compile import preview_manifest, summary
 
-    manifest = read_manifest(path) if path.is_dir() else inspect_checkpoint(path)
+    manifest = load_manifest(path) if path.is_dir() else preview_manifest(path)
     click.echo(summary(manifest))
 
 

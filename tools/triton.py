@@ -14,11 +14,12 @@ outputs with their data types and shapes from the manifest, ``dynamic_batching``
 ``instance_group``. Triton takes every sub-directory of the repository as a model and ignores
 plain files, so ``routing.json`` does not disturb it.
 
-Routing (the same choice as `dagc.runtime.Engine.models_for`, the cheapest cover by FLOPs): one
-task -> its own model; all tasks -> the shared model; any other subset -> the shared model (ask
-only for the subset's outputs) when that is cheapest, else an ensemble of the per-task models,
-generated when the spec has at most `TritonConfig.max_ensemble_tasks` tasks (2^K subsets). Beyond
-that, call the per-task models one by one, or the shared model, as ``routing.json`` records.
+Routing: the routes the compiler recorded in the manifest (`dagc.manifest.Manifest.route`, which
+`dagc.runtime.Engine.models_for` reads too: the cheapest cover by FLOPs): one task -> its own
+model; all tasks -> the shared model; any other subset -> the shared model (ask only for the
+subset's outputs) when that is cheapest, else an ensemble of the per-task models, generated when
+the spec has at most `TritonConfig.max_ensemble_tasks` tasks (2^K subsets). Beyond that, call the
+per-task models one by one, or the shared model, as ``routing.json`` records.
 
 Every model file's sha256 is checked against the manifest before it is copied, and the repository
 is built in a temporary sibling and renamed into place (``force`` replaces an existing one), so a
@@ -36,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagc.artifact import write_tree
-from dagc.compiler.ir import CompileError
-from dagc.errors import ConfigError
+from dagc.artifact import load_manifest, read_verified, write_tree
+from dagc.errors import ArtifactError, CompileError, ConfigError
+from dagc.manifest import Manifest, ModelInfo
 
 __all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH"]
 
@@ -96,13 +97,11 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     format -> "task1,task2" -> {model, outputs}).
 
     Takes the artifact directory (``dagc compile --out``), the repository directory to create and a
-    `TritonConfig`. Raises `dagc.runtime.ArtifactError` (not an artifact, unknown format version,
-    missing or tampered file, a manifest this export does not understand), CompileError (``out_dir``
-    exists without ``force``, model names that collide) and ConfigError (bad config). Nothing is
-    written unless everything checked out.
+    `TritonConfig`. Raises ArtifactError (not an artifact, unknown format version, missing or
+    tampered file, an invalid manifest or one with models this export does not know),
+    CompileError (``out_dir`` exists without ``force``, model names that collide) and ConfigError
+    (bad config). Nothing is written unless everything checked out.
     """
-    from dagc.runtime import ArtifactError, load
-
     config = TritonConfig() if config is None else config
     if not isinstance(config, TritonConfig):
         raise ConfigError(f"config must be a TritonConfig, got {type(config).__name__}")
@@ -110,24 +109,18 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     if (out.exists() or out.is_symlink()) and not force:
         raise CompileError(f"{out} exists; pass --force to replace it")
     art = Path(artifact_dir)
-    # load() verifies the manifest's format, version and every file's sha256; the torch backend
-    # needs no GPU and no ONNX Runtime, and the engine gives the runtime's own model choice.
-    engine = load(art, backend="torch")
+    manifest = load_manifest(art)  # format, version, every field and every file's sha256
     if art.resolve() == out.resolve() or art.resolve() in out.resolve().parents:
         raise CompileError(f"--out {out} must not be inside the artifact {art}; choose another directory")
-    try:
-        plan = _plan(engine, config)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise ArtifactError(f"{art / 'manifest.json'}: malformed manifest for a Triton export "
-                            f"({type(e).__name__}: {e}); recompile the artifact") from None
+    plan = _plan(manifest, config)
     files: dict[str, bytes] = {}
     for name, model in plan["models"].items():
         files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
-        if model["source"] is not None:
-            data = engine.read_verified(model["source"])  # the bytes copied are the bytes checked
+        if model["source"] is not None:  # the bytes copied are the bytes checked
+            data = read_verified(art, model["source"], manifest.files[model["source"]].sha256)
             files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = data
     routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art),
-               "dagc_version": engine.manifest.get("dagc_version"), "input": plan["input"],
+               "dagc_version": manifest.dagc_version, "input": plan["input"],
                "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"]}
     files[ROUTING] = (json.dumps(routing, indent=2, sort_keys=True) + "\n").encode("utf-8")
     # An ensemble's version directory exists but is empty.
@@ -139,104 +132,91 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
 # what to generate
 
 
-def _plan(engine, config: TritonConfig) -> dict[str, Any]:
-    from dagc.runtime import ArtifactError
-
-    manifest = engine.manifest
-    tasks = list(engine.tasks)
-    inp = manifest["input"]
-    if inp["shape"][0] != "batch":
-        raise ArtifactError(f"the artifact's input shape {inp['shape']} has no dynamic batch axis; recompile it")
-    dtype = DATA_TYPES.get(inp.get("dtype", "float32"))
-    if dtype is None:
-        raise ArtifactError(f"input dtype {inp.get('dtype')!r} has no Triton data type here; recompile the artifact")
-    in_dims = [int(d) for d in inp["shape"][1:]]
-    out_dims = {}
-    for t in tasks:
-        shape = manifest["tasks"][t]["output_shape"]
-        if shape[0] != "batch":
-            raise ArtifactError(f"task {t!r}: output shape {shape} has no dynamic batch axis; recompile the artifact")
-        out_dims[t] = [int(d) for d in shape[1:]]
-
-    by_format: dict[str, dict[str, Any]] = {"onnx": {}, "tensorrt": {}}
+def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
+    """What to write: ``models`` (Triton name -> entry with its ``config`` text), ``routes``,
+    ``skipped`` and ``input``. Raises ArtifactError for a model format it does not know."""
+    tasks = list(manifest.spec.task_names)
+    dtype = DATA_TYPES[manifest.input.dtype]
+    in_dims = list(manifest.input.shape)
+    out_dims = {t: list(info.output_shape) for t, info in manifest.tasks.items()}
+    by_format: dict[str, dict[str, ModelInfo]] = {"onnx": {}, "tensorrt": {}}
     skipped = []
-    for fname, info in manifest["models"].items():
-        fmt = info.get("format")
-        if fmt in SKIPPED_FORMATS:
+    for fname, info in manifest.models.items():
+        if info.format in SKIPPED_FORMATS:
             skipped.append(fname)
-            continue
-        if fmt not in PLATFORMS:
-            raise ArtifactError(f"model {fname!r} has format {fmt!r}, which the Triton export does not know "
-                                f"(it takes {sorted(PLATFORMS)}); update dagc or recompile the artifact")
-        by_format[fmt][fname] = info
-    plan_batches = sorted({int(b) for info in by_format["tensorrt"].values() for b in info["batches"]})
+        elif info.format not in PLATFORMS:
+            raise ArtifactError(f"model {fname!r} has format {info.format!r}, which the Triton export does not "
+                                f"know (it takes {sorted(PLATFORMS)}); update dagc or recompile the artifact")
+        else:
+            by_format[info.format][fname] = info
+    plan_batches = sorted({b for info in by_format["tensorrt"].values() for b in info.batches})
     onnx_max = config.max_batch_size or (max(plan_batches) if plan_batches else DEFAULT_MAX_BATCH)
 
     models: dict[str, dict[str, Any]] = {}
     triton_of: dict[str, str] = {}  # artifact file -> Triton model name
     for fmt, infos in by_format.items():
         for fname, info in sorted(infos.items()):
-            model_tasks = [t for t in tasks if t in info["tasks"]]
+            model_tasks = [t for t in tasks if t in info.tasks]
             name = _model_name(config.name, model_tasks, tasks, fmt)
             if fmt == "tensorrt":
-                batches = [int(b) for b in info["batches"]]
-                max_batch = max(batches)
+                max_batch, kind, batches = max(info.batches), "KIND_GPU", list(info.batches)
                 preferred = sorted({b for b in batches if 1 < b <= max_batch})
-                kind = "KIND_GPU"
             else:
                 max_batch, preferred, kind, batches = onnx_max, [], "KIND_AUTO", None
-            inputs = [(i, dtype, in_dims) for i in info["inputs"]]
-            outputs = [(t, "TYPE_FP32", out_dims[t]) for t in info["outputs"]]
-            header = (f"# {name}: {fname} of a dagc artifact (sha256 {manifest['files'][fname]['sha256']}), "
-                      f"tasks {', '.join(model_tasks)}")
-            text = _config_text(header, name, PLATFORMS[fmt][0], max_batch, inputs, outputs,
+            sha = manifest.files[fname].sha256
+            text = _config_text(f"# {name}: {fname} of a dagc artifact (sha256 {sha}), tasks {', '.join(model_tasks)}",
+                                name, PLATFORMS[fmt][0], max_batch, [(i, dtype, in_dims) for i in info.inputs],
+                                [(t, "TYPE_FP32", out_dims[t]) for t in info.outputs],
                                 dynamic=(config.max_queue_delay_us, preferred), instances=(config.instances, kind))
             _add(models, name, {"platform": PLATFORMS[fmt][0], "format": fmt, "tasks": model_tasks, "source": fname,
-                                "sha256": manifest["files"][fname]["sha256"], "max_batch_size": max_batch,
+                                "sha256": sha, "max_batch_size": max_batch,
                                 "min_batch_size": min(batches) if batches else 1,
-                                "inputs": list(info["inputs"]), "outputs": list(info["outputs"]), "config": text})
+                                "inputs": list(info.inputs), "outputs": list(info.outputs), "config": text})
             triton_of[fname] = name
+    routes = {fmt: _routes(manifest, config, fmt, models, triton_of, (dtype, in_dims, out_dims))
+              for fmt, infos in by_format.items() if infos}
+    pre = manifest.input.preprocessing
+    return {"models": models, "routes": routes, "skipped": sorted(skipped),
+            "input": {"names": list(manifest.input.names), "dims": in_dims, "data_type": dtype,
+                      "preprocessing": None if pre is None else pre.to_dict(), "task_inputs": manifest.task_inputs()}}
 
-    routes: dict[str, dict[str, Any]] = {}
+
+def _routes(manifest: Manifest, config: TritonConfig, fmt: str, models: dict[str, dict[str, Any]],
+            triton_of: dict[str, str], dims) -> dict[str, dict[str, Any]]:
+    """``routing.json``'s routes of one model format, from the manifest's recorded routes; adds the
+    ensembles they need to ``models``."""
+    dtype, in_dims, out_dims = dims
+    tasks = list(manifest.spec.task_names)
     subsets = [s for k in range(1, len(tasks) + 1) for s in itertools.combinations(tasks, k)]
     if len(tasks) > config.max_ensemble_tasks:  # 2^K subsets: route only one task and all tasks
         subsets = [(t,) for t in tasks] + [tuple(tasks)]
-    for fmt, infos in by_format.items():
-        if not infos:
+    out: dict[str, dict[str, Any]] = {}
+    for subset in subsets:
+        try:
+            chosen = manifest.route(fmt, subset)
+        except ArtifactError:  # no model of this format covers the subset: no route for it
             continue
-        fmt_routes = routes[fmt] = {}
-        for subset in subsets:
-            # the runtime's choice among ONNX models; a plan mirrors the ONNX model it was built from
-            chosen = list(engine.models_for(list(subset)))
-            if fmt == "tensorrt":
-                built = {info["built_from"]: f for f, info in infos.items()}
-                if not all(c in built for c in chosen):
-                    continue
-                chosen = [built[c] for c in chosen]
-            key = ",".join(subset)
-            if len(chosen) == 1:
-                fmt_routes[key] = {"model": triton_of[chosen[0]], "outputs": list(subset)}
-                continue
-            if not config.ensembles or len(tasks) > config.max_ensemble_tasks:
-                fmt_routes[key] = {"models": [triton_of[c] for c in chosen], "outputs": list(subset)}
-                continue
-            name = _model_name(config.name, list(subset), tasks, fmt)
-            steps = [(triton_of[c], list(infos[c]["inputs"]), [t for t in infos[c]["outputs"] if t in subset])
-                     for c in chosen]
-            max_batch = min(models[s[0]]["max_batch_size"] for s in steps)
-            ens_inputs = list(dict.fromkeys(i for _, ins, _ in steps for i in ins))
-            text = _ensemble_text(f"# {name}: ensemble of {', '.join(s[0] for s in steps)} for tasks {key}", name,
-                                  max_batch, [(i, dtype, in_dims) for i in ens_inputs],
-                                  [(t, "TYPE_FP32", out_dims[t]) for t in subset], steps)
-            _add(models, name, {"platform": "ensemble", "format": fmt, "tasks": list(subset), "source": None,
-                                "steps": [s[0] for s in steps], "max_batch_size": max_batch,
-                                "min_batch_size": max(models[s[0]]["min_batch_size"] for s in steps),
-                                "inputs": ens_inputs, "outputs": list(subset), "config": text})
-            fmt_routes[key] = {"model": name, "outputs": list(subset)}
-    return {"models": models, "routes": routes, "skipped": sorted(skipped),
-            "input": {"names": list(inp["names"]), "dims": in_dims, "data_type": dtype,
-                      "preprocessing": inp.get("preprocessing"),
-                      "task_inputs": {t: manifest["tasks"][t]["input"] for t in tasks}}}
+        key = ",".join(subset)
+        if len(chosen) == 1:
+            out[key] = {"model": triton_of[chosen[0]], "outputs": list(subset)}
+            continue
+        if not config.ensembles or len(tasks) > config.max_ensemble_tasks:
+            out[key] = {"models": [triton_of[c] for c in chosen], "outputs": list(subset)}
+            continue
+        name = _model_name(config.name, list(subset), tasks, fmt)
+        steps = [(triton_of[c], list(manifest.models[c].inputs), [t for t in manifest.models[c].outputs if t in subset])
+                 for c in chosen]
+        max_batch = min(models[s[0]]["max_batch_size"] for s in steps)
+        ens_inputs = list(dict.fromkeys(i for _, ins, _ in steps for i in ins))
+        text = _ensemble_text(f"# {name}: ensemble of {', '.join(s[0] for s in steps)} for tasks {key}", name,
+                              max_batch, [(i, dtype, in_dims) for i in ens_inputs],
+                              [(t, "TYPE_FP32", out_dims[t]) for t in subset], steps)
+        _add(models, name, {"platform": "ensemble", "format": fmt, "tasks": list(subset), "source": None,
+                            "steps": [s[0] for s in steps], "max_batch_size": max_batch,
+                            "min_batch_size": max(models[s[0]]["min_batch_size"] for s in steps),
+                            "inputs": ens_inputs, "outputs": list(subset), "config": text})
+        out[key] = {"model": name, "outputs": list(subset)}
+    return out
 
 
 def _model_name(prefix: str, model_tasks: Sequence[str], all_tasks: Sequence[str], fmt: str) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dagc.errors import DataError
+from dagc.preprocessing import Preprocessing
 from dagc.spec import TaskSpec
 
 # Label value that segmentation losses and metrics skip (unlabelled pixels in real datasets).
@@ -171,14 +172,15 @@ def check_root(name: str, root: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------- standardisation
-def standardise(train: np.ndarray, test: np.ndarray, raw: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Takes (n, C, H, W) train and test inputs and a description of the raw values; returns both
-    standardised per channel with the train split's statistics (the test split must not leak
-    into them), and those statistics as a preprocessing record for deployment."""
+def standardise(train: np.ndarray, test: np.ndarray, raw: str,
+                raw_range: tuple[float, float] = (0.0, 1.0)) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Takes (n, C, H, W) train and test inputs, a description of the raw values and their range;
+    returns both standardised per channel with the train split's statistics (the test split must
+    not leak into them), and those statistics as a preprocessing record for deployment
+    (`dagc.preprocessing.Preprocessing.to_dict`)."""
     mean = train.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
     # A constant channel would otherwise divide by zero.
     std = np.maximum(train.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64), 1e-6).astype(np.float32)
     scale = 1.0 / std
-    prep = {"raw": raw, "layout": "NCHW", "dtype": "float32", "formula": "(raw - mean) / std per channel",
-            "mean": mean.ravel().tolist(), "std": std.ravel().tolist()}
+    prep = Preprocessing(raw_range, tuple(mean.ravel().tolist()), tuple(std.ravel().tolist()), description=raw).to_dict()
     return (train - mean) * scale, (test - mean) * scale, prep

@@ -110,7 +110,7 @@ class InferenceServer(ThreadingHTTPServer):
         self.engine = engine
         self.config = config
         self.slots = threading.BoundedSemaphore(config.max_inflight)
-        outputs = {t: engine.manifest["tasks"][t]["output_shape"] for t in engine.tasks}
+        outputs = {t: engine.manifest.tasks[t].batch_shape() for t in engine.tasks}
         self.health = {"status": "ok", "tasks": list(engine.tasks), "input": engine.input_spec,
                        "outputs": outputs, "backend": engine.backend, "max_body_bytes": config.max_body_bytes}
         super().__init__(address, _Handler)

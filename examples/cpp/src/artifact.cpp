@@ -13,7 +13,6 @@
 #include <mutex>
 #include <set>
 #include <sstream>
-#include <tuple>
 
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
@@ -28,8 +27,9 @@ namespace dagc {
 namespace {
 
 constexpr const char* kFormat = "dagc.artifact";
-constexpr int kFormatVersion = 1;
+constexpr int kFormatVersion = 2;
 constexpr const char* kManifest = "manifest.json";
+constexpr const char* kPackageFormat = "aoti";
 
 std::string Quote(const std::string& s) { return "'" + s + "'"; }
 
@@ -37,6 +37,14 @@ std::string JoinQuoted(const std::vector<std::string>& items) {
   std::string out;
   for (size_t i = 0; i < items.size(); ++i) out += (i ? ", " : "") + Quote(items[i]);
   return "[" + out + "]";
+}
+
+// The manifest's key of a task subset (dagc.routes.route_key): task names in spec order, joined
+// by ','.
+std::string RouteKey(const std::vector<std::string>& names) {
+  std::string key;
+  for (size_t i = 0; i < names.size(); ++i) key += (i ? "," : "") + names[i];
+  return key;
 }
 
 // First line of an exception's message: LibTorch errors carry backtraces and C++ frames that
@@ -132,10 +140,16 @@ Status Artifact::Load(const std::string& dir, std::unique_ptr<Artifact>* out) {
     if (!m.is_object() || m.value("format", std::string()) != kFormat) {
       return Status::Error(manifest_path.string() + ": not a dagc artifact manifest (format is not '" + kFormat + "')");
     }
+    if (m.contains("format_version") && m["format_version"] == 1) {
+      // Version 1 records no task-subset routes, and this library does not recompute them.
+      return Status::Error(manifest_path.string() + ": artifact format version 1 records no task-subset routes "
+                           "(this library reads version 2); recompile it with: dagc compile CHECKPOINT --target "
+                           "aoti --out DIR");
+    }
     if (!m.contains("format_version") || m["format_version"] != kFormatVersion) {
       return Status::Error(manifest_path.string() + ": artifact format version " +
                            (m.contains("format_version") ? m["format_version"].dump() : std::string("(none)")) +
-                           " is not supported (this library reads version 1); recompile the checkpoint with a "
+                           " is not supported (this library reads version 2); recompile the checkpoint with a "
                            "matching dagc");
     }
 
@@ -145,15 +159,15 @@ Status Artifact::Load(const std::string& dir, std::unique_ptr<Artifact>* out) {
     std::set<std::string> packages;
     const json& models = m.at("models");
     for (auto it = models.begin(); it != models.end(); ++it) {
-      if (it.value().value("format", std::string()) == "aoti") packages.insert(it.key());
+      if (it.value().at("format").get<std::string>() == kPackageFormat) packages.insert(it.key());
     }
     if (packages.empty()) {
       return Status::Error(dir + " has no AOTInductor packages (it was compiled with --target " +
-                           m.value("target", std::string("onnx")) +
+                           m.at("target").get<std::string>() +
                            "); recompile it with: dagc compile CHECKPOINT --target aoti --out DIR");
     }
 
-    // Every listed file is checked, like dagc.compiler.artifact.read_manifest; the packages' bytes
+    // Every listed file is checked, like dagc.artifact.read_manifest; the packages' bytes
     // are kept so that what is loaded below is exactly what was hashed.
     const json& files = m.at("files");
     if (!files.is_object()) return Status::Error(manifest_path.string() + ": the manifest has no 'files' table");
@@ -198,7 +212,7 @@ Status Artifact::Load(const std::string& dir, std::unique_ptr<Artifact>* out) {
                              "recompile the artifact");
       }
       int major = 0, minor = 0;
-      std::string version = info.value("torch_version", std::string());
+      std::string version = info.at("torch_version").get<std::string>();
       if (!MajorMinor(version, &major, &minor) || major != TORCH_VERSION_MAJOR || minor != TORCH_VERSION_MINOR) {
         return Status::Error(name + " was compiled with torch " + (version.empty() ? "(unknown)" : version) +
                              " but this program uses LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." +
@@ -210,8 +224,22 @@ Status Artifact::Load(const std::string& dir, std::unique_ptr<Artifact>* out) {
       mi.tasks = info.at("tasks").get<std::vector<std::string>>();
       mi.inputs = info.at("inputs").get<std::vector<std::string>>();
       mi.outputs = info.at("outputs").get<std::vector<std::string>>();
-      mi.flops = info.value("flops", 0.0);
+      mi.flops = info.at("flops").get<double>();
       a->models_.push_back(mi);
+    }
+    // The compiler recorded which packages cover each task subset most cheaply (dagc.routes).
+    const json& routes = m.at("routes");
+    if (routes.contains(kPackageFormat)) {
+      for (auto it = routes.at(kPackageFormat).begin(); it != routes.at(kPackageFormat).end(); ++it) {
+        std::vector<std::string> files = it.value().get<std::vector<std::string>>();
+        for (const std::string& f : files) {
+          if (!packages.count(f)) {
+            return Status::Error(manifest_path.string() + ": route " + Quote(it.key()) + " names " + Quote(f) +
+                                 ", which is not an AOTInductor package of the artifact; recompile the artifact");
+          }
+        }
+        a->routes_[it.key()] = files;
+      }
     }
 
     for (const ModelInfo& mi : a->models_) {
@@ -281,39 +309,28 @@ Status Artifact::ModelsFor(const std::vector<std::string>& tasks, std::vector<st
   Status s = TaskList(tasks, &names);
   if (!s.ok()) return s;
   const std::set<std::string> want(names.begin(), names.end());
-  std::set<std::string> have_inputs;
-  for (const std::string& t : names) have_inputs.insert(task_input_.at(t));
-  // Same rule as dagc.runtime.Engine._choose: minimise (FLOPs, number of models, file names).
-  using Option = std::tuple<double, size_t, std::vector<std::string>>;
-  std::vector<Option> options;
-  for (const ModelInfo& mi : models_) {
-    std::set<std::string> covers(mi.tasks.begin(), mi.tasks.end());
-    bool all = std::includes(covers.begin(), covers.end(), want.begin(), want.end());
-    bool inputs_ok = std::all_of(mi.inputs.begin(), mi.inputs.end(),
-                                 [&](const std::string& i) { return have_inputs.count(i) > 0; });
-    if (all && inputs_ok) options.emplace_back(mi.flops, 1, std::vector<std::string>{mi.file});
-  }
-  std::vector<std::string> per_task;
-  double per_task_flops = 0;
-  bool every_task = true;
+  std::vector<std::string> ordered;  // spec order, as the manifest's route keys
   for (const std::string& t : tasks_) {
-    if (!want.count(t)) continue;
-    const ModelInfo* best = nullptr;
-    for (const ModelInfo& mi : models_) {
-      if (mi.tasks.size() == 1 && mi.tasks[0] == t && (best == nullptr || mi.flops < best->flops)) best = &mi;
-    }
-    if (best == nullptr) {
-      every_task = false;
-      break;
-    }
-    per_task.push_back(best->file);
-    per_task_flops += best->flops;
+    if (want.count(t)) ordered.push_back(t);
   }
-  if (every_task) options.emplace_back(per_task_flops, per_task.size(), per_task);
-  if (options.empty()) {
-    return Status::Error("no package in " + dir_ + " computes tasks " + JoinQuoted(names) + "; recompile the artifact");
+  auto found = routes_.find(RouteKey(ordered));
+  if (found != routes_.end()) {
+    *files = found->second;
+    return Status::Ok();
   }
-  *files = std::get<2>(*std::min_element(options.begin(), options.end()));
+  // Artifacts with more tasks than dagc.routes.ROUTE_MAX_TASKS record one task and all tasks only:
+  // another subset runs each of its tasks' recorded routes.
+  files->clear();
+  for (const std::string& t : ordered) {
+    auto single = routes_.find(t);
+    if (single == routes_.end()) {
+      return Status::Error("no package in " + dir_ + " computes tasks " + JoinQuoted(names) +
+                           " (manifest.json records no route for them); recompile the artifact");
+    }
+    for (const std::string& f : single->second) {
+      if (std::find(files->begin(), files->end(), f) == files->end()) files->push_back(f);
+    }
+  }
   return Status::Ok();
 }
 

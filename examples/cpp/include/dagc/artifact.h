@@ -46,15 +46,17 @@ struct ModelInfo {
   std::vector<std::string> tasks;    // tasks it computes
   std::vector<std::string> inputs;   // input names, in the order the package takes them
   std::vector<std::string> outputs;  // task names, in the order the package returns them
-  double flops = 0;                  // per sample, from the manifest (used to choose models)
+  double flops = 0;                  // per sample, from the manifest
 };
 
 class Artifact {
  public:
-  // Loads the artifact directory `dir`: reads manifest.json (format "dagc.artifact", version 1),
-  // checks the sha256 and size of every file it lists, checks that the packages were compiled with
-  // this LibTorch's torch version, and loads every AOTInductor package (`*.pt2`). The bytes that
-  // are hashed are the bytes that are loaded. On success `*out` holds the artifact.
+  // Loads the artifact directory `dir`: reads manifest.json (format "dagc.artifact", version 2;
+  // version 1 records no task-subset routes and is refused with the command to recompile), checks
+  // the sha256 and size of every file it lists, checks that the packages were compiled with this
+  // LibTorch's torch version, reads the packages' routes, and loads every AOTInductor package
+  // (`*.pt2`). The bytes that are hashed are the bytes that are loaded. On success `*out` holds
+  // the artifact.
   static Status Load(const std::string& dir, std::unique_ptr<Artifact>* out);
 
   ~Artifact();
@@ -71,10 +73,11 @@ class Artifact {
   std::array<int64_t, 3> input_chw() const { return chw_; }
   const std::vector<ModelInfo>& models() const { return models_; }
 
-  // The package files that Run uses for `tasks` (empty: all tasks): the cheapest (manifest FLOPs)
-  // way to cover them, one model computing all of them or each task's own model, ties to fewer
-  // models; so one task runs its per-task package and all tasks the shared one, as in the Python
-  // runtime (dagc.runtime.Engine.models_for).
+  // The package files that Run uses for `tasks` (empty: all tasks): the route the compiler recorded
+  // in manifest.json (routes.aoti), the cheapest (FLOPs) way to cover them, so one task runs its
+  // per-task package and all tasks the shared one, as the Python runtime
+  // (dagc.runtime.Engine.models_for) does. Artifacts with more than 8 tasks record routes for one
+  // task and for all tasks only; another subset runs each of its tasks' routes.
   Status ModelsFor(const std::vector<std::string>& tasks, std::vector<std::string>* files) const;
 
   // Runs `tasks` (empty: all) on a batch of preprocessed images: float32, (batch, C, H, W), on the
@@ -99,6 +102,7 @@ class Artifact {
   std::map<std::string, std::string> task_input_;
   std::array<int64_t, 3> chw_{};
   std::vector<ModelInfo> models_;
+  std::map<std::string, std::vector<std::string>> routes_;  // "t1,t2" (spec order) -> package files
   std::vector<std::unique_ptr<Loaded>> loaded_;  // parallel to models_
 };
 
