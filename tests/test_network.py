@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from compiler_cases import random_masks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -209,27 +210,6 @@ def test_custom_readout_stride_smaller_than_states_upsamples():
     assert out["d"].shape == (2, 1, 8, 8)
 
 
-def _random_closed_masks(spec, rng):
-    """Random masks per task, closed, with at least one input -> read-out path."""
-    import numpy as np
-
-    from dagc.trainer.topology import close_masks, flow_band
-
-    band = flow_band(spec.n_states, spec.flow_constant)
-    out = [[], [], []]
-    for _ in spec.tasks:
-        while True:
-            g = band * (rng.random(band.shape) < 0.5)
-            a = (rng.random(spec.n_states) < 0.4).astype(np.int64)
-            b = (rng.random(spec.n_states) < 0.4).astype(np.int64)
-            g, a, b = close_masks(g, a, b)
-            if b.any():
-                break
-        for lst, m in zip(out, (g, a, b)):
-            lst.append(torch.from_numpy(m))
-    return [torch.stack(lst) for lst in out]
-
-
 @settings(max_examples=12, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), m=st.integers(1, 5))
 def test_random_closed_masks_stacked_equals_one_task_at_a_time(seed, m):
@@ -237,7 +217,7 @@ def test_random_closed_masks_stacked_equals_one_task_at_a_time(seed, m):
 
     spec = preset("tiny", DENSE, input_size=(8, 8), flow_constant=m)
     a, b = _pair(spec, seed=seed % 1000)
-    masks = _random_closed_masks(spec, np.random.default_rng(seed))
+    masks = random_masks(spec, np.random.default_rng(seed))
     for net in (a, b):
         net.set_masks(*masks)
     x = torch.randn(2, 3, 8, 8, dtype=torch.double, generator=torch.Generator().manual_seed(seed))

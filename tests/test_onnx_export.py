@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from compiler_cases import random_masks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
@@ -23,7 +24,6 @@ from dagc.compiler.onnx_export import check, conv_macs, to_onnx
 from dagc.compiler.verify import supernet_reference, verify
 from dagc.spec import Spec, StateSpec, TaskSpec, preset
 from dagc.trainer.network import CentralNetwork, TaskBatchNorm, network_tensors
-from dagc.trainer.topology import close_masks, flow_band, is_connected
 
 DENSE = [TaskSpec("seg", "segmentation", classes=4), TaskSpec("depth", "depth"), TaskSpec("normal", "normal")]
 MIXED = [*DENSE, TaskSpec("cls", "classification", classes=5)]
@@ -45,28 +45,11 @@ def _randomise(net: CentralNetwork, seed: int) -> None:
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) * 1.5 + 0.25)
 
 
-def _random_masks(spec: Spec, rng: np.random.Generator):
-    """Random 0/1 masks on the band / alpha / beta per task, closed, retried until connected."""
-    band = flow_band(spec.n_states, spec.flow_constant)
-    out = [[], [], []]
-    for _ in spec.tasks:
-        while True:
-            g = band * (rng.random(band.shape) < 0.5)
-            a = (rng.random(spec.n_states) < 0.4).astype(np.int64)
-            b = (rng.random(spec.n_states) < 0.4).astype(np.int64)
-            g, a, b = close_masks(g, a, b)
-            if is_connected(g, a, b):
-                break
-        for lst, m in zip(out, (g, a, b)):
-            lst.append(torch.from_numpy(np.asarray(m)))
-    return [torch.stack(lst) for lst in out]
-
-
 def _checkpoint(spec: Spec, seed: int = 0) -> tuple[CentralNetwork, Graph]:
     torch.manual_seed(seed)
     net = CentralNetwork(spec)
     _randomise(net, seed)
-    net.set_masks(*_random_masks(spec, np.random.default_rng(seed)))
+    net.set_masks(*random_masks(spec, np.random.default_rng(seed)))
     net.eval()
     return net, build_graph(spec, network_tensors(net))
 
@@ -241,7 +224,7 @@ def test_shared_parameters_are_emitted_once():
     spec = preset("tiny", [TaskSpec("a", "depth"), TaskSpec("b", "edge")], input_size=(16, 16))
     net = CentralNetwork(spec)
     _randomise(net, 7)
-    g, a, b = _random_masks(preset("tiny", [TaskSpec("a", "depth")], input_size=(16, 16)),
+    g, a, b = random_masks(preset("tiny", [TaskSpec("a", "depth")], input_size=(16, 16)),
                             np.random.default_rng(7))
     net.set_masks(g.repeat(2, 1, 1), a.repeat(2, 1), b.repeat(2, 1))
     graph = build_graph(spec, network_tensors(net))
