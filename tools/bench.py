@@ -60,7 +60,6 @@ The table, JSON and plot are in `dagc.tools.bench_report`, memory and machine in
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -71,12 +70,13 @@ import numpy as np
 import onnx
 import torch
 
-from dagc.artifact import read_manifest
+from dagc.artifact import load_manifest
 from dagc.checkpoint import Checkpoint, load_checkpoint
 from dagc.compiler.flops import graph_costs
 from dagc.compiler.ir import build_graph, masks_of
 from dagc.compiler.runners import SupernetRunner
 from dagc.errors import BenchError, DagcError
+from dagc.manifest import Manifest, TaskMasks
 from dagc.runners import OrtRunner, Runner, compare
 from dagc.runtime import Engine, load
 from dagc.tools.bench_report import format_table, plot, write_json
@@ -94,11 +94,10 @@ __all__ = ["BenchError", "benchmark", "format_table", "plot", "write_json", "nai
 # checks
 
 
-def _check_pair(manifest: dict, ck, artifact_dir: Path, checkpoint: Path) -> None:
-    spec_json = json.loads(json.dumps(ck.spec.to_dict()))
-    if manifest.get("spec") != spec_json:
-        a = manifest.get("spec", {})
-        diffs = sorted(k for k in set(a) | set(spec_json) if a.get(k) != spec_json.get(k))
+def _check_pair(manifest: Manifest, ck, artifact_dir: Path, checkpoint: Path) -> None:
+    if manifest.spec != ck.spec:
+        a, b = manifest.spec.to_dict(), ck.spec.to_dict()
+        diffs = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
         raise BenchError(f"checkpoint {checkpoint} does not belong to artifact {artifact_dir}: their network "
                          f"specs differ (in {', '.join(diffs) or 'the spec'}); pass the checkpoint the "
                          "artifact was compiled from")
@@ -107,9 +106,7 @@ def _check_pair(manifest: dict, ck, artifact_dir: Path, checkpoint: Path) -> Non
                          f"artifact {artifact_dir} was compiled from")
     gamma, alpha, beta = masks_of(ck.tensors, ck.spec)
     for k, t in enumerate(ck.spec.task_names):
-        m = manifest["tasks"][t]["masks"]
-        if (m["gamma"] != gamma[k].tolist() or m["alpha"] != alpha[k].tolist()
-                or m["beta"] != beta[k].tolist()):
+        if manifest.tasks[t].masks != TaskMasks.of(gamma[k], alpha[k], beta[k]):
             raise BenchError(f"checkpoint {checkpoint} does not belong to artifact {artifact_dir}: task {t!r} "
                              "has other masks in the checkpoint than in the artifact; pass the checkpoint the "
                              "artifact was compiled from")
@@ -153,7 +150,7 @@ def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
         raise BenchError("warmup must be >= 0, min_reps >= 1 and min_seconds >= 0")
     artifact_dir, checkpoint = Path(artifact_dir), Path(checkpoint)
     try:
-        manifest = read_manifest(artifact_dir)
+        manifest = load_manifest(artifact_dir)
     except DagcError as e:
         raise BenchError(f"cannot read artifact {artifact_dir}: {e}") from None
     ck = load_checkpoint(checkpoint)
@@ -200,7 +197,7 @@ class _Bench:
     """One benchmark: the variants (runners) built one after another with their memory measured,
     the naive export checked against the masked supernet, then all timed round-robin."""
 
-    def __init__(self, manifest: dict, ck: Checkpoint, artifact_dir: Path, batches: list[int], backend: str,
+    def __init__(self, manifest: Manifest, ck: Checkpoint, artifact_dir: Path, batches: list[int], backend: str,
                  threads: int | None, device: str, seed: int) -> None:
         self.manifest, self.ck, self.artifact_dir = manifest, ck, artifact_dir
         self.spec = ck.spec
@@ -209,7 +206,7 @@ class _Bench:
         self.mem = Memory()
         rng = np.random.default_rng(seed)
         shape = (self.spec.in_channels, *self.spec.input_size)
-        self.inputs = {b: {n: rng.standard_normal((b, *shape)).astype(np.float32) for n in manifest["input"]["names"]}
+        self.inputs = {b: {n: rng.standard_normal((b, *shape)).astype(np.float32) for n in manifest.input.names}
                        for b in batches}
         self.variants: dict[str, dict[str, Any]] = {}
         self.runners: dict[str, Runner] = {}
@@ -224,24 +221,24 @@ class _Bench:
     def build_all(self, bare: bool) -> None:
         """Build (a)-(e), check the naive export, then the bare sessions and unchecked engines
         (only when the engine's backend is onnxruntime)."""
-        costs = self.manifest["costs"]
+        costs = self.manifest.costs
         unshared = graph_costs(build_graph(self.spec, self.ck.tensors))
-        self.add("supernet", "(a) unpruned supernet, PyTorch", self._supernet, costs["supernet"])
+        self.add("supernet", "(a) unpruned supernet, PyTorch", self._supernet, costs.supernet.to_dict())
         self.add("masked", "(b) masked supernet, PyTorch", self._masked, unshared)
         self._export_naive()
         self.add("naive_onnx", "(c) masked supernet, naive ONNX export, ONNX Runtime", self._naive, unshared)
         self._check_naive()
-        self.add("shared", "(d) compiled shared model, runtime", self._engine(None), costs["shared"])
+        self.add("shared", "(d) compiled shared model, runtime", self._engine(None), costs.shared.to_dict())
         for t in self.tasks:
-            self.add(f"task:{t}", f"(e) compiled {t} model, runtime", self._engine(t), costs["per_task"][t])
+            self.add(f"task:{t}", f"(e) compiled {t} model, runtime", self._engine(t), costs.per_task[t].to_dict())
         if bare and self.engines[None].backend == "onnxruntime":
             self.add("bare:shared", "compiled shared model, bare ONNX Runtime session", self._bare(None),
-                     costs["shared"])
+                     costs.shared.to_dict())
             for t in self.tasks:
                 self.add(f"bare:{t}", f"compiled {t} model, bare ONNX Runtime session", self._bare(t),
-                         costs["per_task"][t])
+                         costs.per_task[t].to_dict())
                 self.add(f"unchecked:{t}", f"compiled {t} model, runtime, check_values=False",
-                         self._engine(t, check_values=False), costs["per_task"][t])
+                         self._engine(t, check_values=False), costs.per_task[t].to_dict())
 
     def add(self, key: str, label: str, build: Callable[[], tuple[Runner, int]], c: dict[str, Any]) -> None:
         """Build one variant (``build() -> (runner, parameters held)``) and make its first call at
@@ -318,16 +315,17 @@ class _Bench:
             if check_values:
                 self.engines[task] = eng
             sel = None if task is None else [task]
-            held = int(self.manifest["models"].get(eng.model_for(sel), {}).get("params", 0))
+            entry = self.manifest.models.get(eng.model_for(sel))  # None when several models run
+            held = 0 if entry is None else entry.cost.params
             return _EngineRunner(eng, sel), held
         return build
 
     def _bare(self, task: str | None) -> Callable[[], tuple[Runner, int]]:
         def build() -> tuple[Runner, int]:
-            name = "model.onnx" if task is None else self.manifest["tasks"][task]["model"]
+            name = "model.onnx" if task is None else self.manifest.tasks[task].model
             data = (self.artifact_dir / name).read_bytes()
             runner = OrtRunner(data, threads=self.threads, device=self.device)
-            return runner, int(self.manifest["models"][name]["params"])
+            return runner, self.manifest.models[name].cost.params
         return build
 
     # ------------------------------------------------------------------ timing
@@ -363,7 +361,7 @@ class _Bench:
                        "backend": self.backend, "backend_resolved": self.engines[None].backend,
                        "device": self.device, "threads": self.threads, "warmup": warmup, "min_reps": min_reps,
                        "min_seconds": min_seconds,
-                       "input": {"names": list(self.manifest["input"]["names"]), "shape": [self.spec.in_channels, h, w]},
+                       "input": {"names": list(self.manifest.input.names), "shape": [self.spec.in_channels, h, w]},
                        "tasks": self.tasks, "preset": self.spec.preset, "memory_method": self.mem.method,
                        "timing": "time.perf_counter per batch call; variants round-robin, random order each round"},
             "variants": self.variants,
