@@ -59,17 +59,6 @@ def build_plan(onnx_bytes: bytes, input_shapes: Mapping[str, Sequence[int]], bat
     return bytes(plan)
 
 
-def run_plan(plan: bytes, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a plan once on host arrays (`dagc.runners.TrtRunner`); returns outputs by name. Raises
-    CompileError if TensorRT is unavailable or cannot deserialize or run the plan."""
-    _require()
-    batch = next(iter(inputs.values())).shape[0]
-    try:
-        return TrtRunner(plan, (batch,)).run(dict(inputs))
-    except RunnerError as e:
-        raise CompileError(str(e)) from None
-
-
 def verify_plan(plan: bytes, onnx_bytes: bytes, name: str, batches: Sequence[int], *, fp16: bool = False,
                 shape: Sequence[int], seed: int = 0) -> dict[str, float]:
     """Check a plan against ONNX Runtime (CPU) running the ONNX model it was built from.

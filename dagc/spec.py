@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from dagc.errors import SpecError
@@ -262,9 +262,6 @@ class Spec:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as e:
             raise SpecError(f"spec: not valid JSON ({e})") from None
-
-    def with_tasks(self, tasks: Sequence[TaskSpec]) -> Spec:
-        return replace(self, tasks=tuple(tasks))
 
 
 def _states(channels: Sequence[int], strides: Sequence[int]) -> tuple[StateSpec, ...]:

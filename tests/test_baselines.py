@@ -1,5 +1,7 @@
 """Baselines and ablations as masks and search spaces (`dagc.trainer.baselines`)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -60,7 +62,7 @@ def test_single_task_costs_k_backbones_shared_bottom_one(spec):
     # so K separate nets of one task each add up to between K - 1 and K backbones.
     total = 0.0
     for t in spec.tasks:
-        one = spec.with_tasks([t])
+        one = dataclasses.replace(spec, tasks=(t,))
         net = CentralNetwork(one)
         net.set_masks(*(torch.from_numpy(m) for m in chain_masks(one)))
         total += parameter_ratio(one, network_tensors(net))

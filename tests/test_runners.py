@@ -12,7 +12,7 @@ from dagc.compiler.onnx_export import to_onnx
 from dagc.compiler.passes import optimize
 from dagc.compiler.runners import AotiRunner, LoweredRunner, SupernetRunner
 from dagc.errors import BenchError, CompileError
-from dagc.runners import OrtRunner, Runner, compare, ort_providers, relative_error
+from dagc.runners import OrtRunner, Runner, TrtRunner, compare, ort_providers, relative_error
 from dagc.runtime.torch_backend import TorchRunner
 from dagc.spec import TaskSpec, preset
 from dagc.trainer.network import network_tensors
@@ -147,5 +147,5 @@ def test_tensorrt_plan_verification_refuses_a_plan_of_another_model(shared):
     other_model = to_onnx(optimize(build_graph(net.spec, network_tensors(other)))).SerializeToString()
     with pytest.raises(CompileError, match="TensorRT plan of other.onnx differs from ONNX Runtime"):
         tensorrt.verify_plan(plan, other_model, "other.onnx", (1, 4), shape=shape)
-    got = tensorrt.run_plan(plan, {"image": np.zeros((2, *shape), np.float32)})
+    got = TrtRunner(plan, (1, 4)).run({"image": np.zeros((2, *shape), np.float32)})
     assert set(got) == {"seg", "depth", "cls"}
