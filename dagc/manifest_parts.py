@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any
 
 from dagc.errors import ArtifactError, DataError
 from dagc.jsonfields import Fields
@@ -42,20 +42,24 @@ def _batch_shape(o: Fields, key: str) -> tuple[int, ...]:
 
 
 class _Numbers:
-    """A record of numeric fields, its JSON an object of the same keys; ``_KINDS``: field -> the
-    `Fields` accessor that reads it ("integer" or "number")."""
+    """A dataclass of numeric fields (``int`` read as an integer, ``float`` as a number), its JSON an
+    object of the same keys."""
 
-    _KINDS: ClassVar[dict[str, str]] = {}
+    @classmethod
+    def _kinds(cls) -> dict[str, str]:
+        # Annotations are strings here (``from __future__ import annotations``).
+        return {f.name: "integer" if f.type == "int" else "number" for f in fields(cls)}
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._KINDS}
+        return {k: getattr(self, k) for k in self._kinds()}
 
     @classmethod
     def read(cls, o: Fields, strict: bool = True):
         """``strict``: refuse other fields (False where the fields sit in a larger object)."""
+        kinds = cls._kinds()
         if strict:
-            o.only(*cls._KINDS)
-        return cls(**{k: getattr(o, kind)(k) for k, kind in cls._KINDS.items()})
+            o.only(*kinds)
+        return cls(**{k: getattr(o, kind)(k) for k, kind in kinds.items()})
 
 
 @dataclass(frozen=True)
@@ -66,8 +70,6 @@ class Cost(_Numbers):
     macs: int
     flops: int
     params: int
-
-    _KINDS: ClassVar[dict[str, str]] = {"macs": "integer", "flops": "integer", "params": "integer"}
 
 
 @dataclass(frozen=True)
@@ -339,8 +341,6 @@ class Topology(_Numbers):
     D: int
     W: int
     S: float
-
-    _KINDS: ClassVar[dict[str, str]] = {"D": "integer", "W": "integer", "S": "number"}
 
 
 @dataclass(frozen=True)
