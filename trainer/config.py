@@ -20,6 +20,11 @@ from dagc.trainer.stages import AMP_MODES, REDUCTIONS
 
 # The stages of a run, in order (paper Sec. 3.2); reduction and rewinding open fine-tuning.
 STAGES = ("warmup", "search", "finetune")
+# A baseline's iteration budget. "finetune": the paper's protocol (Sec. 4.1, "we train all
+# baselines with the same number of fine-tuning iterations"), finetune_iters; "total": as many
+# iterations as the whole search run (warmup + search + finetune), the reading that gives the
+# baseline the most training. Both are offered and metrics.json records which one ran.
+BASELINE_PROTOCOLS = ("finetune", "total")
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,9 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     # The paper's baselines and ablations (dagc.trainer.baselines): a baseline trains fixed chain
-    # masks for warmup + search + finetune iterations, without search; ablations combine.
+    # masks without search, for the iterations of `baseline_protocol`; ablations combine.
     baseline: str | None = None
+    baseline_protocol: str = "finetune"
     ablations: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -147,6 +153,9 @@ class TrainConfig:
     def _validate_protocol(self) -> None:
         if self.baseline is not None and self.baseline not in BASELINES:
             raise ConfigError(f"baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
+        if self.baseline_protocol not in BASELINE_PROTOCOLS:
+            raise ConfigError(f"baseline_protocol must be one of {list(BASELINE_PROTOCOLS)}, "
+                              f"got {self.baseline_protocol!r}")
         if not isinstance(self.ablations, tuple) or not all(isinstance(a, str) for a in self.ablations):
             raise ConfigError(f"ablations must be a list of names from {list(ABLATIONS)}, got {self.ablations!r}")
         bad = [a for a in self.ablations if a not in ABLATIONS]
@@ -168,8 +177,9 @@ class TrainConfig:
     # ------------------------------------------------------------------ what the stages use
     def iters(self, stage: str) -> int:
         """Iterations of a stage (`STAGES`). A baseline has no search: its fine-tuning trains the
-        fixed backbone for the whole budget."""
-        if self.baseline is not None and stage == "finetune":
+        fixed backbone for finetune_iters (protocol ``finetune``, the paper's) or for the whole
+        run's warmup + search + finetune (protocol ``total``)."""
+        if self.baseline is not None and stage == "finetune" and self.baseline_protocol == "total":
             return self.warmup_iters + self.search_iters + self.finetune_iters
         return getattr(self, f"{stage}_iters")
 
