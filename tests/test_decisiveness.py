@@ -45,7 +45,13 @@ def test_small_margin_is_undecided_and_warned_about():
     line = warning_line({"normal": d, "seg": {**d, "decided": True}})
     assert line is not None and "\n" not in line
     assert "normal" in line and "seg" not in line and "--search-iters" in line and "--arch-lr" in line
+    assert "saturated" not in line
     assert warning_line({"seg": {**d, "decided": True}}) is None
+    # read-outs all on: a saturated tie, which the warning names as such
+    d = task_decisiveness(_gamma([0.5] * 5), np.array([0.1, 0.9, 0.2, 0.2]), np.array([0.2, 0.99, 0.995, 0.999]), BAND)
+    assert d["beta_margin"] < MARGIN_THRESHOLD and d["beta_runner_up"] == pytest.approx(0.995)
+    line = warning_line({"seg": d})
+    assert "saturated" in line and "\n" not in line
     assert warning_line(None) is None  # a baseline: no search, no warning
 
 

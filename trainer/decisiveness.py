@@ -6,6 +6,10 @@ Per task:
 ``alpha_margin`` / ``beta_margin``
     σ of argmax A (resp. B) minus σ of the runner-up; N_α and N_β of Algorithm 1 come from these
     argmaxes, so a small margin means the sub-network's depth was picked by noise. 1.0 when N = 1.
+``alpha_runner_up`` / ``beta_runner_up``
+    σ of the runner-up (None when N = 1); a runner-up above 1 − `SATURATED` with a small margin
+    is a *saturated* tie: several read-ins (read-outs) are all on, and a longer search only
+    saturates them further.
 ``decided_edges``
     the fraction of band edges with |σ(γ) − 0.5| > `DECIDED_EDGE` (σ below 0.1 or above 0.9).
 ``first_removals``
@@ -35,17 +39,18 @@ from dagc.trainer.reduction import first_removals
 MARGIN_THRESHOLD = 0.1
 DECIDED_EDGE = 0.4
 NEAR_TIE_GAP = 0.05
+SATURATED = 0.1
 FIRST_REMOVALS = 3
 
 __all__ = ["MARGIN_THRESHOLD", "network_decisiveness", "task_decisiveness", "warning_line"]
 
 
-def _margin(values: np.ndarray) -> float:
-    """The largest value minus the second largest (1.0 for a single value)."""
+def _margin(values: np.ndarray) -> tuple[float, float | None]:
+    """The largest value minus the second largest (1.0 for a single value), and the second."""
     if values.size < 2:
-        return 1.0
+        return 1.0, None
     top = np.sort(values)[::-1]
-    return float(top[0] - top[1])
+    return float(top[0] - top[1]), float(top[1])
 
 
 def task_decisiveness(gamma, alpha, beta, band) -> dict[str, Any]:
@@ -64,8 +69,9 @@ def task_decisiveness(gamma, alpha, beta, band) -> dict[str, Any]:
         ru = r["runner_up"]
         r["relative_gap"] = None if ru is None or ru <= 0 else (ru - r["score"]) / ru
     near_tie = any(r["relative_gap"] is not None and r["relative_gap"] < NEAR_TIE_GAP for r in removals)
-    am, bm = _margin(a), _margin(b)
-    return {"alpha_margin": am, "beta_margin": bm, "decided_edges": decided_edges,
+    (am, a2), (bm, b2) = _margin(a), _margin(b)
+    return {"alpha_margin": am, "beta_margin": bm, "alpha_runner_up": a2, "beta_runner_up": b2,
+            "decided_edges": decided_edges,
             "first_removals": removals, "near_tie": near_tie,
             "decided": am >= MARGIN_THRESHOLD and bm >= MARGIN_THRESHOLD and not near_tie}
 
@@ -88,6 +94,15 @@ def warning_line(decisiveness: Mapping[str, Mapping[str, Any]] | None) -> str | 
     if not undecided:
         return None
     worst = min(min(decisiveness[t]["alpha_margin"], decisiveness[t]["beta_margin"]) for t in undecided)
+    saturated = [t for t in undecided if _saturated_tie(decisiveness[t])]
+    note = (f"; the A/B ties of {', '.join(saturated)} are between entries all at σ > {1 - SATURATED:.1f} "
+            "(saturated), which a longer search does not break" if saturated else "")
     return (f"warning: the search did not decide the structure of {', '.join(undecided)} (smallest A/B margin "
             f"{worst:.3f} < {MARGIN_THRESHOLD}, or Algorithm 1's first removals were near-ties); "
-            "train longer (--search-iters) or with a higher --arch-lr")
+            f"train longer (--search-iters) or with a higher --arch-lr{note}")
+
+
+def _saturated_tie(d: Mapping[str, Any]) -> bool:
+    """Whether a task's small A or B margin is a tie between saturated entries."""
+    return any(d[f"{x}_margin"] < MARGIN_THRESHOLD and (d[f"{x}_runner_up"] or 0.0) > 1 - SATURATED
+               for x in ("alpha", "beta"))
