@@ -50,7 +50,8 @@ class TrainConfig:
     # moves a logit by at most about lr per step. Measured (synthetic, seed 0, split 100/300/400,
     # benchmarks/RESULTS.md "Search decisiveness"): 0.01 (issue 12's default run) ends with
     # σ(A) margins 0.02-0.09 and depth abs. error 1.05; 0.1 gives depth 0.62, normals 13.4°
-    # (from 15.0°), edge F 0.43 (from 0.37); 0.3 is no better (within 1-5%) and decides no more.
+    # (from 15.0°), edge F 0.43 (from 0.37); 0.3 decides no more (B saturates) and was 1.6 points
+    # of Δ_T better on that one seed, about 1.5x the seed spread: 0.1 is the smaller departure.
     arch_lr: float = 0.1
     squeeze_weight: float = 0.05
     kappa: float | None = None
