@@ -5,6 +5,12 @@ against the single-task baseline and the parameters relative to one backbone.
 
     python benchmarks/protocol_table.py --dataset synthetic [--seeds 0] [--work /tmp/dagc_protocol]
     python benchmarks/protocol_table.py --dataset digits --seeds 0,1,2
+    python benchmarks/protocol_table.py --dataset synthetic --seeds 0,1,2 --methods single-task,shared-bottom,dagc
+
+Baselines train for ``finetune_iters`` (the paper's protocol); the rows marked "(equal total)"
+train them for warmup + search + finetune iterations instead (``baseline_protocol="total"``).
+``--methods`` picks rows (default: all but the equal-total ones); Δ is always against the
+single-task row of the paper's protocol, which is therefore always run.
 
 Runs go to ``--work/<dataset>/seed<k>/<method>/`` (an existing finished run is reused, an
 interrupted one resumed), results to ``benchmarks/protocol_<dataset>.json``; the markdown table is
@@ -32,6 +38,8 @@ HERE = Path(__file__).resolve().parent
 METHODS = {
     "single-task": dict(baseline="single-task"),
     "shared-bottom": dict(baseline="shared-bottom"),
+    "single-task (equal total)": dict(baseline="single-task", baseline_protocol="total"),
+    "shared-bottom (equal total)": dict(baseline="shared-bottom", baseline_protocol="total"),
     "dagc": {},
     "dagc w/o flow restriction": dict(ablations=("no-flow-restriction",)),
     "dagc w/o read-in/out": dict(ablations=("no-read-in-out",)),
@@ -41,7 +49,7 @@ METHODS = {
 
 
 def run_dir(work: Path, dataset: str, seed: int, method: str) -> Path:
-    return work / dataset / f"seed{seed}" / method.replace(" ", "_").replace("/", "")
+    return work / dataset / f"seed{seed}" / method.replace(" ", "_").replace("/", "").replace("(", "").replace(")", "")
 
 
 def run_method(work: Path, dataset: str, seed: int, method: str) -> dict:
@@ -61,13 +69,19 @@ def main() -> None:
     ap.add_argument("--dataset", choices=("synthetic", "digits"), required=True)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--work", type=Path, default=Path("/tmp/dagc_protocol"))
+    ap.add_argument("--methods", default=None, help="comma-separated rows (default: all but '(equal total)')")
     args = ap.parse_args()
+    methods = [m for m in METHODS if "equal total" not in m] if args.methods is None else \
+        ["single-task", *(m.strip() for m in args.methods.split(",") if m.strip() != "single-task")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
     torch.set_num_threads(1)
     seeds = [int(s) for s in args.seeds.split(",")]
     t_start = time.perf_counter()
     results: dict[str, dict] = {}
     for seed in seeds:
-        runs = {m: run_method(args.work, args.dataset, seed, m) for m in METHODS}
+        runs = {m: run_method(args.work, args.dataset, seed, m) for m in methods}
         base = runs["single-task"]
         for m, r in runs.items():
             c = compare(r, base)
@@ -84,7 +98,7 @@ def main() -> None:
                      "params_ratio": float(np.mean([s["params_ratio"] for s in per_seed])),
                      "primary": {t: float(np.mean([s["final"][t][PRIMARY[kinds[t]][0]] for s in per_seed]))
                                  for t in tasks}}
-    doc = {"dataset": args.dataset, "seeds": seeds, "methods": {m: METHODS[m] for m in METHODS}, "tasks": tasks,
+    doc = {"dataset": args.dataset, "seeds": seeds, "methods": {m: METHODS[m] for m in methods}, "tasks": tasks,
            "primary_metric": {t: PRIMARY[kinds[t]][0] for t in tasks}, "results": results,
            "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
                        "torch": torch.__version__, "threads": 1},

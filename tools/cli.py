@@ -14,6 +14,7 @@ import click
 from dagc.errors import DagcError
 from dagc.spec import PRESETS
 from dagc.trainer.datasets import ON_DISK, REGISTRY
+from dagc.trainer.decisiveness import warning_line
 
 BUILT_IN = tuple(name for name, d in REGISTRY.items() if not d.on_disk)
 # "tiny for synthetic; omniglot for digits, omniglot; ...": each preset with the datasets it is the default of.
@@ -60,6 +61,9 @@ def cli() -> None:
               help="torch.compile the network's training forward pass.")
 @click.option("--baseline", type=str, default=None,
               help="Train a paper baseline instead of searching: single-task or shared-bottom.")
+@click.option("--baseline-protocol", "baseline_protocol", type=str, default=None,
+              help="A baseline's iterations: finetune (default, the paper's: --finetune-iters) or total "
+                   "(warmup + search + finetune iterations, as many as a search run).")
 @click.option("--ablation", "ablations", multiple=True,
               help="Drop a component (repeatable): no-flow-restriction, no-read-in-out, no-fbr, no-squeeze.")
 @click.option("--reduction", type=str, default=None,
@@ -91,6 +95,9 @@ def train(out, resume, quiet, **options) -> None:
         metrics = run_training(TrainConfig(**given), out, progress=not quiet)
     if distributed.is_main():  # under torchrun every rank returns the metrics; one summary
         click.echo(train_summary(metrics, out))
+        warning = warning_line(metrics.get("decisiveness"))
+        if warning is not None:
+            click.echo(f"dagc: {warning}", err=True)
 
 
 @cli.command()
@@ -222,13 +229,17 @@ def train_summary(metrics: dict, out: Path) -> str:
     lines = [f"run: {out}", f"train time: {metrics['train_seconds']:.1f} s, supernet parameters: "
              f"{metrics['parameters']['supernet']:,}"
              + (f", deployed parameters relative to one backbone: {ratio:.2f}" if ratio is not None else ""), "",
-             f"{'task':<14}{'metric':<12}{'model':>10}{'constant':>10}   D  W      S"]
+             f"{'task':<14}{'metric':<12}{'model':>10}{'constant':>10}   D  W      S"
+             f"  A-margin B-margin decided-edges"]
     topo = metrics.get("topology") or {}
+    decisive = metrics.get("decisiveness") or {}
     for task, p in metrics["primary"].items():
-        t = topo.get(task, {})
+        t, d = topo.get(task, {}), decisive.get(task)
         lines.append(f"{task:<14}{p['metric']:<12}{p['model']:>10.4f}{p['constant']:>10.4f}"
                      f"  {t.get('D', '-'):>2} {t.get('W', '-'):>2} "
-                     + (f"{t['S']:>6.3f}" if "S" in t else f"{'-':>6}"))
+                     + (f"{t['S']:>6.3f}" if "S" in t else f"{'-':>6}")
+                     + (f"  {d['alpha_margin']:>8.3f} {d['beta_margin']:>8.3f} {d['decided_edges']:>13.2f}"
+                        + ("  near-tie" if d["near_tie"] else "") if d else ""))
     if "runs" in metrics:  # the single-task baseline: one run per task
         lines += ["", f"wrote {out}/<task>/ (one run each: {', '.join(metrics['runs'])}) and {out / 'metrics.json'}"]
     else:

@@ -41,6 +41,7 @@ from .topology import (
 )
 
 __all__ = [
+    "first_removals",
     "flow_based_reduction",
     "flow_scores",
     "random_reduction",
@@ -135,8 +136,9 @@ def _initial_flow_matrix(gamma: np.ndarray, alpha: np.ndarray, beta: np.ndarray)
     )
 
 
-def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity):
-    """Shared set-up and stopping rule; `choose` decides which edge to try next."""
+def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity, removed: list | None = None):
+    """Shared set-up and stopping rule; `choose` decides which edge to try next. ``removed``, if
+    given, receives (Ψ before the removal, flat index of the removed edge) for every removal."""
     g, a, b = _as_task_arrays(gamma, alpha, beta)
     target = _check_target(target_sparsity)
     total_edges = np.count_nonzero(g) + 2 * g.shape[0]
@@ -155,6 +157,8 @@ def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity):
         trial.flat[edge] = 0.0
         if not is_flow_connected(trial):
             break
+        if removed is not None:
+            removed.append((psi, edge))
         psi = trial
     return split_flow_matrix((psi != 0).astype(np.int64))
 
@@ -209,3 +213,28 @@ def random_reduction(gamma, alpha, beta, *, seed, target_sparsity=None):
         return int(candidates[rng.integers(candidates.size)])
 
     return _reduce(gamma, alpha, beta, choose, target_sparsity)
+
+
+def first_removals(gamma, alpha, beta, count: int = 3) -> list[dict]:
+    """How close Algorithm 1's first removals were to ties: for each of the first ``count`` edges
+    that `flow_based_reduction` removes (the same run of the same loop, so the same result), the
+    edge as (i, j) of Ψ, its flow score, and the runner-up's (the next smallest positive score in
+    the same Ψ; None if it was the only candidate).
+
+    Takes the arguments of `flow_based_reduction` and ``count >= 0``. Returns a list of at most
+    ``count`` dicts ``{"edge": [i, j], "score": s, "runner_up": s2 | None}``. Raises as
+    `flow_based_reduction`.
+    """
+    removed: list = []
+    _reduce(gamma, alpha, beta, lambda psi: _first_smallest_positive(flow_scores(psi)), None, removed)
+    out = []
+    for psi, edge in removed[:count]:
+        scores = flow_scores(psi)
+        score = float(scores.flat[edge])
+        rest = scores.copy()
+        rest.flat[edge] = 0.0
+        nxt = _first_smallest_positive(rest)
+        i, j = divmod(edge, psi.shape[1])
+        out.append({"edge": [i, j], "score": score,
+                    "runner_up": None if nxt is None else float(rest.flat[nxt])})
+    return out

@@ -5,7 +5,10 @@ only ``tasks``), ``final`` (held-out metrics, task -> metric -> value), ``consta
 same for each task's best constant predictor), ``primary`` (per task: the kind's primary metric,
 whether higher is better, the model's and the constant's value), ``topology`` (per task D, W, S
 of the reduced network; None or empty for a baseline), ``parameters`` (``supernet``: θ's size;
-``relative_to_backbone``: the deployed parameters over one backbone's), ``train_seconds``; then
+``relative_to_backbone``: the deployed parameters over one backbone's), ``train_seconds``,
+``decisiveness`` (per task, how decisively the search chose its structure,
+`dagc.trainer.decisiveness`; None for a baseline, which does not search), ``baseline_protocol``
+(a baseline's iteration budget: ``finetune`` or ``total``; None for a search); then
 per run ``losses`` (per stage, one entry per logged iteration) and ``test_samples`` (per task),
 under torchrun ``distributed`` (world size, backend, global batch size, each rank's digest, the
 stages whose end found the ranks apart); for the single-task baseline ``runs`` (task -> its run
@@ -25,6 +28,7 @@ from dagc.trainer import distributed
 from dagc.trainer.baselines import parameter_ratio
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData
+from dagc.trainer.decisiveness import network_decisiveness
 from dagc.trainer.kinds import kind_training
 from dagc.trainer.network import count_parameters, network_tensors
 from dagc.trainer.state import Run
@@ -34,17 +38,21 @@ Scores = Mapping[str, Mapping[str, float]]  # task -> metric -> value
 
 
 def metrics(cfg: TrainConfig, spec: dict[str, Any], tasks: Sequence[TaskSpec], final: Scores, constant: Scores,
-            topology: Any, parameters: dict[str, float], seconds: float, **extra: Any) -> dict[str, Any]:
+            topology: Any, parameters: dict[str, float], seconds: float, decisiveness: Any = None,
+            **extra: Any) -> dict[str, Any]:
     """The report of a run (see the module doc for the keys); ``extra`` adds the keys that only
     some runs have. Takes the configuration, the spec as JSON data, the tasks, the held-out and
-    constant-predictor metrics, the topology, the parameter counts and the training time."""
+    constant-predictor metrics, the topology, the parameter counts, the training time and the
+    search's decisiveness (None without a search)."""
     primary = {}
     for t in tasks:
         kind = kind_training(t)
         primary[t.name] = {"metric": kind.primary, "higher_is_better": kind.higher_is_better,
                            "model": final[t.name][kind.primary], "constant": constant[t.name][kind.primary]}
     return {"config": cfg.to_dict(), "spec": spec, "final": final, "constant_baseline": constant,
-            "primary": primary, "topology": topology, "parameters": parameters, "train_seconds": seconds, **extra}
+            "primary": primary, "topology": topology, "parameters": parameters, "train_seconds": seconds,
+            "decisiveness": decisiveness, "baseline_protocol": cfg.baseline_protocol if cfg.baseline else None,
+            **extra}
 
 
 def run_metrics(run: Run, data: MultiTaskData, final: Scores, constant: Scores) -> dict[str, Any]:
@@ -58,8 +66,9 @@ def run_metrics(run: Run, data: MultiTaskData, final: Scores, constant: Scores) 
         extra["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend(),
                                 "global_batch_size": run.cfg.batch_size * distributed.world_size(),
                                 "replica_digests": run.replica_digests, "resynced": run.resynced}
+    decisiveness = None if run.cfg.baseline is not None else network_decisiveness(net)
     return metrics(run.cfg, spec.to_dict(), spec.tasks, final, constant, run.topology, parameters, run.seconds,
-                   **extra)
+                   decisiveness, **extra)
 
 
 def single_task_metrics(cfg: TrainConfig, runs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
