@@ -96,9 +96,7 @@ def load_graph(ckpt_path: str | Path):
     masks_of(ck.tensors, ck.spec)  # refuses an unreduced checkpoint with the command to run
     try:
         net = network_from_checkpoint(ck).eval()
-    except SpecError as e:
-        raise CompileError(str(e)) from None
-    except dagc.errors.CheckpointError as e:
+    except (SpecError, CheckpointError) as e:
         raise CompileError(str(e)) from None
     raw = build_graph(ck.spec, ck.tensors)
     return ck, net, raw, optimize(raw)
