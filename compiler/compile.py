@@ -23,12 +23,14 @@ import dagc
 from dagc import manifest as mf
 from dagc.artifact import load_manifest
 from dagc.checkpoint import load_checkpoint
-from dagc.compiler import aoti, onnx_export, report, tensorrt, verify
+from dagc.compiler import aoti, onnx_export, precision, report, tensorrt, verify
 from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
+from dagc.compiler.quantize import INT8, with_settings
 from dagc.errors import CheckpointError, DataError, SpecError
+from dagc.precisions import is_variant
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
 from dagc.trainer.network import network_from_checkpoint
@@ -113,9 +115,17 @@ def _target(name: str) -> Target:
 
 
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
-                     fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> mf.Manifest:
+                     fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
+                     precisions: str | Sequence[str] = ("fp32",), data_root: str | None = None,
+                     calibration_batches: int = INT8.batches, calibration_seed: int = INT8.seed,
+                     max_metric_drop: float = precision.MAX_METRIC_DROP) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
     from the directory (`dagc.artifact.load_manifest`, so every file is checked once more).
+
+    ``precisions`` beyond fp32 (int8, bf16, fp16) add reduced-precision models checked on the
+    tasks' held-out metrics (`dagc.compiler.precision.check_precisions`, which the other
+    precision options configure): a precision whose primary metric drops by more than
+    ``max_metric_drop`` (relative) on a task, after the int8 fallbacks, is refused (CompileError).
 
     Raises CompileError (unknown target, no GPU for TensorRT, no C++ compiler for aoti, existing --out without force,
     unreduced checkpoint, a task without a path, a model that fails verification) and
@@ -123,6 +133,8 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     record). Nothing is written unless everything verified.
     """
     chosen = _target(target)
+    precisions = precision.parse_precisions(precisions)
+    settings = with_settings(INT8, batches=calibration_batches, seed=calibration_seed)
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
     out = Path(out_dir)
@@ -132,9 +144,11 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     ck, net, raw, graph = load_graph(ckpt_path)
     build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16)
     _onnx_models(build, opset)
+    accuracy = precision.check_precisions(build.files, build.models, ck, graph, precisions, data_root=data_root,
+                                          settings=settings, max_drop=max_metric_drop)
     chosen.add(build)
     manifest = _manifest(ck, raw, graph, build, chosen)
-    manifest = replace(manifest, compile_seconds=round(time.perf_counter() - t0, 3))
+    manifest = replace(manifest, compile_seconds=round(time.perf_counter() - t0, 3), accuracy=accuracy)
     spec = ck.spec
     for t in spec.task_names:
         build.files[report.picture_file(t)] = report.render_task_svg(spec, _task_masks(ck, spec, t), t).encode()
@@ -143,11 +157,12 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
 
 
 def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
-                       fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> dict[str, Any]:
+                       fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
+                       **precision_options: Any) -> dict[str, Any]:
     """`compile_artifact`, returning the manifest as the JSON ``manifest.json`` holds
     (`Manifest.to_dict`). Raises as `compile_artifact`."""
     return compile_artifact(ckpt_path, out_dir, target=target, force=force, fp16=fp16, batches=batches,
-                            opset=opset).to_dict()
+                            opset=opset, **precision_options).to_dict()
 
 
 def _onnx_models(b: _Build, opset: int) -> None:
@@ -224,7 +239,8 @@ def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target
         dagc_version=dagc.__version__, target=mf.PREVIEW if target is None else target.name, spec=spec,
         input=mf.InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
         tasks=tasks, models=typed,
-        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, typed.values()),
+        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()},
+                              [m for m in typed.values() if not is_variant(typed, m.name)]),
         costs=mf.Costs(mf.Cost(**supernet_costs(spec)), mf.Cost(**graph_costs(raw)), mf.Cost(**graph_costs(graph)),
                        {t: mf.Cost(**graph_costs(graph, [t])) for t in spec.task_names}),
         sharing=tuple(mf.SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"])
@@ -267,7 +283,10 @@ def summary(manifest: mf.Manifest) -> str:
     for r in shared_rows:
         lines.append(f"  {r.id}")
     if manifest.models:
-        lines += ["", f"{'model':<24}{'MFLOPs':>10}{'max rel err':>13}"]
+        width = max(24, 2 + max(map(len, manifest.models)))
+        lines += ["", f"{'model':<{width}}{'MFLOPs':>10}{'max rel err':>13}"]
         for name, m in manifest.models.items():
-            lines.append(f"{name:<24}{m.flops / 1e6:>10.2f}{m.verified_max_rel_error:>13.1e}")
+            lines.append(f"{name:<{width}}{m.flops / 1e6:>10.2f}{m.verified_max_rel_error:>13.1e}")
+    if manifest.accuracy is not None:
+        lines += ["", precision.accuracy_table(manifest.accuracy)]
     return "\n".join(lines)

@@ -46,6 +46,7 @@ from dagc.manifest_parts import (
     Verification,
     spec_order,
 )
+from dagc.precisions import Accuracy, is_variant, read_accuracy
 from dagc.routes import ROUTE_MAX_TASKS, cheapest_cover, compute_routes, parse_route_key, route_key
 from dagc.spec import Spec
 
@@ -59,7 +60,8 @@ READABLE_VERSIONS = (1, 2)
 MODEL_FORMATS = ("onnx", "tensorrt", "aoti")
 HINT = "; recompile the artifact"
 _KEYS = ("format", "format_version", "dagc_version", "target", "spec", "input", "tasks", "models", "routes",
-         "files", "costs", "sharing", "topology", "verification", "tensorrt", "compile_seconds")
+         "files", "costs", "sharing", "topology", "verification", "tensorrt", "compile_seconds",
+         "accuracy")
 
 Routes = Mapping[str, Mapping[tuple[str, ...], tuple[str, ...]]]
 
@@ -93,6 +95,7 @@ class Manifest:
     tensorrt: TensorRTSettings | None = None
     files: Mapping[str, FileEntry] = field(default_factory=dict)
     compile_seconds: float | None = None
+    accuracy: Accuracy | None = None
     source: str = field(default="manifest", compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -104,6 +107,9 @@ class Manifest:
         object.__setattr__(self, "routes", _frozen({f: _frozen(r) for f, r in self.routes.items()}))
         object.__setattr__(self, "sharing", tuple(self.sharing))
         problem = self._tasks_problem() or self._models_problem() or self._routes_problem()
+        if problem is None and self.accuracy is not None:
+            problem = self.accuracy.problem(self.spec.task_names, self.models)
+            problem = problem and f"accuracy.{problem}"
         if problem:
             raise ArtifactError(f"{self.source}: {problem}{HINT}")
 
@@ -184,8 +190,9 @@ class Manifest:
         key = tuple(t for t in self.spec.task_names if t in want)
         found = self.routes.get(fmt, {}).get(key)
         if found is None and len(self.spec.task_names) > ROUTE_MAX_TASKS and 1 < len(key) < len(self.tasks):
-            found = cheapest_cover(key, [m for m in self.models.values() if m.format == fmt], self.spec.task_names,
-                                   self.task_inputs())
+            found = cheapest_cover(key, [m for m in self.models.values()
+                                         if m.format == fmt and not is_variant(self.models, m.name)],
+                                   self.spec.task_names, self.task_inputs())
         if found is None:
             raise ArtifactError(f"no {fmt} model of the artifact computes tasks {list(key)}{HINT}")
         return found
@@ -206,6 +213,8 @@ class Manifest:
             "tensorrt": None if self.tensorrt is None else self.tensorrt.to_dict()}
         if self.compile_seconds is not None:
             d["compile_seconds"] = self.compile_seconds
+        if self.accuracy is not None:
+            d["accuracy"] = self.accuracy.to_dict()
         return d
 
     def to_json(self) -> str:
@@ -249,7 +258,8 @@ class Manifest:
             verification=Verification.read(o.child("verification")),
             tensorrt=o.optional("tensorrt", lambda k: TensorRTSettings.read(o.child(k))),
             files={n: FileEntry.read(f) for n, f in o.children("files").items()},
-            compile_seconds=o.optional("compile_seconds", o.number), source=source)
+            compile_seconds=o.optional("compile_seconds", o.number), accuracy=read_accuracy(o, "accuracy"),
+            source=source)
 
     @classmethod
     def from_json(cls, text: str, source: str = "manifest") -> Manifest:

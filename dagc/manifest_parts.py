@@ -13,6 +13,7 @@ from typing import Any
 
 from dagc.errors import ArtifactError, DataError
 from dagc.jsonfields import Fields
+from dagc.precisions import PRECISIONS
 from dagc.preprocessing import Preprocessing
 from dagc.spec import Spec, TaskSpec
 
@@ -21,7 +22,6 @@ __all__ = ["PREVIEW", "spec_order", "INPUT_DTYPES", "PRECISIONS", "Cost", "Costs
 
 PREVIEW = "none"  # the target of `dagc inspect CHECKPOINT`'s manifest: nothing compiled, no models
 INPUT_DTYPES = ("float32",)
-PRECISIONS = ("fp32", "fp16")
 BATCH = "batch"  # the dynamic batch axis of every shape in the manifest
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
@@ -235,7 +235,9 @@ class TaskInfo:
 
 _FORMAT_FIELDS = {"onnx": ("opset",), "tensorrt": ("precision", "batches", "built_from"),
                   "aoti": ("torch_version", "batch_range", "built_from")}
-_OPTIONAL = {"tensorrt": ("opset",)}  # a plan's entry copies its ONNX model's
+# a plan's entry copies its ONNX model's opset; a reduced-precision ONNX file (dagc.precisions)
+# records its precision and the fp32 file it was made from
+_OPTIONAL = {"tensorrt": ("opset",), "onnx": ("precision", "built_from")}
 
 
 @dataclass(frozen=True)

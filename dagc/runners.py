@@ -3,15 +3,15 @@ verification uses.
 
 `Runner` is what every execution back end offers: the input names it reads, the output (task)
 names it computes, and ``run(feeds, outputs=None)``, numpy arrays in and out. Implemented here for
-ONNX Runtime (`OrtRunner`) and TensorRT plans (`TrtRunner`), in `dagc.compiler.runners` for the
+ONNX Runtime (`OrtRunner`), OpenVINO Runtime (`OvRunner`) and TensorRT plans (`TrtRunner`), in `dagc.compiler.runners` for the
 masked supernet, the lowered module and AOTInductor packages, and in `dagc.runtime.torch_backend`
 for the PyTorch interpreter of the emitted ONNX. `compare` runs a runner and a reference on the
 same inputs and refuses outputs that differ by more than a tolerance relative to the output scale
 (`relative_error`).
 
 These sit in the core because both the compiler (which verifies with them) and the runtime (which
-serves with them) need them, and neither may import the other. ``onnxruntime``, ``tensorrt`` and
-``torch`` are imported only when a runner that needs them is created: the core imports without
+serves with them) need them, and neither may import the other. ``onnxruntime``, ``openvino``,
+``tensorrt`` and ``torch`` are imported only when a runner that needs them is created: the core imports without
 them.
 """
 
@@ -25,7 +25,7 @@ import numpy as np
 
 from dagc.errors import CompileError, DagcError, RunnerError
 
-__all__ = ["Runner", "OrtRunner", "TrtRunner", "compare", "relative_error", "ort_providers", "session_options",
+__all__ = ["Runner", "OrtRunner", "OvRunner", "TrtRunner", "openvino_unavailable", "compare", "relative_error", "ort_providers", "session_options",
            "tensorrt_unavailable"]
 
 
@@ -108,6 +108,63 @@ class OrtRunner:
         others)."""
         names = self.outputs if outputs is None else outputs
         return dict(zip(names, self.session.run(names, feeds)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# OpenVINO
+
+OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # dagc precision -> OpenVINO INFERENCE_PRECISION_HINT
+
+
+def openvino_unavailable(precision: str = "fp32") -> str | None:
+    """None when OpenVINO can run ``precision`` (fp32, or bf16 where the CPU has bf16 support)
+    here; otherwise why not, in one sentence."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return "backend 'openvino' needs the openvino package; install dagc[cpu] (or pip install openvino)"
+    if precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return "this CPU has no bf16 support in OpenVINO (no AVX512-BF16 / AMX); use precision 'fp32'"
+    return None
+
+
+class OvRunner:
+    """An ONNX model compiled by OpenVINO Runtime for the CPU.
+
+    Takes the serialized ONNX model, the intra-op thread count (None: OpenVINO's default) and the
+    precision: ``fp32`` (INFERENCE_PRECISION_HINT f32, OpenVINO's own default on bf16-capable CPUs
+    being bf16) or ``bf16``. Each calling thread gets its own infer request, so `run` is
+    thread-safe. Raises RunnerError if OpenVINO cannot read or compile the model.
+    """
+
+    def __init__(self, model: bytes, *, threads: int | None = None, precision: str = "fp32") -> None:
+        import io
+
+        import openvino as ov
+
+        if precision not in OV_PRECISIONS:
+            raise RunnerError(f"OpenVINO runs precisions {list(OV_PRECISIONS)}, not {precision!r}")
+        config = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision]}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            core = ov.Core()
+            self.compiled = core.compile_model(core.read_model(io.BytesIO(model)), "CPU", config)
+        except RuntimeError as e:
+            raise RunnerError(f"OpenVINO could not compile the model: {str(e).splitlines()[0]}") from None
+        self.inputs = tuple(i.get_any_name() for i in self.compiled.inputs)
+        self.outputs = tuple(o.get_any_name() for o in self.compiled.outputs)
+        self.local = threading.local()
+
+    def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """See `Runner.run`; reads the model's inputs from ``feeds``."""
+        request = getattr(self.local, "request", None)
+        if request is None:
+            request = self.local.request = self.compiled.create_infer_request()
+        names = self.outputs if outputs is None else tuple(outputs)
+        result = request.infer({i: feeds[i] for i in self.inputs})
+        by_name = {o.get_any_name(): o for o in self.compiled.outputs}
+        return {t: np.array(result[by_name[t]], dtype=np.float32) for t in names}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from dagc.errors import ArtifactError, RunnerError
-from dagc.runners import OrtRunner, Runner, TrtRunner, tensorrt_unavailable
+from dagc.runners import OrtRunner, OvRunner, Runner, TrtRunner, openvino_unavailable, tensorrt_unavailable
 from dagc.runtime.torch_backend import TorchRunner
 
-BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch")
+BACKENDS = ("auto", "onnxruntime", "tensorrt", "torch", "openvino")
 
 __all__ = ["BACKENDS", "resolve_backend", "make_runner", "unavailable"]
 
@@ -42,18 +42,29 @@ def resolve_backend(backend: str, formats: Collection[str], artifact_dir: Path) 
         except ImportError:
             raise ArtifactError("backend 'onnxruntime' needs the onnxruntime package; install dagc[cpu] "
                                 "(or onnxruntime-gpu)") from None
-    if backend in ("onnxruntime", "torch") and "onnx" not in formats:
+    if backend == "openvino":
+        reason = openvino_unavailable()
+        if reason:
+            raise ArtifactError(reason)
+    if backend in ("onnxruntime", "torch", "openvino") and "onnx" not in formats:
         raise ArtifactError(f"{artifact_dir} has no ONNX models; recompile it with dagc compile")
     return backend
 
 
-def make_runner(backend: str, data: bytes, name: str, info: Mapping[str, Any], threads: int | None) -> Runner:
+def make_runner(backend: str, data: bytes, name: str, info: Mapping[str, Any], threads: int | None, *,
+                bf16: bool = False) -> Runner:
     """The runner of model file ``name`` (its verified bytes ``data`` and manifest entry ``info``)
     on a resolved ``backend``: an ONNX Runtime session (GPU providers first when present, CPU
-    fallback; ``threads`` intra-op threads), the torch interpreter, or the TensorRT plan (profile
-    from ``info["batches"]``). Raises ArtifactError for a model the backend cannot load."""
+    fallback; ``threads`` intra-op threads), OpenVINO on the CPU (f32 inference precision, bf16
+    when ``bf16``), the torch interpreter, or the TensorRT plan (profile from
+    ``info["batches"]``). Raises ArtifactError for a model the backend cannot load."""
     if backend == "onnxruntime":
         return OrtRunner(data, threads=threads)
+    if backend == "openvino":
+        try:
+            return OvRunner(data, threads=threads, precision="bf16" if bf16 else "fp32")
+        except RunnerError as e:
+            raise ArtifactError(f"{name}: {e}") from None
     if backend == "torch":
         return TorchRunner(data, name)
     try:

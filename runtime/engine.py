@@ -17,6 +17,10 @@ Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, ma
     ``torch.nn.functional`` (`dagc.runtime.torch_backend`). An artifact holds no checkpoint, so
     this is how the lowered computation is reproduced in PyTorch; it is stateless and runs under
     ``torch.inference_mode``.
+``openvino``
+    OpenVINO Runtime on the CPU reading the artifact's ``.onnx`` files, at f32 inference precision
+    (OpenVINO's own default on bf16-capable CPUs is bf16); at bf16 only with ``precision="bf16"``,
+    which needs an artifact that records a passed bf16 check (``dagc compile --precision bf16``).
 ``auto``
     ``tensorrt`` when the artifact has plans and a CUDA GPU with TensorRT is present, else
     ``onnxruntime``.
@@ -24,7 +28,9 @@ Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, ma
 Every model file's sha256 is checked against the manifest at load (`dagc.artifact.load_manifest`,
 which gives the typed `dagc.manifest.Manifest`) and again when its session is created (lazily, on
 first use, once per file). The models a task subset runs are the routes the compiler recorded in
-the manifest (`dagc.routes`). `Engine.run` is safe to call from many threads at once.
+the manifest (`dagc.routes`), in the precision asked for at load (``precision="int8"``: each
+routed model's int8 form, `dagc.precisions.variant`). `Engine.run` is safe to call from many
+threads at once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
 available, a plan this GPU cannot load) and `InputError` (bad images, unknown tasks, bad
@@ -44,6 +50,7 @@ import numpy as np
 from dagc.artifact import load_manifest, read_verified
 from dagc.errors import ArtifactError, InputError
 from dagc.manifest import Manifest, ModelInfo
+from dagc.precisions import PRECISIONS, REFERENCE, check_loadable, variant
 from dagc.preprocessing import FORMULA
 from dagc.runners import Runner
 from dagc.runtime.backends import BACKENDS, make_runner, resolve_backend
@@ -52,7 +59,7 @@ __all__ = ["load", "Engine", "ArtifactError", "InputError", "BACKENDS"]
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
-         check_values: bool = True) -> Engine:
+         check_values: bool = True, precision: str = REFERENCE) -> Engine:
     """Open a compiled artifact for inference.
 
     Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS`)
@@ -60,18 +67,23 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     ``torch.set_num_threads``, which is process-wide). ``check_values=False`` skips the scan of
     every input value (NaN/inf, far out of the preprocessed range) that `Engine.run` does by
     default; shape, dtype and task checks stay. The scan costs a pass over the batch, which is
-    measurable only for sub-millisecond models (benchmarks/RESULTS.md). Verifies the manifest and every file's
-    sha256 before returning. Raises ArtifactError (missing/tampered/unknown-version artifact,
-    backend unavailable here, e.g. ``tensorrt`` without a GPU or without plans in the artifact) and
-    InputError (unknown backend name, bad ``threads``).
+    measurable only for sub-millisecond models (benchmarks/RESULTS.md). ``precision`` (fp32,
+    int8, fp16, bf16) picks the models' precision: the artifact must hold it (``dagc compile
+    --precision``); bf16 is OpenVINO's and needs backend ``openvino``. Verifies the manifest and
+    every file's sha256 before returning. Raises ArtifactError (missing/tampered/unknown-version
+    artifact, backend unavailable here, e.g. ``tensorrt`` without a GPU or without plans in the
+    artifact, a precision the artifact lacks) and InputError (unknown backend or precision name,
+    bad ``threads``).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise InputError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer, got {threads!r}")
     d = Path(artifact_dir)
     manifest = load_manifest(d)
-    return Engine(d, manifest, backend, threads, check_values=bool(check_values))
+    return Engine(d, manifest, backend, threads, check_values=bool(check_values), precision=precision)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,11 +117,12 @@ class Engine:
         preprocessing: the same preprocessing, typed (`dagc.preprocessing.Preprocessing` or None).
         manifest: the artifact's manifest (`dagc.manifest.Manifest`, read-only).
         backend: the backend in use (``auto`` resolved).
+        precision: the models' precision (``fp32`` unless asked for at `load`).
         artifact_dir: the directory.
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, backend: str, threads: int | None, *,
-                 check_values: bool = True) -> None:
+                 check_values: bool = True, precision: str = REFERENCE) -> None:
         self.artifact_dir = artifact_dir
         self.check_values = check_values
         self.manifest = manifest
@@ -127,6 +140,9 @@ class Engine:
         self.backend = self._resolve(backend, models)
         self._format = "tensorrt" if self.backend == "tensorrt" else "onnx"
         self._models = {n: m for n, m in models.items() if m.info["format"] == self._format}
+        check_loadable(manifest.accuracy, {n: manifest.models[n] for n in self._models}, precision, self.backend,
+                       f"{artifact_dir} ({self._format} models)")
+        self.precision = precision
         self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
@@ -137,7 +153,8 @@ class Engine:
             torch.set_num_threads(threads)
 
     def __repr__(self) -> str:
-        return f"Engine({str(self.artifact_dir)!r}, backend={self.backend!r}, tasks={list(self.tasks)})"
+        return (f"Engine({str(self.artifact_dir)!r}, backend={self.backend!r}, precision={self.precision!r}, "
+                f"tasks={list(self.tasks)})")
 
     # ------------------------------------------------------------------ backend choice
     def _resolve(self, backend: str, models: Mapping[str, _Model]) -> str:
@@ -169,7 +186,10 @@ class Engine:
 
     def _choose(self, want: frozenset) -> tuple[_Model, ...]:
         try:
-            return tuple(self._models[name] for name in self.manifest.route(self._format, want))
+            names = self.manifest.route(self._format, want)
+            if self.precision not in (REFERENCE, "bf16"):  # bf16 runs the fp32 files
+                names = tuple(variant(self.manifest.models, n, self.precision) for n in names)
+            return tuple(self._models[name] for name in names)
         except ArtifactError as e:
             raise ArtifactError(f"{self.artifact_dir}, backend {self.backend!r}: {e}") from None
 
@@ -182,7 +202,8 @@ class Engine:
                 r = self._runners.get(model.name)
                 if r is None:
                     data = self.read_verified(model.name)
-                    r = make_runner(self.backend, data, model.name, model.info, self._threads)
+                    r = make_runner(self.backend, data, model.name, model.info, self._threads,
+                                    bf16=self.precision == "bf16")
                     self._runners[model.name] = r
         return r
 

@@ -248,12 +248,12 @@ def _save_npy(tmp: str, y: np.ndarray) -> None:
 
 
 def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-               tasks: Iterable[str] | str | None = None, backend: str = "auto") -> list[Path]:
+               tasks: Iterable[str] | str | None = None, backend: str = "auto", precision: str = "fp32") -> list[Path]:
     """``dagc run``: run an artifact on image files and write every output; returns the paths written.
 
     Takes the artifact directory, the image files (PNG/JPEG/.npy; see `read_image`), the output
-    directory, the tasks (names, or one comma-separated string; default all) and the backend.
-    All images go through the model as one batch; when each task has its own input, the same
+    directory, the tasks (names, or one comma-separated string; default all), the backend and
+    the models' precision (`dagc.runtime.load`). All images go through the model as one batch; when each task has its own input, the same
     images are fed to every selected task's input. Outputs are named after each file's stem (a
     repeated stem gets ``_2``, ``_3``...) and written by `save_outputs`.
 
@@ -264,7 +264,7 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     files = [Path(p) for p in paths]
     if not files:
         raise InputError("no image files given; pass PNG, JPEG or .npy files")
-    engine = load(artifact_dir, backend)
+    engine = load(artifact_dir, backend, precision=precision)
     names = engine._task_list(tasks)  # validate before reading any image
     batch = np.stack([read_image(p, engine.input_spec) for p in files])
     if engine.shared_input:

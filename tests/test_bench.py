@@ -38,7 +38,7 @@ def result(artifact):
 def test_every_variant_at_every_batch_with_consistent_flops(result):
     tasks = [t.name for t in DENSE]
     names = {"supernet", "masked", "naive_onnx", "shared", *(f"{k}:{t}" for t in tasks for k in ("task", "bare", "unchecked"))}
-    assert names == set(result["variants"]) - {"bare:shared"}
+    assert names == set(result["variants"]) - {"bare:shared", "openvino"}  # openvino: tools/bench_precision.py
     v = result["variants"]
     assert v["supernet"]["flops"] > v["masked"]["flops"] >= v["shared"]["flops"]
     assert v["naive_onnx"]["flops"] == v["masked"]["flops"]

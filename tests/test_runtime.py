@@ -196,7 +196,7 @@ def test_unknown_manifest_version_is_refused(shared, tmp_path):
 
 
 def test_backend_names_and_availability(shared):
-    assert BACKENDS == ("auto", "onnxruntime", "tensorrt", "torch")
+    assert BACKENDS == ("auto", "onnxruntime", "tensorrt", "torch", "openvino")
     with pytest.raises(InputError, match="unknown backend 'tflite'"):
         load(shared[0], "tflite")
     with pytest.raises(InputError, match="threads"):

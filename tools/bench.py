@@ -79,6 +79,7 @@ from dagc.errors import BenchError, DagcError
 from dagc.manifest import Manifest, TaskMasks
 from dagc.runners import OrtRunner, Runner, compare
 from dagc.runtime import Engine, load
+from dagc.tools import bench_precision
 from dagc.tools.bench_report import format_table, plot, write_json
 from dagc.tools.bench_system import Memory, latency_stats, machine
 from dagc.tools.naive_export import NaiveRunner, naive_export
@@ -231,6 +232,7 @@ class _Bench:
         self.add("shared", "(d) compiled shared model, runtime", self._engine(None), costs.shared.to_dict())
         for t in self.tasks:
             self.add(f"task:{t}", f"(e) compiled {t} model, runtime", self._engine(t), costs.per_task[t].to_dict())
+        bench_precision.add_variants(self, _EngineRunner, costs.shared.to_dict())  # int8, fp16, OpenVINO
         if bare and self.engines[None].backend == "onnxruntime":
             self.add("bare:shared", "compiled shared model, bare ONNX Runtime session", self._bare(None),
                      costs.shared.to_dict())
@@ -350,7 +352,8 @@ class _Bench:
             entry = self.results[str(b)]
             for k in keys:
                 entry["variants"][k].update(latency_stats(times[k], b))
-            entry["ratios"] = _ratios(entry["variants"], self.variants, self.tasks)
+            entry["ratios"] = {**_ratios(entry["variants"], self.variants, self.tasks),
+                               **bench_precision.ratios(entry["variants"])}
 
     def result(self, checkpoint: Path, warmup: int, min_reps: int, min_seconds: float) -> dict[str, Any]:
         """The JSON-able result (see `benchmark`)."""
@@ -367,6 +370,7 @@ class _Bench:
             "variants": self.variants,
             "naive_export": self.export_info,
             "batches": self.results,
+            "precision_metrics": bench_precision.metric_deltas(self.manifest),
         }
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dagc.checkpoint import write_atomic
+from dagc.tools.bench_precision import table_lines
 
 __all__ = ["format_table", "write_json", "plot"]
 
@@ -38,7 +39,8 @@ def format_table(result: dict[str, Any]) -> str:
                 s += f", {v['latency_vs_bare']:.2f} of bare ({v['unchecked_vs_bare']:.2f} unchecked)"
             task_parts.append(s)
         lines.append("  one task via runtime: " + "; ".join(task_parts))
-    return "\n".join(lines)
+        lines += table_lines(result, r)
+    return "\n".join(lines + table_lines(result))
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:

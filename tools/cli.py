@@ -109,12 +109,24 @@ def train(out, resume, quiet, **options) -> None:
 @click.option("--fp16", is_flag=True, help="TensorRT: build fp16 plans.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True,
               help="TensorRT: batch sizes the optimisation profile covers.")
-def compile(checkpoint, target, out, force, fp16, batch) -> None:
+@click.option("--precision", "precision", default="fp32", show_default=True,
+              help="Comma-separated precisions: fp32 (always built, the reference), int8 (QDQ ONNX), bf16 "
+                   "(OpenVINO), fp16 (ONNX for TensorRT/CUDA); each checked on the tasks' held-out metrics.")
+@click.option("--calibration-batches", "calibration_batches", type=int, default=8, show_default=True,
+              help="int8: batches of the run's training data that calibrate the activation ranges.")
+@click.option("--calibration-seed", "calibration_seed", type=int, default=0, show_default=True,
+              help="int8: seed that draws the calibration batches.")
+@click.option("--max-metric-drop", "max_metric_drop", type=float, default=0.01, show_default=True,
+              help="Refuse a precision whose primary metric drops by more than this (relative) on a task.")
+@click.option("--data-root", "data_root", type=str, default=None,
+              help="Directory of the run's on-disk dataset (for calibration and the accuracy check).")
+def compile(checkpoint, target, out, force, fp16, batch, **precision_options) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
     from dagc.compiler.compile import compile_artifact, summary
 
     manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16,
-                                batches=_int_list("--batch", batch))
+                                batches=_int_list("--batch", batch), precisions=precision_options.pop("precision"),
+                                **precision_options)
     click.echo(summary(manifest))
     click.echo(f"\nwrote {out} (compiled and verified in {manifest.compile_seconds:.1f} s)")
 
@@ -174,15 +186,18 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: all).")
-@click.option("--backend", default="auto", show_default=True, help="auto, onnxruntime, tensorrt or torch.")
+@click.option("--backend", default="auto", show_default=True,
+              help="auto, onnxruntime, tensorrt, torch or openvino.")
+@click.option("--precision", default="fp32", show_default=True,
+              help="Models' precision: fp32, int8, fp16 (files the artifact holds) or bf16 (backend openvino).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the outputs (.npy, pictures, top-k JSON).")
-def run(artifact, images, tasks, backend, out) -> None:
+def run(artifact, images, tasks, backend, precision, out) -> None:
     """Run a compiled artifact on PNG/JPEG/.npy images and write each task's output."""
     from dagc.runtime.images import run_images
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    written = run_images(artifact, list(images), out, tasks=task_list, backend=backend)
+    written = run_images(artifact, list(images), out, tasks=task_list, backend=backend, precision=precision)
     click.echo(f"wrote {len(written)} files to {out}")
 
 

@@ -3,6 +3,8 @@ predictor (the floor every metric is compared with)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+
 import numpy as np
 import torch
 
@@ -10,6 +12,32 @@ from dagc.spec import Spec
 from dagc.trainer.datasets import MultiTaskData, Split
 from dagc.trainer.kinds import constant_prediction, task_meter
 from dagc.trainer.network import CentralNetwork
+
+# What `score` runs: (task names, a batch of their input) -> task -> prediction (numpy).
+Predict = Callable[[Sequence[str], np.ndarray], Mapping[str, np.ndarray]]
+
+
+def score(spec: Spec, split: Split, predict: Predict, tasks: Sequence[str] | None = None,
+          batch_size: int = 256) -> dict[str, dict[str, float]]:
+    """Metrics of ``tasks`` (default: all) on ``split`` (task -> metric -> value) of any model:
+    ``predict(task_names, x)`` returns the predictions for a batch ``x`` of the split's inputs
+    (the shared input, or with one input per task the named task's). The network (`evaluate`),
+    the compiled models and their reduced-precision forms (`dagc.compiler.precision`) are all
+    scored through this one loop. Raises DataError when a task has nothing valid to score."""
+    names = list(spec.task_names if tasks is None else tasks)
+    meters = {t: task_meter(spec.task(t)) for t in names}
+    if spec.shared_input:
+        n = split.size(names[0])
+        for s in range(0, n, batch_size):
+            out = predict(names, split.inputs[s:s + batch_size])
+            for t in names:
+                meters[t].update(np.asarray(out[t], dtype=np.float32), split.targets[t][s:s + batch_size])
+    else:
+        for t in names:
+            for s in range(0, split.size(t), batch_size):
+                out = predict([t], split.inputs[t][s:s + batch_size])
+                meters[t].update(np.asarray(out[t], dtype=np.float32), split.targets[t][s:s + batch_size])
+    return {t: meters[t].result() for t in names}
 
 
 @torch.no_grad()
@@ -19,20 +47,13 @@ def evaluate(net: CentralNetwork, split: Split, batch_size: int = 256,
     Raises DataError when a task has nothing valid to score."""
     net.eval()
     spec = net.spec
-    meters = {t.name: task_meter(t) for t in spec.tasks}
-    if spec.shared_input:
-        n = split.size(spec.tasks[0].name)
-        for s in range(0, n, batch_size):
-            out = net(torch.from_numpy(split.inputs[s:s + batch_size]).to(device))
-            for t in spec.tasks:
-                meters[t.name].update(out[t.name].float().cpu().numpy(), split.targets[t.name][s:s + batch_size])
-    else:
-        for t in spec.tasks:
-            for s in range(0, split.size(t.name), batch_size):
-                x = torch.from_numpy(split.inputs[t.name][s:s + batch_size]).to(device)
-                out = net(x[None], tasks=[t.name])[t.name]
-                meters[t.name].update(out.float().cpu().numpy(), split.targets[t.name][s:s + batch_size])
-    return {k: m.result() for k, m in meters.items()}
+
+    def predict(tasks: Sequence[str], x: np.ndarray) -> dict[str, np.ndarray]:
+        xt = torch.from_numpy(x).to(device)
+        out = net(xt) if spec.shared_input else net(xt[None], tasks=list(tasks))
+        return {t: out[t].float().cpu().numpy() for t in tasks}
+
+    return score(spec, split, predict, batch_size=batch_size)
 
 
 def constant_baselines(spec: Spec, data: MultiTaskData) -> dict[str, dict[str, float]]:

@@ -1,0 +1,238 @@
+"""Reduced precisions at compile time, checked on the tasks (``dagc compile --precision``).
+
+fp32 is always built: it is the reference. For each other precision every fp32 ONNX model of the
+artifact (the shared model and each task's) gets its reduced form, which is run on the run's
+held-out split and scored with the project's metrics (`dagc.trainer.evaluation.score`, the loop
+`dagc train` evaluates with) next to the fp32 model on ONNX Runtime:
+
+``int8``  QDQ ONNX files (`dagc.compiler.quantize`), calibrated on the run's training data; if a
+          task's primary metric drops by more than ``max_drop`` (relative), the fallbacks
+          (`dagc.compiler.quantize.FALLBACKS`: keep the first convs, then the heads' last convs,
+          then both in fp32) are tried in order and the first that passes is kept and recorded.
+``bf16``  no files: OpenVINO running the fp32 ONNX files with bf16 inference precision.
+``fp16``  fp16 ONNX files (onnxconverter-common, float32 inputs and outputs), for TensorRT / CUDA;
+          checked with ONNX Runtime on the CPU.
+
+A precision that fails every attempt stops the compile with a CompileError naming the task, the
+metric and the drop, before anything is written. The checks become the manifest's ``accuracy``
+(`dagc.precisions.Accuracy`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from dagc.compiler.quantize import (
+    FALLBACKS,
+    INT8,
+    Int8Settings,
+    calibration_feeds,
+    convert_fp16,
+    excluded_nodes,
+    load_run_data,
+    quantize_int8,
+)
+from dagc.errors import CompileError, RunnerError
+from dagc.precisions import (
+    PRECISIONS,
+    REFERENCE,
+    Accuracy,
+    Calibration,
+    ModelCheck,
+    PrecisionCheck,
+    relative_drop,
+    variant_file,
+)
+from dagc.runners import OrtRunner, OvRunner, Runner, openvino_unavailable, relative_error
+from dagc.trainer.evaluation import score
+from dagc.trainer.kinds import PRIMARY
+
+__all__ = ["MAX_METRIC_DROP", "parse_precisions", "check_precisions", "accuracy_table"]
+
+MAX_METRIC_DROP = 0.01  # relative, per task's primary metric
+
+
+def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"fp32,int8"`` (or a sequence) -> the precisions in `PRECISIONS` order, fp32 always
+    included. Raises CompileError for an unknown one."""
+    names = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    unknown = [p for p in names if p not in PRECISIONS]
+    if unknown:
+        raise CompileError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
+                           f"{list(PRECISIONS)}")
+    return tuple(p for p in PRECISIONS if p == REFERENCE or p in names)
+
+
+class _Scored:
+    """A model run over the held-out split: its metrics, and its worst relative error against a
+    reference runner on the same batches (when given)."""
+
+    def __init__(self, spec, split, runner: Runner, tasks: Sequence[str], reference: Runner | None = None) -> None:
+        self.max_rel_error = 0.0
+
+        def predict(names: Sequence[str], x: np.ndarray) -> dict[str, np.ndarray]:
+            feeds = {i: x for i in runner.inputs}  # other tasks' inputs only feed outputs not read
+            out = runner.run(feeds, list(names))
+            if reference is not None:
+                ref = reference.run(feeds, list(names))
+                self.max_rel_error = max(self.max_rel_error, *(relative_error(out[t], ref[t]) for t in names))
+            return out
+
+        raw = score(spec, split, predict, tasks=tasks, batch_size=64)
+        # JSON has no NaN: a metric with nothing to average (no valid pixel) is left out
+        self.metrics = {t: {k: float(v) for k, v in m.items() if math.isfinite(v)} for t, m in raw.items()}
+
+
+def _drops(metrics: Mapping[str, Mapping[str, float]], ref: Mapping[str, Mapping[str, float]],
+           primary: Mapping[str, tuple[str, bool]]) -> dict[str, float]:
+    out = {}
+    for t, m in metrics.items():
+        key, higher = primary[t]
+        if key in m and key in ref[t]:
+            out[t] = relative_drop(ref[t][key], m[key], higher)
+    return out
+
+
+def _worst(drop: Mapping[str, float]) -> tuple[str, float]:
+    return max(drop.items(), key=lambda kv: kv[1]) if drop else ("", -math.inf)
+
+
+def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]], ck, graph,
+                     precisions: Sequence[str], *, data_root: str | None = None, settings: Int8Settings = INT8,
+                     max_drop: float = MAX_METRIC_DROP) -> Accuracy | None:
+    """Add the reduced-precision forms of the fp32 ONNX models in ``files`` / ``models`` (model
+    file -> manifest entry, JSON form) and return the accuracy record (None when only fp32 is
+    asked for: no data is read then).
+
+    Takes the checkpoint (its recorded configuration names the data; ``data_root`` replaces the
+    recorded root of an on-disk dataset), the optimised IR, the precisions (`parse_precisions`),
+    the int8 settings and the allowed relative drop of each task's primary metric. Raises
+    CompileError when a precision fails its check (after the int8 fallbacks) or cannot run here,
+    ConfigError / DataError when the data cannot be read.
+    """
+    wanted = [p for p in parse_precisions(precisions) if p != REFERENCE]
+    if not wanted:
+        return None
+    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
+        raise CompileError(f"--max-metric-drop must be a fraction in [0, 1), got {max_drop!r}")
+    if "bf16" in wanted:
+        reason = openvino_unavailable("bf16")
+        if reason:
+            raise CompileError(f"--precision bf16: {reason}")
+    data = load_run_data(ck, data_root)
+    spec = ck.spec
+    split = data.test
+    primary = {t.name: PRIMARY[t.kind] for t in spec.tasks}
+    fp32_names = [n for n, m in models.items() if m["format"] == "onnx"]
+    runners = {n: OrtRunner(files[n], device="cpu") for n in fp32_names}
+    ref = {n: _Scored(spec, split, runners[n], models[n]["tasks"]).metrics for n in fp32_names}
+    checks = {REFERENCE: PrecisionCheck("onnxruntime", {n: ModelCheck(n, ref[n], {}) for n in fp32_names})}
+    for p in wanted:
+        if p == "int8":
+            checks[p] = _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_drop, primary)
+        elif p == "bf16":
+            checks[p] = _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary)
+        else:
+            checks[p] = _fp16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary)
+    return Accuracy(data.name, "test", {t: split.size(t) for t in spec.task_names}, primary, float(max_drop), checks)
+
+
+def _refuse(p: str, name: str, metrics, ref, drop, primary, max_drop: float, tried: str) -> CompileError:
+    task, d = _worst(drop)
+    key = primary[task][0]
+    return CompileError(f"{p}: task {task!r}: {key} drops {d:.2%} relative on {name} (fp32 {ref[name][task][key]:.4g}, "
+                        f"{p} {metrics[task][key]:.4g}; allowed {max_drop:.2%}){tried}; nothing was written: raise "
+                        f"--max-metric-drop or compile without {p}")
+
+
+def _add(files, models, name: str, p: str, data: bytes, err: float) -> str:
+    out = variant_file(name, p)
+    opset = next((o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx")),
+                 models[name].get("opset"))
+    files[out] = data
+    models[out] = {**models[name], "precision": p, "built_from": name, "verified_max_rel_error": err, "opset": opset}
+    return out
+
+
+def _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_drop, primary) -> PrecisionCheck:
+    spec = graph.spec
+    feeds = calibration_feeds(data, list(graph.inputs), {t: graph.task_input(t) for t in spec.task_names}, settings)
+    out = {}
+    for name in fp32_names:
+        proto = onnx.load_from_string(files[name])
+        best = None
+        tried: list[str] = []
+        seen: set[tuple[str, ...]] = set()
+        for fallback in FALLBACKS:
+            exclude = tuple(excluded_nodes(proto, fallback))
+            if exclude in seen:
+                continue  # e.g. a model whose first convs are its heads' last convs
+            seen.add(exclude)
+            tried.append(fallback)
+            q = quantize_int8(files[name], feeds, settings=settings, exclude=exclude)
+            scored = _Scored(spec, data.test, OrtRunner(q, device="cpu"), models[name]["tasks"], runners[name])
+            drop = _drops(scored.metrics, ref[name], primary)
+            if best is None or _worst(drop)[1] < _worst(best[2])[1]:
+                best = (q, scored, drop, fallback)
+            if _worst(drop)[1] <= max_drop:
+                break
+        q, scored, drop, fallback = best
+        if _worst(drop)[1] > max_drop:
+            raise _refuse("int8", name, scored.metrics, ref, drop, primary, max_drop,
+                          f" with every fallback ({', '.join(tried)}; best: {fallback})")
+        file = _add(files, models, name, "int8", q, scored.max_rel_error)
+        out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, fallback)
+    calibration = Calibration(settings.activations, settings.weights, settings.method, settings.per_channel,
+                              settings.preprocess, settings.batches, settings.batch_size, settings.seed)
+    return PrecisionCheck("onnxruntime", out, calibration)
+
+
+def _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary) -> PrecisionCheck:
+    out = {}
+    for name in fp32_names:
+        try:
+            runner = OvRunner(files[name], precision="bf16")
+        except RunnerError as e:
+            raise CompileError(f"bf16: {name}: {e}") from None
+        scored = _Scored(spec, split, runner, models[name]["tasks"], runners[name])
+        drop = _drops(scored.metrics, ref[name], primary)
+        if _worst(drop)[1] > max_drop:
+            raise _refuse("bf16", name, scored.metrics, ref, drop, primary, max_drop, " (OpenVINO bf16)")
+        out[name] = ModelCheck(name, scored.metrics, drop, scored.max_rel_error)
+    return PrecisionCheck("openvino", out)
+
+
+def _fp16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary) -> PrecisionCheck:
+    out = {}
+    for name in fp32_names:
+        half = convert_fp16(files[name])
+        scored = _Scored(spec, split, OrtRunner(half, device="cpu"), models[name]["tasks"], runners[name])
+        drop = _drops(scored.metrics, ref[name], primary)
+        if _worst(drop)[1] > max_drop:
+            raise _refuse("fp16", name, scored.metrics, ref, drop, primary, max_drop, " (ONNX Runtime, CPU)")
+        file = _add(files, models, name, "fp16", half, scored.max_rel_error)
+        out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error)
+    return PrecisionCheck("onnxruntime", out)
+
+
+def accuracy_table(accuracy: Accuracy) -> str:
+    """The accuracy check as text: per reduced precision and model, each task's primary metric
+    at fp32 and at that precision, the relative drop and the fallback used."""
+    ref = accuracy.precisions[REFERENCE].models
+    lines = [f"accuracy on the tasks ({accuracy.dataset}, {accuracy.split} split; allowed drop "
+             f"{accuracy.max_metric_drop:.1%} relative)",
+             f"{'precision':<10}{'model':<28}{'task':<14}{'metric':<12}{'fp32':>9}{'value':>9}{'drop':>8}  fallback"]
+    for p, check in accuracy.precisions.items():
+        if p == REFERENCE:
+            continue
+        for name, c in check.models.items():
+            for t, d in c.drop.items():
+                key = accuracy.primary[t][0]
+                lines.append(f"{p:<10}{c.file:<28}{t:<14}{key:<12}{ref[name].metrics[t][key]:>9.4f}"
+                             f"{c.metrics[t][key]:>9.4f}{d:>+8.2%}  {c.fallback or '-'}")
+    return "\n".join(lines)

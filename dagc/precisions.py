@@ -1,0 +1,269 @@
+"""Reduced precisions of an artifact: which model files are variants of which, and the accuracy
+check on the tasks that every reduced precision passed (the manifest's optional ``accuracy``).
+
+A *variant* is a model file computed from another model of the same format at another precision
+(``model.int8.onnx``, built from ``model.onnx``), or a file built from a variant (a TensorRT INT8
+plan built from ``model.int8.onnx``). Routes (`dagc.routes`) are computed over the models that are
+not variants; a precision's models are the route's models mapped to their variant of that
+precision (`variant`). bf16 has no files: it is OpenVINO running the fp32 ONNX files with bf16
+inference precision, allowed only where the manifest records a passed bf16 check.
+
+``accuracy`` in ``manifest.json`` (`Accuracy`)::
+
+    dataset, split, samples {task: n}, max_metric_drop (relative)
+    primary   task -> {metric, higher_is_better}
+    precisions  precision -> {runner, calibration (int8: `Calibration`) or null,
+                models: fp32 model file -> {file, fallback, metrics {task: {metric: value}},
+                                            drop {task: relative drop of the primary metric},
+                                            max_rel_error (against the fp32 file, held-out inputs)}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Protocol
+
+from dagc.errors import ArtifactError
+from dagc.jsonfields import Fields
+
+__all__ = ["PRECISIONS", "REFERENCE", "FILE_PRECISIONS", "Calibration", "ModelCheck", "PrecisionCheck", "Accuracy",
+           "precision_of", "is_variant", "variant", "variant_file", "relative_drop"]
+
+PRECISIONS = ("fp32", "int8", "bf16", "fp16")
+REFERENCE = "fp32"  # the precision every other one is checked against
+FILE_PRECISIONS = ("int8", "fp16")  # precisions with their own model files (bf16 runs the fp32 files)
+RUNNERS = ("onnxruntime", "openvino")
+
+
+class _Model(Protocol):
+    name: str
+    format: str
+    precision: str | None
+    built_from: str | None
+
+
+def precision_of(model: _Model) -> str:
+    """A model's precision (``fp32`` when the manifest records none)."""
+    return model.precision or REFERENCE
+
+
+def is_variant(models: Mapping[str, _Model], name: str) -> bool:
+    """Whether model ``name`` is another precision's form of a model of the same format, or built
+    from one (module docstring)."""
+    seen = set()
+    m = models[name]
+    while m.built_from is not None and m.built_from in models and m.name not in seen:
+        seen.add(m.name)
+        parent = models[m.built_from]
+        if parent.format == m.format or is_variant(models, parent.name):
+            return True
+        m = parent
+    return False
+
+
+def _root(models: Mapping[str, _Model], name: str) -> str:
+    """The model a chain of ``built_from`` starts from (the fp32 ONNX file)."""
+    seen = set()
+    while models[name].built_from in models and name not in seen:
+        seen.add(name)
+        name = models[name].built_from
+    return name
+
+
+def variant(models: Mapping[str, _Model], name: str, precision: str) -> str:
+    """The file that computes what model ``name`` computes, at ``precision`` and in its format
+    (``name`` itself when it has that precision). Raises ArtifactError when there is none."""
+    m = models[name]
+    if precision_of(m) == precision:
+        return name
+    root = _root(models, name)
+    for other in models.values():
+        if (other.format == m.format and precision_of(other) == precision and is_variant(models, other.name)
+                and _root(models, other.name) == root):
+            return other.name
+    raise ArtifactError(f"the artifact has no {precision} form of {name}; recompile it with "
+                        f"dagc compile --precision fp32,{precision}")
+
+
+def variant_file(name: str, precision: str) -> str:
+    """The file name of the ``precision`` form of fp32 model file ``name`` (``model.int8.onnx``)."""
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{precision}.{ext}"
+
+
+def relative_drop(reference: float, value: float, higher_is_better: bool) -> float:
+    """How much worse ``value`` is than ``reference``, relative to |reference| (negative: better)."""
+    worse = reference - value if higher_is_better else value - reference
+    return worse / max(abs(reference), 1e-12)
+
+
+def _frozen(d: Mapping) -> Mapping:
+    return MappingProxyType(dict(d))
+
+
+def _metrics(o: Fields, key: str) -> dict[str, dict[str, float]]:
+    return {t: {k: f.number(k) for k in f.d} for t, f in o.children(key).items()}
+
+
+def _bool(o: Fields, key: str) -> bool:
+    v = o.get(key)
+    if not isinstance(v, bool):
+        raise o.fail(key, "true or false", v)
+    return v
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How int8 activation ranges were calibrated: ONNX Runtime's settings and the data drawn."""
+
+    activations: str
+    weights: str
+    method: str
+    per_channel: bool
+    preprocess: bool
+    batches: int
+    batch_size: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"activations": self.activations, "weights": self.weights, "method": self.method,
+                "per_channel": self.per_channel, "preprocess": self.preprocess, "batches": self.batches,
+                "batch_size": self.batch_size, "seed": self.seed}
+
+    @classmethod
+    def read(cls, o: Fields) -> Calibration:
+        o.only("activations", "weights", "method", "per_channel", "preprocess", "batches", "batch_size", "seed")
+        return cls(o.string("activations"), o.string("weights"), o.string("method"), _bool(o, "per_channel"),
+                   _bool(o, "preprocess"), o.integer("batches", 1), o.integer("batch_size", 1), o.integer("seed"))
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """One model's check: the ``file`` that ran, the ``fallback`` used (int8; None otherwise), its
+    held-out ``metrics`` (task -> metric -> value), the relative ``drop`` of each task's primary
+    metric against the fp32 file (empty for fp32 itself) and its ``max_rel_error`` against it."""
+
+    file: str
+    metrics: Mapping[str, Mapping[str, float]]
+    drop: Mapping[str, float]
+    max_rel_error: float = 0.0
+    fallback: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "metrics", _frozen({t: _frozen(m) for t, m in self.metrics.items()}))
+        object.__setattr__(self, "drop", _frozen(self.drop))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "fallback": self.fallback, "max_rel_error": self.max_rel_error,
+                "metrics": {t: dict(m) for t, m in self.metrics.items()}, "drop": dict(self.drop)}
+
+    @classmethod
+    def read(cls, o: Fields) -> ModelCheck:
+        o.only("file", "fallback", "metrics", "drop", "max_rel_error")
+        drop = o.child("drop")
+        return cls(o.string("file"), _metrics(o, "metrics"), {t: drop.number(t) for t in drop.d},
+                   o.number("max_rel_error"), o.optional("fallback", o.string))
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """One precision's check: the ``runner`` it ran on, its ``models`` (fp32 model file -> check),
+    and for int8 the ``calibration``."""
+
+    runner: str
+    models: Mapping[str, ModelCheck]
+    calibration: Calibration | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models", _frozen(dict(sorted(self.models.items()))))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"runner": self.runner, "models": {n: c.to_dict() for n, c in self.models.items()},
+                "calibration": None if self.calibration is None else self.calibration.to_dict()}
+
+    @classmethod
+    def read(cls, o: Fields) -> PrecisionCheck:
+        o.only("runner", "models", "calibration")
+        return cls(o.string("runner", RUNNERS), {n: ModelCheck.read(f) for n, f in o.children("models").items()},
+                   o.optional("calibration", lambda k: Calibration.read(o.child(k))))
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """The accuracy check on the tasks (module docstring): the data it ran on, each task's primary
+    metric (name, whether higher is better), the allowed relative drop and every precision's check
+    (fp32 included: the reference)."""
+
+    dataset: str
+    split: str
+    samples: Mapping[str, int]
+    primary: Mapping[str, tuple[str, bool]]
+    max_metric_drop: float
+    precisions: Mapping[str, PrecisionCheck]
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "primary", "precisions"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "split": self.split, "samples": dict(self.samples),
+                "primary": {t: {"metric": m, "higher_is_better": h} for t, (m, h) in self.primary.items()},
+                "max_metric_drop": self.max_metric_drop,
+                "precisions": {p: c.to_dict() for p, c in self.precisions.items()}}
+
+    @classmethod
+    def read(cls, o: Fields) -> Accuracy:
+        o.only("dataset", "split", "samples", "primary", "max_metric_drop", "precisions")
+        samples = o.child("samples")
+        primary = {t: (f.string("metric"), _bool(f, "higher_is_better")) for t, f in o.children("primary").items()}
+        return cls(o.string("dataset"), o.string("split"), {t: samples.integer(t) for t in samples.d}, primary,
+                   o.number("max_metric_drop"),
+                   {p: PrecisionCheck.read(f) for p, f in o.children("precisions").items()})
+
+    def problem(self, task_names, models: Mapping[str, _Model]) -> str | None:
+        """What disagrees with the manifest's tasks and models, as ``field ...``; None if nothing."""
+        if REFERENCE not in self.precisions:
+            return f"precisions must include the reference {REFERENCE!r}"
+        if set(self.primary) != set(task_names):
+            return f"primary must name every task {list(task_names)}"
+        for p, check in self.precisions.items():
+            if p not in PRECISIONS:
+                return f"precisions has unknown precision {p!r} (known: {list(PRECISIONS)})"
+            for ref, c in check.models.items():
+                where = f"precisions[{p!r}].models[{ref!r}]"
+                if ref not in models or c.file not in models:
+                    return f"{where} names a file that is not a model of the manifest"
+                if set(c.metrics) - set(task_names) or set(c.drop) - set(task_names):
+                    return f"{where} has metrics of tasks that are not the spec's"
+        return None
+
+    def passed(self, precision: str) -> bool:
+        """Whether ``precision`` was checked (a compile records only the checks that passed)."""
+        return precision in self.precisions
+
+
+def read_accuracy(o: Fields, key: str) -> Accuracy | None:
+    """The optional ``accuracy`` field (absent in artifacts compiled before it existed)."""
+    return o.optional(key, lambda k: Accuracy.read(o.child(k)))
+
+
+def check_loadable(accuracy: Accuracy | None, models: Mapping[str, _Model], precision: str, backend: str,
+                   where: str) -> None:
+    """Refuse (ArtifactError, one sentence) a ``precision`` the artifact cannot run on ``backend``:
+    an unknown one, int8/fp16 without such files, bf16 off OpenVINO or without a passed check."""
+    if precision not in PRECISIONS:
+        raise ArtifactError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    have = sorted({REFERENCE, *(precision_of(m) for m in models.values()),
+                   *(accuracy.precisions if accuracy is not None else ())})
+    if precision == "bf16":
+        if backend != "openvino":
+            raise ArtifactError(f"precision 'bf16' runs on backend 'openvino' (OpenVINO's bf16 inference "
+                                f"precision), not {backend!r}")
+        if accuracy is None or not accuracy.passed("bf16"):
+            raise ArtifactError(f"{where} records no passed bf16 accuracy check (precisions {have}); recompile "
+                                "it with dagc compile --precision fp32,bf16")
+    elif precision != REFERENCE and not any(precision_of(m) == precision for m in models.values()):
+        raise ArtifactError(f"{where} has no {precision} models (precisions {have}); recompile it with "
+                            f"dagc compile --precision fp32,{precision}")
