@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -187,9 +188,7 @@ def _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_dr
                           f" with every fallback ({', '.join(tried)}; best: {fallback})")
         file = _add(files, models, name, "int8", q, scored.max_rel_error)
         out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, fallback)
-    calibration = Calibration(settings.activations, settings.weights, settings.method, settings.per_channel,
-                              settings.preprocess, settings.batches, settings.batch_size, settings.seed)
-    return PrecisionCheck("onnxruntime", out, calibration)
+    return PrecisionCheck("onnxruntime", out, Calibration(**asdict(settings)))
 
 
 def _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary) -> PrecisionCheck:

@@ -8,17 +8,23 @@ configuration are recorded in the checkpoint), drawn by a seeded generator, so t
 and seed give byte-identical QDQ files (tests/test_precision.py).
 
 The settings (`INT8`) were chosen by measurement on the default synthetic run's shared model
-(2-core AVX512 CPU, ONNX Runtime 1.32, 1 thread, batch 8, 512 held-out scenes; see
-benchmarks/RESULTS.md "Reduced precision"):
+(2-core AMD EPYC, ONNX Runtime 1.32, 1 thread, batch 8, 8 calibration batches of 16, 512
+held-out scenes; 2026-12-01; machine shared with other jobs, so the times are +-15%):
 
-- activations QUInt8 vs QInt8: QUInt8 (u8 activations x s8 weights is the VNNI fast path of
-  ONNX Runtime's CPU kernels); QInt8 activations measured slower (see RESULTS.md).
-- calibration MinMax vs Entropy vs Percentile: MinMax kept every task's primary metric within
-  0.5% relative on that run and is the fastest to calibrate; Percentile (99.999) and Entropy
-  were no better on the task metrics and take several times longer to calibrate.
-- `quant_pre_process` (symbolic shape inference + ORT basic optimisation) before quantizing:
-  no measurable change in speed or metrics on these graphs (they are already folded), so it is
-  off: one step less, and node names stay those of the emitted graph (the fallbacks name nodes).
+    activations  method      pre-process  calibrate  p50 (fp32 3.14 ms)  worst primary-metric drop
+    QUInt8       MinMax      no           0.6 s      2.30 ms (1.36x)     +0.05% (normal)
+    QInt8        MinMax      no           0.6 s      5.94 ms (0.53x)     +0.05%
+    QUInt8       MinMax      yes          1.2 s      2.35 ms (1.33x)     +0.05%
+    QUInt8       Entropy     no           1.1 s      2.54 ms (1.23x)     +0.05%
+    QUInt8       Percentile  no           1.0 s      2.48 ms (1.27x)     +0.07%
+
+- activations QUInt8: u8 activations x s8 weights is the fast path of ONNX Runtime's x86 int8
+  kernels; QInt8 activations run slower than fp32 here.
+- calibration MinMax: Entropy and Percentile were no better on the task metrics and calibrate
+  about twice as long (the speed differences between them are within the noise).
+- no `quant_pre_process` (symbolic shape inference + ORT optimisation): no change in speed or
+  metrics on these already folded graphs, and without it the node names stay those of the
+  emitted graph, which the fallbacks name.
 
 Fallbacks (`FALLBACKS`, tried in order by `dagc.compiler.precision` when a task's metric drops
 too much): ``none`` quantizes every Conv; ``first-conv`` keeps the convs that read a model input
@@ -61,11 +67,6 @@ class Int8Settings:
     batches: int = 8
     batch_size: int = 16
     seed: int = 0
-
-    def to_dict(self) -> dict:
-        return {"activations": self.activations, "weights": self.weights, "method": self.method,
-                "per_channel": self.per_channel, "preprocess": self.preprocess, "batches": self.batches,
-                "batch_size": self.batch_size, "seed": self.seed}
 
 
 INT8 = Int8Settings()

@@ -182,3 +182,16 @@ def test_bench_shows_the_precisions_side_by_side_with_the_metric_deltas(art, tra
     assert set(result["precision_metrics"]["int8"]) == set(TASKS)
     text = format_table(result)
     assert "vs fp32 shared model: shared:int8" in text and "task metrics of the shared model" in text
+
+
+def test_train_input_size_is_recorded_and_rebuilds_the_same_data(tmp_path, capsys):
+    from dagc.errors import ConfigError
+    from dagc.trainer.batches import load_data
+
+    cfg = TrainConfig(input_size=(16, 24), n_train=4, n_test=2)
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert load_data(cfg).train.inputs.shape[-2:] == (16, 24)
+    with pytest.raises(ConfigError, match="input_size must be two positive integers"):
+        TrainConfig(input_size=(16,))
+    code, cap = _cli(capsys, "train", "--out", tmp_path / "r", "--input-size", "64")
+    assert code == 2 and "input_size must be two positive integers" in cap.err and not (tmp_path / "r").exists()

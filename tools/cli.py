@@ -41,6 +41,8 @@ def cli() -> None:
               help=f"Central network preset: {', '.join(PRESETS)} (default: the dataset's: {DEFAULT_PRESETS}).")
 @click.option("--tasks", type=str, default=None, help="Comma-separated task names (default: all the dataset's).")
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
+@click.option("--input-size", "input_size", type=str, default=None,
+              help="HxW of the data (e.g. 64x64; default: the dataset's own, 32x32 for synthetic).")
 @click.option("--warmup-iters", type=int, default=None)
 @click.option("--search-iters", type=int, default=None)
 @click.option("--finetune-iters", type=int, default=None)
@@ -92,6 +94,8 @@ def train(out, resume, quiet, **options) -> None:
     else:
         if "tasks" in given:
             given["tasks"] = tuple(t.strip() for t in given["tasks"].split(",") if t.strip())
+        if "input_size" in given:
+            given["input_size"] = _int_list("--input-size", given["input_size"].lower().replace("x", ","))
         metrics = run_training(TrainConfig(**given), out, progress=not quiet)
     if distributed.is_main():  # under torchrun every rank returns the metrics; one summary
         click.echo(train_summary(metrics, out))

@@ -19,7 +19,7 @@ def load_data(cfg: TrainConfig) -> datasets.MultiTaskData:
     unknown names and for missing or malformed files of an on-disk dataset."""
     try:
         return datasets.load_dataset(cfg.dataset, tasks=cfg.tasks, seed=cfg.seed, n_train=cfg.n_train,
-                                     n_test=cfg.n_test, root=cfg.data_root)
+                                     n_test=cfg.n_test, root=cfg.data_root, input_size=cfg.input_size)
     except ValueError as e:  # DataError, or a stray ValueError of numpy / Pillow: one line for the user
         raise DataError(str(e)) from None
 

@@ -64,6 +64,7 @@ class TrainConfig:
     log_every: int = 10
     n_train: int | None = None
     n_test: int | None = None
+    input_size: tuple[int, int] | None = None  # (H, W) of the data; None: the dataset's own
     # Speed only; the defaults train exactly as before. amp: autocast dtype of the forward pass
     # (bf16 on CPU or CUDA, fp16 with gradient scaling on CUDA only).
     amp: str = "none"
@@ -78,6 +79,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.tasks is not None:
             object.__setattr__(self, "tasks", tuple(self.tasks))
+        if isinstance(self.input_size, list):  # JSON gives a list
+            object.__setattr__(self, "input_size", tuple(self.input_size))
         if isinstance(self.ablations, (list, tuple)):
             object.__setattr__(self, "ablations", tuple(self.ablations))
         if isinstance(self.data_root, os.PathLike):  # stored as text: the config is JSON metadata
@@ -120,6 +123,10 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 2):
                 raise ConfigError(f"{name} must be an integer >= 2, got {v!r}")
+        size = self.input_size
+        if size is not None and (not isinstance(size, tuple) or len(size) != 2
+                                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):
+            raise ConfigError(f"input_size must be two positive integers (H, W), e.g. 64x64, got {size!r}")
 
     def _validate_schedule(self) -> None:
         if self.flow_constant is not None and (not isinstance(self.flow_constant, int) or self.flow_constant < 1):
@@ -217,6 +224,7 @@ class TrainConfig:
         d = asdict(self)
         d["tasks"] = list(self.tasks) if self.tasks is not None else None
         d["ablations"] = list(self.ablations)
+        d["input_size"] = None if self.input_size is None else list(self.input_size)
         return d
 
     @classmethod
