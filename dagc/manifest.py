@@ -108,6 +108,7 @@ class Manifest:
         object.__setattr__(self, "sharing", tuple(self.sharing))
         problem = self._tasks_problem() or self._models_problem() or self._routes_problem()
         if problem is None and self.accuracy is not None:
+            object.__setattr__(self, "accuracy", self.accuracy.in_order(self.spec.task_names))
             problem = self.accuracy.problem(self.spec.task_names, self.models)
             problem = problem and f"accuracy.{problem}"
         if problem:

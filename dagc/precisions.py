@@ -21,7 +21,7 @@ inference precision, allowed only where the manifest records a passed bf16 check
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
@@ -238,6 +238,17 @@ class Accuracy:
                 if set(c.metrics) - set(task_names) or set(c.drop) - set(task_names):
                     return f"{where} has metrics of tasks that are not the spec's"
         return None
+
+    def in_order(self, task_names) -> Accuracy:
+        """The same record with every task-keyed mapping in ``task_names`` order (JSON sorts keys;
+        the spec's task order is what readers show)."""
+        def order(d: Mapping) -> dict:
+            return {**{t: d[t] for t in task_names if t in d}, **d}
+
+        checks = {p: replace(c, models={n: replace(m, metrics=order(m.metrics), drop=order(m.drop))
+                                        for n, m in c.models.items()})
+                  for p, c in self.precisions.items()}
+        return replace(self, samples=order(self.samples), primary=order(self.primary), precisions=checks)
 
     def passed(self, precision: str) -> bool:
         """Whether ``precision`` was checked (a compile records only the checks that passed)."""

@@ -182,6 +182,15 @@ def test_bench_shows_the_precisions_side_by_side_with_the_metric_deltas(art, tra
     assert set(result["precision_metrics"]["int8"]) == set(TASKS)
     text = format_table(result)
     assert "vs fp32 shared model: shared:int8" in text and "task metrics of the shared model" in text
+    from dagc.tools.demo import summary
+
+    text = summary(trained.parent, art, result)
+    assert "faster than the unpruned supernet" in text and "shared:int8" in text
+    rows = [line.split()[0] for line in text.splitlines() if line.strip().split(" ")[0] in TASKS]
+    assert rows == list(TASKS)  # spec order, though manifest.json sorts its keys
+    only = benchmark(art, trained, batches=(1,), backend="onnxruntime", threads=1, warmup=0, min_reps=1,
+                     min_seconds=0, bare=False, precisions=["int8"])
+    assert {k for k in only["variants"] if k.startswith(("shared:", "openvino"))} == {"shared:int8", "openvino:int8"}
 
 
 def test_train_input_size_is_recorded_and_rebuilds_the_same_data(tmp_path, capsys):

@@ -120,7 +120,7 @@ def _check_pair(manifest: Manifest, ck, artifact_dir: Path, checkpoint: Path) ->
 def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
               batches: Sequence[int] = (1, 8, 32), backend: str = "auto", threads: int | None = None,
               warmup: int = 5, min_reps: int = 20, min_seconds: float = 1.0, device: str = "cpu",
-              bare: bool = True, seed: int = 0) -> dict[str, Any]:
+              bare: bool = True, seed: int = 0, precisions: Sequence[str] | None = None) -> dict[str, Any]:
     """Measure (a)-(e) (see the module docstring) side by side for each batch size; returns a
     JSON-able dict: ``machine``, ``config``, ``variants`` (per variant: label, FLOPs, MACs and
     parameters per image, held parameters, build memory), ``batches`` (str(batch) -> ``variants``
@@ -131,7 +131,8 @@ def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
     ``intra_op_num_threads``; None: the libraries' defaults), warm-up calls per variant, the
     minimum repetitions and seconds per batch size, the device of the PyTorch variants and of the
     naive export's session (``cpu`` or ``cuda``), whether to time bare ONNX Runtime sessions of the
-    compiled files, and the seed of the random inputs.
+    compiled files, the seed of the random inputs, and the precisions to time beside fp32
+    (`dagc.tools.bench_precision`; None: every one the artifact has).
 
     Raises BenchError (see the module docstring), the engine's ArtifactError for a missing or
     tampered artifact, CheckpointError for an unreadable checkpoint.
@@ -161,7 +162,7 @@ def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
         torch.set_num_threads(int(threads))
     try:
         run = _Bench(manifest, ck, artifact_dir, sorted(batches), backend, threads, device, seed)
-        run.build_all(bare)
+        run.build_all(bare, precisions)
         run.time_all(warmup, min_reps, min_seconds, seed)
         return run.result(checkpoint, warmup, min_reps, min_seconds)
     finally:
@@ -219,7 +220,7 @@ class _Bench:
         self.engines: dict[str | None, Engine] = {}
 
     # ------------------------------------------------------------------ building
-    def build_all(self, bare: bool) -> None:
+    def build_all(self, bare: bool, precisions: Sequence[str] | None = None) -> None:
         """Build (a)-(e), check the naive export, then the bare sessions and unchecked engines
         (only when the engine's backend is onnxruntime)."""
         costs = self.manifest.costs
@@ -232,7 +233,7 @@ class _Bench:
         self.add("shared", "(d) compiled shared model, runtime", self._engine(None), costs.shared.to_dict())
         for t in self.tasks:
             self.add(f"task:{t}", f"(e) compiled {t} model, runtime", self._engine(t), costs.per_task[t].to_dict())
-        bench_precision.add_variants(self, _EngineRunner, costs.shared.to_dict())  # int8, fp16, OpenVINO
+        bench_precision.add_variants(self, _EngineRunner, costs.shared.to_dict(), precisions)  # int8, OpenVINO...
         if bare and self.engines[None].backend == "onnxruntime":
             self.add("bare:shared", "compiled shared model, bare ONNX Runtime session", self._bare(None),
                      costs.shared.to_dict())

@@ -15,11 +15,12 @@ Ratios (``ratios["precisions"]``): ``speedup_vs_fp32`` = p50(shared) / p50(varia
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from dagc.errors import BenchError
 from dagc.manifest import Manifest
-from dagc.precisions import REFERENCE, precision_of
+from dagc.precisions import PRECISIONS, REFERENCE, precision_of
 from dagc.runners import Runner, openvino_unavailable
 from dagc.runtime import Engine, load
 
@@ -48,10 +49,18 @@ def variants(manifest: Manifest, resolved_backend: str) -> dict[str, tuple[str, 
     return out
 
 
-def add_variants(bench: Any, engine_runner: Callable[[Engine, None], Runner], costs: dict[str, Any]) -> None:
+def add_variants(bench: Any, engine_runner: Callable[[Engine, None], Runner], costs: dict[str, Any],
+                 precisions: Sequence[str] | None = None) -> None:
     """Add the variants to a running `dagc.tools.bench` benchmark (``bench.add``, like the other
-    variants); ``engine_runner(engine, None)`` wraps an engine as the runner of all its tasks."""
+    variants); ``engine_runner(engine, None)`` wraps an engine as the runner of all its tasks.
+    ``precisions``: only the variants of these (None: all). Raises BenchError for an unknown one."""
+    unknown = sorted(set(precisions or ()) - set(PRECISIONS))
+    if unknown:
+        raise BenchError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
+                         f"{list(PRECISIONS)}")
     for key, (backend, p) in variants(bench.manifest, bench.engines[None].backend).items():
+        if precisions is not None and p not in precisions:
+            continue
         def build(backend: str = backend, p: str = p) -> tuple[Runner, int]:
             eng = load(bench.artifact_dir, backend, threads=bench.threads, precision=p)
             entry = bench.manifest.models.get(eng.model_for(None))

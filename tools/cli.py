@@ -215,14 +215,18 @@ def run(artifact, images, tasks, backend, precision, out) -> None:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the results here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Write latency against batch size here (PNG).")
-def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path) -> None:
+@click.option("--precision", "precision", default=None,
+              help="Comma-separated precisions to time beside fp32 (int8, fp16, bf16; OpenVINO f32 counts as fp32; "
+                   "default: every one the artifact has).")
+def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path, precision) -> None:
     """Latency, throughput and FLOPs of the compiled models against the supernets, side by side."""
     from dagc.tools import bench as runtime_bench
 
     if threads is not None and threads < 1:
         raise DagcError(f"--threads must be a positive integer, got {threads}")
+    precisions = None if precision is None else [p.strip() for p in precision.split(",") if p.strip()]
     result = runtime_bench.benchmark(artifact, checkpoint, batches=_int_list("--batch", batch), backend=backend,
-                                     threads=threads)
+                                     threads=threads, precisions=precisions)
     click.echo(runtime_bench.format_table(result))
     if json_path is not None:
         runtime_bench.write_json(result, json_path)

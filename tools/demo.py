@@ -31,7 +31,7 @@ def summary(run_dir: Path, artifact_dir: Path, bench: dict[str, Any]) -> str:
         lines.append(f"task metrics, shared model, {acc.dataset} held-out split ({min(acc.samples.values())} samples):")
         lines.append(f"  {'task':<14}{'metric':<12}{'fp32':>9}" + "".join(f"{p:>9}{'drop':>8}" for p in acc.precisions
                                                                        if p != "fp32"))
-        for t, (key, higher) in acc.primary.items():
+        for t, (key, higher) in acc.primary.items():  # spec order
             row = f"  {t:<14}{key + (' ↑' if higher else ' ↓'):<12}{ref[t][key]:>9.4f}"
             for p, check in acc.precisions.items():
                 if p != "fp32":
