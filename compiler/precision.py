@@ -13,6 +13,9 @@ held-out split and scored with the project's metrics (`dagc.trainer.evaluation.s
 ``fp16``  fp16 ONNX files (onnxconverter-common, float32 inputs and outputs), for TensorRT / CUDA;
           checked with ONNX Runtime on the CPU.
 
+When OpenVINO is installed the int8 files are also scored on it (``int8-openvino``); that check
+is recorded only if it passes, and the runtime runs int8 on OpenVINO only then.
+
 A precision that fails every attempt stops the compile with a CompileError naming the task, the
 metric and the drop, before anything is written. The checks become the manifest's ``accuracy``
 (`dagc.precisions.Accuracy`).
@@ -40,6 +43,7 @@ from dagc.compiler.quantize import (
 )
 from dagc.errors import CompileError, RunnerError
 from dagc.precisions import (
+    OPENVINO,
     PRECISIONS,
     REFERENCE,
     Accuracy,
@@ -136,6 +140,9 @@ def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]],
     for p in wanted:
         if p == "int8":
             checks[p] = _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_drop, primary)
+            on_ov = _on_openvino(files, models, checks[p], runners, ref, split, spec, max_drop, primary)
+            if on_ov is not None:
+                checks[p + OPENVINO] = on_ov
         elif p == "bf16":
             checks[p] = _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary)
         else:
@@ -189,6 +196,26 @@ def _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_dr
         file = _add(files, models, name, "int8", q, scored.max_rel_error)
         out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, fallback)
     return PrecisionCheck("onnxruntime", out, Calibration(**asdict(settings)))
+
+
+def _on_openvino(files, models, check: PrecisionCheck, runners, ref, split, spec, max_drop,
+                 primary) -> PrecisionCheck | None:
+    """``check``'s files scored on OpenVINO (f32 inference precision); None when OpenVINO is not
+    installed or a task's metric drops too much there (the runtime then refuses that pairing)."""
+    if openvino_unavailable() is not None:
+        return None
+    out = {}
+    for name, c in check.models.items():
+        try:
+            runner = OvRunner(files[c.file])
+        except RunnerError:
+            return None
+        scored = _Scored(spec, split, runner, models[name]["tasks"], runners[name])
+        drop = _drops(scored.metrics, ref[name], primary)
+        if _worst(drop)[1] > max_drop:
+            return None
+        out[name] = ModelCheck(c.file, scored.metrics, drop, scored.max_rel_error, c.fallback)
+    return PrecisionCheck("openvino", out, check.calibration)
 
 
 def _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary) -> PrecisionCheck:

@@ -6,7 +6,9 @@ A *variant* is a model file computed from another model of the same format at an
 plan built from ``model.int8.onnx``). Routes (`dagc.routes`) are computed over the models that are
 not variants; a precision's models are the route's models mapped to their variant of that
 precision (`variant`). bf16 has no files: it is OpenVINO running the fp32 ONNX files with bf16
-inference precision, allowed only where the manifest records a passed bf16 check.
+inference precision, allowed only where the manifest records a passed bf16 check. Likewise the
+int8 / fp16 files run on OpenVINO only where their check on OpenVINO passed (``int8-openvino``):
+OpenVINO executes QDQ graphs with its own kernels, so its metrics are checked, not assumed.
 
 ``accuracy`` in ``manifest.json`` (`Accuracy`)::
 
@@ -28,12 +30,14 @@ from typing import Any, Protocol
 from dagc.errors import ArtifactError
 from dagc.jsonfields import Fields
 
-__all__ = ["PRECISIONS", "REFERENCE", "FILE_PRECISIONS", "Calibration", "ModelCheck", "PrecisionCheck", "Accuracy",
+__all__ = ["PRECISIONS", "REFERENCE", "FILE_PRECISIONS", "OPENVINO", "CHECKS", "Calibration", "ModelCheck", "PrecisionCheck", "Accuracy",
            "precision_of", "is_variant", "variant", "variant_file", "relative_drop"]
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 REFERENCE = "fp32"  # the precision every other one is checked against
 FILE_PRECISIONS = ("int8", "fp16")  # precisions with their own model files (bf16 runs the fp32 files)
+OPENVINO = "-openvino"  # suffix of the check of a precision's files run on OpenVINO: "int8-openvino"
+CHECKS = (*PRECISIONS, *(p + OPENVINO for p in FILE_PRECISIONS))
 RUNNERS = ("onnxruntime", "openvino")
 
 
@@ -229,8 +233,8 @@ class Accuracy:
         if set(self.primary) != set(task_names):
             return f"primary must name every task {list(task_names)}"
         for p, check in self.precisions.items():
-            if p not in PRECISIONS:
-                return f"precisions has unknown precision {p!r} (known: {list(PRECISIONS)})"
+            if p not in CHECKS:
+                return f"precisions has unknown precision {p!r} (known: {list(CHECKS)})"
             for ref, c in check.models.items():
                 where = f"precisions[{p!r}].models[{ref!r}]"
                 if ref not in models or c.file not in models:
@@ -267,7 +271,7 @@ def check_loadable(accuracy: Accuracy | None, models: Mapping[str, _Model], prec
     if precision not in PRECISIONS:
         raise ArtifactError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     have = sorted({REFERENCE, *(precision_of(m) for m in models.values()),
-                   *(accuracy.precisions if accuracy is not None else ())})
+                   *(p for p in (accuracy.precisions if accuracy is not None else ()) if p in PRECISIONS)})
     if precision == "bf16":
         if backend != "openvino":
             raise ArtifactError(f"precision 'bf16' runs on backend 'openvino' (OpenVINO's bf16 inference "
@@ -278,3 +282,7 @@ def check_loadable(accuracy: Accuracy | None, models: Mapping[str, _Model], prec
     elif precision != REFERENCE and not any(precision_of(m) == precision for m in models.values()):
         raise ArtifactError(f"{where} has no {precision} models (precisions {have}); recompile it with "
                             f"dagc compile --precision fp32,{precision}")
+    elif precision != REFERENCE and backend == "openvino" and (accuracy is None
+                                                               or not accuracy.passed(precision + OPENVINO)):
+        raise ArtifactError(f"{where} records no passed accuracy check of its {precision} models on OpenVINO "
+                            f"(a compile checks them when openvino is installed); use backend 'onnxruntime'")

@@ -66,6 +66,8 @@ def test_int8_models_are_qdq_and_recorded_with_their_fp32_metrics(art):
         assert max(int8.drop.values()) <= m.accuracy.max_metric_drop
     assert m.accuracy.precisions["int8"].calibration.batches == 2
     assert m.accuracy.precisions["bf16"].runner == "openvino"
+    on_ov = m.accuracy.precisions["int8-openvino"]  # the same int8 files, scored on OpenVINO
+    assert on_ov.runner == "openvino" and on_ov.models["model.onnx"].file == "model.int8.onnx"
     # the routes are the fp32 models' (a variant never replaces its fp32 model there)
     assert all(".int8." not in n and ".fp16." not in n for r in m.routes["onnx"].values() for n in r)
     assert m.accuracy.samples == dict.fromkeys(TASKS, 8)
@@ -134,6 +136,9 @@ def test_runtime_selects_the_precision(art):
         assert b[t].shape == a[t].shape and not np.array_equal(a[t], b[t])
         scale = max(1.0, float(np.abs(a[t]).max()))
         assert float(np.abs(a[t] - b[t]).max()) / scale < 0.5  # int8, not noise
+    assert load(art, backend="openvino", precision="int8").models_for() == ("model.int8.onnx",)
+    with pytest.raises(ArtifactError, match="no passed accuracy check of its fp16 models on OpenVINO"):
+        load(art, backend="openvino", precision="fp16")
     ovb = load(art, backend="openvino", precision="bf16")
     assert ovb.models_for() == ("model.onnx",) and ovb.run(x)["depth"].shape == a["depth"].shape
 
@@ -178,7 +183,7 @@ def test_bench_shows_the_precisions_side_by_side_with_the_metric_deltas(art, tra
     got = result["batches"]["2"]
     for key in ("shared:int8", "shared:fp16", "openvino", "openvino:int8", "openvino:bf16"):
         assert key in got["variants"] and got["ratios"]["precisions"][key]["speedup_vs_fp32"] > 0
-    assert set(result["precision_metrics"]) == {"int8", "bf16", "fp16"}
+    assert set(result["precision_metrics"]) == {"int8", "int8-openvino", "bf16", "fp16"}
     assert set(result["precision_metrics"]["int8"]) == set(TASKS)
     text = format_table(result)
     assert "vs fp32 shared model: shared:int8" in text and "task metrics of the shared model" in text

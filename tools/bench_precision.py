@@ -20,7 +20,7 @@ from typing import Any
 
 from dagc.errors import BenchError
 from dagc.manifest import Manifest
-from dagc.precisions import PRECISIONS, REFERENCE, precision_of
+from dagc.precisions import FILE_PRECISIONS, OPENVINO, PRECISIONS, REFERENCE, precision_of
 from dagc.runners import Runner, openvino_unavailable
 from dagc.runtime import Engine, load
 
@@ -37,11 +37,14 @@ def variants(manifest: Manifest, resolved_backend: str) -> dict[str, tuple[str, 
     if resolved_backend != "onnxruntime":
         return {}
     have = {precision_of(m) for m in manifest.models.values() if m.format == "onnx"}
-    if manifest.accuracy is not None and manifest.accuracy.passed("bf16"):
+    acc = manifest.accuracy
+    if acc is not None and acc.passed("bf16"):
         have.add("bf16")
     out = {}
     for key, (backend, p) in _VARIANTS.items():
         if p not in have or (backend == "onnxruntime" and p == "bf16"):
+            continue
+        if backend == "openvino" and p in FILE_PRECISIONS and (acc is None or not acc.passed(p + OPENVINO)):
             continue
         if backend == "openvino" and openvino_unavailable(p) is not None:
             continue

@@ -29,14 +29,14 @@ def summary(run_dir: Path, artifact_dir: Path, bench: dict[str, Any]) -> str:
     if acc is not None:
         ref = acc.precisions["fp32"].models["model.onnx"].metrics
         lines.append(f"task metrics, shared model, {acc.dataset} held-out split ({min(acc.samples.values())} samples):")
-        lines.append(f"  {'task':<14}{'metric':<12}{'fp32':>9}" + "".join(f"{p:>9}{'drop':>8}" for p in acc.precisions
-                                                                       if p != "fp32"))
+        others = [p for p in acc.precisions if p != "fp32"]
+        lines.append(f"  {'task':<14}{'metric':<12}{'fp32':>9}" + "".join(f"{p:>{max(9, len(p) + 1)}}{'drop':>8}"
+                                                                       for p in others))
         for t, (key, higher) in acc.primary.items():  # spec order
             row = f"  {t:<14}{key + (' ↑' if higher else ' ↓'):<12}{ref[t][key]:>9.4f}"
-            for p, check in acc.precisions.items():
-                if p != "fp32":
-                    c = check.models["model.onnx"]
-                    row += f"{c.metrics[t][key]:>9.4f}{c.drop[t]:>+8.2%}"
+            for p in others:
+                c = acc.precisions[p].models["model.onnx"]
+                row += f"{c.metrics[t][key]:>{max(9, len(p) + 1)}.4f}{c.drop[t]:>+8.2%}"
             lines.append(row)
         lines.append("")
     for b, entry in bench["batches"].items():
