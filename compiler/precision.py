@@ -252,13 +252,13 @@ def accuracy_table(accuracy: Accuracy) -> str:
     ref = accuracy.precisions[REFERENCE].models
     lines = [f"accuracy on the tasks ({accuracy.dataset}, {accuracy.split} split; allowed drop "
              f"{accuracy.max_metric_drop:.1%} relative)",
-             f"{'precision':<10}{'model':<28}{'task':<14}{'metric':<12}{'fp32':>9}{'value':>9}{'drop':>8}  fallback"]
+             f"{'precision':<15}{'model':<28}{'task':<14}{'metric':<12}{'fp32':>9}{'value':>9}{'drop':>8}  fallback"]
     for p, check in accuracy.precisions.items():
         if p == REFERENCE:
             continue
         for name, c in check.models.items():
             for t, d in c.drop.items():
                 key = accuracy.primary[t][0]
-                lines.append(f"{p:<10}{c.file:<28}{t:<14}{key:<12}{ref[name].metrics[t][key]:>9.4f}"
+                lines.append(f"{p:<15}{c.file:<28}{t:<14}{key:<12}{ref[name].metrics[t][key]:>9.4f}"
                              f"{c.metrics[t][key]:>9.4f}{d:>+8.2%}  {c.fallback or '-'}")
     return "\n".join(lines)

@@ -113,9 +113,9 @@ def table_lines(result: dict[str, Any], ratios_of_batch: dict[str, Any] | None =
     if not deltas:
         return []
     lines = ["", "task metrics of the shared model (held-out split, from the compile's accuracy check)",
-             f"  {'precision':<10}{'task':<14}{'metric':<12}{'fp32':>10}{'value':>10}{'drop':>9}"]
+             f"  {'precision':<15}{'task':<14}{'metric':<12}{'fp32':>10}{'value':>10}{'drop':>9}"]
     for p, tasks in deltas.items():
         for t, row in tasks.items():
-            lines.append(f"  {p:<10}{t:<14}{row['metric']:<12}{row['fp32']:>10.4f}{row['value']:>10.4f}"
+            lines.append(f"  {p:<15}{t:<14}{row['metric']:<12}{row['fp32']:>10.4f}{row['value']:>10.4f}"
                          f"{row['drop']:>+9.2%}")
     return lines
