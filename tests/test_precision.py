@@ -209,3 +209,11 @@ def test_train_input_size_is_recorded_and_rebuilds_the_same_data(tmp_path, capsy
         TrainConfig(input_size=(16,))
     code, cap = _cli(capsys, "train", "--out", tmp_path / "r", "--input-size", "64")
     assert code == 2 and "input_size must be two positive integers" in cap.err and not (tmp_path / "r").exists()
+
+
+def test_triton_export_keeps_the_fp32_models(art, tmp_path):
+    from dagc.tools.triton import TritonConfig, export_triton
+
+    routing = export_triton(art, tmp_path / "repo", TritonConfig())
+    sources = {m.get("source") for m in routing["models"].values()} - {None}  # ensembles have none
+    assert "model.onnx" in sources and not any(".int8." in s or ".fp16." in s for s in sources)

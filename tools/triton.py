@@ -40,6 +40,7 @@ from typing import Any
 from dagc.artifact import load_manifest, read_verified, write_tree
 from dagc.errors import ArtifactError, CompileError, ConfigError
 from dagc.manifest import Manifest, ModelInfo
+from dagc.precisions import is_variant
 
 __all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH"]
 
@@ -142,7 +143,8 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
     by_format: dict[str, dict[str, ModelInfo]] = {"onnx": {}, "tensorrt": {}}
     skipped = []
     for fname, info in manifest.models.items():
-        if info.format in SKIPPED_FORMATS:
+        # reduced-precision variants (dagc.precisions) would clash with their fp32 models' names
+        if info.format in SKIPPED_FORMATS or is_variant(manifest.models, fname):
             skipped.append(fname)
         elif info.format not in PLATFORMS:
             raise ArtifactError(f"model {fname!r} has format {info.format!r}, which the Triton export does not "
