@@ -237,6 +237,17 @@ def report_markdown(manifest: Manifest) -> str:
               "for all of them.", ""]
     lines += _table(["node", "state", "tasks", "edges"],
                     [[f"`{r.id}`", r.state, ", ".join(r.tasks), r.edges] for r in manifest.sharing])
+    acc = manifest.accuracy
+    if acc is not None:  # dagc compile --precision: the check of every reduced precision on the tasks
+        lines += ["## Reduced precisions, checked on the tasks", "",
+                  f"Primary metric of each task on the {acc.dataset} {acc.split} split, against the fp32 compiled "
+                  f"model (drop relative; refused above {acc.max_metric_drop:.1%}).", ""]
+        ref = acc.precisions["fp32"].models
+        lines += _table(["precision", "file", "task", "metric", "fp32", "value", "drop", "fallback"],
+                        [[p, f"`{c.file}`", t, acc.primary[t][0], f"{ref[n].metrics[t][acc.primary[t][0]]:.4f}",
+                          f"{c.metrics[t][acc.primary[t][0]]:.4f}", f"{d:+.2%}", c.fallback or "-"]
+                         for p, check in acc.precisions.items() if p != "fp32"
+                         for n, c in check.models.items() for t, d in c.drop.items()])
     pictures = [t for t in tasks if picture_file(t) in manifest.files]
     if pictures:
         lines += ["## Sub-networks", ""]
