@@ -21,7 +21,6 @@ import numpy as np
 
 import dagc
 from dagc import manifest as mf
-from dagc.artifact import load_manifest
 from dagc.checkpoint import load_checkpoint
 from dagc.compiler import aoti, onnx_export, report, tensorrt, verify
 from dagc.compiler.artifact import write_artifact
@@ -29,6 +28,7 @@ from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
 from dagc.errors import CheckpointError, DataError, SpecError
+from dagc.modelcheck import verify_artifact
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
 from dagc.trainer.network import network_from_checkpoint
@@ -90,9 +90,18 @@ def load_graph(ckpt_path: str | Path):
     """Load a reduced checkpoint: (checkpoint, masked supernet, unoptimised IR, optimised IR).
 
     Raises CheckpointError for a missing/truncated/foreign file and CompileError if it is not
-    reduced or a task's masks leave it no path.
+    reduced, a task's masks leave it no path, or it is a run's resumable training state.
     """
     ck = load_checkpoint(ckpt_path)
+    if "progress" in ck.meta:
+        # A state.safetensors holds the model mid-training and no preprocessing record: its
+        # artifact would take un-normalised pixels without a word. The run's model is its checkpoint.
+        progress = ck.json("progress")
+        where = (f" (stage {progress.get('stage')!r}, step {progress.get('step')!r})"
+                 if isinstance(progress, dict) else "")
+        raise CompileError(f"{ckpt_path} is a run's resumable training state{where}, not a model checkpoint; "
+                           "compile the run's checkpoint.safetensors, written when dagc train finishes "
+                           "(continue an interrupted run with dagc train --resume RUN_DIR)")
     masks_of(ck.tensors, ck.spec)  # refuses an unreduced checkpoint with the command to run
     try:
         net = network_from_checkpoint(ck).eval()
@@ -115,7 +124,7 @@ def _target(name: str) -> Target:
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
                      fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
-    from the directory (`dagc.artifact.load_manifest`, so every file is checked once more).
+    from the directory (`dagc.modelcheck.verify_artifact`, so every file is checked once more).
 
     Raises CompileError (unknown target, no GPU for TensorRT, no C++ compiler for aoti, existing --out without force,
     unreduced checkpoint, a task without a path, a model that fails verification) and
@@ -139,7 +148,7 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     for t in spec.task_names:
         build.files[report.picture_file(t)] = report.render_task_svg(spec, _task_masks(ck, spec, t), t).encode()
     write_artifact(out, build.files, manifest, force=force)
-    return load_manifest(out)
+    return verify_artifact(out)
 
 
 def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
@@ -193,12 +202,17 @@ def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
 
 
 def _preprocessing(ck) -> Preprocessing | None:
-    """The checkpoint's preprocessing record, either form (`Preprocessing.from_record`)."""
+    """The checkpoint's preprocessing record, either form (`Preprocessing.from_record`), with one
+    mean and std per input channel (or one for all)."""
     record = ck.json("preprocessing", None)
     try:
-        return None if record is None else Preprocessing.from_record(record)
+        pre = None if record is None else Preprocessing.from_record(record)
     except DataError as e:
         raise CheckpointError(f"the checkpoint's metadata: {e}; retrain or fix the checkpoint") from None
+    if pre is not None and pre.channels not in (1, ck.spec.in_channels):
+        raise CheckpointError(f"{ck.source}: metadata 'preprocessing' has {pre.channels} means and stds for "
+                              f"{ck.spec.in_channels}-channel inputs; retrain or fix the checkpoint")
+    return pre
 
 
 def _tasks(ck, graph: Graph) -> dict[str, mf.TaskInfo]:

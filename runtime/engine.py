@@ -21,9 +21,11 @@ Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, ma
     ``tensorrt`` when the artifact has plans and a CUDA GPU with TensorRT is present, else
     ``onnxruntime``.
 
-Every model file's sha256 is checked against the manifest at load (`dagc.artifact.load_manifest`,
-which gives the typed `dagc.manifest.Manifest`) and again when its session is created (lazily, on
-first use, once per file). The models a task subset runs are the routes the compiler recorded in
+Every model file's sha256 is checked against the manifest at load, and every model file parsed and
+checked against the inputs, outputs, shapes and dtypes its manifest entry declares
+(`dagc.modelcheck.verify_artifact`, which gives the typed `dagc.manifest.Manifest`); the sha256 is
+checked again when its session is created (lazily, on first use, once per file), and the session's
+input and output names against the manifest. The models a task subset runs are the routes the compiler recorded in
 the manifest (`dagc.routes`). `Engine.run` is safe to call from many threads at once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
@@ -34,6 +36,7 @@ so the CLI prints them as one line and exits with code 2.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -41,18 +44,20 @@ from typing import Any
 
 import numpy as np
 
-from dagc.artifact import load_manifest, read_verified
+from dagc.artifact import read_verified
 from dagc.errors import ArtifactError, InputError
 from dagc.manifest import Manifest, ModelInfo
+from dagc.modelcheck import check_io, verify_artifact
 from dagc.preprocessing import FORMULA
 from dagc.runners import Runner
 from dagc.runtime.backends import BACKENDS, make_runner, resolve_backend
+from dagc.runtime.chunks import default_max_batch
 
 __all__ = ["load", "Engine", "ArtifactError", "InputError", "BACKENDS"]
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
-         check_values: bool = True) -> Engine:
+         check_values: bool = True, max_batch: int | None = None) -> Engine:
     """Open a compiled artifact for inference.
 
     Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS`)
@@ -60,18 +65,28 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     ``torch.set_num_threads``, which is process-wide). ``check_values=False`` skips the scan of
     every input value (NaN/inf, far out of the preprocessed range) that `Engine.run` does by
     default; shape, dtype and task checks stay. The scan costs a pass over the batch, which is
-    measurable only for sub-millisecond models (benchmarks/RESULTS.md). Verifies the manifest and every file's
-    sha256 before returning. Raises ArtifactError (missing/tampered/unknown-version artifact,
-    backend unavailable here, e.g. ``tensorrt`` without a GPU or without plans in the artifact) and
-    InputError (unknown backend name, bad ``threads``).
+    measurable only for sub-millisecond models (benchmarks/RESULTS.md). ``max_batch``: the most
+    samples one model call takes; `Engine.run` runs larger batches in chunks of this size
+    (`dagc.runtime.chunks`; default: about 64 MiB of activations per chunk). Verifies the manifest,
+    every file's sha256 and every model file against the manifest before returning. Raises
+    ArtifactError (missing/tampered/unknown-version artifact, a model file that is not the model
+    its manifest entry declares, backend unavailable here, e.g. ``tensorrt`` without a GPU or
+    without plans in the artifact) and InputError (not a path, unknown backend name, bad
+    ``threads`` or ``max_batch``).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    for name, value in (("threads", threads), ("max_batch", max_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(artifact_dir, (str, os.PathLike)):
+        raise InputError(f"artifact_dir must be a path (str or os.PathLike), got {type(artifact_dir).__name__}")
     d = Path(artifact_dir)
-    manifest = load_manifest(d)
-    return Engine(d, manifest, backend, threads, check_values=bool(check_values))
+    manifest = verify_artifact(d)  # every sha256, and every model file against its manifest entry
+    engine = Engine(d, manifest, backend, threads, check_values=bool(check_values))
+    if max_batch is not None:
+        engine.max_batch = max_batch
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,6 +121,8 @@ class Engine:
         manifest: the artifact's manifest (`dagc.manifest.Manifest`, read-only).
         backend: the backend in use (``auto`` resolved).
         artifact_dir: the directory.
+        max_batch: the most samples one model call takes; `run` chunks larger batches
+            (`dagc.runtime.chunks`).
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, backend: str, threads: int | None, *,
@@ -131,6 +148,7 @@ class Engine:
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
         self._limits = self._value_limits()
+        self.max_batch = default_max_batch(manifest)
         if self.backend == "torch" and threads is not None:
             import torch
 
@@ -183,6 +201,7 @@ class Engine:
                 if r is None:
                     data = self.read_verified(model.name)
                     r = make_runner(self.backend, data, model.name, model.info, self._threads)
+                    check_io(self.manifest, model.name, r.inputs, r.outputs)  # a plan's own names
                     self._runners[model.name] = r
         return r
 
@@ -325,12 +344,25 @@ class Engine:
         refused (apply the preprocessing first). ``tasks``: task names (or one name).
 
         Returns task -> float32 array, only the requested tasks, in the requested order:
-        (batch, out, H, W) for dense tasks, (batch, classes) logits for classification.
+        (batch, out, H, W) for dense tasks, (batch, classes) logits for classification. A batch
+        larger than `max_batch` runs in chunks of `max_batch` samples into outputs allocated
+        once, so memory stays bounded whatever the batch size.
         Raises InputError for an unknown/empty/repeated task list or unusable images, ArtifactError
         if a model file changed on disk since load. Thread-safe.
         """
         names = self._task_list(tasks)
         feeds = self._feeds(images, names)
+        n, step = next(iter(feeds.values())).shape[0], self.max_batch
+        if n <= step:
+            return self._run_once(feeds, names)
+        out = {t: np.empty((n, *self.manifest.tasks[t].output_shape), np.float32) for t in names}
+        for lo in range(0, n, step):
+            part = self._run_once({k: v[lo:lo + step] for k, v in feeds.items()}, names)
+            for t in names:
+                out[t][lo:lo + step] = part[t]
+        return out
+
+    def _run_once(self, feeds: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         want = set(names)
         out: dict[str, np.ndarray] = {}
         for model in self._plan(names):

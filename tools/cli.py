@@ -123,10 +123,10 @@ def compile(checkpoint, target, out, force, fp16, batch) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 def inspect(path) -> None:
     """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory."""
-    from dagc.artifact import load_manifest
     from dagc.compiler.compile import preview_manifest, summary
+    from dagc.modelcheck import verify_artifact
 
-    manifest = load_manifest(path) if path.is_dir() else preview_manifest(path)
+    manifest = verify_artifact(path) if path.is_dir() else preview_manifest(path)
     click.echo(summary(manifest))
 
 

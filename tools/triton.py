@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagc.artifact import load_manifest, read_verified, write_tree
+from dagc.artifact import read_verified, write_tree
 from dagc.errors import ArtifactError, CompileError, ConfigError
 from dagc.manifest import Manifest, ModelInfo
+from dagc.modelcheck import check_model, verify_artifact
 
 __all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH"]
 
@@ -109,7 +110,7 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     if (out.exists() or out.is_symlink()) and not force:
         raise CompileError(f"{out} exists; pass --force to replace it")
     art = Path(artifact_dir)
-    manifest = load_manifest(art)  # format, version, every field and every file's sha256
+    manifest = verify_artifact(art)  # format, version, every field, every sha256, every model file
     if art.resolve() == out.resolve() or art.resolve() in out.resolve().parents:
         raise CompileError(f"--out {out} must not be inside the artifact {art}; choose another directory")
     plan = _plan(manifest, config)
@@ -118,6 +119,7 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
         files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
         if model["source"] is not None:  # the bytes copied are the bytes checked
             data = read_verified(art, model["source"], manifest.files[model["source"]].sha256)
+            check_model(manifest, model["source"], data)
             files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = data
     routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art),
                "dagc_version": manifest.dagc_version, "input": plan["input"],
