@@ -4,12 +4,14 @@ artifacts, manifests, images and runtime arguments. Each case asserts the contra
 correct result where the input is legal (16-bit PNGs, batches of any size)."""
 
 import hashlib
+import io
 import json
 import shutil
 import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -24,7 +26,8 @@ from safetensors.torch import save_file
 from dagc.checkpoint import save_checkpoint
 from dagc.compiler.compile import compile_artifact, compile_checkpoint
 from dagc.errors import ArtifactError, CheckpointError, CompileError, ConfigError, DagcError, InputError
-from dagc.modelcheck import verify_artifact
+from dagc.manifest import Manifest
+from dagc.modelcheck import check_model, verify_artifact
 from dagc.runtime import load
 from dagc.runtime.images import MAX_PIXELS, read_image
 from dagc.spec import TaskSpec, preset
@@ -301,6 +304,37 @@ def test_export_triton_refuses_a_wrong_model_and_writes_nothing(compiled, tmp_pa
     assert not (tmp_path / "repo").exists()
 
 
+def _pt2(members) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+GOOD_PT2 = {"model/archive_format": b"pt2", "model/data/aotinductor/model/model.wrapper.so": b"\x7fELF" + bytes(64)}
+PACKAGES = {
+    "not a zip": (b"PK\x03\x04 not really", "not a readable AOTInductor package"),
+    "truncated": (_pt2(GOOD_PT2)[:-30], "not a readable AOTInductor package"),
+    "no archive_format": (_pt2({"model/data/aotinductor/model/x.so": b"x"}), "not an AOTInductor package"),
+    "no model inside": (_pt2({"model/archive_format": b"pt2"}), "not an AOTInductor package"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PACKAGES))
+def test_an_aoti_package_must_be_a_complete_pt2_archive(compiled, case):
+    d = json.loads((compiled[1] / "manifest.json").read_text())
+    d["models"]["model.pt2"] = {**d["models"]["model.onnx"], "format": "aoti", "torch_version": torch.__version__,
+                                "batch": {"min": 1, "max": 8}, "built_from": "model.onnx"}
+    d["models"]["model.pt2"].pop("opset")
+    d["files"]["model.pt2"] = {"sha256": "0" * 64}
+    manifest = Manifest.from_dict(d)
+    check_model(manifest, "model.pt2", _pt2(GOOD_PT2))  # the layout torch.export's pt2 archive has
+    data, words = PACKAGES[case]
+    with pytest.raises(ArtifactError, match=words):
+        check_model(manifest, "model.pt2", data)
+
+
 def test_the_intact_artifact_verifies(compiled):
     assert set(verify_artifact(compiled[1]).models) == {"model.onnx", "task_seg.onnx", "task_depth.onnx"}
 
@@ -324,13 +358,32 @@ def grey(tmp_path):
     return g8, tmp_path / "g8.png"
 
 
-@pytest.mark.parametrize("scale", [257, 256])  # exact 16-bit rendering, and 8 bits shifted up
-def test_a_16_bit_png_reads_as_its_8_bit_version(compiled, tmp_path, grey, scale):
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _rgb48_png(path: Path, rgb16: np.ndarray) -> Path:
+    """A 16-bit-per-channel RGB PNG (Pillow cannot write one)."""
+    h, w, _ = rgb16.shape
+    raw = b"".join(b"\x00" + rgb16[i].astype(">u2").tobytes() for i in range(h))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + _png_chunk(b"IDAT", zlib.compress(raw)) + _png_chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["grey x257", "grey x256", "rgb48"])  # exact 16-bit, 8 bits shifted up, RGB
+def test_a_16_bit_png_reads_as_its_8_bit_version(compiled, tmp_path, grey, kind):
     g8, p8 = grey
-    Image.fromarray(g8.astype(np.uint16) * scale).save(tmp_path / "g16.png")
-    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    if kind == "rgb48":
+        rgb8 = np.random.default_rng(2).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+        Image.fromarray(rgb8).save(p8)
+        p16 = _rgb48_png(tmp_path / "g16.png", rgb8.astype(np.uint16) * 257)
+    else:
+        p16 = tmp_path / "g16.png"
+        Image.fromarray(g8.astype(np.uint16) * int(kind[-3:])).save(p16)
+        assert Image.open(p16).mode.startswith("I")
     spec = load(compiled[1], "torch").input_spec
-    a, b = read_image(p8, spec), read_image(tmp_path / "g16.png", spec)
+    a, b = read_image(p8, spec), read_image(p16, spec)
     std = np.asarray(PRE["std"], np.float32).reshape(-1, 1, 1)
     assert np.abs((a - b) * std).max() <= 1 / 255 + 1e-6
 
