@@ -100,7 +100,7 @@ def load_graph(ckpt_path: str | Path):
         where = (f" (stage {progress.get('stage')!r}, step {progress.get('step')!r})"
                  if isinstance(progress, dict) else "")
         raise CompileError(f"{ckpt_path} is a run's resumable training state{where}, not a model checkpoint; "
-                           "compile the run's checkpoint.safetensors, written when dagc train finishes "
+                           "use the run's checkpoint.safetensors, written when dagc train finishes "
                            "(continue an interrupted run with dagc train --resume RUN_DIR)")
     masks_of(ck.tensors, ck.spec)  # refuses an unreduced checkpoint with the command to run
     try:

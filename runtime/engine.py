@@ -26,7 +26,9 @@ checked against the inputs, outputs, shapes and dtypes its manifest entry declar
 (`dagc.modelcheck.verify_artifact`, which gives the typed `dagc.manifest.Manifest`); the sha256 is
 checked again when its session is created (lazily, on first use, once per file), and the session's
 input and output names against the manifest. The models a task subset runs are the routes the compiler recorded in
-the manifest (`dagc.routes`). `Engine.run` is safe to call from many threads at once.
+the manifest (`dagc.routes`). `Engine.run` is safe to call from many threads at once, and takes any
+batch size in bounded memory: it feeds the models chunks of at most ``Engine.max_batch`` samples
+(`dagc.runtime.chunks`) and writes their outputs into arrays allocated once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
 available, a plan this GPU cannot load) and `InputError` (bad images, unknown tasks, bad

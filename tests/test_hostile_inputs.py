@@ -220,10 +220,17 @@ def test_resume_with_a_wrong_shaped_adam_state_is_one_line_not_a_crash(state, tm
     assert (run / "state.safetensors").read_bytes() == before  # nothing lost
 
 
-def test_a_training_state_is_not_compiled(state, tmp_path, capsys):
-    # Reduced or not, a state.safetensors is mid-training and records no preprocessing.
-    _one_error(*_cli(["compile", state / "state.safetensors", "--out", tmp_path / "a"], capsys),
-               "resumable training state", "checkpoint.safetensors")
+@pytest.mark.parametrize("which", ["search state", "reduced fine-tuning state"])
+@pytest.mark.parametrize("command", ["compile", "inspect"])
+def test_a_training_state_is_not_compiled(state, compiled, tmp_path, capsys, which, command):
+    # Reduced or not, a state.safetensors is mid-training and records no preprocessing: its
+    # artifact would take un-normalised pixels without a word.
+    path = state / "state.safetensors"
+    if which.startswith("reduced"):
+        path = _rewrite(compiled[0], tmp_path / "state.safetensors",
+                        meta=lambda m: (m.pop("preprocessing"), m.update(progress='{"stage": "finetune", "step": 2}')))
+    argv = [command, path] + (["--out", tmp_path / "a"] if command == "compile" else [])
+    _one_error(*_cli(argv, capsys), "resumable training state", "use the run's checkpoint.safetensors")
     assert not (tmp_path / "a").exists()
 
 
