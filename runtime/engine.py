@@ -21,9 +21,10 @@ Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, ma
     ``tensorrt`` when the artifact has plans and a CUDA GPU with TensorRT is present, else
     ``onnxruntime``.
 
-Every model file's sha256 is checked against the manifest at load (`dagc.artifact.load_manifest`,
-which gives the typed `dagc.manifest.Manifest`) and again when its session is created (lazily, on
-first use, once per file). The models a task subset runs are the routes the compiler recorded in
+Every model file's sha256 is checked against the manifest at load (`dagc.artifact.load_artifact`,
+which gives the typed `dagc.manifest.Manifest` and the files' bytes, read from one snapshot of the
+directory even while ``dagc compile --force`` replaces it); the backend's models are kept in memory
+from that snapshot, and a session is created from them lazily, on first use, once per file. The models a task subset runs are the routes the compiler recorded in
 the manifest (`dagc.routes`). `Engine.run` is safe to call from many threads at once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
@@ -41,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from dagc.artifact import load_manifest, read_verified
+from dagc.artifact import load_artifact, read_verified
 from dagc.errors import ArtifactError, InputError
 from dagc.manifest import Manifest, ModelInfo
 from dagc.preprocessing import FORMULA
@@ -70,8 +71,8 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise InputError(f"threads must be a positive integer, got {threads!r}")
     d = Path(artifact_dir)
-    manifest = load_manifest(d)
-    return Engine(d, manifest, backend, threads, check_values=bool(check_values))
+    manifest, files = load_artifact(d)  # one snapshot, even while dagc compile --force replaces it
+    return Engine(d, manifest, backend, threads, check_values=bool(check_values), files=files)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class Engine:
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, backend: str, threads: int | None, *,
-                 check_values: bool = True) -> None:
+                 check_values: bool = True, files: Mapping[str, bytes] | None = None) -> None:
         self.artifact_dir = artifact_dir
         self.check_values = check_values
         self.manifest = manifest
@@ -127,6 +128,9 @@ class Engine:
         self.backend = self._resolve(backend, models)
         self._format = "tensorrt" if self.backend == "tensorrt" else "onnx"
         self._models = {n: m for n, m in models.items() if m.info["format"] == self._format}
+        # the verified bytes of the models this backend runs, from the snapshot `load` read:
+        # runners made later never read a directory that may have been replaced since
+        self._bytes = {n: files[n] for n in self._models if n in files} if files is not None else {}
         self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
@@ -187,9 +191,12 @@ class Engine:
         return r
 
     def read_verified(self, name: str) -> bytes:
-        """The bytes of artifact file ``name``, checked against the manifest's sha256 now (the
-        bytes returned are the bytes checked). Raises ArtifactError if it is unreadable or changed
-        since it was compiled."""
+        """The bytes of artifact file ``name``, checked against the manifest's sha256 (the bytes
+        returned are the bytes checked): the models of this backend from the snapshot `load`
+        read, any other file from the directory now. Raises ArtifactError if it is unreadable or
+        changed since it was compiled."""
+        if name in self._bytes:
+            return self._bytes[name]
         return read_verified(self.artifact_dir, name, self.manifest.files[name].sha256)
 
     # ------------------------------------------------------------------ inputs
