@@ -69,6 +69,15 @@ def _probe(directory: Path) -> str | None:
     return None
 
 
+def _check_base(path: Path, base: Path, option: str, error: type[DagcError]) -> None:
+    if not base.is_dir():
+        raise error(f"cannot write to {option} {path}: {base} is a file, not a directory; choose another "
+                    f"{option}")
+    reason = _probe(base)
+    if reason is not None:
+        raise error(f"cannot write to {option} {path} ({reason}); choose a writable {option}")
+
+
 def check_writable_dir(path: str | os.PathLike, *, option: str, error: type[DagcError]) -> Path:
     """Check, before any work, that directory ``path`` can be created (or, when it exists, written
     in); creates nothing. Takes the path, the option it came from (for the message) and the
@@ -77,23 +86,18 @@ def check_writable_dir(path: str | os.PathLike, *, option: str, error: type[Dagc
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise error(f"{option} {path} exists and is not a directory; choose a directory for {option}")
-    base = _nearest_existing(path)
-    if not base.is_dir():
-        raise error(f"cannot write to {option} {path}: {base} is a file, not a directory; choose another "
-                    f"{option}")
-    reason = _probe(base)
-    if reason is not None:
-        raise error(f"cannot write to {option} {path} ({reason}); choose a writable {option}")
+    _check_base(path, _nearest_existing(path), option, error)
     return path
 
 
 def check_writable_file(path: str | os.PathLike, *, option: str, error: type[DagcError]) -> Path:
-    """`check_writable_dir` for a file to be written at ``path``: it must not be a directory, and
-    its directory must be creatable and writable. Returns the path; raises ``error``."""
+    """`check_writable_dir` for a file to be written (replaced) at ``path``: it must not be a
+    directory, and its directory must exist or be creatable, and be writable. Returns the path;
+    raises ``error``."""
     path = Path(path)
     if path.is_dir():
         raise error(f"{option} {path} is a directory; give a file name")
-    check_writable_dir(path.parent, option=option, error=error)
+    _check_base(path, path.parent if path.exists() else _nearest_existing(path), option, error)
     return path
 
 
