@@ -406,6 +406,17 @@ def test_replace_killed_at_random_instants_leaves_one_complete_artifact(w, base)
     assert seen  # (which versions were seen depends on timing; both are complete)
 
 
+def test_without_rename_exchange_the_two_rename_path_replaces_too(w, base, monkeypatch):
+    """Where renameat2 is missing (not Linux, old glibc) `install` takes its documented two renames."""
+    monkeypatch.setattr(outputs, "_renameat2", None)
+    d, names = _trees(base)[1]
+    write_tree(w / "art", {n: open(f"{d}/{n}", "rb").read() for n in names}, force=True)
+    assert _assert_one_complete(w / "art", base) == "art_b"
+    assert sorted(p.name for p in w.iterdir()) == ["art", "run"]
+    with pytest.raises(CompileError, match="exists; pass --force"):
+        write_tree(w / "art", {"x.bin": b"x"})
+
+
 # ---------------------------------------------------------------------------------------------------
 # load() while --force replaces
 
