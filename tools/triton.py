@@ -7,7 +7,8 @@ Layout written (``<p>`` is `TritonConfig.name`, default ``dagc``)::
         <p>_<task>/config.pbtxt, <p>_<task>/1/model.onnx    task_<task>.onnx: one task
         <p>_trt/..., <p>_<task>_trt/...  1/model.plan       the artifact's TensorRT plans (tensorrt_plan), if any
         <p>_<t1>.<t2>/config.pbtxt, <p>_<t1>.<t2>/1/        ensembles for task subsets (platform ensemble)
-        routing.json                                        task subset -> model to call and outputs to ask for
+        routing.json                                        task subset -> model to call and outputs to ask for;
+                                                            ``files``: every file written (what --force may replace)
 
 Every config has ``max_batch_size`` (dynamic batch; ``dims`` without the batch axis), inputs and
 outputs with their data types and shapes from the manifest, ``dynamic_batching`` and
@@ -96,7 +97,7 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
                   *, force: bool = False) -> dict[str, Any]:
     """Write a Triton model repository for a compiled artifact; returns the routing table (what
     ``routing.json`` holds: ``models`` Triton name -> {platform, tasks, source, ...}, ``routes``
-    format -> "task1,task2" -> {model, outputs}).
+    format -> "task1,task2" -> {model, outputs}, ``files`` the repository's files).
 
     Takes the artifact directory (``dagc compile --out``), the repository directory to create and a
     `TritonConfig`. Raises ArtifactError (not an artifact, unknown format version, missing or
