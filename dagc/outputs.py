@@ -56,11 +56,18 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _probe(directory: Path) -> str | None:
-    """None when a file can be created in ``directory`` (tried: permissions, read-only mounts,
-    ACLs), else the reason."""
+    """None when a file can be created in ``directory`` (tried for real: permissions, read-only
+    mounts, ACLs), else the reason. The probe has no name (O_TMPFILE) where the OS and filesystem
+    allow, so a kill leaves nothing; elsewhere a hidden file, deleted at once."""
     if not directory.is_dir():
         return f"{directory} is not a directory"
     try:
+        os.close(os.open(directory, os.O_WRONLY | getattr(os, "O_TMPFILE", 0) | os.O_CLOEXEC, 0o600))
+        return None
+    except OSError as e:
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            return e.strerror or str(e)
+    try:  # no O_TMPFILE here (EISDIR, EOPNOTSUPP, EINVAL)
         fd, probe = tempfile.mkstemp(dir=directory, prefix=".dagc-probe-")
     except OSError as e:
         return e.strerror or str(e)
@@ -292,7 +299,10 @@ def remove_owned(d: Path) -> None:
     files = _files(d)
     markers = [f for f in files if f in MARKERS]
     for f in [f for f in files if f in listed and f not in MARKERS] + [f for f in markers if f in listed]:
-        os.unlink(d / f)
+        try:
+            os.unlink(d / f)
+        except FileNotFoundError:  # another process cleaning the same leftover
+            pass
     for root, _, _ in sorted(os.walk(d), key=lambda w: -len(Path(w[0]).parts)):
         try:
             os.rmdir(root)

@@ -338,6 +338,24 @@ write_tree(sys.argv[1], {{n: open(f"{{d}}/{{n}}", "rb").read() for n in names}},
 """
 
 
+def _strace(base, w, args, *extra):
+    cmd = ["strace", "-f", "-qq", *extra, sys.executable, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=120)
+
+
+@pytest.fixture(scope="module")
+def write_calls(base, tmp_path_factory):
+    """The unlink calls of one `write_tree` --force replace, in order (from a traced run): where
+    the kill points below fall, whatever else the code unlinks."""
+    w = tmp_path_factory.mktemp("trace")
+    shutil.copytree(base / "art_a", w / "art")
+    log = w / "trace.txt"
+    _strace(base, w, ["-c", ONE_WRITE.format(tree=_trees(base)[1]), str(w / "art")], "-o", str(log),
+            "-e", "trace=unlink")
+    return [line.split('"')[1] for line in log.read_text().splitlines() if "unlink(" in line]
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (fault injection)")
 @pytest.mark.parametrize("program, syscall, point, expected", [
     ("compile", "renameat2", 1, "art_a"),  # dagc compile --force, killed at the swap itself
@@ -346,20 +364,20 @@ write_tree(sys.argv[1], {{n: open(f"{{d}}/{{n}}", "rb").read() for n in names}},
     ("write", "unlink", "mid", "art_b"),      # half-way through deleting the old one
     ("write", "unlink", "last", "art_b"),     # the old one's manifest, deleted last
     ("write", "rmdir", 1, "art_b"),           # the old one's emptied directory
-    ("write", "mkdir", 1, "art_a"),           # creating the temporary
+    ("write", "mkdir", 2, "art_a"),           # creating the temporary
 ])
-def test_force_killed_at_a_system_call_leaves_old_or_new(w, base, capsys, program, syscall, point, expected):
-    probes = 2 if program == "compile" else 1  # the output checks' write probes (each one unlink)
-    n_files = len(read_manifest(base / "art_a")["files"])
-    when = {"marker": probes + 1, "mid": probes + 3, "last": probes + 1 + n_files + 1}.get(point, point)
+def test_force_killed_at_a_system_call_leaves_old_or_new(w, base, capsys, write_calls, program, syscall, point,
+                                                        expected):
+    if isinstance(point, str):
+        marker = next(i for i, p in enumerate(write_calls, 1) if p.endswith("/.dagc-tmp.json"))
+        last = next(i for i, p in enumerate(write_calls, 1) if i > marker and p.endswith("/" + MANIFEST))
+        point = {"marker": marker, "mid": marker + 2, "last": last}[point]
     if program == "compile":
         args = ["-m", "dagc", "compile", str(base / "b.safetensors"), "--out", str(w / "art"), "--force"]
     else:
         args = ["-c", ONE_WRITE.format(tree=_trees(base)[1]), str(w / "art")]
-    cmd = ["strace", "-f", "-qq", "-o", os.devnull, "-e", f"trace={syscall}", "-e",
-           f"inject={syscall}:signal=SIGKILL:when={when}", sys.executable, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=120)
+    proc = _strace(base, w, args, "-o", os.devnull, "-e", f"trace={syscall}", "-e",
+                   f"inject={syscall}:signal=SIGKILL:when={point}")
     assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL), proc.stderr
     assert _assert_one_complete(w / "art", base) == expected
     # the next compile removes what the killed one left, and nothing else
