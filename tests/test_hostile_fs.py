@@ -220,9 +220,16 @@ def test_a_repository_with_a_file_of_the_users_is_not_replaced(w, capsys):
     (lambda w: ["bench", w / "art", "--checkpoint", w / "run/checkpoint.safetensors", "--plot",
                 _regular_file(w) / "p.png"], "is a file"),
     (lambda w: ["train", "--out", _regular_file(w) / "run2", "--warmup-iters", "1", "--quiet"], "is a file"),
+    (lambda w: ["run", w / "art", w / "img.npy", "--out", w / "art"], "is the artifact"),
+    (lambda w: ["run", w / "art", w / "img.npy", "--out", w / "art/outputs"], "lies inside the artifact"),
+    (lambda w: ["bench", w / "art", "--checkpoint", w / "run/checkpoint.safetensors", "--json",
+                w / "art/manifest.json"], "lies inside the input"),
+    (lambda w: ["bench", w / "art", "--checkpoint", w / "run/checkpoint.safetensors", "--json",
+                w / "run/checkpoint.safetensors"], "is the input"),
 ], ids=["compile-under-file", "compile-deep-under-file", "compile-unwritable", "triton-unwritable",
         "run-under-file", "run-out-is-file", "run-unwritable", "bench-json-under-file", "bench-json-is-dir",
-        "bench-json-unwritable", "bench-plot-under-file", "train-under-file"])
+        "bench-json-unwritable", "bench-plot-under-file", "train-under-file", "run-into-artifact",
+        "run-inside-artifact", "bench-json-over-manifest", "bench-json-over-checkpoint"])
 def test_unwritable_outputs_are_one_line_before_any_work(w, capsys, argv, words):
     args = argv(w)
     if any(UNWRITABLE in Path(str(a)).parents for a in args) and _creatable(UNWRITABLE):
