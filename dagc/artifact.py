@@ -86,9 +86,9 @@ def check_out_dir(out_dir: str | os.PathLike, *, force: bool, inputs: Sequence[s
     out_dir = Path(out_dir)
     if not out_dir.name:
         raise CompileError(f"directory {str(out_dir)!r} has no name")
-    check_replaceable(out_dir, inputs=inputs, force=force, error=CompileError, what=what)
     # an existing one is swapped out by a rename in its parent; a new one needs its nearest ancestor
-    check_writable_dir(out_dir.parent if out_dir.exists() else out_dir, option="--out", error=CompileError)
+    check_writable_dir(out_dir.parent if os.path.lexists(out_dir) else out_dir, option="--out", error=CompileError)
+    check_replaceable(out_dir, inputs=inputs, force=force, error=CompileError, what=what)
     return out_dir
 
 

@@ -89,11 +89,15 @@ def check_writable_dir(path: str | os.PathLike, *, option: str, error: type[Dagc
     """Check, before any work, that directory ``path`` can be created (or, when it exists, written
     in); creates nothing. Takes the path, the option it came from (for the message) and the
     DagcError subclass to raise; returns the path. Raises ``error`` when the path is a file, lies
-    under a regular file, or the nearest existing directory cannot be written."""
+    under a regular file, or the nearest existing directory cannot be reached or written."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise error(f"{option} {path} exists and is not a directory; choose a directory for {option}")
-    _check_base(path, _nearest_existing(path), option, error)
+    try:
+        if path.exists() and not path.is_dir():
+            raise error(f"{option} {path} exists and is not a directory; choose a directory for {option}")
+        base = _nearest_existing(path)
+    except OSError as e:  # a directory on the way that cannot be searched
+        raise error(f"cannot write to {option} {path} ({e.strerror or e}); choose a writable {option}") from None
+    _check_base(path, base, option, error)
     return path
 
 
@@ -102,9 +106,13 @@ def check_writable_file(path: str | os.PathLike, *, option: str, error: type[Dag
     directory, and its directory must exist or be creatable, and be writable. Returns the path;
     raises ``error``."""
     path = Path(path)
-    if path.is_dir():
-        raise error(f"{option} {path} is a directory; give a file name")
-    _check_base(path, path.parent if path.exists() else _nearest_existing(path), option, error)
+    try:
+        if path.is_dir():
+            raise error(f"{option} {path} is a directory; give a file name")
+        base = path.parent if path.exists() else _nearest_existing(path)
+    except OSError as e:
+        raise error(f"cannot write to {option} {path} ({e.strerror or e}); choose a writable {option}") from None
+    _check_base(path, base, option, error)
     return path
 
 
@@ -287,7 +295,11 @@ def _replace(tmp: Path, out: Path, *, force: bool, inputs: Sequence[str | os.Pat
         return
     aside = _tmp_name(out)
     os.rename(out, aside)
-    os.rename(tmp, out)
+    try:
+        os.rename(tmp, out)
+    except BaseException:  # an error or Ctrl-C between the two: put the old one back
+        os.rename(aside, out)
+        raise
     remove_owned(aside)
 
 

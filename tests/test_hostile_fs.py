@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -239,6 +240,49 @@ def test_unwritable_outputs_are_one_line_before_any_work(w, capsys, argv, words)
     out = _refused(args, capsys, words)[1]
     assert out == ""  # before any work: no benchmark table, no training summary
     assert _tree(w) == before
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or os.geteuid() != 0, reason="needs root to become another user")
+def test_unwritable_and_unreachable_directories_are_refused_for_a_plain_user(tmp_path):
+    """As root every directory is writable; a forked child that became 'nobody' sees a 0555 one,
+    and one under a 0700 directory of root's, as users do (the child only calls the checks:
+    every module is already loaded)."""
+    shared = Path(tempfile.mkdtemp(prefix="dagc-ro-"))  # /tmp: reachable by everyone
+    try:
+        shared.chmod(0o755)
+        (shared / "ro").mkdir()
+        (shared / "ro").chmod(0o555)
+        private = tmp_path / "private"
+        private.mkdir(mode=0o700)
+        cases = [(outputs.check_writable_dir, shared / "ro" / "art"), (outputs.check_writable_dir, private / "art"),
+                 (outputs.check_writable_file, shared / "ro" / "r.json"),
+                 (outputs.check_writable_file, private / "r.json")]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: report each check's message through the pipe, then leave at once
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                msgs = []
+                for check, path in cases:
+                    try:
+                        check(path, option="--out", error=CompileError)
+                        msgs.append("accepted")
+                    except CompileError as e:
+                        msgs.append(str(e))
+                os.write(write, json.dumps(msgs).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as f:
+            msgs = json.loads(f.read() or "[]")
+        os.waitpid(pid, 0)
+        assert len(msgs) == len(cases)
+        for msg in msgs:
+            assert msg.startswith("cannot write to --out") and "Permission denied" in msg, msg
+        assert list((shared / "ro").iterdir()) == []
+    finally:
+        shutil.rmtree(shared)
 
 
 def _creatable(d: Path) -> bool:
