@@ -307,8 +307,9 @@ def remove_owned(d: Path) -> None:
     """Delete what a marker in ``d`` lists (other files first, markers last, then the emptied
     directories): a kill half-way leaves a directory that is still provably dagc's. Anything
     unlisted stays, and so does its directory."""
-    listed = _listed(d) or set()
     files = _files(d)
+    # a marker cut short by a kill while `stage` wrote it, before any other file: still ours
+    listed = _listed(d) or ({TMP_MARKER} if files == [TMP_MARKER] else set())
     markers = [f for f in files if f in MARKERS]
     for f in [f for f in files if f in listed and f not in MARKERS] + [f for f in markers if f in listed]:
         try:
@@ -348,7 +349,7 @@ def remove_stale(out: Path) -> list[Path]:
         if not m or m["host"] != _host() or not _dead(int(m["pid"])) or not entry.is_dir(follow_symlinks=False):
             continue
         d = Path(entry.path)
-        if _foreign(d) == []:
+        if _foreign(d) == [] or _files(d) == [TMP_MARKER]:  # (the marker alone: cut short by a kill)
             remove_owned(d)
             removed.append(d)
     return removed

@@ -339,6 +339,9 @@ def test_stale_temporaries_are_removed_only_when_provably_dagcs(w, base):
     (stale_marker / "model.onnx").write_bytes(b"half")
     stale_empty = w / f".art.dagc-tmp-{host}-{dead}-0000000c"
     stale_empty.mkdir()
+    stale_cut = w / f".art.dagc-tmp-{host}-{dead}-00000012"  # killed while writing its marker
+    stale_cut.mkdir()
+    (stale_cut / ".dagc-tmp.json").write_text('{"format": "dag')
     keep = {
         w / f".art.dagc-tmp-{host}-{dead}-0000000d": "foreign",  # a user file inside: not provable
         w / f".art.dagc-tmp-{host}-1-0000000e": "alive",         # pid 1 is alive
@@ -353,7 +356,7 @@ def test_stale_temporaries_are_removed_only_when_provably_dagcs(w, base):
     before = {d: _tree(d) for d in keep}
     write_tree(w / "art", read_artifact(base / "art_b")[1] | {MANIFEST: (base / "art_b" / MANIFEST).read_bytes()},
                force=True)
-    assert not stale_full.exists() and not stale_marker.exists() and not stale_empty.exists()
+    assert not any(d.exists() for d in (stale_full, stale_marker, stale_empty, stale_cut))
     assert {d: _tree(d) for d in keep} == before
     assert (w / f".art.dagc-tmp-{host}-{dead}-00000011").is_symlink() and (w / "run").is_dir()
     assert remove_stale(w / "art") == []
