@@ -62,7 +62,9 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     every input value (NaN/inf, far out of the preprocessed range) that `Engine.run` does by
     default; shape, dtype and task checks stay. The scan costs a pass over the batch, which is
     measurable only for sub-millisecond models (benchmarks/RESULTS.md). Verifies the manifest and every file's
-    sha256 before returning. Raises ArtifactError (missing/tampered/unknown-version artifact,
+    sha256 before returning, all read from one snapshot of the directory (`dagc.artifact.read_artifact`:
+    a concurrent ``--force`` replace gives the old or the new artifact, never a mix); the backend's
+    model bytes are kept in memory for the sessions made on first use. Raises ArtifactError (missing/tampered/unknown-version artifact,
     backend unavailable here, e.g. ``tensorrt`` without a GPU or without plans in the artifact) and
     InputError (unknown backend name, bad ``threads``).
     """
