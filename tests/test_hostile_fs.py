@@ -43,6 +43,16 @@ SPEC = preset("tiny", [TaskSpec("seg", "segmentation", 3), TaskSpec("depth", "de
 UNWRITABLE = Path("/sys/fs")
 
 
+def _strace_works() -> bool:
+    """strace is installed and may trace here (containers often forbid ptrace)."""
+    if shutil.which("strace") is None:
+        return False
+    return subprocess.run(["strace", "-qq", "-o", os.devnull, "true"], capture_output=True).returncode == 0
+
+
+NEEDS_STRACE = pytest.mark.skipif(not _strace_works(), reason="needs strace allowed to trace (fault injection)")
+
+
 def _checkpoint(path, seed):
     save_checkpoint(path, network_tensors(random_reduced_net(SPEC, seed)), SPEC, "finetune")
     return path
@@ -410,7 +420,7 @@ def write_calls(base, tmp_path_factory):
     return [line.split('"')[1] for line in log.read_text().splitlines() if "unlink(" in line]
 
 
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (fault injection)")
+@NEEDS_STRACE
 @pytest.mark.parametrize("program, syscall, point, expected", [
     ("compile", "renameat2", 1, "art_a"),  # dagc compile --force, killed at the swap itself
     ("write", "renameat2", 1, "art_a"),
@@ -442,7 +452,7 @@ def test_force_killed_at_a_system_call_leaves_old_or_new(w, base, capsys, write_
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace (fault injection)")
+@NEEDS_STRACE
 def test_force_killed_at_every_system_call_of_a_replace(w, base):
     """kill -9 at each call of every file-system system call a --force replace makes (for openat,
     close and write: the last 40, after the imports): the old or the new artifact, complete, every
