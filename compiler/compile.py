@@ -21,6 +21,7 @@ import numpy as np
 
 import dagc
 from dagc import manifest as mf
+from dagc.artifact import check_out_dir
 from dagc.checkpoint import load_checkpoint
 from dagc.compiler import aoti, onnx_export, report, tensorrt, verify
 from dagc.compiler.artifact import write_artifact
@@ -127,6 +128,7 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     from the directory (`dagc.modelcheck.verify_artifact`, so every file is checked once more).
 
     Raises CompileError (unknown target, no GPU for TensorRT, no C++ compiler for aoti, existing --out without force,
+    an --out that cannot be written, is not a directory dagc wrote or holds the checkpoint,
     unreduced checkpoint, a task without a path, a model that fails verification) and
     CheckpointError (missing, truncated, foreign or unknown-version file, invalid preprocessing
     record). Nothing is written unless everything verified.
@@ -134,9 +136,7 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     chosen = _target(target)
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise CompileError(f"{out} exists; pass --force to replace it")
+    out = check_out_dir(out_dir, force=force, inputs=[ckpt_path])  # before any work
     t0 = time.perf_counter()
     ck, net, raw, graph = load_graph(ckpt_path)
     build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16)
@@ -147,7 +147,7 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     spec = ck.spec
     for t in spec.task_names:
         build.files[report.picture_file(t)] = report.render_task_svg(spec, _task_masks(ck, spec, t), t).encode()
-    write_artifact(out, build.files, manifest, force=force)
+    write_artifact(out, build.files, manifest, force=force, inputs=[ckpt_path])
     return verify_artifact(out)
 
 

@@ -32,7 +32,7 @@ import os
 import zipfile
 from collections.abc import Sequence
 
-from dagc.artifact import load_manifest, read_verified
+from dagc.artifact import load_artifact
 from dagc.errors import ArtifactError
 from dagc.manifest import Manifest
 
@@ -41,14 +41,20 @@ __all__ = ["verify_artifact", "check_model", "check_io"]
 _HINT = "; recompile the artifact"
 
 
-def verify_artifact(artifact_dir: str | os.PathLike) -> Manifest:
-    """An artifact's typed manifest with every file's sha256 verified (`dagc.artifact.load_manifest`)
-    and every model file checked against it (`check_model`). Takes the directory; returns the
-    `Manifest`. Raises ArtifactError naming the first file or field that is wrong."""
-    manifest = load_manifest(artifact_dir)
+def load_checked(artifact_dir: str | os.PathLike) -> tuple[Manifest, dict[str, bytes]]:
+    """An artifact's typed manifest and the bytes of every file, from one snapshot of the directory
+    (`dagc.artifact.load_artifact`: every sha256 verified), with every model file checked against
+    the manifest (`check_model`). Raises ArtifactError naming the first file or field that is wrong."""
+    manifest, files = load_artifact(artifact_dir)
     for name in manifest.models:
-        check_model(manifest, name, read_verified(artifact_dir, name, manifest.files[name].sha256))
-    return manifest
+        check_model(manifest, name, files[name])
+    return manifest, files
+
+
+def verify_artifact(artifact_dir: str | os.PathLike) -> Manifest:
+    """`load_checked` without the bytes: the typed `Manifest` of a fully checked artifact. Raises
+    ArtifactError naming the first file or field that is wrong."""
+    return load_checked(artifact_dir)[0]
 
 
 def check_model(manifest: Manifest, name: str, data: bytes) -> None:

@@ -23,11 +23,13 @@ Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, ma
 
 Every model file's sha256 is checked against the manifest at load, and every model file parsed and
 checked against the inputs, outputs, shapes and dtypes its manifest entry declares
-(`dagc.modelcheck.verify_artifact`, which gives the typed `dagc.manifest.Manifest`); the sha256 is
-checked again when its session is created (lazily, on first use, once per file), and the session's
-input and output names against the manifest. The models a task subset runs are the routes the compiler recorded in
-the manifest (`dagc.routes`). `Engine.run` is safe to call from many threads at once, and takes any
-batch size in bounded memory: it feeds the models chunks of at most ``Engine.max_batch`` samples
+(`dagc.modelcheck.load_checked`, which gives the typed `dagc.manifest.Manifest` and the files'
+bytes, read from one snapshot of the directory even while ``dagc compile --force`` replaces it);
+the backend's models are kept in memory from that snapshot, and a session is created from them
+lazily, on first use, once per file, its input and output names checked against the manifest. The
+models a task subset runs are the routes the compiler recorded in the manifest (`dagc.routes`).
+`Engine.run` is safe to call from many threads at once, and takes any batch size in bounded
+memory: it feeds the models chunks of at most ``Engine.max_batch`` samples
 (`dagc.runtime.chunks`) and writes their outputs into arrays allocated once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
@@ -49,7 +51,7 @@ import numpy as np
 from dagc.artifact import read_verified
 from dagc.errors import ArtifactError, InputError
 from dagc.manifest import Manifest, ModelInfo
-from dagc.modelcheck import check_io, verify_artifact
+from dagc.modelcheck import check_io, load_checked
 from dagc.preprocessing import FORMULA
 from dagc.runners import Runner
 from dagc.runtime.backends import BACKENDS, make_runner, resolve_backend
@@ -70,11 +72,13 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     measurable only for sub-millisecond models (benchmarks/RESULTS.md). ``max_batch``: the most
     samples one model call takes; `Engine.run` runs larger batches in chunks of this size
     (`dagc.runtime.chunks`; default: about 64 MiB of activations per chunk). Verifies the manifest,
-    every file's sha256 and every model file against the manifest before returning. Raises
-    ArtifactError (missing/tampered/unknown-version artifact, a model file that is not the model
-    its manifest entry declares, backend unavailable here, e.g. ``tensorrt`` without a GPU or
-    without plans in the artifact) and InputError (not a path, unknown backend name, bad
-    ``threads`` or ``max_batch``).
+    every file's sha256 and every model file against the manifest before returning, all read from
+    one snapshot of the directory (`dagc.artifact.read_artifact`: a concurrent ``--force`` replace
+    gives the old or the new artifact, never a mix); the backend's model bytes are kept in memory
+    for the sessions made on first use. Raises ArtifactError (missing/tampered/unknown-version
+    artifact, a model file that is not the model its manifest entry declares, backend unavailable
+    here, e.g. ``tensorrt`` without a GPU or without plans in the artifact) and InputError (not a
+    path, unknown backend name, bad ``threads`` or ``max_batch``).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
@@ -84,8 +88,8 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     if not isinstance(artifact_dir, (str, os.PathLike)):
         raise InputError(f"artifact_dir must be a path (str or os.PathLike), got {type(artifact_dir).__name__}")
     d = Path(artifact_dir)
-    manifest = verify_artifact(d)  # every sha256, and every model file against its manifest entry
-    engine = Engine(d, manifest, backend, threads, check_values=bool(check_values))
+    manifest, files = load_checked(d)  # one snapshot; every sha256, every model file against its entry
+    engine = Engine(d, manifest, backend, threads, check_values=bool(check_values), files=files)
     if max_batch is not None:
         engine.max_batch = max_batch
     return engine
@@ -128,7 +132,7 @@ class Engine:
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, backend: str, threads: int | None, *,
-                 check_values: bool = True) -> None:
+                 check_values: bool = True, files: Mapping[str, bytes] | None = None) -> None:
         self.artifact_dir = artifact_dir
         self.check_values = check_values
         self.manifest = manifest
@@ -146,6 +150,9 @@ class Engine:
         self.backend = self._resolve(backend, models)
         self._format = "tensorrt" if self.backend == "tensorrt" else "onnx"
         self._models = {n: m for n, m in models.items() if m.info["format"] == self._format}
+        # the verified bytes of the models this backend runs, from the snapshot `load` read:
+        # runners made later never read a directory that may have been replaced since
+        self._bytes = {n: files[n] for n in self._models if n in files} if files is not None else {}
         self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
@@ -208,9 +215,12 @@ class Engine:
         return r
 
     def read_verified(self, name: str) -> bytes:
-        """The bytes of artifact file ``name``, checked against the manifest's sha256 now (the
-        bytes returned are the bytes checked). Raises ArtifactError if it is unreadable or changed
-        since it was compiled."""
+        """The bytes of artifact file ``name``, checked against the manifest's sha256 (the bytes
+        returned are the bytes checked): the models of this backend from the snapshot `load`
+        read, any other file from the directory now. Raises ArtifactError if it is unreadable or
+        changed since it was compiled."""
+        if name in self._bytes:
+            return self._bytes[name]
         return read_verified(self.artifact_dir, name, self.manifest.files[name].sha256)
 
     # ------------------------------------------------------------------ inputs

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dagc.manifest import Manifest
+from dagc.outputs import check_not_input, check_writable_dir
 from dagc.preprocessing import Preprocessing, resize_chw
 from dagc.runtime.engine import ArtifactError, InputError, load
 
@@ -292,8 +293,11 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     images are fed to every selected task's input. Outputs are named after each file's stem (a
     repeated stem gets ``_2``, ``_3``...) and written by `save_outputs`.
 
-    Raises InputError (no images, an unreadable file, a bad task list) and ArtifactError.
+    Raises InputError (no images, an unreadable file, a bad task list, an ``out_dir`` that cannot
+    be written or lies in the artifact: checked before anything runs) and ArtifactError.
     """
+    check_writable_dir(out_dir, option="--out", error=InputError)
+    check_not_input(out_dir, [artifact_dir], option="--out", error=InputError, what="artifact")
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     files = [Path(p) for p in paths]

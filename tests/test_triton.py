@@ -279,18 +279,25 @@ def test_cli_refuses_bad_artifacts_with_one_line_and_writes_nothing(artifact, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == (["art"] if art.exists() else [])
 
 
-def test_cli_existing_out_needs_force_and_force_replaces(artifact, tmp_path, capsys):
+def test_cli_existing_out_needs_force_and_force_replaces_only_a_repository(artifact, tmp_path, capsys):
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "keep.txt").write_text("mine")
     code, _, err = _cli(["export", "triton", str(artifact), "--out", str(repo)], capsys)
     assert code == 2 and err.count("\n") == 1 and "--force" in err
     assert [p.name for p in repo.iterdir()] == ["keep.txt"]
+    # --force deletes only what dagc wrote: a directory of the user's is refused, kept as it was
+    code, _, err = _cli(["export", "triton", str(artifact), "--out", str(repo), "--force"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not a dagc artifact or Triton repository" in err, err
+    assert [p.name for p in repo.iterdir()] == ["keep.txt"]
+    (repo / "keep.txt").unlink()
+    repo.rmdir()
+    assert _cli(["export", "triton", str(artifact), "--out", str(repo)], capsys)[0] == 0
     code, out, err = _cli(["export", "triton", str(artifact), "--out", str(repo), "--force", "--max-batch", "8"],
                           capsys)
     assert code == 0, err
     assert "dagc_seg" in out and "routing.json" in out
-    assert not (repo / "keep.txt").exists() and _configs(repo)["dagc"].max_batch_size == 8
+    assert _configs(repo)["dagc"].max_batch_size == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 

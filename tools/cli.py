@@ -198,10 +198,16 @@ def run(artifact, images, tasks, backend, out) -> None:
               help="Write latency against batch size here (PNG).")
 def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path) -> None:
     """Latency, throughput and FLOPs of the compiled models against the supernets, side by side."""
+    from dagc.errors import BenchError
+    from dagc.outputs import check_not_input, check_writable_file
     from dagc.tools import bench as runtime_bench
 
     if threads is not None and threads < 1:
         raise DagcError(f"--threads must be a positive integer, got {threads}")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None:  # before the benchmark runs: its results must not be lost
+            check_writable_file(path, option=option, error=BenchError)
+            check_not_input(path, [artifact, checkpoint], option=option, error=BenchError)
     result = runtime_bench.benchmark(artifact, checkpoint, batches=_int_list("--batch", batch), backend=backend,
                                      threads=threads)
     click.echo(runtime_bench.format_table(result))

@@ -7,7 +7,8 @@ Layout written (``<p>`` is `TritonConfig.name`, default ``dagc``)::
         <p>_<task>/config.pbtxt, <p>_<task>/1/model.onnx    task_<task>.onnx: one task
         <p>_trt/..., <p>_<task>_trt/...  1/model.plan       the artifact's TensorRT plans (tensorrt_plan), if any
         <p>_<t1>.<t2>/config.pbtxt, <p>_<t1>.<t2>/1/        ensembles for task subsets (platform ensemble)
-        routing.json                                        task subset -> model to call and outputs to ask for
+        routing.json                                        task subset -> model to call and outputs to ask for;
+                                                            ``files``: every file written (what --force may replace)
 
 Every config has ``max_batch_size`` (dynamic batch; ``dims`` without the batch axis), inputs and
 outputs with their data types and shapes from the manifest, ``dynamic_batching`` and
@@ -21,9 +22,11 @@ subset's outputs) when that is cheapest, else an ensemble of the per-task models
 the spec has at most `TritonConfig.max_ensemble_tasks` tasks (2^K subsets). Beyond that, call the
 per-task models one by one, or the shared model, as ``routing.json`` records.
 
-Every model file's sha256 is checked against the manifest before it is copied, and the repository
-is built in a temporary sibling and renamed into place (``force`` replaces an existing one), so a
-failed export leaves nothing behind.
+Every model file's sha256 is checked against the manifest before it is copied (one snapshot of the
+artifact, `dagc.artifact.load_artifact`), and the repository is written by `dagc.artifact.write_tree`:
+built in a temporary sibling and swapped into place atomically, so a failed or killed export leaves
+nothing behind. ``force`` replaces only a repository dagc wrote (``routing.json`` lists its files)
+or an artifact, never the artifact exported or a directory holding it.
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagc.artifact import read_verified, write_tree
+from dagc.artifact import check_out_dir, write_tree
 from dagc.errors import ArtifactError, CompileError, ConfigError
 from dagc.manifest import Manifest, ModelInfo
-from dagc.modelcheck import check_model, verify_artifact
+from dagc.modelcheck import load_checked
 
 __all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH"]
 
@@ -95,38 +98,36 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
                   *, force: bool = False) -> dict[str, Any]:
     """Write a Triton model repository for a compiled artifact; returns the routing table (what
     ``routing.json`` holds: ``models`` Triton name -> {platform, tasks, source, ...}, ``routes``
-    format -> "task1,task2" -> {model, outputs}).
+    format -> "task1,task2" -> {model, outputs}, ``files`` the repository's files).
 
     Takes the artifact directory (``dagc compile --out``), the repository directory to create and a
     `TritonConfig`. Raises ArtifactError (not an artifact, unknown format version, missing or
     tampered file, an invalid manifest or one with models this export does not know),
-    CompileError (``out_dir`` exists without ``force``, model names that collide) and ConfigError
+    CompileError (``out_dir`` exists without ``force``, is not a directory dagc wrote, is, holds or
+    lies inside the artifact, cannot be written; model names that collide) and ConfigError
     (bad config). Nothing is written unless everything checked out.
     """
     config = TritonConfig() if config is None else config
     if not isinstance(config, TritonConfig):
         raise ConfigError(f"config must be a TritonConfig, got {type(config).__name__}")
-    out = Path(out_dir)
-    if (out.exists() or out.is_symlink()) and not force:
-        raise CompileError(f"{out} exists; pass --force to replace it")
     art = Path(artifact_dir)
-    manifest = verify_artifact(art)  # format, version, every field, every sha256, every model file
-    if art.resolve() == out.resolve() or art.resolve() in out.resolve().parents:
-        raise CompileError(f"--out {out} must not be inside the artifact {art}; choose another directory")
+    out = check_out_dir(out_dir, force=force, inputs=[art], what="artifact")  # before any work
+    # one snapshot: format, version, every field, every file's sha256 and bytes, every model file
+    # against its manifest entry (the bytes copied are the bytes checked, even during a replace)
+    manifest, contents = load_checked(art)
     plan = _plan(manifest, config)
     files: dict[str, bytes] = {}
     for name, model in plan["models"].items():
         files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
-        if model["source"] is not None:  # the bytes copied are the bytes checked
-            data = read_verified(art, model["source"], manifest.files[model["source"]].sha256)
-            check_model(manifest, model["source"], data)
-            files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = data
+        if model["source"] is not None:
+            files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = contents[model["source"]]
     routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art),
                "dagc_version": manifest.dagc_version, "input": plan["input"],
-               "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"]}
+               "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"],
+               "files": sorted(files)}  # what --force may delete later (dagc.outputs.check_replaceable)
     files[ROUTING] = (json.dumps(routing, indent=2, sort_keys=True) + "\n").encode("utf-8")
     # An ensemble's version directory exists but is empty.
-    write_tree(out, files, force=force, dirs=[f"{m}/1" for m in sorted(plan["models"])])
+    write_tree(out, files, force=force, dirs=[f"{m}/1" for m in sorted(plan["models"])], inputs=[art])
     return routing
 
 

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from dagc.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dagc.errors import CheckpointError, ConfigError
+from dagc.outputs import check_writable_dir
 from dagc.spec import Spec
 from dagc.trainer import distributed
 from dagc.trainer.baselines import chain_masks, fix_read_in_out
@@ -115,14 +116,13 @@ def reduce_and_rewind(run: Run) -> None:
 
 
 def writable_dir(out: Path) -> None:
-    """Create ``out`` if needed and check that it can be written; ConfigError if not."""
+    """Check that ``out`` can be written (`dagc.outputs.check_writable_dir`, the check every command
+    makes of its output) and create it; ConfigError if not."""
+    check_writable_dir(out, option="--out", error=ConfigError)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
-        raise ConfigError(f"cannot write to {out} ({e.strerror or e}); choose a writable --out") from None
+        raise ConfigError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable --out") from None
 
 
 # ---------------------------------------------------------------------- saving and resuming
