@@ -222,3 +222,26 @@ def test_tensorrt_plans_fp32_fp16_int8(art, tmp_path):
                                   batches=(1, 4, 8))
     plans = [m for m in manifest["models"].values() if m["format"] == "tensorrt"]
     assert len(plans) == 4 and all(m["precision"] == "fp16" for m in plans)
+
+
+def test_cuda_package_entries_validate_and_routes_keep_to_fp32():
+    """What a `--device cuda --fp16` compile records: device and precision on aoti entries, and
+    routes over the fp32 packages only (a TensorRT artifact with only fp16 plans is routed over
+    them)."""
+    from dagc.compiler.compile import _routed
+    from dagc.manifest import ModelInfo
+
+    def entry(name, fmt="aoti", tasks=("s",), **extra):
+        base = {"tasks": list(tasks), "format": fmt, "inputs": ["image"], "outputs": list(tasks),
+                "verified_max_rel_error": 1e-3, "macs": 1, "flops": 2, "params": 3, "built_from": "model.onnx"}
+        if fmt == "aoti":
+            base.update(torch_version=torch.__version__, batch={"min": 1, "max": 8})
+        return ModelInfo.from_dict(name, {**base, **extra})
+
+    fp16 = entry("task_s.fp16.pt2", device="cuda", precision="fp16")
+    assert fp16.problem(["s"], ["image"]) is None and fp16.to_dict()["device"] == "cuda"
+    with pytest.raises(ArtifactError, match="device"):
+        entry("task_s.pt2", device="tpu")
+    plans = [entry("task_s.plan", "tensorrt", precision="fp16", batches=[1, 8])]
+    packages = [entry("task_s.pt2", device="cuda"), fp16, entry("task_s.bf16.pt2", device="cuda", precision="bf16")]
+    assert [m.name for m in _routed(packages + plans)] == ["task_s.pt2", "task_s.plan"]
