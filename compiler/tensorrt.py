@@ -169,7 +169,7 @@ def build_plan(model: bytes | str | os.PathLike, input_shapes: Mapping[str, Sequ
     data = _load(model)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    bit = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    bit = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
     network = builder.create_network(creation_flags(trt.__version__, bit))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(data):
