@@ -161,27 +161,29 @@ if [ "$DRY" = "1" ]; then
 else
     echo "mode: GPU" >> "$OUT/summary.txt"
 fi
-cd "$ROOT" || exit 1
+# Everything runs from $OUT with absolute paths: with the links of step 0, a Python started in the
+# checkout (python -m ...) would import its bare dagc/ folder first, which lacks dagc.trainer & co.
+cd "$OUT" || exit 1
 
 # ---------------------------------------------------------------------------- 1. pytest -m gpu
-GPU_TESTS=$(grep -l "pytest.mark.gpu" tests/test_*.py | tr '\n' ' ')
+GPU_TESTS=$(grep -l "pytest.mark.gpu" "$ROOT"/tests/test_*.py | tr '\n' ' ')
 if [ "$DRY" = "1" ]; then
     # Collects every gpu test (imports and fixtures of those files) and runs the CPU-side tests of
     # tests/test_gpu.py; the gpu ones skip themselves without CUDA.
-    run_step pytest_gpu 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -m "not slow" \
-        -k "flags or qdq or refus" --junitxml="$OUT/pytest_gpu.xml"
+    run_step pytest_gpu 120 "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_gpu.py" -m "not slow" \
+        --rootdir "$ROOT" -k "flags or qdq or refus" --junitxml="$OUT/pytest_gpu.xml"
 else
     # shellcheck disable=SC2086 # the file list is meant to split
-    run_step pytest_gpu 220 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs $GPU_TESTS \
+    run_step pytest_gpu 210 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs --rootdir "$ROOT" $GPU_TESTS \
         --junitxml="$OUT/pytest_gpu.xml"
 fi
 
 # ---------------------------------------------------------------------------- 2. training steps
 if [ "$DRY" = "1" ]; then
     say "training steps on CUDA: skipped (no GPU); one CPU step of each kind instead"
-    run_step gpu_train 60 "$PY" benchmarks/bench_gpu_train.py --device cpu --json "$OUT/gpu_train.json"
+    run_step gpu_train 60 "$PY" "$ROOT"/benchmarks/bench_gpu_train.py --device cpu --json "$OUT/gpu_train.json"
 else
-    run_step gpu_train 60 "$PY" benchmarks/bench_gpu_train.py --device cuda --json "$OUT/gpu_train.json"
+    run_step gpu_train 60 "$PY" "$ROOT"/benchmarks/bench_gpu_train.py --device cuda --json "$OUT/gpu_train.json"
 fi
 
 # ---------------------------------------------------------------------------- 3. dagc train on CUDA
@@ -190,16 +192,16 @@ if [ "$DRY" = "1" ]; then
     run_step train_cuda 60 expect_refusal "$PY" -m dagc train --out "$OUT/train_cuda" --device cuda --quiet \
         --warmup-iters 1 --search-iters 1 --finetune-iters 1
 else
-    run_step train_cuda 50 "$PY" -m dagc train --out "$OUT/train_cuda" --device cuda --amp bf16 --quiet \
+    run_step train_cuda 60 "$PY" -m dagc train --out "$OUT/train_cuda" --device cuda --amp bf16 --quiet \
         --warmup-iters 100 --search-iters 100 --finetune-iters 50
 fi
 
 # ---------------------------------------------------------------------------- 4. the GPU table
 if [ "$DRY" = "1" ]; then
     say "GPU benchmark table: skipped (no GPU); its code path once on the CPU instead"
-    run_step gpu_table 90 "$PY" benchmarks/bench_runtime.py --dry-run --json-dir "$OUT"
+    run_step gpu_table 90 "$PY" "$ROOT"/benchmarks/bench_runtime.py --dry-run --json-dir "$OUT"
 else
-    run_step gpu_table 170 "$PY" benchmarks/bench_runtime.py --gpu-only --json-dir "$OUT"
+    run_step gpu_table 170 "$PY" "$ROOT"/benchmarks/bench_runtime.py --gpu-only --json-dir "$OUT"
 fi
 
 say "done in ${SECONDS}s; summary in $OUT/summary.txt"
