@@ -136,9 +136,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _gpu_variants(ckpt: Path, device: str, precisions) -> tuple[dict, dict, dict]:
+def _gpu_variants(ckpt: Path, device: str, precisions, deadline: float | None = None) -> tuple[dict, dict, dict]:
     """The GPU table's variants: key -> (callable on a device tensor, label, FLOPs per image),
-    plus each package's verification error and build seconds."""
+    plus each package's verification error and build seconds (None: not built, because
+    ``time.perf_counter()`` had passed ``deadline``)."""
     ck, net, raw, graph = load_graph(ckpt)
     if not ck.spec.shared_input:
         raise SystemExit("the GPU table needs a checkpoint whose tasks share one input")
@@ -150,6 +151,10 @@ def _gpu_variants(ckpt: Path, device: str, precisions) -> tuple[dict, dict, dict
     errors, build_s = {}, {}
     for p in precisions:
         t0 = time.perf_counter()
+        if deadline is not None and t0 > deadline:
+            errors[p] = build_s[p] = None
+            print(f"[gpu table] aoti {p}: skipped, past the time budget (--budget-s)", flush=True)
+            continue
         data, inputs, outputs = aoti.build_package(graph, None, device=device, precision=p)
         build_s[p] = round(time.perf_counter() - t0, 1)
         worst = aoti.verify_package(data, inputs, outputs, SupernetRunner(masked), graph, rtol=aoti.RTOL[p],
@@ -163,10 +168,11 @@ def _gpu_variants(ckpt: Path, device: str, precisions) -> tuple[dict, dict, dict
 
 # One function for the whole measurement: the variants, inputs and timings share the loop state.
 def gpu_table(name: str, ckpt: Path, out_dir: Path, *, device: str = "cuda", batches=BATCHES, warmup: int = 10,
-              reps: int = 50, precisions=("fp32", "fp16", "bf16")) -> dict:
+              reps: int = 50, precisions=("fp32", "fp16", "bf16"), deadline: float | None = None) -> dict:
     """Time the GPU table's variants (module docstring) and write ``runtime_<name>_gpu.json`` into
-    ``out_dir``; returns the result."""
-    variants, errors, build_s = _gpu_variants(ckpt, device, precisions)
+    ``out_dir``; returns the result. Packages not begun by ``deadline`` (a ``time.perf_counter``
+    value) are left out, with null in ``aoti``."""
+    variants, errors, build_s = _gpu_variants(ckpt, device, precisions, deadline)
     spec = load_checkpoint(ckpt).spec
     gen = torch.Generator().manual_seed(0)
     inputs = {b: torch.randn(b, spec.in_channels, *spec.input_size, generator=gen).to(device) for b in batches}
@@ -244,6 +250,8 @@ def main() -> None:
     ap.add_argument("--gpu-only", action="store_true", help="only the GPU table (vgg16 at 64x64)")
     ap.add_argument("--json-dir", type=Path, default=HERE, help="where the GPU table's JSON goes")
     ap.add_argument("--dry-run", action="store_true", help="the GPU table's code path on the CPU, quickly")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="GPU table: build no further AOTInductor package after this many seconds")
     args = ap.parse_args()
     if args.gpu_only or args.dry_run:
         gpu_only(args)
@@ -273,7 +281,8 @@ def gpu_only(args) -> None:
         print("GPU table: dry run on the CPU (no GPU here, or --dry-run): eager variants once at batch 1, "
               "AOTInductor packages skipped", flush=True)
     args.json_dir.mkdir(parents=True, exist_ok=True)
-    kw = dict(device=device, batches=(1,), warmup=0, reps=1, precisions=()) if dry else {}
+    deadline = None if args.budget_s is None else time.perf_counter() + args.budget_s
+    kw = dict(device=device, batches=(1,), warmup=0, reps=1, precisions=()) if dry else {"deadline": deadline}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         if args.only in (None, "tiny"):

@@ -25,8 +25,13 @@
 #
 # What it needs. The GPU machine this project may get has Python 3.12, torch 2.11+cu130, triton and
 # onnxruntime 1.30 (CPU); whether it has the rest of dagc's dependencies (click, safetensors, onnx,
-# tqdm, pillow, scipy, pytest, onnxconverter-common) was never checked: step 0 lists what is
-# missing in $OUT/environment.json. Nothing outside that machine can be reached, so missing
+# tqdm, pillow, onnx, pytest, onnxconverter-common) was never checked: step 0 lists what is
+# missing in $OUT/environment.json. What these steps import beyond torch, numpy, triton and
+# onnxruntime: click, safetensors, tqdm, pillow, onnx (with protobuf and ml_dtypes), pytest (with
+# pluggy, iniconfig, packaging); onnxconverter-common only for the fp16 TensorRT path, whose tests
+# skip without TensorRT anyway; scipy only for the edge metric at inputs of about 94x94 and more
+# (not used here). Their cp312 manylinux wheels should come to roughly 25-30 MiB (an estimate from
+# their usual sizes, not measured). Nothing outside that machine can be reached, so missing
 # packages must travel with the run as wheels (64 MiB of files in all): put them in ./wheels (or
 # $DAGC_WHEELS) on the machine that starts the run and carry that folder; this script installs
 # them with `pip install --no-index --no-deps`. It does not download anything. dagc itself is made
@@ -201,7 +206,8 @@ if [ "$DRY" = "1" ]; then
     say "GPU benchmark table: skipped (no GPU); its code path once on the CPU instead"
     run_step gpu_table 90 "$PY" "$ROOT"/benchmarks/bench_runtime.py --dry-run --json-dir "$OUT"
 else
-    run_step gpu_table 170 "$PY" "$ROOT"/benchmarks/bench_runtime.py --gpu-only --json-dir "$OUT"
+    # No AOTInductor package is begun after 110 s (vgg16's take longest), so the table ends in its limit.
+    run_step gpu_table 170 "$PY" "$ROOT"/benchmarks/bench_runtime.py --gpu-only --json-dir "$OUT" --budget-s 110
 fi
 
 say "done in ${SECONDS}s; summary in $OUT/summary.txt"
