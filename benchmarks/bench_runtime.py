@@ -149,6 +149,10 @@ def _gpu_variants(ckpt: Path, device: str, precisions, deadline: float | None = 
     variants = {"supernet": (unpruned, "(a) unpruned supernet, PyTorch eager", supernet_costs(ck.spec)["flops"]),
                 "masked": (masked, "(b) masked supernet, PyTorch eager", graph_costs(raw)["flops"])}
     errors, build_s = {}, {}
+    reason = aoti.unavailable_reason(device) if precisions else None
+    if reason:  # e.g. no g++ on the GPU machine: the eager rows are still worth having
+        print(f"[gpu table] AOTInductor packages skipped: {reason}", flush=True)
+        return variants, {p: None for p in precisions}, {"unavailable": reason}
     for p in precisions:
         t0 = time.perf_counter()
         if deadline is not None and t0 > deadline:

@@ -128,11 +128,13 @@ if ! dagc_here; then
 fi
 
 "$PY" - "$OUT/environment.json" <<'EOF' 2>&1 | tee -a "$OUT/gpu_check.log"
-import importlib.util, json, platform, subprocess, sys
+import importlib.util, json, platform, shutil, subprocess, sys
 mods = ["torch", "numpy", "click", "safetensors", "tqdm", "PIL", "scipy", "onnx", "onnxruntime", "pytest",
         "triton", "onnxconverter_common", "onnxscript", "sklearn", "matplotlib", "hypothesis", "tensorrt"]
 env = {"python": platform.python_version(), "platform": platform.platform(),
-       "missing": [m for m in mods if importlib.util.find_spec(m) is None]}
+       "missing": [m for m in mods if importlib.util.find_spec(m) is None],
+       # AOTInductor compiles its C++ wrapper with the first of these (torch._inductor.config.cpp.cxx)
+       "cxx": shutil.which("g++") or shutil.which("c++") or shutil.which("clang++"), "nvcc": shutil.which("nvcc")}
 try:
     import torch
     env.update(torch=torch.__version__, cuda=torch.version.cuda, cuda_available=torch.cuda.is_available())

@@ -59,7 +59,7 @@ def test_dry_run_reports_the_environment_and_checks_the_cuda_refusal(tmp_path):
 @pytest.mark.slow
 def test_full_dry_run_exercises_every_step_on_the_cpu(tmp_path):
     """Every step's CPU side: the CPU tests of tests/test_gpu.py, the training-step benchmark and
-    the GPU table's code path with CPU sizes (90 s measured on the loaded 2-core machine)."""
+    the GPU table's code path with CPU sizes (about 70 s measured on the loaded 2-core machine)."""
     out = tmp_path / "out"
     res = _run(out)
     assert res.returncode == 0, res.stdout + res.stderr
