@@ -13,7 +13,12 @@ So a precision is a property of the ONNX model the plan is built from:
 ``fp16``  the emitted model converted by onnxconverter-common (`fp16_model`: weights and
           activations fp16, float32 inputs and outputs kept);
 ``int8``  a model with QuantizeLinear/DequantizeLinear nodes (`has_qdq`), such as ONNX Runtime's
-          ``quantize_static`` writes: TensorRT runs explicit quantisation.
+          ``quantize_static`` writes: TensorRT runs explicit quantisation. TensorRT takes only
+          symmetric signed quantisation (int8 zero points, all 0) and no quantised (int32)
+          biases (`qdq_problem`); ``quantize_static`` writes such models with
+          ``activation_type=weight_type=QuantType.QInt8`` and the `TRT_QDQ_OPTIONS` extra options
+          (its defaults, asymmetric uint8 activations and int32 biases, suit ONNX Runtime's CPU
+          kernels, not TensorRT).
 
 GPU only: without CUDA or the ``tensorrt`` package (whose libraries come only from NVIDIA's own
 package index) every entry point that builds or runs a plan raises CompileError saying so; the
@@ -34,7 +39,7 @@ from dagc.runners import TENSORRT_MAJORS, OrtRunner, TrtRunner, compare, tensorr
 from dagc.runners import tensorrt_unavailable as unavailable_reason
 
 __all__ = ["PRECISIONS", "TOLERANCE", "unavailable_reason", "creation_flags", "fp16_model", "has_qdq",
-           "plan_precision", "prepare", "build_plan", "verify_plan"]
+           "qdq_problem", "TRT_QDQ_OPTIONS", "plan_precision", "prepare", "build_plan", "verify_plan"]
 
 PRECISIONS = ("fp32", "fp16", "int8")
 # Relative to the output scale, as in the ONNX verification, against ONNX Runtime running the very
@@ -42,6 +47,15 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # int8 kernels may round scales differently from ONNX Runtime's reference Q/DQ (one step apart).
 TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2, "int8": 1e-1}
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_SIGNED_ZERO_POINTS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN})
+# quantize_static's extra options for TensorRT: symmetric scales, float biases, a Q/DQ pair on each
+# weight (float weights behind Q->DQ, the form TensorRT's explicit quantisation reads) and one
+# Q/DQ pair per consumer.
+TRT_QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                   "AddQDQPairToWeight": True, "DedicatedQDQPair": True}
+SYMMETRIC_HINT = ("quantize it with onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QDQ, "
+                  "activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, "
+                  f"extra_options={TRT_QDQ_OPTIONS})")
 
 
 def _require() -> None:
@@ -82,6 +96,32 @@ def has_qdq(model: bytes | onnx.ModelProto) -> bool:
     """Whether an ONNX model (bytes or proto) holds QuantizeLinear/DequantizeLinear nodes."""
     proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
     return any(n.op_type in QDQ_OPS for n in proto.graph.node)
+
+
+def qdq_problem(model: bytes | onnx.ModelProto) -> str | None:
+    """Why TensorRT cannot import the Q/DQ nodes of a model, or None: TensorRT quantises
+    symmetrically only, so every zero point given must be a signed type (int8; int4 and fp8 also
+    exist) and all zeros, and it dequantises no int32 (quantised-bias) values. Zero points
+    computed at run time are not checked (dagc's models have none)."""
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
+    consts = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    for node in proto.graph.node:
+        if node.op_type not in QDQ_OPS or len(node.input) < 3 or not node.input[2] or node.input[2] not in consts:
+            continue
+        zp = consts[node.input[2]]
+        if zp.data_type == onnx.TensorProto.INT32:
+            return f"{node.op_type} node {node.name!r} dequantises an int32 (quantised) bias, which TensorRT cannot"
+        if zp.data_type not in _SIGNED_ZERO_POINTS:
+            kind = onnx.TensorProto.DataType.Name(zp.data_type).lower()
+            return f"{node.op_type} node {node.name!r} has {kind} zero points; TensorRT takes signed int8 ones"
+        if np.any(numpy_helper.to_array(zp).astype(np.float64) != 0):
+            return f"{node.op_type} node {node.name!r} has non-zero zero points; TensorRT quantises symmetrically"
+    return None
 
 
 def _float_outputs(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
@@ -141,14 +181,18 @@ def prepare(model: bytes | str | os.PathLike, precision: str) -> bytes:
     """The ONNX bytes to build a ``precision`` plan from (see the module docstring): the model
     for fp32, its fp16 conversion for fp16, the model itself for int8, which must hold Q/DQ nodes.
     A model with Q/DQ nodes is int8 whatever is asked. Raises CompileError for an unknown
-    precision or an int8 request for a model without Q/DQ nodes."""
+    precision, an int8 request for a model without Q/DQ nodes, or Q/DQ nodes TensorRT cannot
+    take (`qdq_problem`)."""
     if precision not in PRECISIONS:
         raise CompileError(f"unknown TensorRT precision {precision!r}; choose one of {list(PRECISIONS)}")
     data = _load(model)
     qdq = has_qdq(data)
     if precision == "int8" and not qdq:
         raise CompileError("int8 plans are built from ONNX models with QuantizeLinear/DequantizeLinear nodes and "
-                           "this one has none; quantise it first (onnxruntime.quantization.quantize_static)")
+                           f"this one has none; {SYMMETRIC_HINT}")
+    problem = qdq_problem(data) if qdq else None
+    if problem:
+        raise CompileError(f"TensorRT cannot build this Q/DQ model: {problem}; {SYMMETRIC_HINT}")
     if precision == "fp16" and not qdq:
         return fp16_model(data)
     return data

@@ -53,12 +53,16 @@ def _calibration(inputs, batches=4):
     return Reader()
 
 
-def _qdq_model(src, dst):
-    """A QDQ model of an ONNX file by ONNX Runtime's static quantisation (as the int8 work does)."""
-    from onnxruntime.quantization import QuantFormat, quantize_static
+def _qdq_model(src, dst, symmetric=True):
+    """A QDQ model of an ONNX file by ONNX Runtime's static quantisation (as the int8 work does):
+    symmetric signed int8, as TensorRT needs, or ONNX Runtime's default (asymmetric uint8
+    activations)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     inputs = [i.name for i in onnx.load(str(src)).graph.input]
-    quantize_static(str(src), str(dst), _calibration(inputs), quant_format=QuantFormat.QDQ)
+    kw = dict(activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+              extra_options=tensorrt.TRT_QDQ_OPTIONS) if symmetric else {}
+    quantize_static(str(src), str(dst), _calibration(inputs), quant_format=QuantFormat.QDQ, **kw)
     return dst.read_bytes()
 
 
@@ -96,6 +100,14 @@ def test_qdq_models_are_int8_and_plain_models_cannot_be(art, tmp_path):
     qdq = _qdq_model(art / "model.onnx", tmp_path / "model.int8.onnx")
     assert tensorrt.has_qdq(qdq) and tensorrt.plan_precision(qdq) == "int8"
     assert tensorrt.prepare(qdq, "int8") == qdq and tensorrt.prepare(qdq, "fp16") == qdq
+    assert tensorrt.qdq_problem(qdq) is None
+    errors = compare(OrtRunner(qdq, device="cpu"), OrtRunner((art / "model.onnx").read_bytes(), device="cpu"),
+                     [{"image": _x()}], rtol=tensorrt.TOLERANCE["int8"], what="int8 model", against="fp32")
+    assert max(errors.values()) > 0
+    asymmetric = _qdq_model(art / "model.onnx", tmp_path / "model.u8.onnx", symmetric=False)
+    assert tensorrt.qdq_problem(asymmetric) is not None  # uint8 zero points and int32 biases
+    with pytest.raises(CompileError, match="TensorRT cannot build this Q/DQ model: .*; quantize it with"):
+        tensorrt.prepare(asymmetric, "int8")
     assert not tensorrt.has_qdq((art / "model.onnx").read_bytes())
     with pytest.raises(CompileError, match="int8 plans are built from ONNX models with QuantizeLinear"):
         tensorrt.prepare(art / "model.onnx", "int8")
