@@ -33,7 +33,8 @@
 # (not used here). Their cp312 manylinux wheels should come to roughly 25-30 MiB (an estimate from
 # their usual sizes, not measured). Nothing outside that machine can be reached, so missing
 # packages must travel with the run as wheels (64 MiB of files in all): put them in ./wheels (or
-# $DAGC_WHEELS) on the machine that starts the run and carry that folder; this script installs
+# $DAGC_WHEELS) on the machine that starts the run and carry that folder (git ignores ./wheels and
+# ./gpu_out, so a carry list must name wheels); this script installs
 # them with `pip install --no-index --no-deps`. It does not download anything. dagc itself is made
 # importable with `pip install --no-deps --no-build-isolation -e .`, or, where that fails, through
 # a folder of links laid out as the installed package (PYTHONPATH), which needs nothing installed.
