@@ -48,17 +48,21 @@ class _Build:
     reference: verify.Reference
     batches: Sequence[int]
     fp16: bool
+    device: str = "cpu"
+    bf16: bool = False
 
 
 @dataclass(frozen=True)
 class Target:
-    """A compile target. ``unavailable()``: why it cannot build here, or None; ``add(build)``: add
-    its model files beyond the ONNX models every target writes; ``records_tensorrt``: the
-    manifest records the TensorRT settings; ``aoti_rtol``: the manifest records this tolerance."""
+    """A compile target. ``unavailable(device)``: why it cannot build for ``device`` here, or
+    None; ``add(build)``: add its model files beyond the ONNX models every target writes;
+    ``devices``: the ``--device`` values it takes (its first is the default); ``records_tensorrt``:
+    the manifest records the TensorRT settings; ``aoti_rtol``: the manifest records this tolerance."""
 
     name: str
-    unavailable: Callable[[], str | None]
+    unavailable: Callable[[str], str | None]
     add: Callable[[_Build], None]
+    devices: tuple[str, ...] = ("cpu",)
     records_tensorrt: bool = False
     aoti_rtol: float | None = None
 
@@ -74,15 +78,17 @@ def _add_plans(b: _Build) -> None:
 
 def _add_packages(b: _Build) -> None:
     files, models, graph, reference = b.files, b.models, b.graph, b.reference
-    aoti.add_packages(files, models, graph, reference, model_file)
+    precisions = ("fp32", *(["fp16"] if b.fp16 else []), *(["bf16"] if b.bf16 else []))
+    aoti.add_packages(files, models, graph, reference, model_file, device=b.device, precisions=precisions)
 
 
 # The registry: a target's name (``--target``) -> what it needs and adds. The manifest's model
 # formats (`dagc.manifest.MODEL_FORMATS`) are the formats these targets write.
 REGISTRY: dict[str, Target] = {t.name: t for t in (
-    Target("onnx", lambda: None, lambda b: None),
-    Target("tensorrt", tensorrt.unavailable_reason, _add_plans, records_tensorrt=True),
-    Target("aoti", aoti.unavailable_reason, _add_packages, aoti_rtol=aoti.AOTI_RTOL),
+    Target("onnx", lambda device: None, lambda b: None),
+    Target("tensorrt", lambda device: tensorrt.unavailable_reason(), _add_plans, devices=("cuda",),
+           records_tensorrt=True),
+    Target("aoti", aoti.unavailable_reason, _add_packages, devices=aoti.DEVICES, aoti_rtol=aoti.AOTI_RTOL),
 )}
 TARGETS = tuple(REGISTRY)
 
@@ -112,34 +118,52 @@ def load_graph(ckpt_path: str | Path):
     return ck, net, raw, optimize(raw)
 
 
-def _target(name: str) -> Target:
-    """The registered target ``name``; CompileError if it is unknown or cannot build here."""
+def _target(name: str, device: str | None, fp16: bool, bf16: bool) -> tuple[Target, str]:
+    """The registered target ``name`` and the device it builds for (``device``, None: the
+    target's default); CompileError if the target is unknown, does not take that device or
+    precision flag, or cannot build here."""
     if name not in REGISTRY:
         raise CompileError(f"unknown target {name!r}; choose one of {list(TARGETS)}")
-    reason = REGISTRY[name].unavailable()
+    target = REGISTRY[name]
+    device = target.devices[0] if device is None else device
+    if device not in target.devices:
+        raise CompileError(f"--target {name} builds for {' or '.join(target.devices)}, not --device {device!r}"
+                           + ("; --device is an option of --target aoti" if name != "aoti" else ""))
+    if bf16 and name != "aoti":
+        raise CompileError("--bf16 adds bf16 AOTInductor packages; use it with --target aoti --device cuda")
+    if name == "aoti" and (fp16 or bf16) and device != "cuda":
+        raise CompileError("fp16/bf16 AOTInductor packages are built for the GPU; add --device cuda (or drop "
+                           "--fp16/--bf16)")
+    reason = target.unavailable(device)
     if reason:
         raise CompileError(reason)
-    return REGISTRY[name]
+    return target, device
 
 
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
-                     fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> mf.Manifest:
+                     fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
+                     device: str | None = None, bf16: bool = False) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
     from the directory (`dagc.modelcheck.verify_artifact`, so every file is checked once more).
 
-    Raises CompileError (unknown target, no GPU for TensorRT, no C++ compiler for aoti, existing --out without force,
+    ``fp16``: TensorRT plans in fp16 (from the fp16-converted ONNX models), or with ``aoti`` on
+    ``device="cuda"`` fp16 packages beside the fp32 ones; ``bf16`` likewise bf16 packages (aoti,
+    cuda). ``device``: what ``aoti`` packages are compiled for, ``cpu`` (default) or ``cuda``.
+
+    Raises CompileError (unknown target, a device or precision the target does not take, no GPU
+    for TensorRT or aoti on cuda, no C++ compiler for aoti, existing --out without force,
     an --out that cannot be written, is not a directory dagc wrote or holds the checkpoint,
     unreduced checkpoint, a task without a path, a model that fails verification) and
     CheckpointError (missing, truncated, foreign or unknown-version file, invalid preprocessing
     record). Nothing is written unless everything verified.
     """
-    chosen = _target(target)
+    chosen, device = _target(target, device, fp16, bf16)
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
     out = check_out_dir(out_dir, force=force, inputs=[ckpt_path])  # before any work
     t0 = time.perf_counter()
     ck, net, raw, graph = load_graph(ckpt_path)
-    build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16)
+    build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16, device, bf16)
     _onnx_models(build, opset)
     chosen.add(build)
     manifest = _manifest(ck, raw, graph, build, chosen)
@@ -152,11 +176,12 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
 
 
 def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
-                       fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17) -> dict[str, Any]:
+                       fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
+                       device: str | None = None, bf16: bool = False) -> dict[str, Any]:
     """`compile_artifact`, returning the manifest as the JSON ``manifest.json`` holds
     (`Manifest.to_dict`). Raises as `compile_artifact`."""
     return compile_artifact(ckpt_path, out_dir, target=target, force=force, fp16=fp16, batches=batches,
-                            opset=opset).to_dict()
+                            opset=opset, device=device, bf16=bf16).to_dict()
 
 
 def _onnx_models(b: _Build, opset: int) -> None:
@@ -188,17 +213,31 @@ def _task_masks(ck, spec, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
-    """Build one plan per ONNX model and verify it against ONNX Runtime (`tensorrt.verify_plan`)."""
+    """Build one strongly typed plan per ONNX model (fp16: from its fp16 conversion; a model with
+    Q/DQ nodes: int8) and verify it against ONNX Runtime running the model it was built from
+    (`tensorrt.prepare`, `tensorrt.verify_plan`)."""
     shape = (spec.in_channels, *spec.input_size)
     for name in [n for n in list(files) if n.endswith(".onnx")]:
         info = models[name]
-        plan = tensorrt.build_plan(files[name], {i: shape for i in info["inputs"]}, batches, fp16)
-        errors = tensorrt.verify_plan(plan, files[name], name, batches, fp16=fp16, shape=shape)
+        precision = "int8" if tensorrt.has_qdq(files[name]) else "fp16" if fp16 else "fp32"
+        source = tensorrt.prepare(files[name], precision)
+        plan = tensorrt.build_plan(source, {i: shape for i in info["inputs"]}, batches)
+        errors = tensorrt.verify_plan(plan, source, name, batches, precision=precision, shape=shape)
         plan_name = name[: -len(".onnx")] + ".plan"
         files[plan_name] = plan
-        models[plan_name] = {**info, "format": "tensorrt", "precision": "fp16" if fp16 else "fp32",
+        models[plan_name] = {**info, "format": "tensorrt", "precision": precision,
                              "batches": list(batches), "verified_max_rel_error": max(errors.values()),
                              "built_from": name}
+
+
+def _routed(models) -> list[mf.ModelInfo]:
+    """The models the routes choose among: per format, its full-precision models (precision fp32
+    or unrecorded), or all of them when a format has only reduced ones (``--fp16`` plans). The
+    reduced-precision variants beside fp32 models (fp16/bf16 AOTInductor packages) are
+    alternatives a caller picks by name, never what a task subset runs by default."""
+    models = list(models)
+    full = {m.format for m in models if m.precision in (None, "fp32")}
+    return [m for m in models if m.format not in full or m.precision in (None, "fp32")]
 
 
 def _preprocessing(ck) -> Preprocessing | None:
@@ -238,7 +277,7 @@ def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target
         dagc_version=dagc.__version__, target=mf.PREVIEW if target is None else target.name, spec=spec,
         input=mf.InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
         tasks=tasks, models=typed,
-        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, typed.values()),
+        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, _routed(typed.values())),
         costs=mf.Costs(mf.Cost(**supernet_costs(spec)), mf.Cost(**graph_costs(raw)), mf.Cost(**graph_costs(graph)),
                        {t: mf.Cost(**graph_costs(graph, [t])) for t in spec.task_names}),
         sharing=tuple(mf.SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"])

@@ -106,14 +106,17 @@ def train(out, resume, quiet, **options) -> None:
               "needs a C++ compiler).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--fp16", is_flag=True, help="TensorRT: build fp16 plans.")
+@click.option("--fp16", is_flag=True, help="TensorRT: fp16 plans (from the fp16-converted ONNX models); aoti with "
+              "--device cuda: fp16 packages beside the fp32 ones.")
+@click.option("--bf16", is_flag=True, help="aoti with --device cuda: bf16 packages beside the fp32 ones.")
+@click.option("--device", default=None, help="aoti: compile the packages for cpu (default) or cuda.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True,
               help="TensorRT: batch sizes the optimisation profile covers.")
-def compile(checkpoint, target, out, force, fp16, batch) -> None:
+def compile(checkpoint, target, out, force, fp16, bf16, device, batch) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
     from dagc.compiler.compile import compile_artifact, summary
 
-    manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16,
+    manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16, bf16=bf16, device=device,
                                 batches=_int_list("--batch", batch))
     click.echo(summary(manifest))
     click.echo(f"\nwrote {out} (compiled and verified in {manifest.compile_seconds:.1f} s)")
