@@ -26,7 +26,7 @@ from dagc.runtime import load
 from dagc.spec import TaskSpec, preset
 from dagc.tools.cli import main
 from dagc.tools.serve import ServeConfig, TritonServer, find_server
-from dagc.tools.triton import DEFAULT_MAX_BATCH, TritonConfig
+from dagc.tools.triton import DEFAULT_MAX_BATCH, TritonConfig, export_triton
 
 httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient[http] (the serve extra)")
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
@@ -157,6 +157,43 @@ def test_metadata_and_configs_follow_the_manifest(server, artifact):
         # KIND_AUTO in the file: the server resolves it (CPU here, GPU where it has one)
         assert [g["count"] for g in cfg["instance_group"]] == [1]
         assert cfg["instance_group"][0]["kind"] in ("KIND_CPU", "KIND_GPU")
+
+
+def test_python_repository_mirrors_the_onnxruntime_one(artifact, tmp_path):
+    """Same models, tensors, batching, instances, ensembles and routes; only the backend, the
+    model.py next to each ONNX file and the two parameters differ. Needs no server."""
+    pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    ort_routing = export_triton(artifact, tmp_path / "ort")
+    py_routing = export_triton(artifact, tmp_path / "py", TritonConfig(backend="python", intra_op_threads=2))
+    assert py_routing["routes"] == ort_routing["routes"] and py_routing["backend"] == "python"
+    assert sorted(py_routing["models"]) == sorted(ort_routing["models"])
+    model_py = (Path(__file__).parents[1] / "tools" / "triton_model.py").read_bytes()
+    for name, info in py_routing["models"].items():
+        ort_cfg, py_cfg = pb2.ModelConfig(), pb2.ModelConfig()
+        text_format.Parse((tmp_path / "ort" / name / "config.pbtxt").read_text(), ort_cfg)
+        text_format.Parse((tmp_path / "py" / name / "config.pbtxt").read_text(), py_cfg)
+        if info["platform"] == "ensemble":
+            assert py_cfg == ort_cfg
+            continue
+        assert py_cfg.backend == "python" and not py_cfg.platform and ort_cfg.platform == "onnxruntime_onnx"
+        assert dict(py_cfg.parameters)["sha256"].string_value == info["sha256"]
+        assert dict(py_cfg.parameters)["intra_op_threads"].string_value == "2"
+        py_cfg.ClearField("backend"), py_cfg.ClearField("parameters"), ort_cfg.ClearField("platform")
+        assert py_cfg == ort_cfg
+        version = tmp_path / "py" / name / "1"
+        assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.py"]
+        assert (version / "model.py").read_bytes() == model_py
+        assert (version / "model.onnx").read_bytes() == (tmp_path / "ort" / name / "1" / "model.onnx").read_bytes()
+
+
+def test_export_backend_is_checked(artifact, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", "triton", str(artifact), "--out", str(tmp_path / "repo"), "--backend", "tensorflow"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "'tensorflow'" in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def _stats(client, model):
