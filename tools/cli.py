@@ -195,7 +195,7 @@ def serve(artifact, host, http_port, grpc_port, metrics_port, no_metrics, name, 
                           backend="python", intra_op_threads=threads)
     config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port,
                          metrics_port=None if no_metrics else metrics_port, triton=triton, server_log=server_log)
-    run_serve(artifact, config, echo=lambda line: click.echo(line))
+    run_serve(artifact, config, echo=click.echo)
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
