@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from compiler_cases import compiled_artifact
+from test_triton import plan_artifact  # noqa: F401 - the fixture: an artifact with TensorRT plans
 
 from dagc.artifact import load_manifest
 from dagc.errors import ServeError
@@ -186,6 +187,13 @@ def test_python_repository_mirrors_the_onnxruntime_one(artifact, tmp_path):
         assert sorted(p.name for p in version.iterdir()) == ["model.onnx", "model.py"]
         assert (version / "model.py").read_bytes() == model_py
         assert (version / "model.onnx").read_bytes() == (tmp_path / "ort" / name / "1" / "model.onnx").read_bytes()
+
+
+def test_python_repository_leaves_tensorrt_plans_out(plan_artifact, tmp_path):  # noqa: F811 - the fixture
+    routing = export_triton(plan_artifact, tmp_path / "py", TritonConfig(backend="python"))
+    assert list(routing["routes"]) == ["onnx"] and not any(n.endswith("_trt") for n in routing["models"])
+    assert sorted(routing["skipped"]) == ["model.plan", "task_cls.plan", "task_depth.plan", "task_seg.plan"]
+    assert not list((tmp_path / "py").rglob("model.plan"))
 
 
 def test_export_backend_is_checked(artifact, tmp_path, capsys):
