@@ -3,11 +3,8 @@ the nvidia-pytriton wheel), on loopback: every task-subset route answers what `E
 over HTTP and gRPC, metadata and configs follow the manifest, concurrent clients are batched,
 malformed requests are refused while serving goes on, and shutdown leaves no process behind."""
 
-import hashlib
-import json
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -285,20 +282,51 @@ def test_a_missing_server_is_one_clear_error(artifact, tmp_path):
     assert "\n" not in str(e.value) and not list(tmp_path.iterdir())
 
 
+def _broken_install(tmp_path, broken):
+    """A copy of the installed server (links to the real binary, libraries, backend and stubs)
+    with one part replaced: ``backend`` (a Python backend library that is not one) or ``stub``
+    (a stub for this Python that exits at once)."""
+    real = find_server()
+    root = tmp_path / "site" / "pytriton" / "tritonserver"
+    root.mkdir(parents=True)
+    (tmp_path / "site" / "nvidia_pytriton.libs").symlink_to(real.libs)
+    (root / "bin").symlink_to(real.binary.parent)
+    if broken == "backend":
+        (root / "python_backend_stubs").symlink_to(real.stub.parent.parent)
+        (root / "backends" / "python").mkdir(parents=True)
+        (root / "backends" / "python" / "libtriton_python.so").write_bytes(b"not a shared library")
+    else:
+        (root / "backends").symlink_to(real.python_backend.parent)
+        stub = root / "python_backend_stubs" / real.stub.parent.name / real.stub.name
+        stub.parent.mkdir(parents=True)
+        stub.write_text("#!/bin/sh\nexit 3\n")
+        stub.chmod(0o755)
+    return root
+
+
 @needs_server
-def test_a_model_the_server_cannot_load_is_reported(artifact, tmp_path):
-    """A model file ONNX Runtime refuses, with a manifest that vouches for it: the export passes,
-    the server fails, and the error quotes its log."""
-    art = tmp_path / "art"
-    shutil.copytree(artifact, art)
-    (art / "task_cls.onnx").write_bytes(b"not an onnx model")
-    m = json.loads((art / "manifest.json").read_text())
-    m["files"]["task_cls.onnx"] = {"bytes": 17, "sha256": hashlib.sha256(b"not an onnx model").hexdigest()}
-    (art / "manifest.json").write_text(json.dumps(m))
-    s = TritonServer(art, _config(metrics_port=None))
-    with pytest.raises(ServeError, match=r"tritonserver exited with code \d+ while starting: .*dagc_cls"):
+@pytest.mark.parametrize("broken, timeout, words", [
+    ("backend", 120.0, r"tritonserver exited with code \d+ while starting: .*libtriton_python\.so"),
+    ("stub", 3.0, r"tritonserver was not ready after 3 s")])
+def test_a_server_that_fails_to_start_is_reported_and_leaves_nothing(artifact, tmp_path, broken, timeout, words):
+    """A broken install of the real server: it exits while loading the models (a Python backend
+    library that is not one), or never gets ready (a stub that exits at once); the error quotes
+    its log and nothing is left running or written."""
+    root = _broken_install(tmp_path, broken)
+    s = TritonServer(artifact, _config(metrics_port=None, startup_timeout_s=timeout), server_dir=root)
+    with pytest.raises(ServeError, match=words):
         s.start()
-    assert s.process.poll() is not None and not _group_alive(s.process.pid)
+    assert s.process.poll() is not None and not _group_alive(s.process.pid) and s._tmp is None
+    shm = re.search(r"shm-region-prefix-name=(\S+)", " ".join(s.process.args)).group(1)
+    assert not list(Path("/dev/shm").glob(f"{shm}*")), "shared-memory regions left behind"
+
+
+@pytest.mark.parametrize("kw, words", [({"host": "localhost"}, "IPv4 address"), ({"host": "::1"}, "IPv4 address"),
+                                       ({"http_port": 9000, "grpc_port": 9000}, "must differ"),
+                                       ({"grpc_port": 70000}, "--grpc-port must be a port number")])
+def test_serve_config_is_checked(kw, words):
+    with pytest.raises(ServeError, match=words):
+        ServeConfig(**kw)
 
 
 def _group_alive(group):
@@ -339,8 +367,11 @@ def test_cli_serves_until_a_signal_and_leaves_nothing(artifact, tmp_path, sig):
 def test_stop_ends_every_process_and_removes_what_it_wrote(artifact):
     s = TritonServer(artifact, _config(metrics_port=None)).start()
     tmp, group = Path(s._tmp), s.process.pid
+    shm = re.search(r"shm-region-prefix-name=(\S+)", " ".join(s.process.args)).group(1)
+    assert list(Path("/dev/shm").glob(f"{shm}*")), "each model instance has a region with the server's prefix"
     stubs = subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()
     assert len(stubs) > 1, "the server and its Python backend stubs share the process group"
     s.stop()
     assert s.process.returncode is not None and not _group_alive(group) and not tmp.exists()
+    assert not list(Path("/dev/shm").glob(f"{shm}*"))
     s.stop()  # a second stop does nothing

@@ -11,7 +11,8 @@ backend plus the stub of this Python's version) in a temporary directory of its 
 the ports are free, starts the server in its own process group (with that directory as its
 ``TMPDIR``) and waits until it reports ready;
 `TritonServer.stop` terminates the group, kills it after a timeout and removes the temporary
-directory. Nothing else is written.
+directory and any shared-memory region the server left (their names carry that directory's).
+Nothing else is written.
 
 The server's environment makes the stub embed this very interpreter, so that its model.py files
 import the dagc and ONNX Runtime installed here: this interpreter's libdir first on
@@ -23,6 +24,7 @@ embedded Python finds its prefix, and a virtual environment's site-packages, fro
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
 import os
 import re
@@ -93,8 +95,8 @@ def find_server(root: str | os.PathLike | None = None) -> ServerFiles:
 class ServeConfig:
     """How to serve.
 
-    host: the address every endpoint binds to; 127.0.0.1 (default) serves this machine only,
-        0.0.0.0 all interfaces.
+    host: the IPv4 address every endpoint binds to; 127.0.0.1 (default) serves this machine
+        only, 0.0.0.0 all interfaces.
     http_port, grpc_port, metrics_port: the endpoints' ports; 0 picks a free one; metrics_port
         None: no metrics endpoint.
     startup_timeout_s: how long to wait for the server to report ready.
@@ -113,14 +115,20 @@ class ServeConfig:
     server_log: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.host, str) or not self.host:
-            raise ServeError(f"--host must be an address such as 127.0.0.1, got {self.host!r}")
+        try:  # what Triton's --http-address and --grpc-address take (gRPC would misread an IPv6 one)
+            ipaddress.IPv4Address(self.host)
+        except (ipaddress.AddressValueError, TypeError):
+            raise ServeError(f"--host takes an IPv4 address such as 127.0.0.1 (this machine only) or 0.0.0.0 "
+                             f"(all interfaces), got {self.host!r}") from None
         for name in ("http_port", "grpc_port", "metrics_port"):
             v = getattr(self, name)
             if v is None and name == "metrics_port":
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 65535:
                 raise ServeError(f"--{name.replace('_', '-')} must be a port number from 0 to 65535, got {v!r}")
+        ports = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if p]
+        if len(set(ports)) < len(ports):
+            raise ServeError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
         for name in ("startup_timeout_s", "stop_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ServeError(f"ServeConfig.{name} must be positive, got {getattr(self, name)!r}")
@@ -181,12 +189,11 @@ class TritonServer:
     @property
     def connect_host(self) -> str:
         """The address clients on this machine use (the host itself unless it is a wildcard)."""
-        return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self.config.host, self.config.host)
+        return "127.0.0.1" if self.config.host == "0.0.0.0" else self.config.host
 
     def url(self, endpoint: str = "http") -> str:
         """``host:port`` of an endpoint (http, grpc or metrics), as tritonclient takes it."""
-        host = self.connect_host
-        return f"[{host}]:{self.ports[endpoint]}" if ":" in host else f"{host}:{self.ports[endpoint]}"
+        return f"{self.connect_host}:{self.ports[endpoint]}"
 
     def start(self) -> TritonServer:
         """Export, lay out and start the server; returns self once it is ready. Raises ServeError
@@ -220,12 +227,17 @@ class TritonServer:
         cfg, host = self.config, self.config.host
         cmd = [str(files.binary), f"--model-repository={self._tmp / 'repository'}",
                f"--backend-directory={self._tmp / 'backends'}", "--disable-auto-complete-config",
+               f"--backend-config=python,shm-region-prefix-name={self._shm_prefix()}",
                f"--exit-timeout-secs={max(1, int(cfg.stop_timeout_s))}",
                f"--http-address={host}", f"--http-port={self.ports['http']}",
                f"--grpc-address={host}", f"--grpc-port={self.ports['grpc']}"]
         if "metrics" in self.ports:
             return cmd + [f"--metrics-address={host}", f"--metrics-port={self.ports['metrics']}"]
         return cmd + ["--allow-metrics=false"]
+
+    def _shm_prefix(self) -> str:
+        """The names of this server's Python-backend shared-memory regions start with this."""
+        return f"{self._tmp.name}_shm"
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
@@ -261,6 +273,9 @@ class TritonServer:
         grace period), then remove the temporary directory. Safe to call more than once."""
         if self.process is not None:
             _end_group(self.process, self.config.stop_timeout_s + 5)
+            if self._tmp is not None:  # a server stopped while loading leaves its regions in /dev/shm
+                for region in Path("/dev/shm").glob(f"{self._shm_prefix()}*"):
+                    region.unlink(missing_ok=True)
         if self._log is not None:
             self._log.close()
         if self._tmp is not None:
