@@ -149,18 +149,56 @@ def export() -> None:
 @click.option("--max-queue-delay-us", "delay", type=int, default=100, show_default=True,
               help="Dynamic batcher: longest wait to fill a batch, in microseconds.")
 @click.option("--no-ensembles", is_flag=True, help="No ensemble models for task subsets.")
-def export_triton(artifact, out, force, name, max_batch, instances, delay, no_ensembles) -> None:
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime (onnxruntime_onnx and tensorrt_plan models, for the NGC container) or python "
+                   "(Triton's Python backend running the ONNX models with ONNX Runtime; what dagc serve runs).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="--backend python: ONNX Runtime intra-op threads per model instance (0: one per core).")
+def export_triton(artifact, out, force, name, max_batch, instances, delay, no_ensembles, backend, threads) -> None:
     """Write a Triton Inference Server model repository for ARTIFACT (ONNX models, TensorRT plans,
     ensembles for task subsets, routing.json)."""
     from dagc.tools.triton import TritonConfig
     from dagc.tools.triton import export_triton as run_export
 
     config = TritonConfig(name=name, max_batch_size=max_batch, instances=instances, max_queue_delay_us=delay,
-                          ensembles=not no_ensembles)
+                          ensembles=not no_ensembles, backend=backend, intra_op_threads=threads)
     routing = run_export(artifact, out, config, force=force)
     for model, info in sorted(routing["models"].items()):
         click.echo(f"{model:<32}{info['platform']:<18}{','.join(info['tasks'])}")
     click.echo(f"\nwrote {out} ({len(routing['models'])} models; task subset -> model in {out / 'routing.json'})")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind every endpoint to; 0.0.0.0 serves all interfaces.")
+@click.option("--http-port", "http_port", type=int, default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--grpc-port", "grpc_port", type=int, default=8001, show_default=True, help="0 picks a free port.")
+@click.option("--metrics-port", "metrics_port", type=int, default=8002, show_default=True,
+              help="Prometheus metrics; 0 picks a free port.")
+@click.option("--no-metrics", is_flag=True, help="No metrics endpoint.")
+@click.option("--name", default="dagc", show_default=True, help="Prefix of the Triton model names.")
+@click.option("--max-batch", "max_batch", type=int, default=None, help="max_batch_size of the models (default 32).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (processes) per model.")
+@click.option("--max-queue-delay-us", "delay", type=int, default=100, show_default=True,
+              help="Dynamic batcher: longest wait to fill a batch, in microseconds.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="ONNX Runtime intra-op threads per model instance (0: one per core).")
+@click.option("--server-log", "server_log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the server's own log to this file.")
+def serve(artifact, host, http_port, grpc_port, metrics_port, no_metrics, name, max_batch, instances, delay,
+          threads, server_log) -> None:
+    """Serve ARTIFACT on a Triton Inference Server here (Python backend; needs the serve extra)
+    until Ctrl-C or SIGTERM. Prints the endpoints and which model serves each task subset."""
+    from dagc.tools.serve import ServeConfig
+    from dagc.tools.serve import serve as run_serve
+    from dagc.tools.triton import TritonConfig
+
+    triton = TritonConfig(name=name, max_batch_size=max_batch, instances=instances, max_queue_delay_us=delay,
+                          backend="python", intra_op_threads=threads)
+    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port,
+                         metrics_port=None if no_metrics else metrics_port, triton=triton, server_log=server_log)
+    run_serve(artifact, config, echo=click.echo)
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:

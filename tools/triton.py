@@ -10,6 +10,13 @@ Layout written (``<p>`` is `TritonConfig.name`, default ``dagc``)::
         routing.json                                        task subset -> model to call and outputs to ask for;
                                                             ``files``: every file written (what --force may replace)
 
+With ``backend="python"`` (`dagc serve`, or a Triton without the onnxruntime backend) the same
+models, under the same names, with the same inputs, outputs, batching, instance groups, ensembles
+and routes, run on Triton's Python backend instead: ``<m>/1/model.onnx`` plus ``<m>/1/model.py``
+(`dagc.tools.triton_model`, which runs it with ONNX Runtime), ``backend: "python"`` and the
+model's sha256 and ONNX Runtime thread count as config parameters. TensorRT plans are left out
+(listed in routing.json's ``skipped``).
+
 Every config has ``max_batch_size`` (dynamic batch; ``dims`` without the batch axis), inputs and
 outputs with their data types and shapes from the manifest, ``dynamic_batching`` and
 ``instance_group``. Triton takes every sub-directory of the repository as a model and ignores
@@ -45,7 +52,7 @@ from dagc.errors import ArtifactError, CompileError, ConfigError
 from dagc.manifest import Manifest, ModelInfo
 from dagc.modelcheck import load_checked
 
-__all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH"]
+__all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH", "BACKENDS"]
 
 ROUTING = "routing.json"
 DEFAULT_MAX_BATCH = 32
@@ -53,7 +60,11 @@ PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_
 # model formats dagc writes that no standard Triton backend loads as they are (AOTInductor packages
 # are for C++ embedding); they are left out of the repository, and listed in routing.json
 SKIPPED_FORMATS = ("aoti",)
+# the Triton backends a repository is written for: onnxruntime (with tensorrt for plans) or python
+BACKENDS = ("onnxruntime", "python")
 DATA_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+# the Python backend's model.py; read, not imported (it imports the stub's triton_python_backend_utils)
+MODEL_PY = Path(__file__).with_name("triton_model.py")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 
 
@@ -70,6 +81,10 @@ class TritonConfig:
     max_queue_delay_us: how long the dynamic batcher waits to fill a batch.
     ensembles: generate ensembles for task subsets that are cheapest as per-task models.
     max_ensemble_tasks: no ensembles when the spec has more tasks than this (2^K subsets).
+    backend: "onnxruntime" (platforms onnxruntime_onnx and tensorrt_plan, what the NGC container
+        serves) or "python" (Triton's Python backend running the ONNX models with ONNX Runtime).
+    intra_op_threads: Python backend: ONNX Runtime's intra-op threads per model instance; 0: its
+        default (one per core).
     """
 
     name: str = "dagc"
@@ -78,12 +93,17 @@ class TritonConfig:
     max_queue_delay_us: int = 100
     ensembles: bool = True
     max_ensemble_tasks: int = 6
+    backend: str = "onnxruntime"
+    intra_op_threads: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(f"triton model name prefix {self.name!r} must start with a letter or digit and hold "
                               "only letters, digits, '_' or '-'")
-        checks = {"max_batch_size": 1, "instances": 1, "max_queue_delay_us": 0, "max_ensemble_tasks": 0}
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"triton backend {self.backend!r} is not one of {list(BACKENDS)}")
+        checks = {"max_batch_size": 1, "instances": 1, "max_queue_delay_us": 0, "max_ensemble_tasks": 0,
+                  "intra_op_threads": 0}
         for field, low in checks.items():
             v = getattr(self, field)
             if field == "max_batch_size" and v is None:
@@ -121,7 +141,9 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
         files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
         if model["source"] is not None:
             files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = contents[model["source"]]
-    routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art),
+            if config.backend == "python":
+                files[f"{name}/1/model.py"] = MODEL_PY.read_bytes()
+    routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art), "backend": config.backend,
                "dagc_version": manifest.dagc_version, "input": plan["input"],
                "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"],
                "files": sorted(files)}  # what --force may delete later (dagc.outputs.check_replaceable)
@@ -145,7 +167,7 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
     by_format: dict[str, dict[str, ModelInfo]] = {"onnx": {}, "tensorrt": {}}
     skipped = []
     for fname, info in manifest.models.items():
-        if info.format in SKIPPED_FORMATS:
+        if info.format in SKIPPED_FORMATS or (config.backend == "python" and info.format == "tensorrt"):
             skipped.append(fname)
         elif info.format not in PLATFORMS:
             raise ArtifactError(f"model {fname!r} has format {info.format!r}, which the Triton export does not "
@@ -167,11 +189,13 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
             else:
                 max_batch, preferred, kind, batches = onnx_max, [], "KIND_AUTO", None
             sha = manifest.files[fname].sha256
+            platform = "python" if config.backend == "python" else PLATFORMS[fmt][0]
             text = _config_text(f"# {name}: {fname} of a dagc artifact (sha256 {sha}), tasks {', '.join(model_tasks)}",
-                                name, PLATFORMS[fmt][0], max_batch, [(i, dtype, in_dims) for i in info.inputs],
+                                name, platform, max_batch, [(i, dtype, in_dims) for i in info.inputs],
                                 [(t, "TYPE_FP32", out_dims[t]) for t in info.outputs],
-                                dynamic=(config.max_queue_delay_us, preferred), instances=(config.instances, kind))
-            _add(models, name, {"platform": PLATFORMS[fmt][0], "format": fmt, "tasks": model_tasks, "source": fname,
+                                dynamic=(config.max_queue_delay_us, preferred), instances=(config.instances, kind),
+                                parameters={"sha256": sha, "intra_op_threads": str(config.intra_op_threads)})
+            _add(models, name, {"platform": platform, "format": fmt, "tasks": model_tasks, "source": fname,
                                 "sha256": sha, "max_batch_size": max_batch,
                                 "min_batch_size": min(batches) if batches else 1,
                                 "inputs": list(info.inputs), "outputs": list(info.outputs), "config": text})
@@ -253,14 +277,19 @@ def _tensors(field: str, tensors) -> list[str]:
 
 
 def _config_text(header: str, name: str, platform: str, max_batch: int, inputs, outputs, *,
-                 dynamic: tuple[int, Sequence[int]], instances: tuple[int, str]) -> str:
+                 dynamic: tuple[int, Sequence[int]], instances: tuple[int, str], parameters: dict[str, str]) -> str:
+    """A model's config; ``platform`` "python" is written as ``backend: "python"`` with
+    ``parameters`` (the other platforms take none)."""
     delay, preferred = dynamic
-    lines = [header, f"name: {_q(name)}", f"platform: {_q(platform)}", f"max_batch_size: {max_batch}",
+    kind = f"backend: {_q(platform)}" if platform == "python" else f"platform: {_q(platform)}"
+    lines = [header, f"name: {_q(name)}", kind, f"max_batch_size: {max_batch}",
              *_tensors("input", inputs), *_tensors("output", outputs), "dynamic_batching {"]
     if preferred:
         lines.append(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]")
     lines += [f"  max_queue_delay_microseconds: {delay}", "}",
               f"instance_group [ {{ count: {instances[0]} kind: {instances[1]} }} ]"]
+    if platform == "python":
+        lines += [f"parameters {{ key: {_q(k)} value: {{ string_value: {_q(v)} }} }}" for k, v in parameters.items()]
     return "\n".join(lines) + "\n"
 
 
