@@ -338,3 +338,19 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_repository(artifact, tm
 def test_engine_refusals_are_dagc_errors(tmp_path):
     with pytest.raises(ArtifactError):
         export_triton(tmp_path / "missing", tmp_path / "repo")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "python"])
+def test_one_task_artifact_exports_its_model_once(tmp_path, backend):
+    # one task: the shared model and the task's model compute the same set; Triton names a model
+    # by its tasks, so only the routed one is exported and the other is listed as skipped
+    spec = preset("tiny", [TaskSpec("depth", "depth")], input_size=(16, 16))
+    art = compiled_artifact(tmp_path, spec, 3)
+    routing = export_triton(art, tmp_path / "repo", TritonConfig(backend=backend))
+    m = load_manifest(art)
+    onnx_files = sorted(n for n, i in m.models.items() if i.format == "onnx")
+    assert len(onnx_files) == 2
+    exported = [e["source"] for e in routing["models"].values() if e["source"] is not None]
+    assert exported == list(m.route("onnx", ["depth"]))
+    assert set(onnx_files) - set(exported) <= set(routing["skipped"])
+    assert routing["routes"]["onnx"]["depth"]["model"] == "dagc"

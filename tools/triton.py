@@ -174,6 +174,10 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
                                 f"know (it takes {sorted(PLATFORMS)}); update dagc or recompile the artifact")
         else:
             by_format[info.format][fname] = info
+    for fmt, infos in by_format.items():  # e.g. one task: the shared model and the task's model
+        for fname in _duplicates(manifest, fmt, infos):
+            skipped.append(fname)
+            del infos[fname]
     plan_batches = sorted({b for info in by_format["tensorrt"].values() for b in info.batches})
     onnx_max = config.max_batch_size or (max(plan_batches) if plan_batches else DEFAULT_MAX_BATCH)
 
@@ -244,6 +248,21 @@ def _routes(manifest: Manifest, config: TritonConfig, fmt: str, models: dict[str
                             "inputs": ens_inputs, "outputs": list(subset), "config": text})
         out[key] = {"model": name, "outputs": list(subset)}
     return out
+
+
+def _duplicates(manifest: Manifest, fmt: str, infos: dict[str, ModelInfo]) -> list[str]:
+    """The files of one format that compute the same task set as another: all but the one the
+    manifest's route for that set runs (the cheapest), since Triton names a model by its tasks."""
+    by_set: dict[frozenset, list[str]] = {}
+    for fname, info in infos.items():
+        by_set.setdefault(frozenset(info.tasks), []).append(fname)
+    out = []
+    for task_set, names in by_set.items():
+        if len(names) > 1:
+            route = manifest.route(fmt, task_set)
+            keep = route[0] if len(route) == 1 and route[0] in names else min(names, key=lambda n: infos[n].flops)
+            out += [n for n in names if n != keep]
+    return sorted(out)
 
 
 def _model_name(prefix: str, model_tasks: Sequence[str], all_tasks: Sequence[str], fmt: str) -> str:
