@@ -283,6 +283,14 @@ def _save_npy(tmp: str, y: np.ndarray) -> None:
         np.save(f, y, allow_pickle=False)
 
 
+NO_PREPROCESSING = ("the artifact records no preprocessing, so image pixels are fed as values in [0, 1] "
+                    "without normalisation; compile a checkpoint that records one (dagc train writes it)")
+
+
+class NoPreprocessingWarning(UserWarning):
+    """`run_images` fed image files to an artifact that records no preprocessing."""
+
+
 def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                tasks: Iterable[str] | str | None = None, backend: str = "auto") -> list[Path]:
     """``dagc run``: run an artifact on image files and write every output; returns the paths written.
@@ -294,7 +302,8 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     repeated stem gets ``_2``, ``_3``...) and written by `save_outputs`.
 
     Raises InputError (no images, an unreadable file, a bad task list, an ``out_dir`` that cannot
-    be written or lies in the artifact: checked before anything runs) and ArtifactError.
+    be written or lies in the artifact: checked before anything runs) and ArtifactError. Warns
+    (`NoPreprocessingWarning`) when the artifact records no preprocessing and image files are given.
     """
     check_writable_dir(out_dir, option="--out", error=InputError)
     check_not_input(out_dir, [artifact_dir], option="--out", error=InputError, what="artifact")
@@ -305,6 +314,10 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         raise InputError("no image files given; pass PNG, JPEG or .npy files")
     engine = load(artifact_dir, backend)
     names = engine._task_list(tasks)  # validate before reading any image
+    if engine.preprocessing is None and any(Path(p).suffix.lower() != ".npy" for p in files):
+        # a checkpoint made with the Python API may record none; the pixels then reach the model
+        # as [0, 1] values, which is right only if it was trained on such values
+        warnings.warn(NO_PREPROCESSING, NoPreprocessingWarning, stacklevel=2)
     batch = np.stack([read_image(p, engine.input_spec) for p in files])
     if engine.shared_input:
         images: Any = batch

@@ -29,7 +29,7 @@ from dagc.errors import ArtifactError, CheckpointError, CompileError, ConfigErro
 from dagc.manifest import Manifest
 from dagc.modelcheck import check_model, verify_artifact
 from dagc.runtime import load
-from dagc.runtime.images import MAX_PIXELS, read_image
+from dagc.runtime.images import MAX_PIXELS, NoPreprocessingWarning, read_image, run_images
 from dagc.spec import TaskSpec, preset
 from dagc.tools.cli import main
 from dagc.trainer.config import TrainConfig
@@ -477,3 +477,21 @@ def test_the_largest_flow_constant_is_the_complete_dag():
 def test_every_refusal_here_is_a_dagc_error():
     for cls in (ArtifactError, CheckpointError, CompileError, ConfigError, InputError):
         assert issubclass(cls, DagcError)
+
+
+def test_run_on_images_without_preprocessing_warns_in_one_line(tmp_path, grey):
+    # an API-made checkpoint may record no preprocessing: dagc run says so once and still runs
+    spec = preset("tiny", [TaskSpec("depth", "depth")], input_size=(16, 16))
+    ckpt = tmp_path / "c.safetensors"
+    save_checkpoint(ckpt, _tensors(spec), spec, "finetune")
+    compile_checkpoint(ckpt, tmp_path / "art")
+    code, err = _subprocess("run", tmp_path / "art", grey[1], "--out", tmp_path / "out")
+    lines = err.strip().splitlines()
+    assert code == 0 and len(lines) == 1 and lines[0].startswith("dagc: warning: "), err
+    assert "no preprocessing" in lines[0] and (tmp_path / "out").is_dir()
+    with pytest.warns(NoPreprocessingWarning):
+        run_images(tmp_path / "art", [grey[1]], tmp_path / "out2")
+    npy = tmp_path / "x.npy"
+    np.save(npy, np.zeros((3, 16, 16), np.float32))
+    code, err = _subprocess("run", tmp_path / "art", npy, "--out", tmp_path / "out3")
+    assert code == 0 and err.strip() == "", err  # .npy is already the model's input: nothing to say

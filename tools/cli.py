@@ -7,6 +7,7 @@ and exit code 2; never a traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -220,10 +221,17 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
               help="Directory for the outputs (.npy, pictures, top-k JSON).")
 def run(artifact, images, tasks, backend, out) -> None:
     """Run a compiled artifact on PNG/JPEG/.npy images and write each task's output."""
-    from dagc.runtime.images import run_images
+    from dagc.runtime.images import NoPreprocessingWarning, run_images
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    written = run_images(artifact, list(images), out, tasks=task_list, backend=backend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoPreprocessingWarning)
+        written = run_images(artifact, list(images), out, tasks=task_list, backend=backend)
+    for w in caught:
+        if issubclass(w.category, NoPreprocessingWarning):
+            click.echo(f"dagc: warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     click.echo(f"wrote {len(written)} files to {out}")
 
 
