@@ -1,5 +1,7 @@
 # The two set-up commands of the README. Both install torch==2.13.0 first: on these machines it is a
 # local CPU wheel, and installing it before the project keeps pip from pulling a CUDA build.
+# nvidia-pytriton (the Triton server binary of `dagc serve`) goes in without its dependencies: they
+# would replace numpy 2 with numpy 1 (pyproject.toml, the serve extra).
 PY ?= python3
 RUN ?= runs/demo
 ART ?= $(RUN)-art
@@ -8,7 +10,8 @@ ART ?= $(RUN)-art
 
 install:
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip install -q -e ".[cpu,dev,serve]"
+	$(PY) -m pip install -q --no-deps "nvidia-pytriton>=0.7,<0.8"
 
 # The main job in one command: train, compile at fp32 and int8 (int8 checked on the tasks' held-out
 # metrics), bench at batch 8, and a summary (tools/demo.py).

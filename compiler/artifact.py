@@ -7,7 +7,7 @@ the manifest is the core's typed `dagc.manifest.Manifest`.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +19,7 @@ __all__ = ["write_artifact"]
 
 
 def write_artifact(out_dir: str | os.PathLike, files: Mapping[str, bytes], manifest: Manifest, *,
-                   force: bool = False) -> Path:
+                   force: bool = False, inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Write an artifact directory atomically and return its path.
 
     ``files``: relative name -> content (model files, SVGs, ...). ``manifest``: everything else the
@@ -29,11 +29,13 @@ def write_artifact(out_dir: str | os.PathLike, files: Mapping[str, bytes], manif
 
     Raises CompileError if ``out_dir`` exists and ``force`` is false (before writing anything), or
     for a bad file name; ArtifactError if a model of the manifest is not among ``files``.
-    Replacing and failures as `dagc.artifact.write_tree`.
+    ``inputs`` (the checkpoint) must not be, or lie under, ``out_dir``. Replacing and failures as
+    `dagc.artifact.write_tree`.
     """
     for n in files:
         check_name(n)
     listed = {n: FileEntry(sha256(bytes(data)), len(data)) for n, data in sorted(files.items())}
     report = report_markdown(replace(manifest, files=listed)).encode("utf-8")
     full = replace(manifest, files={**listed, REPORT: FileEntry(sha256(report), len(report))})
-    return write_tree(out_dir, {**files, REPORT: report, MANIFEST: full.to_json().encode("utf-8")}, force=force)
+    return write_tree(out_dir, {**files, REPORT: report, MANIFEST: full.to_json().encode("utf-8")}, force=force,
+                      inputs=inputs)

@@ -21,7 +21,7 @@ import numpy as np
 
 import dagc
 from dagc import manifest as mf
-from dagc.artifact import load_manifest
+from dagc.artifact import check_out_dir
 from dagc.checkpoint import load_checkpoint
 from dagc.compiler import aoti, onnx_export, precision, report, tensorrt, verify
 from dagc.compiler.artifact import write_artifact
@@ -30,6 +30,7 @@ from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
 from dagc.compiler.quantize import INT8, with_settings
 from dagc.errors import CheckpointError, DataError, SpecError
+from dagc.modelcheck import verify_artifact
 from dagc.precisions import is_variant
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
@@ -49,17 +50,21 @@ class _Build:
     reference: verify.Reference
     batches: Sequence[int]
     fp16: bool
+    device: str = "cpu"
+    bf16: bool = False
 
 
 @dataclass(frozen=True)
 class Target:
-    """A compile target. ``unavailable()``: why it cannot build here, or None; ``add(build)``: add
-    its model files beyond the ONNX models every target writes; ``records_tensorrt``: the
-    manifest records the TensorRT settings; ``aoti_rtol``: the manifest records this tolerance."""
+    """A compile target. ``unavailable(device)``: why it cannot build for ``device`` here, or
+    None; ``add(build)``: add its model files beyond the ONNX models every target writes;
+    ``devices``: the ``--device`` values it takes (its first is the default); ``records_tensorrt``:
+    the manifest records the TensorRT settings; ``aoti_rtol``: the manifest records this tolerance."""
 
     name: str
-    unavailable: Callable[[], str | None]
+    unavailable: Callable[[str], str | None]
     add: Callable[[_Build], None]
+    devices: tuple[str, ...] = ("cpu",)
     records_tensorrt: bool = False
     aoti_rtol: float | None = None
 
@@ -75,15 +80,17 @@ def _add_plans(b: _Build) -> None:
 
 def _add_packages(b: _Build) -> None:
     files, models, graph, reference = b.files, b.models, b.graph, b.reference
-    aoti.add_packages(files, models, graph, reference, model_file)
+    precisions = ("fp32", *(["fp16"] if b.fp16 else []), *(["bf16"] if b.bf16 else []))
+    aoti.add_packages(files, models, graph, reference, model_file, device=b.device, precisions=precisions)
 
 
 # The registry: a target's name (``--target``) -> what it needs and adds. The manifest's model
 # formats (`dagc.manifest.MODEL_FORMATS`) are the formats these targets write.
 REGISTRY: dict[str, Target] = {t.name: t for t in (
-    Target("onnx", lambda: None, lambda b: None),
-    Target("tensorrt", tensorrt.unavailable_reason, _add_plans, records_tensorrt=True),
-    Target("aoti", aoti.unavailable_reason, _add_packages, aoti_rtol=aoti.AOTI_RTOL),
+    Target("onnx", lambda device: None, lambda b: None),
+    Target("tensorrt", lambda device: tensorrt.unavailable_reason(), _add_plans, devices=("cuda",),
+           records_tensorrt=True),
+    Target("aoti", aoti.unavailable_reason, _add_packages, devices=aoti.DEVICES, aoti_rtol=aoti.AOTI_RTOL),
 )}
 TARGETS = tuple(REGISTRY)
 
@@ -92,9 +99,18 @@ def load_graph(ckpt_path: str | Path):
     """Load a reduced checkpoint: (checkpoint, masked supernet, unoptimised IR, optimised IR).
 
     Raises CheckpointError for a missing/truncated/foreign file and CompileError if it is not
-    reduced or a task's masks leave it no path.
+    reduced, a task's masks leave it no path, or it is a run's resumable training state.
     """
     ck = load_checkpoint(ckpt_path)
+    if "progress" in ck.meta:
+        # A state.safetensors holds the model mid-training and no preprocessing record: its
+        # artifact would take un-normalised pixels without a word. The run's model is its checkpoint.
+        progress = ck.json("progress")
+        where = (f" (stage {progress.get('stage')!r}, step {progress.get('step')!r})"
+                 if isinstance(progress, dict) else "")
+        raise CompileError(f"{ckpt_path} is a run's resumable training state{where}, not a model checkpoint; "
+                           "use the run's checkpoint.safetensors, written when dagc train finishes "
+                           "(continue an interrupted run with dagc train --resume RUN_DIR)")
     masks_of(ck.tensors, ck.spec)  # refuses an unreduced checkpoint with the command to run
     try:
         net = network_from_checkpoint(ck).eval()
@@ -104,45 +120,63 @@ def load_graph(ckpt_path: str | Path):
     return ck, net, raw, optimize(raw)
 
 
-def _target(name: str) -> Target:
-    """The registered target ``name``; CompileError if it is unknown or cannot build here."""
+def _target(name: str, device: str | None, fp16: bool, bf16: bool) -> tuple[Target, str]:
+    """The registered target ``name`` and the device it builds for (``device``, None: the
+    target's default); CompileError if the target is unknown, does not take that device or
+    precision flag, or cannot build here."""
     if name not in REGISTRY:
         raise CompileError(f"unknown target {name!r}; choose one of {list(TARGETS)}")
-    reason = REGISTRY[name].unavailable()
+    target = REGISTRY[name]
+    device = target.devices[0] if device is None else device
+    if device not in target.devices:
+        raise CompileError(f"--target {name} builds for {' or '.join(target.devices)}, not --device {device!r}"
+                           + ("; --device is an option of --target aoti" if name != "aoti" else ""))
+    if bf16 and name != "aoti":
+        raise CompileError("--bf16 adds bf16 AOTInductor packages; use it with --target aoti --device cuda")
+    if name == "aoti" and (fp16 or bf16) and device != "cuda":
+        raise CompileError("fp16/bf16 AOTInductor packages are built for the GPU; add --device cuda (or drop "
+                           "--fp16/--bf16)")
+    reason = target.unavailable(device)
     if reason:
         raise CompileError(reason)
-    return REGISTRY[name]
+    return target, device
 
 
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
                      fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
-                     precisions: str | Sequence[str] = ("fp32",), data_root: str | None = None,
-                     calibration_batches: int = INT8.batches, calibration_seed: int = INT8.seed,
-                     max_metric_drop: float = precision.MAX_METRIC_DROP) -> mf.Manifest:
+                     device: str | None = None, bf16: bool = False, precisions: str | Sequence[str] = ("fp32",),
+                     data_root: str | None = None, calibration_batches: int = INT8.batches,
+                     calibration_seed: int = INT8.seed, max_metric_drop: float = precision.MAX_METRIC_DROP
+                     ) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
-    from the directory (`dagc.artifact.load_manifest`, so every file is checked once more).
+    from the directory (`dagc.modelcheck.verify_artifact`, so every file is checked once more).
+
+    ``fp16``: TensorRT plans in fp16 (from the fp16-converted ONNX models), or with ``aoti`` on
+    ``device="cuda"`` fp16 packages beside the fp32 ones; ``bf16`` likewise bf16 packages (aoti,
+    cuda). ``device``: what ``aoti`` packages are compiled for, ``cpu`` (default) or ``cuda``.
 
     ``precisions`` beyond fp32 (int8, bf16, fp16) add reduced-precision models checked on the
     tasks' held-out metrics (`dagc.compiler.precision.check_precisions`, which the other
     precision options configure): a precision whose primary metric drops by more than
     ``max_metric_drop`` (relative) on a task, after the int8 fallbacks, is refused (CompileError).
 
-    Raises CompileError (unknown target, no GPU for TensorRT, no C++ compiler for aoti, existing --out without force,
+
+    Raises CompileError (unknown target, a device or precision the target does not take, no GPU
+    for TensorRT or aoti on cuda, no C++ compiler for aoti, existing --out without force,
+    an --out that cannot be written, is not a directory dagc wrote or holds the checkpoint,
     unreduced checkpoint, a task without a path, a model that fails verification) and
     CheckpointError (missing, truncated, foreign or unknown-version file, invalid preprocessing
     record). Nothing is written unless everything verified.
     """
-    chosen = _target(target)
+    chosen, device = _target(target, device, fp16, bf16)
     precisions = precision.parse_precisions(precisions)
     settings = with_settings(INT8, batches=calibration_batches, seed=calibration_seed)
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
-    out = Path(out_dir)
-    if out.exists() and not force:
-        raise CompileError(f"{out} exists; pass --force to replace it")
+    out = check_out_dir(out_dir, force=force, inputs=[ckpt_path])  # before any work
     t0 = time.perf_counter()
     ck, net, raw, graph = load_graph(ckpt_path)
-    build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16)
+    build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16, device, bf16)
     _onnx_models(build, opset)
     accuracy = precision.check_precisions(build.files, build.models, ck, graph, precisions, data_root=data_root,
                                           settings=settings, max_drop=max_metric_drop)
@@ -152,17 +186,17 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     spec = ck.spec
     for t in spec.task_names:
         build.files[report.picture_file(t)] = report.render_task_svg(spec, _task_masks(ck, spec, t), t).encode()
-    write_artifact(out, build.files, manifest, force=force)
-    return load_manifest(out)
+    write_artifact(out, build.files, manifest, force=force, inputs=[ckpt_path])
+    return verify_artifact(out)
 
 
 def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
                        fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
-                       **precision_options: Any) -> dict[str, Any]:
+                       device: str | None = None, bf16: bool = False, **precision_options: Any) -> dict[str, Any]:
     """`compile_artifact`, returning the manifest as the JSON ``manifest.json`` holds
     (`Manifest.to_dict`). Raises as `compile_artifact`."""
     return compile_artifact(ckpt_path, out_dir, target=target, force=force, fp16=fp16, batches=batches,
-                            opset=opset, **precision_options).to_dict()
+                            opset=opset, device=device, bf16=bf16, **precision_options).to_dict()
 
 
 def _onnx_models(b: _Build, opset: int) -> None:
@@ -194,26 +228,46 @@ def _task_masks(ck, spec, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
-    """Build one plan per ONNX model and verify it against ONNX Runtime (`tensorrt.verify_plan`)."""
+    """Build one strongly typed plan per ONNX model (fp16: from its fp16 conversion; a model with
+    Q/DQ nodes: int8) and verify it against ONNX Runtime running the model it was built from
+    (`tensorrt.prepare`, `tensorrt.verify_plan`)."""
     shape = (spec.in_channels, *spec.input_size)
     for name in [n for n in list(files) if n.endswith(".onnx")]:
         info = models[name]
-        plan = tensorrt.build_plan(files[name], {i: shape for i in info["inputs"]}, batches, fp16)
-        errors = tensorrt.verify_plan(plan, files[name], name, batches, fp16=fp16, shape=shape)
+        precision = "int8" if tensorrt.has_qdq(files[name]) else "fp16" if fp16 else "fp32"
+        source = tensorrt.prepare(files[name], precision)
+        plan = tensorrt.build_plan(source, {i: shape for i in info["inputs"]}, batches)
+        errors = tensorrt.verify_plan(plan, source, name, batches, precision=precision, shape=shape)
         plan_name = name[: -len(".onnx")] + ".plan"
         files[plan_name] = plan
-        models[plan_name] = {**info, "format": "tensorrt", "precision": "fp16" if fp16 else "fp32",
+        models[plan_name] = {**info, "format": "tensorrt", "precision": precision,
                              "batches": list(batches), "verified_max_rel_error": max(errors.values()),
                              "built_from": name}
 
 
+def _routed(typed: dict[str, mf.ModelInfo]) -> list[mf.ModelInfo]:
+    """The models the routes choose among: per format, its full-precision models (precision fp32
+    or unrecorded), or all of them when a format has only reduced ones (``--fp16`` plans). The
+    reduced-precision variants beside fp32 models (fp16/bf16 AOTInductor packages, int8/fp16
+    ONNX files and what is built from them: `dagc.precisions.is_variant`) are alternatives a
+    caller picks by name or by ``load(..., precision=)``, never what a task subset runs by default."""
+    models = [m for m in typed.values() if not is_variant(typed, m.name)]
+    full = {m.format for m in models if m.precision in (None, "fp32")}
+    return [m for m in models if m.format not in full or m.precision in (None, "fp32")]
+
+
 def _preprocessing(ck) -> Preprocessing | None:
-    """The checkpoint's preprocessing record, either form (`Preprocessing.from_record`)."""
+    """The checkpoint's preprocessing record, either form (`Preprocessing.from_record`), with one
+    mean and std per input channel (or one for all)."""
     record = ck.json("preprocessing", None)
     try:
-        return None if record is None else Preprocessing.from_record(record)
+        pre = None if record is None else Preprocessing.from_record(record)
     except DataError as e:
         raise CheckpointError(f"the checkpoint's metadata: {e}; retrain or fix the checkpoint") from None
+    if pre is not None and pre.channels not in (1, ck.spec.in_channels):
+        raise CheckpointError(f"{ck.source}: metadata 'preprocessing' has {pre.channels} means and stds for "
+                              f"{ck.spec.in_channels}-channel inputs; retrain or fix the checkpoint")
+    return pre
 
 
 def _tasks(ck, graph: Graph) -> dict[str, mf.TaskInfo]:
@@ -239,8 +293,7 @@ def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target
         dagc_version=dagc.__version__, target=mf.PREVIEW if target is None else target.name, spec=spec,
         input=mf.InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
         tasks=tasks, models=typed,
-        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()},
-                              [m for m in typed.values() if not is_variant(typed, m.name)]),
+        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, _routed(typed)),
         costs=mf.Costs(mf.Cost(**supernet_costs(spec)), mf.Cost(**graph_costs(raw)), mf.Cost(**graph_costs(graph)),
                        {t: mf.Cost(**graph_costs(graph, [t])) for t in spec.task_names}),
         sharing=tuple(mf.SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"])

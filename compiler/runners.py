@@ -75,18 +75,20 @@ class SupernetRunner:
 
 class ModuleRunner:
     """A PyTorch callable that takes its inputs positionally and returns one tensor per output,
-    as a runner on the CPU. Takes the callable and its input and output names, in its order."""
+    as a runner. Takes the callable, its input and output names, in its order, and the device its
+    inputs go to (``cpu`` by default; the callable must compute there)."""
 
-    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    def __init__(self, fn: Callable[..., Sequence[torch.Tensor]], inputs: Sequence[str], outputs: Sequence[str],
+                 device: str = "cpu") -> None:
         self.fn = fn
         self.inputs = tuple(inputs)
         self.outputs = tuple(outputs)
+        self.device = torch.device(device)
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """See `dagc.runners.Runner.run`."""
-        cpu = torch.device("cpu")
         with torch.no_grad():
-            got = dict(zip(self.outputs, self.fn(*(_tensor(feeds[i], cpu) for i in self.inputs)), strict=True))
+            got = dict(zip(self.outputs, self.fn(*(_tensor(feeds[i], self.device) for i in self.inputs)), strict=True))
         return {t: _numpy(got[t]) for t in (self.outputs if outputs is None else outputs)}
 
 
@@ -109,8 +111,9 @@ def load_package(data: bytes):
 
 
 class AotiRunner(ModuleRunner):
-    """An AOTInductor package as a runner. Takes the ``.pt2`` bytes and the input and output names
-    in the order the package takes and returns them (`dagc.compiler.aoti.build_package`)."""
+    """An AOTInductor package as a runner. Takes the ``.pt2`` bytes, the input and output names
+    in the order the package takes and returns them (`dagc.compiler.aoti.build_package`) and the
+    device it was compiled for (its inputs go there)."""
 
-    def __init__(self, data: bytes, inputs: Sequence[str], outputs: Sequence[str]) -> None:
-        super().__init__(load_package(data), inputs, outputs)
+    def __init__(self, data: bytes, inputs: Sequence[str], outputs: Sequence[str], device: str = "cpu") -> None:
+        super().__init__(load_package(data), inputs, outputs, device)

@@ -1,21 +1,61 @@
-"""TensorRT plans built from the emitted ONNX models (TensorRT 10 Python API) and their verification
-against ONNX Runtime (`dagc.runners.TrtRunner` against `dagc.runners.OrtRunner`, through
-`dagc.runners.compare`). GPU only: without CUDA or the `tensorrt` package every entry point raises
-CompileError saying so."""
+"""TensorRT plans built from ONNX models, for TensorRT 10 and 11, and their verification against
+ONNX Runtime (`dagc.runners.TrtRunner` against `dagc.runners.OrtRunner`, through
+`dagc.runners.compare`).
+
+Every network is *strongly typed*: the precision of each layer is the type its ONNX model gives
+it, never a builder flag. TensorRT 11 removed weak typing (``BuilderFlag.FP16`` / ``INT8`` and the
+calibrators no longer exist; its migration guide: convert the ONNX model to fp16 first, quantise
+with explicit Q/DQ nodes); on TensorRT 10 strong typing is opted into with
+``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, on 11 it is unconditional (`creation_flags`).
+So a precision is a property of the ONNX model the plan is built from:
+
+``fp32``  the emitted model as it is;
+``fp16``  the emitted model converted by onnxconverter-common (`fp16_model`: weights and
+          activations fp16, float32 inputs and outputs kept);
+``int8``  a model with QuantizeLinear/DequantizeLinear nodes (`has_qdq`), such as ONNX Runtime's
+          ``quantize_static`` writes: TensorRT runs explicit quantisation. TensorRT takes only
+          symmetric signed quantisation (int8 zero points, all 0) and no quantised (int32)
+          biases (`qdq_problem`); ``quantize_static`` writes such models with
+          ``activation_type=weight_type=QuantType.QInt8`` and the `TRT_QDQ_OPTIONS` extra options
+          (its defaults, asymmetric uint8 activations and int32 biases, suit ONNX Runtime's CPU
+          kernels, not TensorRT).
+
+GPU only: without CUDA or the ``tensorrt`` package (whose libraries come only from NVIDIA's own
+package index) every entry point that builds or runs a plan raises CompileError saying so; the
+ONNX-side helpers (`fp16_model`, `has_qdq`, `plan_precision`, `creation_flags`) run anywhere.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import onnx
 
 from dagc.errors import CompileError, RunnerError
-from dagc.runners import OrtRunner, TrtRunner, compare
+from dagc.runners import TENSORRT_MAJORS, OrtRunner, TrtRunner, compare, tensorrt_major
 from dagc.runners import tensorrt_unavailable as unavailable_reason
 
-# TensorRT may run fp32 convolutions in TF32 on Ampere and newer; tolerances relative to the output
-# scale, as in the ONNX verification.
-TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2}
+__all__ = ["PRECISIONS", "TOLERANCE", "unavailable_reason", "creation_flags", "fp16_model", "has_qdq",
+           "qdq_problem", "TRT_QDQ_OPTIONS", "plan_precision", "prepare", "build_plan", "verify_plan"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+# Relative to the output scale, as in the ONNX verification, against ONNX Runtime running the very
+# model the plan was built from. TensorRT may run fp32 convolutions in TF32 on Ampere and newer;
+# int8 kernels may round scales differently from ONNX Runtime's reference Q/DQ (one step apart).
+TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2, "int8": 1e-1}
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_SIGNED_ZERO_POINTS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN})
+# quantize_static's extra options for TensorRT: symmetric scales, float biases, a Q/DQ pair on each
+# weight (float weights behind Q->DQ, the form TensorRT's explicit quantisation reads) and one
+# Q/DQ pair per consumer.
+TRT_QDQ_OPTIONS = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+                   "AddQDQPairToWeight": True, "DedicatedQDQPair": True}
+SYMMETRIC_HINT = ("quantize it with onnxruntime.quantization.quantize_static(..., quant_format=QuantFormat.QDQ, "
+                  "activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, "
+                  f"extra_options={TRT_QDQ_OPTIONS})")
 
 
 def _require() -> None:
@@ -24,27 +64,162 @@ def _require() -> None:
         raise CompileError(reason)
 
 
-def build_plan(onnx_bytes: bytes, input_shapes: Mapping[str, Sequence[int]], batches: Sequence[int],
-               fp16: bool = False) -> bytes:
-    """Build a serialized TensorRT engine from an ONNX model with one optimisation profile
-    covering ``min(batches)..max(batches)`` (optimised for the median).
+def creation_flags(version: str, strongly_typed_bit: int | None) -> int:
+    """The ``create_network`` flags of a strongly typed network on TensorRT ``version``.
 
-    Takes the ONNX bytes, each input's (C, H, W), the batch sizes and the precision. Returns the
-    plan bytes. Raises CompileError if TensorRT is unavailable or fails to parse or build.
+    Takes the version string and the value of ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``
+    (None where the bindings have none). TensorRT 10 needs the flag; TensorRT 11 types every
+    network strongly (the flag is accepted and ignored), so 0. Raises CompileError for a version
+    before 10 (weakly typed only) or a 10.x without the flag.
+    """
+    major = tensorrt_major(version)
+    if major < TENSORRT_MAJORS[0]:
+        raise CompileError(f"TensorRT {version} is too old; dagc builds strongly typed networks with TensorRT 10 or "
+                           "11; upgrade tensorrt")
+    if major >= 11:
+        return 0
+    if strongly_typed_bit is None:
+        raise CompileError(f"TensorRT {version} has no strongly typed networks; upgrade to TensorRT 10.0 or newer")
+    return 1 << int(strongly_typed_bit)
+
+
+def _load(model: bytes | str | os.PathLike) -> bytes:
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    try:
+        return Path(model).read_bytes()
+    except OSError as e:
+        raise CompileError(f"cannot read the ONNX model {model}: {e.strerror}") from None
+
+
+def has_qdq(model: bytes | onnx.ModelProto) -> bool:
+    """Whether an ONNX model (bytes or proto) holds QuantizeLinear/DequantizeLinear nodes."""
+    proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
+    return any(n.op_type in QDQ_OPS for n in proto.graph.node)
+
+
+def qdq_problem(model: bytes | onnx.ModelProto) -> str | None:
+    """Why TensorRT cannot import the Q/DQ nodes of a model, or None: TensorRT quantises
+    symmetrically only, so every zero point given must be a signed type (int8; int4 and fp8 also
+    exist) and all zeros, and it dequantises no int32 (quantised-bias) values. Zero points
+    computed at run time are not checked (dagc's models have none)."""
+    from onnx import numpy_helper
+
+    proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
+    consts = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            consts[node.output[0]] = node.attribute[0].t
+    for node in proto.graph.node:
+        if node.op_type not in QDQ_OPS or len(node.input) < 3 or not node.input[2] or node.input[2] not in consts:
+            continue
+        zp = consts[node.input[2]]
+        if zp.data_type == onnx.TensorProto.INT32:
+            return f"{node.op_type} node {node.name!r} dequantises an int32 (quantised) bias, which TensorRT cannot"
+        if zp.data_type not in _SIGNED_ZERO_POINTS:
+            kind = onnx.TensorProto.DataType.Name(zp.data_type).lower()
+            return f"{node.op_type} node {node.name!r} has {kind} zero points; TensorRT takes signed int8 ones"
+        if np.any(numpy_helper.to_array(zp).astype(np.float64) != 0):
+            return f"{node.op_type} node {node.name!r} has non-zero zero points; TensorRT quantises symmetrically"
+    return None
+
+
+def _float_outputs(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """Give ``converted`` the float32 outputs of ``original`` where the converter left an output
+    in fp16 (onnxconverter-common does so when a node on its op block list, such as Resize,
+    produces the output): the fp16 value is renamed and cast back to float32 under the output's
+    name."""
+    want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
+    g = converted.graph
+    for out in g.output:
+        tt = out.type.tensor_type
+        if want.get(out.name) != onnx.TensorProto.FLOAT or tt.elem_type == onnx.TensorProto.FLOAT:
+            continue
+        inner = f"{out.name}/fp16"
+        for node in g.node:
+            node.output[:] = [inner if o == out.name else o for o in node.output]
+        for vi in [v for v in g.value_info if v.name == out.name]:
+            g.value_info.remove(vi)
+        g.node.append(onnx.helper.make_node("Cast", [inner], [out.name], to=onnx.TensorProto.FLOAT,
+                                            name=f"{out.name}/to_float32"))
+        tt.elem_type = onnx.TensorProto.FLOAT
+
+
+def fp16_model(model: bytes | str | os.PathLike) -> bytes:
+    """The fp16 version of a float32 ONNX model (bytes or file): onnxconverter-common's
+    ``convert_float_to_float16(model, keep_io_types=True)``, so inputs and outputs stay float32
+    (every output is made float32 even where the converter leaves one in fp16), then checked
+    with ``onnx.checker``. Returns the model's bytes. Raises CompileError without
+    onnxconverter-common or for a model that does not convert."""
+    try:
+        from onnxconverter_common import float16
+    except ImportError:
+        raise CompileError("fp16 models need the onnxconverter-common package; install dagc[gpu] (or "
+                           "pip install onnxconverter-common)") from None
+    original = onnx.load_from_string(_load(model))
+    try:
+        converted = float16.convert_float_to_float16(original, keep_io_types=True)
+        _float_outputs(original, converted)
+        onnx.checker.check_model(converted)
+    except Exception as e:  # noqa: BLE001 - the converter and checker raise many types; report in one line
+        raise CompileError(f"the ONNX model could not be converted to fp16: {str(e).strip().splitlines()[0]}") from None
+    return converted.SerializeToString()
+
+
+def plan_precision(model: bytes) -> str:
+    """The precision a strongly typed plan of this ONNX model runs in: ``int8`` with Q/DQ nodes,
+    ``fp16`` when it holds fp16 weights, else ``fp32``."""
+    proto = onnx.load_from_string(model)
+    if has_qdq(proto):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def prepare(model: bytes | str | os.PathLike, precision: str) -> bytes:
+    """The ONNX bytes to build a ``precision`` plan from (see the module docstring): the model
+    for fp32, its fp16 conversion for fp16, the model itself for int8, which must hold Q/DQ nodes.
+    A model with Q/DQ nodes is int8 whatever is asked. Raises CompileError for an unknown
+    precision, an int8 request for a model without Q/DQ nodes, or Q/DQ nodes TensorRT cannot
+    take (`qdq_problem`)."""
+    if precision not in PRECISIONS:
+        raise CompileError(f"unknown TensorRT precision {precision!r}; choose one of {list(PRECISIONS)}")
+    data = _load(model)
+    qdq = has_qdq(data)
+    if precision == "int8" and not qdq:
+        raise CompileError("int8 plans are built from ONNX models with QuantizeLinear/DequantizeLinear nodes and "
+                           f"this one has none; {SYMMETRIC_HINT}")
+    problem = qdq_problem(data) if qdq else None
+    if problem:
+        raise CompileError(f"TensorRT cannot build this Q/DQ model: {problem}; {SYMMETRIC_HINT}")
+    if precision == "fp16" and not qdq:
+        return fp16_model(data)
+    return data
+
+
+def build_plan(model: bytes | str | os.PathLike, input_shapes: Mapping[str, Sequence[int]],
+               batches: Sequence[int]) -> bytes:
+    """Build a serialized TensorRT engine from an ONNX model (bytes or file; float32, fp16 or with
+    Q/DQ nodes, see `prepare`) as a strongly typed network, with one optimisation profile covering
+    ``min(batches)..max(batches)`` (optimised for the median).
+
+    Takes the ONNX model, each input's (C, H, W) and the batch sizes. Returns the plan bytes.
+    Raises CompileError if TensorRT is unavailable or fails to parse or build.
     """
     _require()
     import tensorrt as trt
 
+    data = _load(model)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    bit = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    network = builder.create_network(creation_flags(trt.__version__, bit))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(onnx_bytes):
+    if not parser.parse(data):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CompileError(f"TensorRT could not parse the ONNX model: {errors}")
     config = builder.create_builder_config()
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
     profile = builder.create_optimization_profile()
     lo, hi = min(batches), max(batches)
     opt = sorted(batches)[len(batches) // 2]
@@ -59,11 +234,12 @@ def build_plan(onnx_bytes: bytes, input_shapes: Mapping[str, Sequence[int]], bat
     return bytes(plan)
 
 
-def verify_plan(plan: bytes, onnx_bytes: bytes, name: str, batches: Sequence[int], *, fp16: bool = False,
+def verify_plan(plan: bytes, onnx_bytes: bytes, name: str, batches: Sequence[int], *, precision: str = "fp32",
                 shape: Sequence[int], seed: int = 0) -> dict[str, float]:
-    """Check a plan against ONNX Runtime (CPU) running the ONNX model it was built from.
+    """Check a plan against ONNX Runtime (CPU) running the ONNX model it was built from (the
+    output of `prepare`).
 
-    Takes the plan, the ONNX bytes, the ONNX file's name (for messages), the plan's batch sizes,
+    Takes the plan, those ONNX bytes, the ONNX file's name (for messages), the plan's batch sizes,
     its precision, each input's (C, H, W) and the seed. Runs both on one seeded standard-normal
     batch of ``max(batches)`` and compares them with `dagc.runners.compare` at `TOLERANCE`.
     Returns task -> worst relative error. Raises CompileError if TensorRT is unavailable, cannot
@@ -75,7 +251,7 @@ def verify_plan(plan: bytes, onnx_bytes: bytes, name: str, batches: Sequence[int
     feeds = {i: rng.standard_normal((max(batches), *shape)).astype(np.float32) for i in reference.inputs}
     try:
         runner = TrtRunner(plan, batches)
-        return compare(runner, reference, [feeds], reference.outputs, rtol=TOLERANCE["fp16" if fp16 else "fp32"],
-                       what=f"TensorRT plan of {name}", against="ONNX Runtime")
+        return compare(runner, reference, [feeds], reference.outputs, rtol=TOLERANCE[precision],
+                       what=f"{precision} TensorRT plan of {name}", against="ONNX Runtime")
     except RunnerError as e:
         raise CompileError(f"{name}: {e}") from None

@@ -8,11 +8,13 @@ Layout::
         <files>         model files, per-task SVG pictures, ... (relative POSIX paths; sub-folders
                         allowed, e.g. a Triton model repository)
 
-`write_tree` builds a whole directory in a temporary sibling and renames it into place, so a
-reader never sees a half-written artifact and a failed write leaves nothing behind. This is the
-core's part of the contract: the compiler writes artifacts with it, the runtime and the tools read
-them with `load_manifest` (the typed `dagc.manifest.Manifest`) or `read_manifest` (the verified
-JSON, for tools that only pass it on), and read a model file's bytes with `read_verified`.
+`write_tree` builds a whole directory in a temporary sibling and swaps it into place
+(`dagc.outputs`: atomic even under kill -9; ``force`` replaces only a directory dagc wrote, never
+an input), so a reader never sees a half-written artifact and a failed write leaves nothing
+behind. This is the core's part of the contract: the compiler writes artifacts with it (and the
+Triton export its repositories), the runtime and the tools read them with `load_artifact` (the
+typed `dagc.manifest.Manifest` and every file's verified bytes, one consistent snapshot),
+`load_manifest` or `read_manifest` (the verified JSON, for tools that only pass it on).
 """
 
 from __future__ import annotations
@@ -20,19 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 
 from dagc.errors import ArtifactError, CompileError
 from dagc.manifest import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, Manifest
+from dagc.outputs import check_replaceable, check_writable_dir, install, remove_owned, remove_stale, stage
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "REPORT", "read_manifest", "load_manifest", "read_verified",
-           "write_tree", "sha256", "check_name"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "REPORT", "read_manifest", "read_artifact", "load_manifest",
+           "load_artifact", "read_verified", "write_tree", "check_out_dir", "sha256", "check_name"]
 
 
 def sha256(data: bytes) -> str:
@@ -76,31 +77,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def check_out_dir(out_dir: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike] = (),
+                  what: str = "input") -> Path:
+    """The checks `write_tree` makes before writing, for a command to make before its work: the
+    directory has a name and can be created (`dagc.outputs.check_writable_dir`), and it may be
+    written with ``force`` (`dagc.outputs.check_replaceable`; ``what`` names the inputs in the
+    message). Returns it as a Path; raises CompileError."""
+    out_dir = Path(out_dir)
+    if not out_dir.name:
+        raise CompileError(f"directory {str(out_dir)!r} has no name")
+    # an existing one is swapped out by a rename in its parent; a new one needs its nearest ancestor
+    check_writable_dir(out_dir.parent if os.path.lexists(out_dir) else out_dir, option="--out", error=CompileError)
+    check_replaceable(out_dir, inputs=inputs, force=force, error=CompileError, what=what)
+    return out_dir
+
+
 def write_tree(out_dir: str | os.PathLike, files: Mapping[str, bytes], *, force: bool = False,
-               dirs: Sequence[str] = ()) -> Path:
+               dirs: Sequence[str] = (), inputs: Sequence[str | os.PathLike] = ()) -> Path:
     """Write a directory of files atomically (an artifact, a Triton model repository) and return
-    its path.
+    its path: the one writer and replacer of dagc's output directories.
 
     ``files``: relative POSIX path -> content; ``dirs``: relative paths of directories to create
-    even when empty. Everything is written and fsynced in a temporary sibling (mode 0755: services
-    read it), which is then renamed to ``out_dir``. With ``force`` an existing ``out_dir`` is
-    replaced: the old one is moved aside, the new one renamed in, the old one deleted.
+    even when empty; ``inputs``: what the command reads, which ``out_dir`` must not be, hold or lie
+    in. Stale temporaries of killed writes to ``out_dir`` are removed first
+    (`dagc.outputs.remove_stale`); everything is written and fsynced in a temporary sibling (mode
+    0755: services read it), which then takes ``out_dir``'s place (`dagc.outputs.install`: with
+    ``force`` one atomic exchange with the old directory, which is then removed).
 
-    Raises CompileError if ``out_dir`` has no name, exists and ``force`` is false (before writing
-    anything), or a path is not a plain relative path. On any error the temporary directory is
-    removed and an existing ``out_dir`` is left as it was.
+    Raises CompileError if ``out_dir`` has no name, is or holds an input, exists without
+    ``force``, exists and is not a directory dagc wrote (`dagc.outputs.check_replaceable`; all
+    before writing anything), or a path is not a plain relative path. On any error the temporary
+    directory is removed and an existing ``out_dir`` is left as it was.
     """
-    out_dir = Path(out_dir)
-    name = out_dir.name
-    if not name:
-        raise CompileError(f"directory {str(out_dir)!r} has no name")
-    if (out_dir.exists() or out_dir.is_symlink()) and not force:
-        raise CompileError(f"{out_dir} exists; pass --force to replace it")
+    out_dir = check_out_dir(out_dir, force=force, inputs=inputs)
     paths = {n: _plain_relative(n) for n in files}
+    for d in dirs:
+        _plain_relative(d)
     parent = out_dir.parent
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private (0700)
+    remove_stale(out_dir)
+    tmp = stage(out_dir, files)
     try:
         for n in sorted(files):
             _write(tmp.joinpath(*paths[n].parts), bytes(files[n]))
@@ -108,34 +124,13 @@ def write_tree(out_dir: str | os.PathLike, files: Mapping[str, bytes], *, force:
             tmp.joinpath(*_plain_relative(d).parts).mkdir(parents=True, exist_ok=True)
         for d in sorted({tmp, *(p for p in tmp.rglob("*") if p.is_dir())}):
             _fsync_dir(d)
-        _install(tmp, out_dir, force)
+        install(tmp, out_dir, force=force, inputs=inputs, error=CompileError)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.exists():
+            remove_owned(tmp)
         raise
     _fsync_dir(parent)
     return out_dir
-
-
-def _install(tmp: Path, out_dir: Path, force: bool) -> None:
-    """Rename the finished ``tmp`` to ``out_dir``; with ``force`` replace an existing one."""
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        os.rename(tmp, out_dir)
-        return
-    if not force:  # appeared while we were writing
-        raise CompileError(f"{out_dir} exists; pass --force to replace it")
-    aside_root = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
-    aside = aside_root / "old"
-    try:
-        os.rename(out_dir, aside)
-        try:
-            os.rename(tmp, out_dir)
-        except BaseException:
-            os.rename(aside, out_dir)  # put the old artifact back
-            raise
-    except BaseException:
-        shutil.rmtree(aside_root, ignore_errors=True)
-        raise
-    shutil.rmtree(aside_root, ignore_errors=True)
 
 
 def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
@@ -145,14 +140,21 @@ def load_manifest(artifact_dir: str | os.PathLike) -> Manifest:
     computed, preprocessing made numeric). Raises ArtifactError as `read_manifest` does and for
     any invalid field (the message names it).
     """
-    path = Path(artifact_dir) / MANIFEST
-    return Manifest.from_dict(read_manifest(artifact_dir), source=str(path))
+    return load_artifact(artifact_dir)[0]
+
+
+def load_artifact(artifact_dir: str | os.PathLike) -> tuple[Manifest, dict[str, bytes]]:
+    """`load_manifest` and the verified bytes of every listed file, all from one snapshot of the
+    directory (`read_artifact`): what a reader that runs the models must use, so that a
+    concurrent ``--force`` replace never mixes two artifacts. Raises as `load_manifest`."""
+    manifest, files = read_artifact(artifact_dir)
+    return Manifest.from_dict(manifest, source=str(Path(artifact_dir) / MANIFEST)), files
 
 
 def read_verified(artifact_dir: str | os.PathLike, name: str, expected_sha256: str) -> bytes:
     """The bytes of artifact file ``name``, checked against ``expected_sha256`` now (the bytes
     returned are the bytes checked). Raises ArtifactError if it is unreadable or changed since it
-    was compiled."""
+    was compiled. (A reader of several files wants `load_artifact`: one snapshot.)"""
     d = Path(artifact_dir)
     try:
         data = d.joinpath(*_check_name_for_read(name).parts).read_bytes()
@@ -174,15 +176,64 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict:
     its format is not ``dagc.artifact`` or its version unknown, or a listed file is missing or its
     sha256 (or size) differs from the recorded one (the message names the file).
     """
+    return read_artifact(artifact_dir)[0]
+
+
+# a snapshot is retried when the directory it opened was replaced meanwhile; more than a few
+# replaces during one read means something rewrites the path in a loop
+_SNAPSHOT_ATTEMPTS = 4
+
+
+def read_artifact(artifact_dir: str | os.PathLike) -> tuple[dict, dict[str, bytes]]:
+    """`read_manifest` and the bytes of every file it lists (name -> bytes, each checked against
+    its sha256): one consistent snapshot of the directory.
+
+    The directory is opened once and the manifest and every file are read relative to that open
+    directory, so they all come from one artifact even while ``dagc compile --force`` swaps a new
+    one in (`dagc.outputs.install`). The old directory is deleted after the swap; when a read then
+    fails and ``artifact_dir`` now names another directory, the whole read starts again from the
+    new one (up to 4 times). Raises ArtifactError as `read_manifest` does.
+    """
     d = Path(artifact_dir)
-    if not d.is_dir():
-        raise ArtifactError(f"artifact directory {d} does not exist; compile one with dagc compile")
+    for attempt in range(_SNAPSHOT_ATTEMPTS):
+        try:
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise ArtifactError(f"artifact directory {d} does not exist; compile one with dagc compile") from None
+        except OSError as e:
+            raise ArtifactError(f"cannot open artifact directory {d}: {e.strerror or e}") from None
+        try:
+            return _read_snapshot(d, fd)
+        except ArtifactError:
+            if attempt + 1 == _SNAPSHOT_ATTEMPTS or not _replaced(d, fd):
+                raise
+        finally:
+            os.close(fd)
+    raise AssertionError("unreachable")
+
+
+def _replaced(d: Path, fd: int) -> bool:
+    """Whether path ``d`` no longer names the directory open as ``fd``."""
+    try:
+        now, then = os.stat(d), os.fstat(fd)
+    except OSError:
+        return True
+    return (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino)
+
+
+def _read_at(fd: int, name: str) -> bytes:
+    f = os.open(name, os.O_RDONLY, dir_fd=fd)
+    with os.fdopen(f, "rb") as fh:
+        return fh.read()
+
+
+def _read_snapshot(d: Path, fd: int) -> tuple[dict, dict[str, bytes]]:
     path = d / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_at(fd, MANIFEST).decode("utf-8")
     except FileNotFoundError:
         raise ArtifactError(f"{d} is not a dagc artifact: it has no {MANIFEST}") from None
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise ArtifactError(f"cannot read {path}: {e}") from None
     try:
         manifest = json.loads(text)
@@ -198,14 +249,15 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict:
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise ArtifactError(f"{path}: the manifest has no 'files' table")
+    contents = {}
     for name, entry in sorted(files.items()):
         try:
-            p = d.joinpath(*_check_name_for_read(name).parts)
+            rel = _check_name_for_read(name).as_posix()
             expected = entry["sha256"]
         except (CompileError, TypeError, KeyError):
             raise ArtifactError(f"{path}: malformed entry for file {name!r}") from None
         try:
-            data = p.read_bytes()
+            data = _read_at(fd, rel)
         except FileNotFoundError:
             raise ArtifactError(f"artifact file {name!r} listed in {MANIFEST} is missing from {d}") from None
         except OSError as e:
@@ -213,7 +265,8 @@ def read_manifest(artifact_dir: str | os.PathLike) -> dict:
         if sha256(data) != expected or ("bytes" in entry and len(data) != entry["bytes"]):
             raise ArtifactError(f"artifact file {name!r} in {d} does not match its sha256 in {MANIFEST} "
                                "(modified or corrupted); recompile the artifact")
-    return manifest
+        contents[name] = data
+    return manifest, contents
 
 
 def _check_name_for_read(name: str) -> PurePosixPath:

@@ -41,14 +41,22 @@ class Checkpoint:
     spec: Spec
     stage: str
     meta: dict[str, str] = field(default_factory=dict)
+    source: str = "checkpoint"  # the file, for messages
 
     @property
     def reduced(self) -> bool:
         return "mask.gamma" in self.tensors
 
     def json(self, key: str, default: Any = None) -> Any:
-        """A metadata entry decoded from JSON (``default`` if absent)."""
-        return json.loads(self.meta[key]) if key in self.meta else default
+        """A metadata entry decoded from JSON (``default`` if absent). Raises CheckpointError
+        naming the key if the entry is not JSON."""
+        if key not in self.meta:
+            return default
+        try:
+            return json.loads(self.meta[key])
+        except (json.JSONDecodeError, TypeError) as e:
+            raise CheckpointError(f"{self.source}: metadata entry {key!r} is not valid JSON ({e}); "
+                                  "re-run the command that wrote the file") from None
 
     def group(self, prefix: str) -> dict[str, torch.Tensor]:
         """Tensors whose names start with ``prefix + '.'``, with the prefix removed."""
@@ -133,5 +141,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     stage = meta.get("stage", "")
     if stage not in STAGES:
         raise CheckpointError(f"{path} has unknown stage {stage!r}")
+    _check_finite(path, tensors)
     rest = {k: v for k, v in meta.items() if k not in ("format", "format_version", "spec", "stage")}
-    return Checkpoint(tensors=tensors, spec=spec, stage=stage, meta=rest)
+    return Checkpoint(tensors=tensors, spec=spec, stage=stage, meta=rest, source=str(path))
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN or infinite values in any floating-point tensor: no stage of dagc writes them
+    (a diverged loss stops training first), and a model computed from them is no model."""
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{path}: tensor {name} has {bad} NaN or infinite value(s) of {t.numel()}; "
+                                  "the weights are unusable, use an earlier checkpoint or retrain")

@@ -45,6 +45,12 @@ class BenchError(DagcError, ValueError):
     """The benchmark cannot run: mismatched artifact and checkpoint, unknown backend, bad option."""
 
 
+class ServeError(DagcError):
+    """`dagc serve` cannot serve: the Triton server binary is not installed, a port is taken or
+    the address is not this machine's, or the server exited or was not ready in time (the message
+    quotes its log)."""
+
+
 class RunnerError(DagcError):
     """An execution back end cannot load or run a model: a TensorRT plan built for another GPU or
     TensorRT version, a failed TensorRT execution. The runtime reports a plan it cannot load as an

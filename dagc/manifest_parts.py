@@ -22,6 +22,7 @@ __all__ = ["PREVIEW", "spec_order", "INPUT_DTYPES", "PRECISIONS", "Cost", "Costs
 
 PREVIEW = "none"  # the target of `dagc inspect CHECKPOINT`'s manifest: nothing compiled, no models
 INPUT_DTYPES = ("float32",)
+DEVICES = ("cpu", "cuda")  # what an AOTInductor package is compiled for
 BATCH = "batch"  # the dynamic batch axis of every shape in the manifest
 _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 
@@ -235,9 +236,9 @@ class TaskInfo:
 
 _FORMAT_FIELDS = {"onnx": ("opset",), "tensorrt": ("precision", "batches", "built_from"),
                   "aoti": ("torch_version", "batch_range", "built_from")}
-# a plan's entry copies its ONNX model's opset; a reduced-precision ONNX file (dagc.precisions)
-# records its precision and the fp32 file it was made from
-_OPTIONAL = {"tensorrt": ("opset",), "onnx": ("precision", "built_from")}
+# A plan's entry copies its ONNX model's opset; a package records device / precision when not cpu / fp32;
+# a reduced-precision ONNX file (dagc.precisions) records its precision and the fp32 file it was made from.
+_OPTIONAL = {"tensorrt": ("opset",), "aoti": ("precision", "device"), "onnx": ("precision", "built_from")}
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,8 @@ class ModelInfo:
     and ``outputs`` (task names) in the model's order, its ``cost`` and the worst relative error of
     its verification; per format: ``opset`` (onnx); ``precision``, ``batches`` (the optimisation
     profile) and ``built_from`` (tensorrt); ``torch_version``, ``batch_range`` (min, max) and
-    ``built_from`` (aoti)."""
+    ``built_from`` (aoti), and optionally ``device`` (cuda: compiled for the GPU; absent: cpu) and
+    ``precision`` (fp16/bf16 variants; absent: fp32)."""
 
     name: str
     format: str
@@ -261,6 +263,7 @@ class ModelInfo:
     built_from: str | None = None
     torch_version: str | None = None
     batch_range: tuple[int, int] | None = None
+    device: str | None = None
 
     @property
     def flops(self) -> int:
@@ -270,7 +273,7 @@ class ModelInfo:
         d: dict[str, Any] = {"tasks": list(self.tasks), "format": self.format, "inputs": list(self.inputs),
                              "outputs": list(self.outputs), "verified_max_rel_error": self.verified_max_rel_error,
                              **self.cost.to_dict()}
-        for key in ("opset", "precision", "built_from", "torch_version"):
+        for key in ("opset", "precision", "built_from", "torch_version", "device"):
             if getattr(self, key) is not None:
                 d[key] = getattr(self, key)
         if self.batches is not None:
@@ -287,14 +290,15 @@ class ModelInfo:
     @classmethod
     def read(cls, name: str, o: Fields) -> ModelInfo:
         o.only("tasks", "format", "inputs", "outputs", "verified_max_rel_error", "macs", "flops", "params", "opset",
-               "precision", "batches", "built_from", "torch_version", "batch")
+               "precision", "batches", "built_from", "torch_version", "batch", "device")
         rng = o.optional("batch", o.child)
         return cls(name, o.string("format"), o.strings("tasks"), o.strings("inputs"), o.strings("outputs"),
                    Cost.read(o, strict=False), o.number("verified_max_rel_error"), opset=o.optional("opset", o.integer),
                    precision=o.optional("precision", lambda k: o.string(k, PRECISIONS)),
                    batches=o.optional("batches", lambda k: o.integers(k, low=1)),
                    built_from=o.optional("built_from", o.string), torch_version=o.optional("torch_version", o.string),
-                   batch_range=None if rng is None else (rng.integer("min", 1), rng.integer("max", 1)))
+                   batch_range=None if rng is None else (rng.integer("min", 1), rng.integer("max", 1)),
+                   device=o.optional("device", lambda k: o.string(k, DEVICES)))
 
     def problem(self, task_names: Sequence[str], input_names: Sequence[str]) -> str | None:
         """What is inconsistent, as ``field ...``; None if nothing. The format must be known."""
@@ -305,7 +309,7 @@ class ModelInfo:
         if not self.inputs or not set(self.inputs) <= set(input_names):
             return f"inputs {list(self.inputs)} must be among input.names {list(input_names)}"
         required = _FORMAT_FIELDS[self.format]
-        for key in ("opset", "precision", "batches", "built_from", "torch_version", "batch_range"):
+        for key in ("opset", "precision", "batches", "built_from", "torch_version", "batch_range", "device"):
             present = getattr(self, key) is not None
             if key in required and not present:
                 return f"{key} is required for format {self.format!r}"

@@ -31,7 +31,7 @@ from dagc.errors import ArtifactError
 from dagc.jsonfields import Fields
 
 __all__ = ["PRECISIONS", "REFERENCE", "FILE_PRECISIONS", "OPENVINO", "CHECKS", "Calibration", "ModelCheck", "PrecisionCheck", "Accuracy",
-           "precision_of", "is_variant", "variant", "variant_file", "relative_drop"]
+           "precision_of", "is_variant", "variant", "variant_file", "runs_at", "at_precision", "relative_drop"]
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 REFERENCE = "fp32"  # the precision every other one is checked against
@@ -89,6 +89,16 @@ def variant(models: Mapping[str, _Model], name: str, precision: str) -> str:
             return other.name
     raise ArtifactError(f"the artifact has no {precision} form of {name}; recompile it with "
                         f"dagc compile --precision fp32,{precision}")
+
+
+def runs_at(model: _Model, precision: str) -> bool:
+    """Whether ``model`` is a file that runs at ``precision`` (bf16 runs the fp32 files)."""
+    return precision_of(model) == (REFERENCE if precision == "bf16" else precision)
+
+
+def at_precision(models: Mapping[str, _Model], names, precision: str) -> tuple[str, ...]:
+    """The files that compute what the fp32 models ``names`` compute, at ``precision``."""
+    return tuple(names) if precision in (REFERENCE, "bf16") else tuple(variant(models, n, precision) for n in names)
 
 
 def variant_file(name: str, precision: str) -> str:
@@ -265,9 +275,10 @@ def read_accuracy(o: Fields, key: str) -> Accuracy | None:
 
 
 def check_loadable(accuracy: Accuracy | None, models: Mapping[str, _Model], precision: str, backend: str,
-                   where: str) -> None:
+                   where: str) -> str:
     """Refuse (ArtifactError, one sentence) a ``precision`` the artifact cannot run on ``backend``:
-    an unknown one, int8/fp16 without such files, bf16 off OpenVINO or without a passed check."""
+    an unknown one, int8/fp16 without such files, bf16 off OpenVINO or without a passed check,
+    int8/fp16 on OpenVINO without a passed check there. Returns ``precision``."""
     if precision not in PRECISIONS:
         raise ArtifactError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     have = sorted({REFERENCE, *(precision_of(m) for m in models.values()),
@@ -286,3 +297,4 @@ def check_loadable(accuracy: Accuracy | None, models: Mapping[str, _Model], prec
                                                                or not accuracy.passed(precision + OPENVINO)):
         raise ArtifactError(f"{where} records no passed accuracy check of its {precision} models on OpenVINO "
                             f"(a compile checks them when openvino is installed); use backend 'onnxruntime'")
+    return precision

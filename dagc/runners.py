@@ -25,8 +25,8 @@ import numpy as np
 
 from dagc.errors import CompileError, DagcError, RunnerError
 
-__all__ = ["Runner", "OrtRunner", "OvRunner", "TrtRunner", "openvino_unavailable", "compare", "relative_error", "ort_providers", "session_options",
-           "tensorrt_unavailable"]
+__all__ = ["Runner", "OrtRunner", "OvRunner", "TrtRunner", "openvino_unavailable", "compare", "relative_error",
+           "ort_providers", "session_options", "tensorrt_unavailable", "tensorrt_major", "TENSORRT_MAJORS"]
 
 
 @runtime_checkable
@@ -171,35 +171,69 @@ class OvRunner:
 # TensorRT
 
 
+TENSORRT_MAJORS = (10, 11)  # the TensorRT versions whose API dagc uses (the tensor I/O API, strong typing)
+
+
+def tensorrt_major(version: str) -> int:
+    """The major version of a TensorRT version string (``"10.9.0.34"`` -> 10); 0 when unreadable."""
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else 0
+
+
 def tensorrt_unavailable(what: str = "--target tensorrt", instead: str = "compile with --target onnx") -> str | None:
     """None when TensorRT can build and run here; otherwise why not, as one sentence naming
-    ``what`` needs it and what to do ``instead``."""
+    ``what`` needs it and what to do ``instead``: no CUDA GPU, no ``tensorrt`` package (whose
+    libraries come from NVIDIA's package index, see the README), or a TensorRT older than 10."""
     import torch
 
     if not torch.cuda.is_available():
         return f"{what} needs a CUDA GPU and none is available here; {instead}"
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt
     except ImportError:
         return f"{what} needs the tensorrt package; install dagc[gpu] or {instead}"
+    version = str(getattr(tensorrt, "__version__", "?"))
+    if tensorrt_major(version) < TENSORRT_MAJORS[0]:
+        return f"{what} needs TensorRT 10 or newer and {version} is installed; upgrade tensorrt or {instead}"
     return None
 
 
+def _torch_dtype(trt_dtype):
+    """The torch dtype of a TensorRT I/O tensor type; RunnerError for one dagc never binds."""
+    import tensorrt as trt
+    import torch
+
+    table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
+             trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool}
+    if hasattr(trt.DataType, "BF16"):
+        table[trt.DataType.BF16] = torch.bfloat16
+    if trt_dtype not in table:
+        raise RunnerError(f"the plan has an I/O tensor of type {trt_dtype}, which dagc cannot bind")
+    return table[trt_dtype]
+
+
 class TrtRunner:
-    """A deserialised TensorRT plan (TensorRT 10 API), run through PyTorch CUDA tensors.
+    """A deserialised TensorRT plan, run through PyTorch CUDA tensors, with the name-based tensor
+    I/O API that TensorRT 10 and 11 share (``set_input_shape``, ``set_tensor_address``,
+    ``execute_async_v3``).
 
     Takes the plan bytes and the batch sizes its optimisation profile was built for (the profile
     covers ``min(batches)..max(batches)``). Each calling thread gets its own execution context and
     CUDA stream, so `run` is thread-safe; a batch beyond the profile runs in chunks of the largest
-    batch, a chunk below the smallest is zero-padded up to it. Inputs and outputs are float32.
-    Raises RunnerError if the plan cannot be deserialised (built for another GPU or TensorRT
-    version); the caller checks `tensorrt_unavailable` first.
+    batch, a chunk below the smallest is zero-padded up to it. Feeds and results are float32
+    arrays; each I/O tensor is bound in the type the plan declares (float32 for dagc's plans,
+    whose fp16 and int8 models keep float32 inputs and outputs) and converted. Raises RunnerError
+    if the plan cannot be deserialised (built for another GPU or TensorRT version); the caller
+    checks `tensorrt_unavailable` first.
     """
 
     def __init__(self, plan: bytes, batches: Sequence[int] = (1,)) -> None:
         import tensorrt as trt
 
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan)
+        # The runtime (and its logger) must outlive the engine it deserialised.
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise RunnerError("TensorRT could not deserialize the plan (built for another GPU or TensorRT version?)")
         self.lo, self.hi = int(min(batches)), int(max(batches))
@@ -207,6 +241,7 @@ class TrtRunner:
         mode = trt.TensorIOMode
         self.inputs = tuple(n for n in names if self.engine.get_tensor_mode(n) == mode.INPUT)
         self.outputs = tuple(n for n in names if self.engine.get_tensor_mode(n) == mode.OUTPUT)
+        self.dtypes = {n: _torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
         self.local = threading.local()
 
     def _state(self):
@@ -214,7 +249,10 @@ class TrtRunner:
 
         st = getattr(self.local, "state", None)
         if st is None:
-            st = self.local.state = (self.engine.create_execution_context(), torch.cuda.Stream())
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise RunnerError("TensorRT could not create an execution context (out of GPU memory?)")
+            st = self.local.state = (context, torch.cuda.Stream())
         return st
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -233,7 +271,7 @@ class TrtRunner:
                 if not context.execute_async_v3(stream.cuda_stream):
                     raise RunnerError("TensorRT execution failed")
                 for name in names:  # .cpu() copies on the current stream, after the execution
-                    parts[name].append(outs[name][: stop - start].cpu().numpy())
+                    parts[name].append(outs[name][: stop - start].float().cpu().numpy())
         stream.synchronize()
         return {t: v[0] if len(v) == 1 else np.concatenate(v) for t, v in parts.items()}
 
@@ -245,14 +283,16 @@ class TrtRunner:
         size = max(stop - start, self.lo)
         keep = []
         for name in self.inputs:
-            t = torch.zeros((size, *feeds[name].shape[1:]), dtype=torch.float32, device="cuda")
-            t[: stop - start].copy_(torch.from_numpy(np.ascontiguousarray(feeds[name][start:stop], dtype=np.float32)))
-            context.set_input_shape(name, tuple(t.shape))
+            t = torch.zeros((size, *feeds[name].shape[1:]), dtype=self.dtypes[name], device="cuda")
+            rows = np.ascontiguousarray(feeds[name][start:stop], dtype=np.float32)
+            t[: stop - start].copy_(torch.from_numpy(rows))
+            if not context.set_input_shape(name, tuple(t.shape)):
+                raise RunnerError(f"input {name!r} of shape {tuple(t.shape)} is outside the plan's profile")
             context.set_tensor_address(name, t.data_ptr())
             keep.append(t)
         outs = {}
         for name in self.outputs:
-            t = torch.empty(tuple(context.get_tensor_shape(name)), dtype=torch.float32, device="cuda")
+            t = torch.empty(tuple(context.get_tensor_shape(name)), dtype=self.dtypes[name], device="cuda")
             context.set_tensor_address(name, t.data_ptr())
             outs[name] = t
         return outs, keep

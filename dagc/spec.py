@@ -292,6 +292,14 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_size(name: str) -> tuple[int, int]:
+    """(N, M) of preset ``name`` (`PRESETS`): its number of hidden states and its default flow
+    constant. Raises SpecError if the preset is unknown."""
+    if name not in _PRESETS:
+        raise SpecError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
+    return len(_PRESETS[name]["states"]), _PRESETS[name]["flow_constant"]
+
+
 def preset(
     name: str,
     tasks: Sequence[TaskSpec],
@@ -317,5 +325,5 @@ def preset(
                 preset=name, **kw)
 
 
-__all__ = ["Spec", "StateSpec", "TaskSpec", "TaskKind", "preset", "task_kind", "PRESETS", "KINDS", "TASK_KINDS",
+__all__ = ["Spec", "StateSpec", "TaskSpec", "TaskKind", "preset", "preset_size", "task_kind", "PRESETS", "KINDS", "TASK_KINDS",
            "DENSE_KINDS", "HEADS"]

@@ -18,19 +18,23 @@ Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, ma
     this is how the lowered computation is reproduced in PyTorch; it is stateless and runs under
     ``torch.inference_mode``.
 ``openvino``
-    OpenVINO Runtime on the CPU reading the artifact's ``.onnx`` files, at f32 inference precision
-    (OpenVINO's own default on bf16-capable CPUs is bf16); at bf16 only with ``precision="bf16"``,
-    which needs an artifact that records a passed bf16 check (``dagc compile --precision bf16``).
+    OpenVINO Runtime on the CPU, the ``.onnx`` files at f32 (bf16: ``precision="bf16"``).
 ``auto``
     ``tensorrt`` when the artifact has plans and a CUDA GPU with TensorRT is present, else
     ``onnxruntime``.
 
-Every model file's sha256 is checked against the manifest at load (`dagc.artifact.load_manifest`,
-which gives the typed `dagc.manifest.Manifest`) and again when its session is created (lazily, on
-first use, once per file). The models a task subset runs are the routes the compiler recorded in
-the manifest (`dagc.routes`), in the precision asked for at load (``precision="int8"``: each
-routed model's int8 form, `dagc.precisions.variant`). `Engine.run` is safe to call from many
-threads at once.
+Every model file's sha256 is checked against the manifest at load, and every model file parsed and
+checked against the inputs, outputs, shapes and dtypes its manifest entry declares
+(`dagc.modelcheck.load_checked`, which gives the typed `dagc.manifest.Manifest` and the files'
+bytes, read from one snapshot of the directory even while ``dagc compile --force`` replaces it);
+the backend's models are kept in memory from that snapshot, and a session is created from them
+lazily, on first use, once per file, its input and output names checked against the manifest. The
+models a task subset runs are the routes the compiler recorded in the manifest (`dagc.routes`), in
+the precision asked for at load (``precision="int8"``: each routed model's int8 form,
+`dagc.precisions.variant`).
+`Engine.run` is safe to call from many threads at once, and takes any batch size in bounded
+memory: it feeds the models chunks of at most ``Engine.max_batch`` samples
+(`dagc.runtime.chunks`) and writes their outputs into arrays allocated once.
 
 Errors: `ArtifactError` (missing or tampered artifact, unknown manifest version, backend not
 available, a plan this GPU cannot load) and `InputError` (bad images, unknown tasks, bad
@@ -40,6 +44,7 @@ so the CLI prints them as one line and exits with code 2.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -47,19 +52,21 @@ from typing import Any
 
 import numpy as np
 
-from dagc.artifact import load_manifest, read_verified
+from dagc.artifact import read_verified
 from dagc.errors import ArtifactError, InputError
 from dagc.manifest import Manifest, ModelInfo
-from dagc.precisions import PRECISIONS, REFERENCE, check_loadable, variant
+from dagc.modelcheck import check_io, load_checked
+from dagc.precisions import PRECISIONS, REFERENCE, at_precision, check_loadable, runs_at
 from dagc.preprocessing import FORMULA
 from dagc.runners import Runner
 from dagc.runtime.backends import BACKENDS, make_runner, resolve_backend
+from dagc.runtime.chunks import default_max_batch
 
 __all__ = ["load", "Engine", "ArtifactError", "InputError", "BACKENDS"]
 
 
 def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None = None,
-         check_values: bool = True, precision: str = REFERENCE) -> Engine:
+         check_values: bool = True, max_batch: int | None = None, precision: str = REFERENCE) -> Engine:
     """Open a compiled artifact for inference.
 
     Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS`)
@@ -67,23 +74,33 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     ``torch.set_num_threads``, which is process-wide). ``check_values=False`` skips the scan of
     every input value (NaN/inf, far out of the preprocessed range) that `Engine.run` does by
     default; shape, dtype and task checks stay. The scan costs a pass over the batch, which is
-    measurable only for sub-millisecond models (benchmarks/RESULTS.md). ``precision`` (fp32,
-    int8, fp16, bf16) picks the models' precision: the artifact must hold it (``dagc compile
-    --precision``); bf16 is OpenVINO's and needs backend ``openvino``. Verifies the manifest and
-    every file's sha256 before returning. Raises ArtifactError (missing/tampered/unknown-version
-    artifact, backend unavailable here, e.g. ``tensorrt`` without a GPU or without plans in the
-    artifact, a precision the artifact lacks) and InputError (unknown backend or precision name,
-    bad ``threads``).
+    measurable only for sub-millisecond models (benchmarks/RESULTS.md). ``max_batch``: the most
+    samples one model call takes; `Engine.run` runs larger batches in chunks of this size
+    (`dagc.runtime.chunks`; default: about 64 MiB of activations per chunk). Verifies the manifest,
+    every file's sha256 and every model file against the manifest before returning, all read from
+    one snapshot of the directory (`dagc.artifact.read_artifact`: a concurrent ``--force`` replace
+    gives the old or the new artifact, never a mix); the backend's model bytes are kept in memory
+    for the sessions made on first use. ``precision``: the models' (`dagc.precisions`). Raises
+    ArtifactError (missing/tampered/unknown-version artifact, a model file that is not the model
+    its manifest entry declares, backend unavailable here, e.g. ``tensorrt`` without a GPU or
+    without plans in the artifact, a precision the artifact lacks) and InputError (not a path,
+    unknown backend or precision name, bad ``threads`` or ``max_batch``).
     """
     if backend not in BACKENDS:
         raise InputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise InputError(f"threads must be a positive integer, got {threads!r}")
+    for name, value in (("threads", threads), ("max_batch", max_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(artifact_dir, (str, os.PathLike)):
+        raise InputError(f"artifact_dir must be a path (str or os.PathLike), got {type(artifact_dir).__name__}")
     d = Path(artifact_dir)
-    manifest = load_manifest(d)
-    return Engine(d, manifest, backend, threads, check_values=bool(check_values), precision=precision)
+    manifest, files = load_checked(d)  # one snapshot; every sha256, every model file against its entry
+    engine = Engine(d, manifest, backend, threads, check_values=bool(check_values), files=files, precision=precision)
+    if max_batch is not None:
+        engine.max_batch = max_batch
+    return engine
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -119,10 +136,13 @@ class Engine:
         backend: the backend in use (``auto`` resolved).
         precision: the models' precision (``fp32`` unless asked for at `load`).
         artifact_dir: the directory.
+        max_batch: the most samples one model call takes; `run` chunks larger batches
+            (`dagc.runtime.chunks`).
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, backend: str, threads: int | None, *,
-                 check_values: bool = True, precision: str = REFERENCE) -> None:
+                 check_values: bool = True, files: Mapping[str, bytes] | None = None,
+                 precision: str = REFERENCE) -> None:
         self.artifact_dir = artifact_dir
         self.check_values = check_values
         self.manifest = manifest
@@ -140,21 +160,24 @@ class Engine:
         self.backend = self._resolve(backend, models)
         self._format = "tensorrt" if self.backend == "tensorrt" else "onnx"
         self._models = {n: m for n, m in models.items() if m.info["format"] == self._format}
-        check_loadable(manifest.accuracy, {n: manifest.models[n] for n in self._models}, precision, self.backend,
-                       f"{artifact_dir} ({self._format} models)")
-        self.precision = precision
+        self.precision = check_loadable(manifest.accuracy, {n: manifest.models[n] for n in self._models},
+                                        precision, self.backend, f"{artifact_dir} ({self._format} models)")
+        # the verified bytes of the models this backend runs (at this precision), from the snapshot
+        # `load` read: runners made later never read a directory that may have been replaced since
+        self._bytes = {n: files[n] for n in self._models if n in files and runs_at(manifest.models[n], precision)
+                       } if files is not None else {}
         self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
         self._limits = self._value_limits()
+        self.max_batch = default_max_batch(manifest)
         if self.backend == "torch" and threads is not None:
             import torch
 
             torch.set_num_threads(threads)
 
     def __repr__(self) -> str:
-        return (f"Engine({str(self.artifact_dir)!r}, backend={self.backend!r}, precision={self.precision!r}, "
-                f"tasks={list(self.tasks)})")
+        return f"Engine({str(self.artifact_dir)!r}, backend={self.backend!r}, tasks={list(self.tasks)})"
 
     # ------------------------------------------------------------------ backend choice
     def _resolve(self, backend: str, models: Mapping[str, _Model]) -> str:
@@ -186,9 +209,7 @@ class Engine:
 
     def _choose(self, want: frozenset) -> tuple[_Model, ...]:
         try:
-            names = self.manifest.route(self._format, want)
-            if self.precision not in (REFERENCE, "bf16"):  # bf16 runs the fp32 files
-                names = tuple(variant(self.manifest.models, n, self.precision) for n in names)
+            names = at_precision(self.manifest.models, self.manifest.route(self._format, want), self.precision)
             return tuple(self._models[name] for name in names)
         except ArtifactError as e:
             raise ArtifactError(f"{self.artifact_dir}, backend {self.backend!r}: {e}") from None
@@ -204,13 +225,17 @@ class Engine:
                     data = self.read_verified(model.name)
                     r = make_runner(self.backend, data, model.name, model.info, self._threads,
                                     bf16=self.precision == "bf16")
+                    check_io(self.manifest, model.name, r.inputs, r.outputs)  # a plan's own names
                     self._runners[model.name] = r
         return r
 
     def read_verified(self, name: str) -> bytes:
-        """The bytes of artifact file ``name``, checked against the manifest's sha256 now (the
-        bytes returned are the bytes checked). Raises ArtifactError if it is unreadable or changed
-        since it was compiled."""
+        """The bytes of artifact file ``name``, checked against the manifest's sha256 (the bytes
+        returned are the bytes checked): the models of this backend from the snapshot `load`
+        read, any other file from the directory now. Raises ArtifactError if it is unreadable or
+        changed since it was compiled."""
+        if name in self._bytes:
+            return self._bytes[name]
         return read_verified(self.artifact_dir, name, self.manifest.files[name].sha256)
 
     # ------------------------------------------------------------------ inputs
@@ -346,12 +371,25 @@ class Engine:
         refused (apply the preprocessing first). ``tasks``: task names (or one name).
 
         Returns task -> float32 array, only the requested tasks, in the requested order:
-        (batch, out, H, W) for dense tasks, (batch, classes) logits for classification.
+        (batch, out, H, W) for dense tasks, (batch, classes) logits for classification. A batch
+        larger than `max_batch` runs in chunks of `max_batch` samples into outputs allocated
+        once, so memory stays bounded whatever the batch size.
         Raises InputError for an unknown/empty/repeated task list or unusable images, ArtifactError
         if a model file changed on disk since load. Thread-safe.
         """
         names = self._task_list(tasks)
         feeds = self._feeds(images, names)
+        n, step = next(iter(feeds.values())).shape[0], self.max_batch
+        if n <= step:
+            return self._run_once(feeds, names)
+        out = {t: np.empty((n, *self.manifest.tasks[t].output_shape), np.float32) for t in names}
+        for lo in range(0, n, step):
+            part = self._run_once({k: v[lo:lo + step] for k, v in feeds.items()}, names)
+            for t in names:
+                out[t][lo:lo + step] = part[t]
+        return out
+
+    def _run_once(self, feeds: dict[str, np.ndarray], names: Sequence[str]) -> dict[str, np.ndarray]:
         want = set(names)
         out: dict[str, np.ndarray] = {}
         for model in self._plan(names):

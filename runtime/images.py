@@ -11,6 +11,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,21 @@ from typing import Any
 import numpy as np
 
 from dagc.manifest import Manifest
+from dagc.outputs import check_not_input, check_writable_dir
 from dagc.preprocessing import Preprocessing, resize_chw
 from dagc.runtime.engine import ArtifactError, InputError, load
 
-__all__ = ["read_image", "save_outputs", "run_images", "IMAGE_SUFFIXES"]
+__all__ = ["read_image", "save_outputs", "run_images", "IMAGE_SUFFIXES", "MAX_PIXELS"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+# The largest picture `read_image` decodes, in pixels (about 7000 x 7000: any camera's photo fits).
+# Checked against the size in the file's header before anything is decoded: a small file can
+# claim a huge size (a decompression bomb) and decoding it would take gigabytes.
+MAX_PIXELS = 50_000_000
+# Pillow's modes for 16-bit (and 32-bit integer) grey pixels; converting them to "L" or "RGB"
+# clips at 255, so they are scaled here instead (a 16-bit PNG's 0..65535 onto [0, 1]).
+_WIDE_GREY = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 
 
 def _chw(input_spec: Mapping[str, Any]) -> tuple[int, int, int]:
@@ -32,21 +41,47 @@ def _chw(input_spec: Mapping[str, Any]) -> tuple[int, int, int]:
     return c, h, w
 
 
+def _too_large(path: Path, size: tuple[int, int] | None) -> InputError:
+    claims = "a size" if size is None else f"{size[0]}x{size[1]} ({size[0] * size[1]:,} pixels)"
+    return InputError(f"{path}: the image's header claims {claims} above the {MAX_PIXELS:,} pixels "
+                      "dagc decodes (dagc.runtime.images.MAX_PIXELS); resize it first")
+
+
 def _read_picture(path: Path, c: int) -> np.ndarray:
-    """(C, H, W) float32 pixel values in [0, 1] from a PNG/JPEG."""
+    """(C, H, W) float32 pixel values in [0, 1] from a PNG/JPEG: 8-bit pixels / 255, 16-bit grey
+    pixels / 65535. Refuses a header size above `MAX_PIXELS` before decoding."""
     from PIL import Image, UnidentifiedImageError
 
     if c not in _MODES:
         raise InputError(f"{path}: the model takes {c}-channel inputs, which an image file cannot hold; "
                          "pass a .npy array (C, H, W) instead")
     try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert(_MODES[c]))
+        # Pillow's own bomb check runs in open() (a warning above its limit, an error above twice
+        # it); both limits are above MAX_PIXELS, so the check below is the one that decides.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:
+                    raise _too_large(path, im.size)
+                im.load()
+                if im.mode in _WIDE_GREY:
+                    grey = np.clip(np.asarray(im, dtype=np.float64) / _WIDE_GREY[im.mode], 0.0, 1.0)
+                    return _grey_to(grey.astype(np.float32), c)
+                arr = np.asarray(im.convert(_MODES[c]))
+    except InputError:
+        raise
+    except Image.DecompressionBombError:
+        raise _too_large(path, None) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise InputError(f"{path}: cannot read the image ({e})") from None
     arr = arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)
     return arr.astype(np.float32) / 255.0
+
+
+def _grey_to(grey: np.ndarray, c: int) -> np.ndarray:
+    """(H, W) grey values in [0, 1] as ``c`` channels: grey, RGB (grey thrice) or RGBA (opaque)."""
+    planes = [grey] * min(c, 3) + ([np.ones_like(grey)] if c == 4 else [])
+    return np.stack(planes)
 
 
 def _read_npy(path: Path, c: int, h: int, w: int) -> tuple[np.ndarray, bool]:
@@ -90,8 +125,9 @@ def read_image(path: str | os.PathLike, input_spec: Mapping[str, Any]) -> np.nda
     `dagc.preprocessing.Preprocessing.to_dict` form, or None).
 
     * PNG/JPEG (Pillow): converted to RGB for 3-channel models, to grey ("L") for 1-channel ones
-      (RGBA for 4); 8-bit pixels 0..255 are mapped linearly onto the preprocessing's
-      ``raw_range`` ([0, 1] when the artifact recorded no preprocessing).
+      (RGBA for 4); 8-bit pixels 0..255 (16-bit grey PNGs: 0..65535) are mapped linearly onto
+      the preprocessing's ``raw_range`` ([0, 1] when the artifact recorded no preprocessing).
+      A picture whose header claims more than `MAX_PIXELS` pixels is refused before decoding.
     * ``.npy`` (``allow_pickle=False``): (H, W) for 1 channel, (C, H, W) or (H, W, C) when it is
       unambiguous; float arrays are taken as raw values already in that range, uint8 arrays as
       8-bit pixels like image files.
@@ -247,6 +283,14 @@ def _save_npy(tmp: str, y: np.ndarray) -> None:
         np.save(f, y, allow_pickle=False)
 
 
+NO_PREPROCESSING = ("the artifact records no preprocessing, so image pixels are fed as values in [0, 1] "
+                    "without normalisation; compile a checkpoint that records one (dagc train writes it)")
+
+
+class NoPreprocessingWarning(UserWarning):
+    """`run_images` fed image files to an artifact that records no preprocessing."""
+
+
 def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                tasks: Iterable[str] | str | None = None, backend: str = "auto", precision: str = "fp32") -> list[Path]:
     """``dagc run``: run an artifact on image files and write every output; returns the paths written.
@@ -257,8 +301,12 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     images are fed to every selected task's input. Outputs are named after each file's stem (a
     repeated stem gets ``_2``, ``_3``...) and written by `save_outputs`.
 
-    Raises InputError (no images, an unreadable file, a bad task list) and ArtifactError.
+    Raises InputError (no images, an unreadable file, a bad task list, an ``out_dir`` that cannot
+    be written or lies in the artifact: checked before anything runs) and ArtifactError. Warns
+    (`NoPreprocessingWarning`) when the artifact records no preprocessing and image files are given.
     """
+    check_writable_dir(out_dir, option="--out", error=InputError)
+    check_not_input(out_dir, [artifact_dir], option="--out", error=InputError, what="artifact")
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     files = [Path(p) for p in paths]
@@ -266,6 +314,10 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         raise InputError("no image files given; pass PNG, JPEG or .npy files")
     engine = load(artifact_dir, backend, precision=precision)
     names = engine._task_list(tasks)  # validate before reading any image
+    if engine.preprocessing is None and any(Path(p).suffix.lower() != ".npy" for p in files):
+        # a checkpoint made with the Python API may record none; the pixels then reach the model
+        # as [0, 1] values, which is right only if it was trained on such values
+        warnings.warn(NO_PREPROCESSING, NoPreprocessingWarning, stacklevel=2)
     batch = np.stack([read_image(p, engine.input_spec) for p in files])
     if engine.shared_input:
         images: Any = batch

@@ -5,7 +5,8 @@ Max/Min, GlobalAveragePool, Flatten, Gemm, Identity, Constant) written with
 
 An artifact holds no checkpoint, so this is how the lowered computation is reproduced in PyTorch
 (the reference backend). `TorchRunner` is a `dagc.runners.Runner`: stateless, thread-safe, run
-under ``torch.inference_mode``. ``torch`` and ``onnx`` are imported when a runner is created, so
+under ``torch.inference_mode``, on the CPU or, with ``device="cuda"``, on the GPU (weights moved
+there once; inputs copied there and outputs back on each call). ``torch`` and ``onnx`` are imported when a runner is created, so
 that importing the runtime for ONNX Runtime or TensorRT does not load them.
 """
 
@@ -145,18 +146,37 @@ def _compile_node(node):
     raise unsupported("operator not in the set dagc emits")
 
 
+def _device(torch, device: str):
+    """``device`` as a torch device; ArtifactError when it is unknown or has no GPU here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArtifactError(f"unknown device {device!r} for the torch backend; use 'cpu' or 'cuda'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ArtifactError(f"unknown device {device!r} for the torch backend; use 'cpu' or 'cuda'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactError("the torch backend on 'cuda' needs a CUDA GPU and a CUDA build of PyTorch; none is "
+                            "available here; use device 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ArtifactError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
 class TorchRunner:
     """An ONNX model dagc emitted, run with torch.nn.functional; no state is written during a run.
 
-    Takes the model bytes and its file name (for messages). ``inputs`` and ``outputs`` are the
-    model's (initializers excluded). Raises ArtifactError for an unreadable model or an operator
-    outside the set dagc emits.
+    Takes the model bytes, its file name (for messages) and the device (``cpu`` or ``cuda``;
+    ``cuda:N`` for another GPU). ``inputs`` and ``outputs`` are the model's (initializers
+    excluded). Raises ArtifactError for an unreadable model, an operator outside the set dagc
+    emits, or a device that is unknown or not available here.
     """
 
-    def __init__(self, data: bytes, name: str) -> None:
+    def __init__(self, data: bytes, name: str, device: str = "cpu") -> None:
         import onnx
         import torch
         from onnx import helper, numpy_helper
+
+        self.device = _device(torch, device)
 
         try:
             model = onnx.load_from_string(data)
@@ -177,6 +197,7 @@ class TorchRunner:
                 raise ArtifactError(f"{name}: node {node.name!r} ({node.op_type}) has several outputs, which the "
                                     "torch backend does not support; use backend 'onnxruntime'")
             self.nodes.append((_compile_node(node), tuple(node.input), node.output[0]))
+        self.consts = {k: v.to(self.device) for k, v in self.consts.items()}
         self.inputs = tuple(i.name for i in g.input if i.name not in self.consts)
         self.outputs = tuple(o.name for o in g.output)
         self._schedules: dict[tuple[str, ...], list] = {}
@@ -203,10 +224,14 @@ class TorchRunner:
         with torch.inference_mode():
             values: dict[str, Any] = dict(self.consts)
             for k, v in feeds.items():
-                values[k] = torch.from_numpy(v if v.flags.writeable else v.copy())
+                values[k] = torch.from_numpy(v if v.flags.writeable else v.copy()).to(self.device)
             for fn, ins, out in self._schedule(names):
                 args = [values[i] if i else None for i in ins]
                 while args and args[-1] is None:
                     args.pop()
                 values[out] = fn(*args)
-            return {t: values[t].contiguous().numpy().copy() for t in names}
+            # .cpu() of a GPU tensor waits for the kernels and is a fresh array; on the CPU copy, so
+            # that no result aliases a weight or an input.
+            if self.device.type == "cpu":
+                return {t: values[t].contiguous().numpy().copy() for t in names}
+            return {t: values[t].cpu().numpy() for t in names}

@@ -279,18 +279,25 @@ def test_cli_refuses_bad_artifacts_with_one_line_and_writes_nothing(artifact, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == (["art"] if art.exists() else [])
 
 
-def test_cli_existing_out_needs_force_and_force_replaces(artifact, tmp_path, capsys):
+def test_cli_existing_out_needs_force_and_force_replaces_only_a_repository(artifact, tmp_path, capsys):
     repo = tmp_path / "repo"
     repo.mkdir()
     (repo / "keep.txt").write_text("mine")
     code, _, err = _cli(["export", "triton", str(artifact), "--out", str(repo)], capsys)
     assert code == 2 and err.count("\n") == 1 and "--force" in err
     assert [p.name for p in repo.iterdir()] == ["keep.txt"]
+    # --force deletes only what dagc wrote: a directory of the user's is refused, kept as it was
+    code, _, err = _cli(["export", "triton", str(artifact), "--out", str(repo), "--force"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "not a dagc artifact or Triton repository" in err, err
+    assert [p.name for p in repo.iterdir()] == ["keep.txt"]
+    (repo / "keep.txt").unlink()
+    repo.rmdir()
+    assert _cli(["export", "triton", str(artifact), "--out", str(repo)], capsys)[0] == 0
     code, out, err = _cli(["export", "triton", str(artifact), "--out", str(repo), "--force", "--max-batch", "8"],
                           capsys)
     assert code == 0, err
     assert "dagc_seg" in out and "routing.json" in out
-    assert not (repo / "keep.txt").exists() and _configs(repo)["dagc"].max_batch_size == 8
+    assert _configs(repo)["dagc"].max_batch_size == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]
 
 
@@ -331,3 +338,19 @@ def test_a_failed_write_leaves_nothing_and_keeps_the_old_repository(artifact, tm
 def test_engine_refusals_are_dagc_errors(tmp_path):
     with pytest.raises(ArtifactError):
         export_triton(tmp_path / "missing", tmp_path / "repo")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "python"])
+def test_one_task_artifact_exports_its_model_once(tmp_path, backend):
+    # one task: the shared model and the task's model compute the same set; Triton names a model
+    # by its tasks, so only the routed one is exported and the other is listed as skipped
+    spec = preset("tiny", [TaskSpec("depth", "depth")], input_size=(16, 16))
+    art = compiled_artifact(tmp_path, spec, 3)
+    routing = export_triton(art, tmp_path / "repo", TritonConfig(backend=backend))
+    m = load_manifest(art)
+    onnx_files = sorted(n for n, i in m.models.items() if i.format == "onnx")
+    assert len(onnx_files) == 2
+    exported = [e["source"] for e in routing["models"].values() if e["source"] is not None]
+    assert exported == list(m.route("onnx", ["depth"]))
+    assert set(onnx_files) - set(exported) <= set(routing["skipped"])
+    assert routing["routes"]["onnx"]["depth"]["model"] == "dagc"

@@ -7,6 +7,7 @@ and exit code 2; never a traceback.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -110,7 +111,10 @@ def train(out, resume, quiet, **options) -> None:
               "needs a C++ compiler).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--fp16", is_flag=True, help="TensorRT: build fp16 plans.")
+@click.option("--fp16", is_flag=True, help="TensorRT: fp16 plans (from the fp16-converted ONNX models); aoti with "
+              "--device cuda: fp16 packages beside the fp32 ones.")
+@click.option("--bf16", is_flag=True, help="aoti with --device cuda: bf16 packages beside the fp32 ones.")
+@click.option("--device", default=None, help="aoti: compile the packages for cpu (default) or cuda.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True,
               help="TensorRT: batch sizes the optimisation profile covers.")
 @click.option("--precision", "precision", default="fp32", show_default=True,
@@ -124,11 +128,11 @@ def train(out, resume, quiet, **options) -> None:
               help="Refuse a precision whose primary metric drops by more than this (relative) on a task.")
 @click.option("--data-root", "data_root", type=str, default=None,
               help="Directory of the run's on-disk dataset (for calibration and the accuracy check).")
-def compile(checkpoint, target, out, force, fp16, batch, **precision_options) -> None:
+def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precision_options) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
     from dagc.compiler.compile import compile_artifact, summary
 
-    manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16,
+    manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16, bf16=bf16, device=device,
                                 batches=_int_list("--batch", batch), precisions=precision_options.pop("precision"),
                                 **precision_options)
     click.echo(summary(manifest))
@@ -139,10 +143,10 @@ def compile(checkpoint, target, out, force, fp16, batch, **precision_options) ->
 @click.argument("path", type=click.Path(path_type=Path))
 def inspect(path) -> None:
     """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory."""
-    from dagc.artifact import load_manifest
     from dagc.compiler.compile import preview_manifest, summary
+    from dagc.modelcheck import verify_artifact
 
-    manifest = load_manifest(path) if path.is_dir() else preview_manifest(path)
+    manifest = verify_artifact(path) if path.is_dir() else preview_manifest(path)
     click.echo(summary(manifest))
 
 
@@ -162,18 +166,56 @@ def export() -> None:
 @click.option("--max-queue-delay-us", "delay", type=int, default=100, show_default=True,
               help="Dynamic batcher: longest wait to fill a batch, in microseconds.")
 @click.option("--no-ensembles", is_flag=True, help="No ensemble models for task subsets.")
-def export_triton(artifact, out, force, name, max_batch, instances, delay, no_ensembles) -> None:
+@click.option("--backend", default="onnxruntime", show_default=True,
+              help="onnxruntime (onnxruntime_onnx and tensorrt_plan models, for the NGC container) or python "
+                   "(Triton's Python backend running the ONNX models with ONNX Runtime; what dagc serve runs).")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="--backend python: ONNX Runtime intra-op threads per model instance (0: one per core).")
+def export_triton(artifact, out, force, name, max_batch, instances, delay, no_ensembles, backend, threads) -> None:
     """Write a Triton Inference Server model repository for ARTIFACT (ONNX models, TensorRT plans,
     ensembles for task subsets, routing.json)."""
     from dagc.tools.triton import TritonConfig
     from dagc.tools.triton import export_triton as run_export
 
     config = TritonConfig(name=name, max_batch_size=max_batch, instances=instances, max_queue_delay_us=delay,
-                          ensembles=not no_ensembles)
+                          ensembles=not no_ensembles, backend=backend, intra_op_threads=threads)
     routing = run_export(artifact, out, config, force=force)
     for model, info in sorted(routing["models"].items()):
         click.echo(f"{model:<32}{info['platform']:<18}{','.join(info['tasks'])}")
     click.echo(f"\nwrote {out} ({len(routing['models'])} models; task subset -> model in {out / 'routing.json'})")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind every endpoint to; 0.0.0.0 serves all interfaces.")
+@click.option("--http-port", "http_port", type=int, default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--grpc-port", "grpc_port", type=int, default=8001, show_default=True, help="0 picks a free port.")
+@click.option("--metrics-port", "metrics_port", type=int, default=8002, show_default=True,
+              help="Prometheus metrics; 0 picks a free port.")
+@click.option("--no-metrics", is_flag=True, help="No metrics endpoint.")
+@click.option("--name", default="dagc", show_default=True, help="Prefix of the Triton model names.")
+@click.option("--max-batch", "max_batch", type=int, default=None, help="max_batch_size of the models (default 32).")
+@click.option("--instances", type=int, default=1, show_default=True, help="Model instances (processes) per model.")
+@click.option("--max-queue-delay-us", "delay", type=int, default=100, show_default=True,
+              help="Dynamic batcher: longest wait to fill a batch, in microseconds.")
+@click.option("--threads", type=int, default=0, show_default=True,
+              help="ONNX Runtime intra-op threads per model instance (0: one per core).")
+@click.option("--server-log", "server_log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Append the server's own log to this file.")
+def serve(artifact, host, http_port, grpc_port, metrics_port, no_metrics, name, max_batch, instances, delay,
+          threads, server_log) -> None:
+    """Serve ARTIFACT on a Triton Inference Server here (Python backend; needs the serve extra)
+    until Ctrl-C or SIGTERM. Prints the endpoints and which model serves each task subset."""
+    from dagc.tools.serve import ServeConfig
+    from dagc.tools.serve import serve as run_serve
+    from dagc.tools.triton import TritonConfig
+
+    triton = TritonConfig(name=name, max_batch_size=max_batch, instances=instances, max_queue_delay_us=delay,
+                          backend="python", intra_op_threads=threads)
+    config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port,
+                         metrics_port=None if no_metrics else metrics_port, triton=triton, server_log=server_log)
+    run_serve(artifact, config, echo=click.echo)
 
 
 def _int_list(option: str, text: str) -> tuple[int, ...]:
@@ -198,10 +240,18 @@ def _int_list(option: str, text: str) -> tuple[int, ...]:
               help="Directory for the outputs (.npy, pictures, top-k JSON).")
 def run(artifact, images, tasks, backend, precision, out) -> None:
     """Run a compiled artifact on PNG/JPEG/.npy images and write each task's output."""
-    from dagc.runtime.images import run_images
+    from dagc.runtime.images import NoPreprocessingWarning, run_images
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    written = run_images(artifact, list(images), out, tasks=task_list, backend=backend, precision=precision)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NoPreprocessingWarning)
+        written = run_images(artifact, list(images), out, tasks=task_list, backend=backend,
+                             precision=precision)
+    for w in caught:
+        if issubclass(w.category, NoPreprocessingWarning):
+            click.echo(f"dagc: warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     click.echo(f"wrote {len(written)} files to {out}")
 
 
@@ -220,10 +270,16 @@ def run(artifact, images, tasks, backend, precision, out) -> None:
                    "default: every one the artifact has).")
 def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path, precision) -> None:
     """Latency, throughput and FLOPs of the compiled models against the supernets, side by side."""
+    from dagc.errors import BenchError
+    from dagc.outputs import check_not_input, check_writable_file
     from dagc.tools import bench as runtime_bench
 
     if threads is not None and threads < 1:
         raise DagcError(f"--threads must be a positive integer, got {threads}")
+    for option, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None:  # before the benchmark runs: its results must not be lost
+            check_writable_file(path, option=option, error=BenchError)
+            check_not_input(path, [artifact, checkpoint], option=option, error=BenchError)
     precisions = None if precision is None else [p.strip() for p in precision.split(",") if p.strip()]
     result = runtime_bench.benchmark(artifact, checkpoint, batches=_int_list("--batch", batch), backend=backend,
                                      threads=threads, precisions=precisions)

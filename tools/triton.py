@@ -7,7 +7,15 @@ Layout written (``<p>`` is `TritonConfig.name`, default ``dagc``)::
         <p>_<task>/config.pbtxt, <p>_<task>/1/model.onnx    task_<task>.onnx: one task
         <p>_trt/..., <p>_<task>_trt/...  1/model.plan       the artifact's TensorRT plans (tensorrt_plan), if any
         <p>_<t1>.<t2>/config.pbtxt, <p>_<t1>.<t2>/1/        ensembles for task subsets (platform ensemble)
-        routing.json                                        task subset -> model to call and outputs to ask for
+        routing.json                                        task subset -> model to call and outputs to ask for;
+                                                            ``files``: every file written (what --force may replace)
+
+With ``backend="python"`` (`dagc serve`, or a Triton without the onnxruntime backend) the same
+models, under the same names, with the same inputs, outputs, batching, instance groups, ensembles
+and routes, run on Triton's Python backend instead: ``<m>/1/model.onnx`` plus ``<m>/1/model.py``
+(`dagc.tools.triton_model`, which runs it with ONNX Runtime), ``backend: "python"`` and the
+model's sha256 and ONNX Runtime thread count as config parameters. TensorRT plans are left out
+(listed in routing.json's ``skipped``).
 
 Every config has ``max_batch_size`` (dynamic batch; ``dims`` without the batch axis), inputs and
 outputs with their data types and shapes from the manifest, ``dynamic_batching`` and
@@ -21,9 +29,11 @@ subset's outputs) when that is cheapest, else an ensemble of the per-task models
 the spec has at most `TritonConfig.max_ensemble_tasks` tasks (2^K subsets). Beyond that, call the
 per-task models one by one, or the shared model, as ``routing.json`` records.
 
-Every model file's sha256 is checked against the manifest before it is copied, and the repository
-is built in a temporary sibling and renamed into place (``force`` replaces an existing one), so a
-failed export leaves nothing behind.
+Every model file's sha256 is checked against the manifest before it is copied (one snapshot of the
+artifact, `dagc.artifact.load_artifact`), and the repository is written by `dagc.artifact.write_tree`:
+built in a temporary sibling and swapped into place atomically, so a failed or killed export leaves
+nothing behind. ``force`` replaces only a repository dagc wrote (``routing.json`` lists its files)
+or an artifact, never the artifact exported or a directory holding it.
 """
 
 from __future__ import annotations
@@ -37,12 +47,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagc.artifact import load_manifest, read_verified, write_tree
+from dagc.artifact import check_out_dir, write_tree
 from dagc.errors import ArtifactError, CompileError, ConfigError
 from dagc.manifest import Manifest, ModelInfo
+from dagc.modelcheck import load_checked
 from dagc.precisions import is_variant
 
-__all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH"]
+__all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH", "BACKENDS"]
 
 ROUTING = "routing.json"
 DEFAULT_MAX_BATCH = 32
@@ -50,7 +61,11 @@ PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_
 # model formats dagc writes that no standard Triton backend loads as they are (AOTInductor packages
 # are for C++ embedding); they are left out of the repository, and listed in routing.json
 SKIPPED_FORMATS = ("aoti",)
+# the Triton backends a repository is written for: onnxruntime (with tensorrt for plans) or python
+BACKENDS = ("onnxruntime", "python")
 DATA_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+# the Python backend's model.py; read, not imported (it imports the stub's triton_python_backend_utils)
+MODEL_PY = Path(__file__).with_name("triton_model.py")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 
 
@@ -67,6 +82,10 @@ class TritonConfig:
     max_queue_delay_us: how long the dynamic batcher waits to fill a batch.
     ensembles: generate ensembles for task subsets that are cheapest as per-task models.
     max_ensemble_tasks: no ensembles when the spec has more tasks than this (2^K subsets).
+    backend: "onnxruntime" (platforms onnxruntime_onnx and tensorrt_plan, what the NGC container
+        serves) or "python" (Triton's Python backend running the ONNX models with ONNX Runtime).
+    intra_op_threads: Python backend: ONNX Runtime's intra-op threads per model instance; 0: its
+        default (one per core).
     """
 
     name: str = "dagc"
@@ -75,12 +94,17 @@ class TritonConfig:
     max_queue_delay_us: int = 100
     ensembles: bool = True
     max_ensemble_tasks: int = 6
+    backend: str = "onnxruntime"
+    intra_op_threads: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.match(self.name):
             raise ConfigError(f"triton model name prefix {self.name!r} must start with a letter or digit and hold "
                               "only letters, digits, '_' or '-'")
-        checks = {"max_batch_size": 1, "instances": 1, "max_queue_delay_us": 0, "max_ensemble_tasks": 0}
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"triton backend {self.backend!r} is not one of {list(BACKENDS)}")
+        checks = {"max_batch_size": 1, "instances": 1, "max_queue_delay_us": 0, "max_ensemble_tasks": 0,
+                  "intra_op_threads": 0}
         for field, low in checks.items():
             v = getattr(self, field)
             if field == "max_batch_size" and v is None:
@@ -95,37 +119,38 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
                   *, force: bool = False) -> dict[str, Any]:
     """Write a Triton model repository for a compiled artifact; returns the routing table (what
     ``routing.json`` holds: ``models`` Triton name -> {platform, tasks, source, ...}, ``routes``
-    format -> "task1,task2" -> {model, outputs}).
+    format -> "task1,task2" -> {model, outputs}, ``files`` the repository's files).
 
     Takes the artifact directory (``dagc compile --out``), the repository directory to create and a
     `TritonConfig`. Raises ArtifactError (not an artifact, unknown format version, missing or
     tampered file, an invalid manifest or one with models this export does not know),
-    CompileError (``out_dir`` exists without ``force``, model names that collide) and ConfigError
+    CompileError (``out_dir`` exists without ``force``, is not a directory dagc wrote, is, holds or
+    lies inside the artifact, cannot be written; model names that collide) and ConfigError
     (bad config). Nothing is written unless everything checked out.
     """
     config = TritonConfig() if config is None else config
     if not isinstance(config, TritonConfig):
         raise ConfigError(f"config must be a TritonConfig, got {type(config).__name__}")
-    out = Path(out_dir)
-    if (out.exists() or out.is_symlink()) and not force:
-        raise CompileError(f"{out} exists; pass --force to replace it")
     art = Path(artifact_dir)
-    manifest = load_manifest(art)  # format, version, every field and every file's sha256
-    if art.resolve() == out.resolve() or art.resolve() in out.resolve().parents:
-        raise CompileError(f"--out {out} must not be inside the artifact {art}; choose another directory")
+    out = check_out_dir(out_dir, force=force, inputs=[art], what="artifact")  # before any work
+    # one snapshot: format, version, every field, every file's sha256 and bytes, every model file
+    # against its manifest entry (the bytes copied are the bytes checked, even during a replace)
+    manifest, contents = load_checked(art)
     plan = _plan(manifest, config)
     files: dict[str, bytes] = {}
     for name, model in plan["models"].items():
         files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
-        if model["source"] is not None:  # the bytes copied are the bytes checked
-            data = read_verified(art, model["source"], manifest.files[model["source"]].sha256)
-            files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = data
-    routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art),
+        if model["source"] is not None:
+            files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = contents[model["source"]]
+            if config.backend == "python":
+                files[f"{name}/1/model.py"] = MODEL_PY.read_bytes()
+    routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art), "backend": config.backend,
                "dagc_version": manifest.dagc_version, "input": plan["input"],
-               "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"]}
+               "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"],
+               "files": sorted(files)}  # what --force may delete later (dagc.outputs.check_replaceable)
     files[ROUTING] = (json.dumps(routing, indent=2, sort_keys=True) + "\n").encode("utf-8")
     # An ensemble's version directory exists but is empty.
-    write_tree(out, files, force=force, dirs=[f"{m}/1" for m in sorted(plan["models"])])
+    write_tree(out, files, force=force, dirs=[f"{m}/1" for m in sorted(plan["models"])], inputs=[art])
     return routing
 
 
@@ -144,13 +169,18 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
     skipped = []
     for fname, info in manifest.models.items():
         # reduced-precision variants (dagc.precisions) would clash with their fp32 models' names
-        if info.format in SKIPPED_FORMATS or is_variant(manifest.models, fname):
+        if (info.format in SKIPPED_FORMATS or (config.backend == "python" and info.format == "tensorrt")
+                or is_variant(manifest.models, fname)):
             skipped.append(fname)
         elif info.format not in PLATFORMS:
             raise ArtifactError(f"model {fname!r} has format {info.format!r}, which the Triton export does not "
                                 f"know (it takes {sorted(PLATFORMS)}); update dagc or recompile the artifact")
         else:
             by_format[info.format][fname] = info
+    for fmt, infos in by_format.items():  # e.g. one task: the shared model and the task's model
+        for fname in _duplicates(manifest, fmt, infos):
+            skipped.append(fname)
+            del infos[fname]
     plan_batches = sorted({b for info in by_format["tensorrt"].values() for b in info.batches})
     onnx_max = config.max_batch_size or (max(plan_batches) if plan_batches else DEFAULT_MAX_BATCH)
 
@@ -166,11 +196,13 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
             else:
                 max_batch, preferred, kind, batches = onnx_max, [], "KIND_AUTO", None
             sha = manifest.files[fname].sha256
+            platform = "python" if config.backend == "python" else PLATFORMS[fmt][0]
             text = _config_text(f"# {name}: {fname} of a dagc artifact (sha256 {sha}), tasks {', '.join(model_tasks)}",
-                                name, PLATFORMS[fmt][0], max_batch, [(i, dtype, in_dims) for i in info.inputs],
+                                name, platform, max_batch, [(i, dtype, in_dims) for i in info.inputs],
                                 [(t, "TYPE_FP32", out_dims[t]) for t in info.outputs],
-                                dynamic=(config.max_queue_delay_us, preferred), instances=(config.instances, kind))
-            _add(models, name, {"platform": PLATFORMS[fmt][0], "format": fmt, "tasks": model_tasks, "source": fname,
+                                dynamic=(config.max_queue_delay_us, preferred), instances=(config.instances, kind),
+                                parameters={"sha256": sha, "intra_op_threads": str(config.intra_op_threads)})
+            _add(models, name, {"platform": platform, "format": fmt, "tasks": model_tasks, "source": fname,
                                 "sha256": sha, "max_batch_size": max_batch,
                                 "min_batch_size": min(batches) if batches else 1,
                                 "inputs": list(info.inputs), "outputs": list(info.outputs), "config": text})
@@ -221,6 +253,21 @@ def _routes(manifest: Manifest, config: TritonConfig, fmt: str, models: dict[str
     return out
 
 
+def _duplicates(manifest: Manifest, fmt: str, infos: dict[str, ModelInfo]) -> list[str]:
+    """The files of one format that compute the same task set as another: all but the one the
+    manifest's route for that set runs (the cheapest), since Triton names a model by its tasks."""
+    by_set: dict[frozenset, list[str]] = {}
+    for fname, info in infos.items():
+        by_set.setdefault(frozenset(info.tasks), []).append(fname)
+    out = []
+    for task_set, names in by_set.items():
+        if len(names) > 1:
+            route = manifest.route(fmt, task_set)
+            keep = route[0] if len(route) == 1 and route[0] in names else min(names, key=lambda n: infos[n].flops)
+            out += [n for n in names if n != keep]
+    return sorted(out)
+
+
 def _model_name(prefix: str, model_tasks: Sequence[str], all_tasks: Sequence[str], fmt: str) -> str:
     # '.' cannot occur in task names (letters, digits, '_', '-'), so a joined subset is unambiguous
     base = prefix if list(model_tasks) == list(all_tasks) else f"{prefix}_{'.'.join(model_tasks)}"
@@ -252,14 +299,19 @@ def _tensors(field: str, tensors) -> list[str]:
 
 
 def _config_text(header: str, name: str, platform: str, max_batch: int, inputs, outputs, *,
-                 dynamic: tuple[int, Sequence[int]], instances: tuple[int, str]) -> str:
+                 dynamic: tuple[int, Sequence[int]], instances: tuple[int, str], parameters: dict[str, str]) -> str:
+    """A model's config; ``platform`` "python" is written as ``backend: "python"`` with
+    ``parameters`` (the other platforms take none)."""
     delay, preferred = dynamic
-    lines = [header, f"name: {_q(name)}", f"platform: {_q(platform)}", f"max_batch_size: {max_batch}",
+    kind = f"backend: {_q(platform)}" if platform == "python" else f"platform: {_q(platform)}"
+    lines = [header, f"name: {_q(name)}", kind, f"max_batch_size: {max_batch}",
              *_tensors("input", inputs), *_tensors("output", outputs), "dynamic_batching {"]
     if preferred:
         lines.append(f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]")
     lines += [f"  max_queue_delay_microseconds: {delay}", "}",
               f"instance_group [ {{ count: {instances[0]} kind: {instances[1]} }} ]"]
+    if platform == "python":
+        lines += [f"parameters {{ key: {_q(k)} value: {{ string_value: {_q(v)} }} }}" for k, v in parameters.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from dagc.errors import ConfigError
-from dagc.spec import PRESETS
+from dagc.spec import PRESETS, preset_size
 from dagc.trainer import datasets
 from dagc.trainer.baselines import ABLATIONS, BASELINES
 from dagc.trainer.losses import DENSE_LOSSES
@@ -129,8 +129,14 @@ class TrainConfig:
             raise ConfigError(f"input_size must be two positive integers (H, W), e.g. 64x64, got {size!r}")
 
     def _validate_schedule(self) -> None:
-        if self.flow_constant is not None and (not isinstance(self.flow_constant, int) or self.flow_constant < 1):
-            raise ConfigError(f"flow_constant (M) must be an integer >= 1, got {self.flow_constant!r}")
+        # Paper Sec. 3.1: hidden edges i -> j with j - i <= M among N states, so 1 <= M <= N - 1
+        # (M = N - 1 is the complete DAG; a larger M is the same network recorded as something else).
+        n = preset_size(self.preset)[0]
+        if self.flow_constant is not None and (isinstance(self.flow_constant, bool) or not isinstance(
+                self.flow_constant, int) or not 1 <= self.flow_constant <= max(1, n - 1)):
+            raise ConfigError(f"flow_constant (M) must be an integer in 1..{max(1, n - 1)} for preset "
+                              f"{self.preset!r} (N = {n} hidden states, edges i -> j with j - i <= M; "
+                              f"M = {max(1, n - 1)} is the complete DAG), got {self.flow_constant!r}")
         for name in ("warmup_iters", "search_iters", "finetune_iters", "batch_size", "save_every", "log_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -145,8 +151,17 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
         if not (math.isfinite(self.squeeze_weight) and self.squeeze_weight >= 0):
             raise ConfigError(f"squeeze_weight must be >= 0, got {self.squeeze_weight!r}")
-        if self.kappa is not None and not (math.isfinite(self.kappa) and self.kappa >= 0):
-            raise ConfigError(f"kappa must be >= 0, got {self.kappa!r}")
+        if self.kappa is not None:
+            # Eq. 9: κ bounds Σ σ(γ_ij) over a task's searchable hidden edges, each σ < 1, so a
+            # budget above their number never binds (the no-squeeze ablation says that plainly).
+            n, m = preset_size(self.preset)
+            m = max(1, n - 1) if "no-flow-restriction" in self.ablations else self.flow_constant or m
+            edges = sum(n - d for d in range(1, m + 1))
+            if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) or not (
+                    math.isfinite(self.kappa) and 0 <= self.kappa <= edges):
+                raise ConfigError(f"kappa must be a number in [0, {edges}] (the searchable hidden edges of a task "
+                                  f"with N = {n}, M = {m}; a larger budget never binds, use --ablation no-squeeze), "
+                                  f"got {self.kappa!r}")
         if self.dense_loss not in DENSE_LOSSES:
             raise ConfigError(f"dense_loss must be one of {list(DENSE_LOSSES)}, got {self.dense_loss!r}")
         if self.reduction not in REDUCTIONS:

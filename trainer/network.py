@@ -354,7 +354,7 @@ def network_tensors(net: CentralNetwork) -> dict[str, Tensor]:
 def load_network_tensors(net: CentralNetwork, tensors: Mapping[str, Tensor]) -> None:
     """Load ``theta.*``, ``arch.*`` and (if present) ``mask.*`` into ``net``.
 
-    Raises CheckpointError when a tensor is missing or has the wrong shape for the spec.
+    Raises CheckpointError when a tensor is missing or has the wrong shape or dtype for the spec.
     """
     state = {k[len("theta."):]: v for k, v in tensors.items() if k.startswith("theta.")}
     for name in ("gamma", "alpha", "beta"):
@@ -368,15 +368,24 @@ def load_network_tensors(net: CentralNetwork, tensors: Mapping[str, Tensor]) -> 
         raise CheckpointError(f"checkpoint does not match its spec: missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}")
     for k, v in state.items():
+        shown = f"arch.{k[len('arch_'):]}" if k.startswith("arch_") else f"theta.{k}"  # the checkpoint's name
         if tuple(v.shape) != tuple(expected[k].shape):
-            raise CheckpointError(f"tensor {k} has shape {tuple(v.shape)}, the spec needs "
+            raise CheckpointError(f"tensor {shown} has shape {tuple(v.shape)}, the spec needs "
                                   f"{tuple(expected[k].shape)}")
+        if v.dtype != expected[k].dtype:  # the bytes of another dtype read as this one are garbage
+            raise CheckpointError(f"tensor {shown} has dtype {_dtype_name(v.dtype)}, the network stores "
+                                  f"{_dtype_name(expected[k].dtype)}; the checkpoint is corrupted, re-run "
+                                  "the command that wrote it")
     net.load_state_dict(state)
     if "mask.gamma" in tensors:
         try:
             net.set_masks(tensors["mask.gamma"], tensors["mask.alpha"], tensors["mask.beta"])
         except (KeyError, SpecError) as e:
             raise CheckpointError(f"checkpoint masks are invalid: {e}") from None
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def network_from_checkpoint(ckpt) -> CentralNetwork:

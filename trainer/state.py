@@ -4,7 +4,6 @@ the next (the warm-up snapshot, reduction and rewinding), and how it is saved to
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from torch import Tensor
 
 from dagc.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from dagc.errors import CheckpointError, ConfigError
+from dagc.outputs import check_writable_dir
 from dagc.spec import Spec
 from dagc.trainer import distributed
 from dagc.trainer.baselines import chain_masks, fix_read_in_out
@@ -116,14 +116,13 @@ def reduce_and_rewind(run: Run) -> None:
 
 
 def writable_dir(out: Path) -> None:
-    """Create ``out`` if needed and check that it can be written; ConfigError if not."""
+    """Check that ``out`` can be written (`dagc.outputs.check_writable_dir`, the check every command
+    makes of its output) and create it; ConfigError if not."""
+    check_writable_dir(out, option="--out", error=ConfigError)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
     except OSError as e:
-        raise ConfigError(f"cannot write to {out} ({e.strerror or e}); choose a writable --out") from None
+        raise ConfigError(f"cannot write to --out {out} ({e.strerror or e}); choose a writable --out") from None
 
 
 # ---------------------------------------------------------------------- saving and resuming
@@ -138,15 +137,34 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], di
     return tensors, {"param_groups": sd["param_groups"]}
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups_meta: dict[str, Any]) -> None:
-    """Load `optimizer_tensors` output into ``opt``. Raises CheckpointError if it does not fit."""
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups_meta: Any,
+                   source: str = "the state") -> None:
+    """Load `optimizer_tensors` output into ``opt``. Every tensor is checked against the parameter
+    it belongs to first (fused Adam reads a state tensor of the wrong shape out of bounds: a
+    crash, not an error). Raises CheckpointError naming the tensor if it does not fit."""
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict[str, Tensor]] = {}
-    for name, val in tensors.items():
-        _, pid, key = name.split(".", 2)
+    for name, val in sorted(tensors.items()):
+        _, pid, key = (name.split(".", 2) + ["", ""])[:3]
+        if not pid.isdigit() or int(pid) >= len(params) or not key:
+            raise CheckpointError(f"{source}: optimizer tensor {name} names no parameter of the model "
+                                  f"(expected optim.<0..{len(params) - 1}>.<key>); the state is corrupted")
+        p = params[int(pid)]
+        want_shape, want_dtype = ((), val.dtype if val.is_floating_point() else torch.float32) if key == "step" \
+            else (tuple(p.shape), p.dtype)
+        if tuple(val.shape) != want_shape or val.dtype != want_dtype:
+            raise CheckpointError(f"{source}: optimizer tensor {name} is {str(val.dtype).removeprefix('torch.')} "
+                                  f"{tuple(val.shape)}, its parameter needs {str(want_dtype).removeprefix('torch.')} "
+                                  f"{want_shape}; the state is corrupted")
+        if key == "step" and not float(val) >= 0:
+            raise CheckpointError(f"{source}: optimizer tensor {name} is {float(val)}, a step count >= 0 is needed")
         state.setdefault(int(pid), {})[key] = val
+    groups = groups_meta.get("param_groups") if isinstance(groups_meta, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise CheckpointError(f"{source}: metadata 'optimizer' has no list of param_groups; the state is corrupted")
     try:
-        opt.load_state_dict({"state": state, "param_groups": groups_meta["param_groups"]})
-    except (ValueError, KeyError) as e:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"optimizer state does not match the model: {e}") from None
 
 
@@ -170,18 +188,57 @@ def save_state(run: Run, out: Path) -> None:
 
 def _read_progress(path: Path, ck: Checkpoint) -> tuple[TrainConfig, str, int]:
     """The configuration and progress (stage, step) of a training state; CheckpointError if the
-    checkpoint is not one."""
+    checkpoint is not one, or its step lies outside its stage (0 .. the stage's iterations)."""
     try:
         cfg = TrainConfig.from_dict(ck.json("config"))
         progress = ck.json("progress")
-        stage, step = progress["stage"], int(progress["step"])
-    except (TypeError, KeyError, ConfigError, json.JSONDecodeError) as e:
+        stage, step = progress["stage"], progress["step"]
+    except (TypeError, KeyError, AttributeError, ConfigError) as e:
         raise CheckpointError(f"{path} is a dagc checkpoint but not a training state ({e}); "
                               "only run directories written by dagc train can be resumed") from None
-    if stage not in (*STAGES, "done"):
+    if not isinstance(stage, str) or stage not in (*STAGES, "done"):
         raise CheckpointError(f"{path} is a dagc checkpoint but not a training state (stage {stage!r}); "
                               "only run directories written by dagc train can be resumed")
+    last = 0 if stage == "done" else cfg.iters(stage)
+    if isinstance(step, bool) or not isinstance(step, int) or not 0 <= step <= last:
+        raise CheckpointError(f"{path}: progress step {step!r} is outside stage {stage!r}, which has steps "
+                              f"0..{last}; the state is corrupted, resume from a copy or start again")
     return cfg, stage, step
+
+
+def _read_meta(path: Path, ck: Checkpoint) -> tuple[dict, dict | None, float]:
+    """History, topology and seconds of a training state, checked; CheckpointError if malformed."""
+    history, topology, seconds = ck.json("history", {}), ck.json("topology"), ck.json("seconds", 0.0)
+    if not (isinstance(history, dict) and set(history) <= set(STAGES)
+            and all(isinstance(v, list) and all(isinstance(e, dict) for e in v) for v in history.values())):
+        raise CheckpointError(f"{path}: metadata 'history' must map stages {list(STAGES)} to lists of log "
+                              "entries; the state is corrupted")
+    if topology is not None and not (isinstance(topology, dict) and all(isinstance(v, dict) for v in topology.values())):
+        raise CheckpointError(f"{path}: metadata 'topology' must map tasks to topology records")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
+        raise CheckpointError(f"{path}: metadata 'seconds' must be a number >= 0, got {seconds!r}")
+    return {s: history.get(s, []) for s in STAGES}, topology, float(seconds)
+
+
+def _read_rewind(path: Path, ck: Checkpoint, net: CentralNetwork, stage: str) -> dict[str, Tensor] | None:
+    """The warm-up snapshot of θ, checked against the network (names, shapes, dtypes); the search
+    needs it to rewind. CheckpointError if it does not fit."""
+    snap = ck.group("rewind") or None
+    if snap is None:
+        if stage == "search":
+            raise CheckpointError(f"{path}: a state in the search stage needs the warm-up snapshot (rewind.*), "
+                                  "which it lacks; the state is corrupted")
+        return None
+    want = theta_snapshot(net)
+    if set(snap) != set(want):
+        raise CheckpointError(f"{path}: the rewind.* tensors do not match the network (missing "
+                              f"{sorted(set(want) - set(snap))[:3]}, unexpected {sorted(set(snap) - set(want))[:3]})")
+    for k, v in sorted(snap.items()):
+        if tuple(v.shape) != tuple(want[k].shape) or v.dtype != want[k].dtype:
+            raise CheckpointError(f"{path}: tensor rewind.{k} is {str(v.dtype).removeprefix('torch.')} "
+                                  f"{tuple(v.shape)}, the network needs {str(want[k].dtype).removeprefix('torch.')} "
+                                  f"{tuple(want[k].shape)}")
+    return snap
 
 
 def resume_run(run_dir: Path, device: str | None = None) -> Run:
@@ -194,16 +251,20 @@ def resume_run(run_dir: Path, device: str | None = None) -> Run:
                               f"dagc train --out {run_dir}")
     ck: Checkpoint = load_checkpoint(path)
     cfg, stage, step = _read_progress(path, ck)
+    history, topology, seconds = _read_meta(path, ck)
     if device is not None:
         cfg = replace(cfg, device=device)
     dev = training_device(cfg.device)
     net = CentralNetwork(ck.spec)
     load_network_tensors(net, ck.tensors)
+    rewind_theta = _read_rewind(path, ck, net, stage)
     net.to(dev)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     precision = make_precision(cfg.amp, dev)
     if precision.scaler is not None and ck.json("grad_scaler") is not None:
+        if not isinstance(ck.json("grad_scaler"), dict):
+            raise CheckpointError(f"{path}: metadata 'grad_scaler' must be a JSON object; the state is corrupted")
         precision.scaler.load_state_dict(ck.json("grad_scaler"))
     opt = None
     if stage != "done":
@@ -211,7 +272,6 @@ def resume_run(run_dir: Path, device: str | None = None) -> Run:
         # Adam's load_state_dict moves the state to its parameters' device.
         optim_t = {k: v for k, v in ck.tensors.items() if k.startswith("optim.")}
         if optim_t:
-            load_optimizer(opt, optim_t, ck.json("optimizer", {}))
-    return Run(cfg=cfg, spec=ck.spec, net=net, stage=stage, step=step, opt=opt,
-               rewind_theta=ck.group("rewind") or None, history=ck.json("history", {}),
-               topology=ck.json("topology"), seconds=ck.json("seconds", 0.0), precision=precision)
+            load_optimizer(opt, optim_t, ck.json("optimizer", {}), source=str(path))
+    return Run(cfg=cfg, spec=ck.spec, net=net, stage=stage, step=step, opt=opt, rewind_theta=rewind_theta,
+               history=history, topology=topology, seconds=seconds, precision=precision)

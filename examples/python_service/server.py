@@ -115,6 +115,15 @@ class InferenceServer(ThreadingHTTPServer):
                        "outputs": outputs, "backend": engine.backend, "max_body_bytes": config.max_body_bytes}
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver prints a traceback to stderr for anything a request raised: a client that
+        hung up (while http.server read its request line, say) is one log line instead, and any
+        other fault goes to the log with its traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            log.info("%s: client went away", client_address[0])
+        else:
+            log.exception("error while serving %s", client_address[0])
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
@@ -315,22 +324,30 @@ class _Handler(BaseHTTPRequestHandler):
                 self._infer()
         except _HttpError as e:
             self._send_json(e.status, {"error": e.message, "status": e.status}, e.headers)
-        except (BrokenPipeError, ConnectionResetError):
-            log.info("%s: client went away", self.address_string())
+        except ConnectionError:  # reading the request: the client hung up
+            self._gone()
         except Exception:  # noqa: BLE001 - a server fault must not stop the service
             log.exception("internal error on %s %s", self.command, self.path)
             self._send_json(500, {"error": "internal server error; see the server log", "status": 500})
 
+    def _gone(self) -> None:
+        log.info("%s: client went away before the answer was sent", self.address_string())
+        self.close_connection = True
+
     def _send_json(self, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> None:
+        """Answer; a client that hung up (broken pipe, reset) is one log line, not an error."""
         body = (json.dumps(payload, allow_nan=False) + "\n").encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        if getattr(self, "command", None) != "HEAD":
-            self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            if getattr(self, "command", None) != "HEAD":
+                self.wfile.write(body)
+        except ConnectionError:
+            self._gone()
 
     def _content_length(self) -> int | None:
         text = self.headers.get("Content-Length")
