@@ -28,7 +28,7 @@ from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
-from dagc.compiler.quantize import INT8, with_settings
+from dagc.compiler.quantize import INT8, for_tensorrt, with_settings
 from dagc.errors import CheckpointError, DataError, SpecError
 from dagc.modelcheck import verify_artifact
 from dagc.precisions import is_variant
@@ -171,6 +171,8 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     chosen, device = _target(target, device, fp16, bf16)
     precisions = precision.parse_precisions(precisions)
     settings = with_settings(INT8, batches=calibration_batches, seed=calibration_seed)
+    if chosen.name == "tensorrt":  # TensorRT imports only signed symmetric Q/DQ
+        settings = for_tensorrt(settings)
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
     out = check_out_dir(out_dir, force=force, inputs=[ckpt_path])  # before any work
@@ -234,6 +236,8 @@ def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
     shape = (spec.in_channels, *spec.input_size)
     for name in [n for n in list(files) if n.endswith(".onnx")]:
         info = models[name]
+        if info.get("precision") == "fp16":
+            continue  # --precision fp16's files: --fp16 builds fp16 plans from its own conversion
         precision = "int8" if tensorrt.has_qdq(files[name]) else "fp16" if fp16 else "fp32"
         source = tensorrt.prepare(files[name], precision)
         plan = tensorrt.build_plan(source, {i: shape for i in info["inputs"]}, batches)

@@ -36,11 +36,11 @@ from dagc.compiler.quantize import (
     INT8,
     Int8Settings,
     calibration_feeds,
-    convert_fp16,
     excluded_nodes,
     load_run_data,
     quantize_int8,
 )
+from dagc.compiler.tensorrt import fp16_model
 from dagc.errors import CompileError, RunnerError
 from dagc.precisions import (
     OPENVINO,
@@ -236,7 +236,7 @@ def _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primar
 def _fp16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary) -> PrecisionCheck:
     out = {}
     for name in fp32_names:
-        half = convert_fp16(files[name])
+        half = fp16_model(files[name])
         scored = _Scored(spec, split, OrtRunner(half, device="cpu"), models[name]["tasks"], runners[name])
         drop = _drops(scored.metrics, ref[name], primary)
         if _worst(drop)[1] > max_drop:

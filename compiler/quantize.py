@@ -26,6 +26,10 @@ held-out scenes; 2026-12-01; machine shared with other jobs, so the times are +-
   metrics on these already folded graphs, and without it the node names stay those of the
   emitted graph, which the fallbacks name.
 
+With ``--target tensorrt`` the int8 files are written in TensorRT's form instead (`for_tensorrt`:
+signed symmetric activations, `dagc.compiler.tensorrt.TRT_QDQ_OPTIONS`), since TensorRT refuses
+unsigned zero points; the accuracy check then runs on that form.
+
 Fallbacks (`FALLBACKS`, tried in order by `dagc.compiler.precision` when a task's metric drops
 too much): ``none`` quantizes every Conv; ``first-conv`` keeps the convs that read a model input
 (the read-in edges) in fp32; ``heads`` keeps each head's last convs (those that produce an output
@@ -43,12 +47,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from dagc.compiler.tensorrt import TRT_QDQ_OPTIONS
 from dagc.errors import CompileError, ConfigError, DataError
 from dagc.trainer.batches import load_data
 from dagc.trainer.config import TrainConfig
 
 __all__ = ["INT8", "FALLBACKS", "Int8Settings", "calibration_feeds", "excluded_nodes", "quantize_int8",
-           "convert_fp16", "load_run_data"]
+           "load_run_data", "for_tensorrt"]
 
 FALLBACKS = ("none", "first-conv", "heads", "first-conv+heads")
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
@@ -56,8 +61,10 @@ _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 @dataclass(frozen=True)
 class Int8Settings:
-    """How int8 models are quantized: activation type, calibration method, pre-processing, and the
-    calibration data (``batches`` batches of ``batch_size`` training samples, drawn with ``seed``)."""
+    """How int8 models are quantized: activation type, calibration method, pre-processing, whether
+    in TensorRT's form (``symmetric``: signed int8 activations and weights with zero points 0, no
+    int32 biases, `dagc.compiler.tensorrt.TRT_QDQ_OPTIONS`), and the calibration data
+    (``batches`` batches of ``batch_size`` training samples, drawn with ``seed``)."""
 
     activations: str = "QUInt8"
     weights: str = "QInt8"
@@ -67,6 +74,7 @@ class Int8Settings:
     batches: int = 8
     batch_size: int = 16
     seed: int = 0
+    symmetric: bool = False
 
 
 INT8 = Int8Settings()
@@ -200,7 +208,7 @@ def quantize_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, se
                             weight_type=getattr(QuantType, settings.weights), nodes_to_exclude=list(exclude),
                             op_types_to_quantize=None, calibrate_method=getattr(CalibrationMethod, settings.method),
                             calibration_providers=["CPUExecutionProvider"],
-                            extra_options={"CalibTensorRangeSymmetric": False})
+                            extra_options=dict(TRT_QDQ_OPTIONS) if settings.symmetric else {})
         except (ValueError, RuntimeError) as e:
             raise CompileError(f"int8 quantization failed: {e}") from None
         finally:
@@ -218,16 +226,10 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
     model.producer_version = ""
 
 
-def convert_fp16(model: bytes) -> bytes:
-    """The fp16 form of an fp32 ONNX model (onnxconverter-common, float inputs and outputs kept
-    float32: ``keep_io_types``). Raises CompileError if onnxconverter-common is missing."""
-    try:
-        from onnxconverter_common import float16
-    except ImportError:
-        raise CompileError("--precision fp16 needs the onnxconverter-common package; install dagc[cpu]") from None
-    proto = float16.convert_float_to_float16(onnx.load_from_string(model), keep_io_types=True)
-    _strip_metadata(proto)
-    return proto.SerializeToString()
+def for_tensorrt(settings: Int8Settings) -> Int8Settings:
+    """``settings`` in the form TensorRT imports (signed symmetric activations; ONNX Runtime's CPU
+    kernels run it slower than the default uint8 form, measured above)."""
+    return replace(settings, activations="QInt8", weights="QInt8", symmetric=True)
 
 
 def with_settings(settings: Int8Settings, **changes) -> Int8Settings:

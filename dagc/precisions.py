@@ -140,17 +140,20 @@ class Calibration:
     batches: int
     batch_size: int
     seed: int
+    symmetric: bool = False  # TensorRT's form: signed activations, zero points 0, no int32 biases
 
     def to_dict(self) -> dict[str, Any]:
         return {"activations": self.activations, "weights": self.weights, "method": self.method,
                 "per_channel": self.per_channel, "preprocess": self.preprocess, "batches": self.batches,
-                "batch_size": self.batch_size, "seed": self.seed}
+                "batch_size": self.batch_size, "seed": self.seed, "symmetric": self.symmetric}
 
     @classmethod
     def read(cls, o: Fields) -> Calibration:
-        o.only("activations", "weights", "method", "per_channel", "preprocess", "batches", "batch_size", "seed")
+        o.only("activations", "weights", "method", "per_channel", "preprocess", "batches", "batch_size", "seed",
+               "symmetric")
         return cls(o.string("activations"), o.string("weights"), o.string("method"), _bool(o, "per_channel"),
-                   _bool(o, "preprocess"), o.integer("batches", 1), o.integer("batch_size", 1), o.integer("seed"))
+                   _bool(o, "preprocess"), o.integer("batches", 1), o.integer("batch_size", 1), o.integer("seed"),
+                   _bool(o, "symmetric"))
 
 
 @dataclass(frozen=True)

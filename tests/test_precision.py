@@ -217,3 +217,29 @@ def test_triton_export_keeps_the_fp32_models(art, tmp_path):
     routing = export_triton(art, tmp_path / "repo", TritonConfig())
     sources = {m.get("source") for m in routing["models"].values()} - {None}  # ensembles have none
     assert "model.onnx" in sources and not any(".int8." in s or ".fp16." in s for s in sources)
+
+
+def test_tensorrt_form_of_int8_is_what_tensorrt_imports(trained, art):
+    from dagc.checkpoint import load_checkpoint
+    from dagc.compiler.quantize import INT8, calibration_feeds, for_tensorrt, load_run_data, quantize_int8
+    from dagc.compiler.tensorrt import qdq_problem
+
+    settings = for_tensorrt(INT8)
+    feeds = calibration_feeds(load_run_data(load_checkpoint(trained)), ["image"], dict.fromkeys(TASKS, "image"),
+                              settings)
+    assert qdq_problem(quantize_int8((art / "task_depth.onnx").read_bytes(), feeds, settings=settings)) is None
+    assert qdq_problem((art / "task_depth.int8.onnx").read_bytes()) is not None  # ONNX Runtime's uint8 form
+
+
+@pytest.mark.gpu
+def test_tensorrt_int8_plans_from_the_qdq_files(trained, tmp_path):
+    m = compile_artifact(trained, tmp_path / "trt", target="tensorrt", precisions="fp32,int8", calibration_batches=2)
+    assert m.accuracy.precisions["int8"].calibration.symmetric
+    plans = {n: e for n, e in m.models.items() if e.format == "tensorrt"}
+    assert plans["model.int8.plan"].precision == "int8" and plans["model.int8.plan"].built_from == "model.int8.onnx"
+    engine = load(tmp_path / "trt", backend="tensorrt", precision="int8")
+    assert engine.models_for() == ("model.int8.plan",)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    ref = load(tmp_path / "trt", backend="onnxruntime", precision="int8").run(x)
+    for t, y in engine.run(x).items():
+        assert np.abs(y - ref[t]).max() / max(1.0, np.abs(ref[t]).max()) <= 0.1
