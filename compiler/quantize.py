@@ -8,7 +8,7 @@ configuration are recorded in the checkpoint), drawn by a seeded generator, so t
 and seed give byte-identical QDQ files (tests/test_precision.py).
 
 The settings (`INT8`) were chosen by measurement on the default synthetic run's shared model
-(2-core AMD EPYC, ONNX Runtime 1.32, 1 thread, batch 8, 8 calibration batches of 16, 512
+(2-core Intel Xeon, ONNX Runtime 1.32, 1 thread, batch 8, 8 calibration batches of 16, 512
 held-out scenes; 2026-12-01; machine shared with other jobs, so the times are +-15%):
 
     activations  method      pre-process  calibrate  p50 (fp32 3.14 ms)  worst primary-metric drop
@@ -26,14 +26,44 @@ held-out scenes; 2026-12-01; machine shared with other jobs, so the times are +-
   metrics on these already folded graphs, and without it the node names stay those of the
   emitted graph, which the fallbacks name.
 
+Then the graph around the convs, measured on the same machine nearly idle (load average 0.4-0.6;
+Intel Xeon, AVX512-VNNI, AMX) on 2026-12-02, same model and settings, each variant timed
+alternately in one process against the fp32 model at batch 8 (30 rounds of 5 calls, median
+per-round ratio; fp32 3.9-4.2 ms at 1 thread, 3.3 ms at 2; two runs where a range is shown; the
+per-op times below are from ONNX Runtime's profiler):
+
+    variant (QUInt8, MinMax, per-channel)             1 thread   2 threads  worst drop
+    every Conv quantized (the former default)         1.41x      1.04-1.12x +0.05%
+    + read-in convs (Cin = 3) kept in fp32            1.48-1.53x 1.18x      +0.08%
+    + AveragePool folded into the next 1x1 conv        1.58-1.68x 1.23x      +0.04%
+    + ASPP Sum of 1x1 convs merged (the default)       1.62-1.63x 1.27-1.31x +0.14%
+    on the former default: per-tensor weights 1.33x, ForceQuantizeNoInputCheck 1.46x, Sum -> Add
+    chain 1.31x, the heads' last 1x1 convs in fp32 1.29x (drops within +0.23%); QInt8
+    activations with session.qdqisint8allowed=1 about 0.2x (profiled: its s8s8 QLinearConv is
+    10x slower than u8s8 here; without the option ORT leaves a third of the convs in fp32)
+
+- read-in convs in fp32 (`narrow_read_ins`): a 3-channel input into 16 channels makes a poor int8
+  GEMM (K = 27, N = 16) plus a transpose to NHWC: 0.27 ms int8 against 0.11 ms fp32 each. Wide
+  ones stay int8: on the vgg16 run (read-ins 3->64 and 3->256) fp32 read-ins cost 1.75x -> 1.63x.
+- `fold_pools`: ONNX Runtime's QLinearAveragePool took 0.27 ms of the 2.9 ms call (fp32 pool
+  0.02 ms); the folded conv is exact and costs about nothing.
+- `merge_sums`: each of the 16 head outputs became QLinearConv + NHWC->NCHW Transpose +
+  DequantizeLinear before the Sum, 0.03 ms per 3- or 5-channel transpose at 2 threads.
+- 2 threads stay below 1.5x: the int8 model runs as fast on 1 thread as on 2 (2.60 / 2.61 ms),
+  while the fp32 NCHWc convs gain 20% from the second core; dagc's sessions do not spin their
+  workers (`dagc.runners.session_options`), and with spinning both got slower on this machine.
+
 With ``--target tensorrt`` the int8 files are written in TensorRT's form instead (`for_tensorrt`:
 signed symmetric activations, `dagc.compiler.tensorrt.TRT_QDQ_OPTIONS`), since TensorRT refuses
 unsigned zero points; the accuracy check then runs on that form.
 
-Fallbacks (`FALLBACKS`, tried in order by `dagc.compiler.precision` when a task's metric drops
-too much): ``none`` quantizes every Conv; ``first-conv`` keeps the convs that read a model input
-(the read-in edges) in fp32; ``heads`` keeps each head's last convs (those that produce an output
-with no other conv after them) in fp32; ``first-conv+heads`` both.
+Before quantizing, `quantize_int8` applies the speed rules above: `narrow_read_ins` (read-in
+convs with at most `NARROW_READ_IN` output channels) stay fp32 (ONNX Runtime's form only), and
+`fold_pools` / `merge_sums` rewrite the graph into the same function with fewer, cheaper int8
+ops. Fallbacks (`FALLBACKS`, tried in order by `dagc.compiler.precision` when a task's metric
+drops too much): ``none`` adds nothing to those rules; ``first-conv`` keeps every conv that reads
+a model input (the read-in edges) in fp32; ``heads`` keeps each head's last convs (those that
+produce an output with no other conv after them) in fp32; ``first-conv+heads`` both.
 """
 
 from __future__ import annotations
@@ -53,10 +83,15 @@ from dagc.trainer.batches import load_data
 from dagc.trainer.config import TrainConfig
 
 __all__ = ["INT8", "FALLBACKS", "Int8Settings", "calibration_feeds", "excluded_nodes", "fold_pools", "merge_sums",
-           "quantize_int8",
+           "narrow_read_ins", "quantize_int8",
            "load_run_data", "for_tensorrt"]
 
-FALLBACKS = ("first-conv", "first-conv+heads", "none", "heads")
+FALLBACKS = ("none", "first-conv", "heads", "first-conv+heads")
+# Speed rules for ONNX Runtime's CPU int8 kernels, measured (module docstring): a read-in conv
+# with at most this many output channels stays fp32; a pool folds into a 1x1 conv with at most
+# this many output channels (the folded conv does that many MACs per pooled input element).
+NARROW_READ_IN = 32
+FOLD_MAX_OUT = 64
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -127,12 +162,14 @@ def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
-def fold_pools(model: onnx.ModelProto) -> int:
+def fold_pools(model: onnx.ModelProto, max_out: int = FOLD_MAX_OUT) -> int:
     """Fold each AveragePool (kernel = stride, no padding) whose only reader is a 1x1 Conv into that
     conv, in place: one Conv with kernel and stride k whose weights are the 1x1 weights / (k*k)
     tiled, exactly the same function. ONNX Runtime runs the int8 AveragePool far slower than the
     fp32 one (QLinearAveragePool: 0.27 ms of a 2.9 ms batch-8 call on the default run's shared
-    model); the folded conv costs about nothing. The conv keeps its name. Returns how many folded."""
+    model); the folded conv costs about nothing when it is narrow (at most ``max_out`` output
+    channels; on vgg16's 256-channel convs it cost more than the pool). The conv keeps its name.
+    Returns how many folded."""
     from onnx import numpy_helper
 
     init = {i.name: i for i in model.graph.initializer}
@@ -154,7 +191,7 @@ def fold_pools(model: onnx.ModelProto) -> int:
             continue
         conv, ca = conv[0], _attrs(conv[0])
         w = numpy_helper.to_array(init[conv.input[1]])
-        if (w.ndim != 4 or w.shape[2:] != (1, 1) or ca.get("group", 1) != 1 or any(ca.get("pads", [0]))
+        if (w.ndim != 4 or w.shape[2:] != (1, 1) or w.shape[0] > max_out or ca.get("group", 1) != 1 or any(ca.get("pads", [0]))
                 or any(v != 1 for v in ca.get("strides", [1])) or ca.get("auto_pad", b"NOTSET") != b"NOTSET"):
             continue
         tiled = (np.tile(w, (1, 1, *k)) / float(k[0] * k[1])).astype(w.dtype)
@@ -269,6 +306,15 @@ def _last_convs(model: onnx.ModelProto) -> set[str]:
     return found
 
 
+def narrow_read_ins(model: onnx.ModelProto, max_out: int = NARROW_READ_IN) -> list[str]:
+    """The read-in convs (`excluded_nodes` ``first-conv``) with at most ``max_out`` output
+    channels, which quantize_int8 keeps in fp32 for speed (sorted)."""
+    init = {i.name: i for i in model.graph.initializer}
+    first = _first_convs(model)
+    return sorted(n.name for n in model.graph.node if n.name in first and n.input[1] in init
+                  and init[n.input[1]].dims[0] <= max_out)
+
+
 def excluded_nodes(model: onnx.ModelProto, fallback: str) -> list[str]:
     """The node names a fallback keeps in fp32 (sorted). Raises ValueError for an unknown one."""
     if fallback not in FALLBACKS:
@@ -301,6 +347,8 @@ def quantize_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, se
 
     proto = onnx.load_from_string(model)
     inputs = [i.name for i in proto.graph.input]
+    if not settings.symmetric:  # TensorRT's form: its own kernels, not measured here
+        exclude = sorted({*exclude, *narrow_read_ins(proto)})
     fold_pools(proto)
     merge_sums(proto, keep=exclude)
     with tempfile.TemporaryDirectory(prefix="dagc-int8-") as tmp:
