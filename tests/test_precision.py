@@ -12,7 +12,7 @@ from dagc.artifact import load_manifest, read_manifest
 from dagc.checkpoint import save_checkpoint
 from dagc.compiler.compile import compile_artifact
 from dagc.compiler.ir import CompileError
-from dagc.compiler.quantize import FALLBACKS, excluded_nodes
+from dagc.compiler.quantize import FALLBACKS, excluded_nodes, fold_pools, merge_sums
 from dagc.errors import ArtifactError
 from dagc.manifest import Manifest
 from dagc.precisions import variant_file
@@ -124,6 +124,25 @@ def test_fallbacks_name_the_first_and_last_convs(art):
     assert all(n.startswith("heads.depth.") for n in heads)
     assert excluded_nodes(model, "first-conv+heads") == sorted({*first, *heads})
     assert excluded_nodes(model, "none") == []
+
+
+def test_int8_graph_rewrites_keep_the_function(art):
+    """The rewrites quantize_int8 makes first (pools folded into the 1x1 convs after them, Sums of
+    1x1 convs merged into one conv over a Concat) compute the same outputs in fp32."""
+    model = onnx.load(str(art / "model.onnx"))
+    before = OrtRunner(model.SerializeToString(), device="cpu")
+    heads = excluded_nodes(model, "heads")
+    kept = onnx.load(str(art / "model.onnx"))
+    assert merge_sums(kept, keep=heads) == 0  # a fallback keeping the heads' convs in fp32 keeps them
+    ops = [n.op_type for n in model.graph.node]
+    folded, merged = fold_pools(model), merge_sums(model)
+    assert merged == len(TASKS)  # one ASPP head per task
+    new = [n.op_type for n in model.graph.node]
+    assert new.count("AveragePool") == ops.count("AveragePool") - folded
+    assert new.count("Sum") == ops.count("Sum") - merged and new.count("Concat") == merged
+    after = OrtRunner(model.SerializeToString(), device="cpu")
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    compare(after, before, [{"image": x}], rtol=1e-4, what="rewritten model", against="the fp32 model")
 
 
 def test_runtime_selects_the_precision(art):
