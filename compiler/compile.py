@@ -31,7 +31,7 @@ from dagc.compiler.passes import optimize
 from dagc.compiler.quantize import INT8, for_tensorrt, with_settings
 from dagc.errors import CheckpointError, DataError, SpecError
 from dagc.modelcheck import verify_artifact
-from dagc.precisions import is_variant
+from dagc.precisions import routable
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
 from dagc.trainer.network import network_from_checkpoint
@@ -249,18 +249,6 @@ def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
                              "built_from": name}
 
 
-def _routed(models) -> list[mf.ModelInfo]:
-    """The models the routes choose among: per format, its full-precision models (precision fp32
-    or unrecorded), or all of them when a format has only reduced ones (``--fp16`` plans). The
-    reduced-precision variants beside fp32 models (fp16/bf16 AOTInductor packages, int8/fp16
-    ONNX files and what is built from them: `dagc.precisions.is_variant`) are alternatives a
-    caller picks by name or by ``load(..., precision=)``, never what a task subset runs by default."""
-    typed = {m.name: m for m in models}
-    models = [m for m in typed.values() if not is_variant(typed, m.name)]
-    full = {m.format for m in models if m.precision in (None, "fp32")}
-    return [m for m in models if m.format not in full or m.precision in (None, "fp32")]
-
-
 def _preprocessing(ck) -> Preprocessing | None:
     """The checkpoint's preprocessing record, either form (`Preprocessing.from_record`), with one
     mean and std per input channel (or one for all)."""
@@ -298,7 +286,7 @@ def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target
         dagc_version=dagc.__version__, target=mf.PREVIEW if target is None else target.name, spec=spec,
         input=mf.InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
         tasks=tasks, models=typed,
-        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, _routed(typed.values())),
+        routes=compute_routes(spec.task_names, {t: i.input for t, i in tasks.items()}, routable(typed.values())),
         costs=mf.Costs(mf.Cost(**supernet_costs(spec)), mf.Cost(**graph_costs(raw)), mf.Cost(**graph_costs(graph)),
                        {t: mf.Cost(**graph_costs(graph, [t])) for t in spec.task_names}),
         sharing=tuple(mf.SharingRow(r["id"], r["state"], tuple(r["tasks"]), r["edges"])

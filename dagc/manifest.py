@@ -46,7 +46,7 @@ from dagc.manifest_parts import (
     Verification,
     spec_order,
 )
-from dagc.precisions import Accuracy, is_variant, read_accuracy
+from dagc.precisions import Accuracy, read_accuracy, routable
 from dagc.routes import ROUTE_MAX_TASKS, cheapest_cover, compute_routes, parse_route_key, route_key
 from dagc.spec import Spec
 
@@ -191,8 +191,7 @@ class Manifest:
         key = tuple(t for t in self.spec.task_names if t in want)
         found = self.routes.get(fmt, {}).get(key)
         if found is None and len(self.spec.task_names) > ROUTE_MAX_TASKS and 1 < len(key) < len(self.tasks):
-            found = cheapest_cover(key, [m for m in self.models.values()
-                                         if m.format == fmt and not is_variant(self.models, m.name)],
+            found = cheapest_cover(key, [m for m in routable(self.models.values()) if m.format == fmt],
                                    self.spec.task_names, self.task_inputs())
         if found is None:
             raise ArtifactError(f"no {fmt} model of the artifact computes tasks {list(key)}{HINT}")

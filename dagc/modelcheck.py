@@ -36,7 +36,7 @@ from dagc.artifact import load_artifact
 from dagc.errors import ArtifactError
 from dagc.manifest import Manifest
 
-__all__ = ["verify_artifact", "check_model", "check_io"]
+__all__ = ["load_checked", "verify_artifact", "check_model", "check_io"]
 
 _HINT = "; recompile the artifact"
 

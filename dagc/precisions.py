@@ -22,7 +22,7 @@ OpenVINO executes QDQ graphs with its own kernels, so its metrics are checked, n
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -31,7 +31,7 @@ from dagc.errors import ArtifactError
 from dagc.jsonfields import Fields
 
 __all__ = ["PRECISIONS", "REFERENCE", "FILE_PRECISIONS", "OPENVINO", "CHECKS", "Calibration", "ModelCheck", "PrecisionCheck", "Accuracy",
-           "precision_of", "is_variant", "variant", "variant_file", "runs_at", "at_precision", "relative_drop"]
+           "precision_of", "is_variant", "routable", "variant", "variant_file", "runs_at", "at_precision", "relative_drop"]
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 REFERENCE = "fp32"  # the precision every other one is checked against
@@ -51,6 +51,18 @@ class _Model(Protocol):
 def precision_of(model: _Model) -> str:
     """A model's precision (``fp32`` when the manifest records none)."""
     return model.precision or REFERENCE
+
+
+def routable(models: Iterable[_Model]) -> list:
+    """The models task-subset routes choose among: per format, its full-precision models (precision
+    fp32 or unrecorded), or all of them when a format has only reduced ones (``--fp16`` plans). The
+    reduced-precision variants beside fp32 models (fp16/bf16 AOTInductor packages, int8/fp16 ONNX
+    files and what is built from them: `is_variant`) are alternatives a caller picks by name or by
+    ``load(..., precision=)``, never what a task subset runs by default."""
+    typed = {m.name: m for m in models}
+    kept = [m for m in typed.values() if not is_variant(typed, m.name)]
+    full = {m.format for m in kept if m.precision in (None, "fp32")}
+    return [m for m in kept if m.format not in full or m.precision in (None, "fp32")]
 
 
 def is_variant(models: Mapping[str, _Model], name: str) -> bool:

@@ -154,6 +154,7 @@ class OvRunner:
             raise RunnerError(f"OpenVINO could not compile the model: {str(e).splitlines()[0]}") from None
         self.inputs = tuple(i.get_any_name() for i in self.compiled.inputs)
         self.outputs = tuple(o.get_any_name() for o in self.compiled.outputs)
+        self._by_name = {o.get_any_name(): o for o in self.compiled.outputs}
         self.local = threading.local()
 
     def run(self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
@@ -163,8 +164,7 @@ class OvRunner:
             request = self.local.request = self.compiled.create_infer_request()
         names = self.outputs if outputs is None else tuple(outputs)
         result = request.infer({i: feeds[i] for i in self.inputs})
-        by_name = {o.get_any_name(): o for o in self.compiled.outputs}
-        return {t: np.array(result[by_name[t]], dtype=np.float32) for t in names}
+        return {t: np.array(result[self._by_name[t]], dtype=np.float32) for t in names}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ class Engine:
     """
 
     def __init__(self, artifact_dir: Path, manifest: Manifest, backend: str, threads: int | None, *,
-                 check_values: bool = True, files: Mapping[str, bytes] | None = None,
+                 files: Mapping[str, bytes], check_values: bool = True,
                  precision: str = REFERENCE) -> None:
         self.artifact_dir = artifact_dir
         self.check_values = check_values
@@ -164,8 +164,7 @@ class Engine:
                                         precision, self.backend, f"{artifact_dir} ({self._format} models)")
         # the verified bytes of the models this backend runs (at this precision), from the snapshot
         # `load` read: runners made later never read a directory that may have been replaced since
-        self._bytes = {n: files[n] for n in self._models if n in files and runs_at(manifest.models[n], precision)
-                       } if files is not None else {}
+        self._bytes = {n: files[n] for n in self._models if runs_at(manifest.models[n], precision)}
         self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}

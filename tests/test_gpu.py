@@ -240,8 +240,8 @@ def test_cuda_package_entries_validate_and_routes_keep_to_fp32():
     """What a `--device cuda --fp16` compile records: device and precision on aoti entries, and
     routes over the fp32 packages only (a TensorRT artifact with only fp16 plans is routed over
     them)."""
-    from dagc.compiler.compile import _routed
     from dagc.manifest import ModelInfo
+    from dagc.precisions import routable as _routed
 
     def entry(name, fmt="aoti", tasks=("s",), **extra):
         base = {"tasks": list(tasks), "format": fmt, "inputs": ["image"], "outputs": list(tasks),

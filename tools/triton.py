@@ -51,7 +51,6 @@ from dagc.artifact import check_out_dir, write_tree
 from dagc.errors import ArtifactError, CompileError, ConfigError
 from dagc.manifest import Manifest, ModelInfo
 from dagc.modelcheck import load_checked
-from dagc.precisions import is_variant
 
 __all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH", "BACKENDS"]
 
@@ -138,12 +137,13 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     manifest, contents = load_checked(art)
     plan = _plan(manifest, config)
     files: dict[str, bytes] = {}
+    model_py = MODEL_PY.read_bytes()
     for name, model in plan["models"].items():
         files[f"{name}/config.pbtxt"] = model.pop("config").encode("utf-8")
         if model["source"] is not None:
             files[f"{name}/1/{PLATFORMS[model['format']][1]}"] = contents[model["source"]]
             if config.backend == "python":
-                files[f"{name}/1/model.py"] = MODEL_PY.read_bytes()
+                files[f"{name}/1/model.py"] = model_py
     routing = {"format": "dagc.triton_routing", "format_version": 1, "artifact": str(art), "backend": config.backend,
                "dagc_version": manifest.dagc_version, "input": plan["input"],
                "models": plan["models"], "routes": plan["routes"], "skipped": plan["skipped"],
@@ -167,20 +167,19 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
     out_dims = {t: list(info.output_shape) for t, info in manifest.tasks.items()}
     by_format: dict[str, dict[str, ModelInfo]] = {"onnx": {}, "tensorrt": {}}
     skipped = []
+    # Triton names a model by its tasks, so only the files the manifest's routes run are exported:
+    # a reduced-precision variant (never routed) or, with one task, the task's model beside the
+    # shared one would clash with the routed model's name
+    routed = {n for by_subset in manifest.routes.values() for r in by_subset.values() for n in r}
     for fname, info in manifest.models.items():
-        # reduced-precision variants (dagc.precisions) would clash with their fp32 models' names
         if (info.format in SKIPPED_FORMATS or (config.backend == "python" and info.format == "tensorrt")
-                or is_variant(manifest.models, fname)):
+                or fname not in routed):
             skipped.append(fname)
         elif info.format not in PLATFORMS:
             raise ArtifactError(f"model {fname!r} has format {info.format!r}, which the Triton export does not "
                                 f"know (it takes {sorted(PLATFORMS)}); update dagc or recompile the artifact")
         else:
             by_format[info.format][fname] = info
-    for fmt, infos in by_format.items():  # e.g. one task: the shared model and the task's model
-        for fname in _duplicates(manifest, fmt, infos):
-            skipped.append(fname)
-            del infos[fname]
     plan_batches = sorted({b for info in by_format["tensorrt"].values() for b in info.batches})
     onnx_max = config.max_batch_size or (max(plan_batches) if plan_batches else DEFAULT_MAX_BATCH)
 
@@ -251,21 +250,6 @@ def _routes(manifest: Manifest, config: TritonConfig, fmt: str, models: dict[str
                             "inputs": ens_inputs, "outputs": list(subset), "config": text})
         out[key] = {"model": name, "outputs": list(subset)}
     return out
-
-
-def _duplicates(manifest: Manifest, fmt: str, infos: dict[str, ModelInfo]) -> list[str]:
-    """The files of one format that compute the same task set as another: all but the one the
-    manifest's route for that set runs (the cheapest), since Triton names a model by its tasks."""
-    by_set: dict[frozenset, list[str]] = {}
-    for fname, info in infos.items():
-        by_set.setdefault(frozenset(info.tasks), []).append(fname)
-    out = []
-    for task_set, names in by_set.items():
-        if len(names) > 1:
-            route = manifest.route(fmt, task_set)
-            keep = route[0] if len(route) == 1 and route[0] in names else min(names, key=lambda n: infos[n].flops)
-            out += [n for n in names if n != keep]
-    return sorted(out)
 
 
 def _model_name(prefix: str, model_tasks: Sequence[str], all_tasks: Sequence[str], fmt: str) -> str:
