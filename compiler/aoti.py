@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from dagc import manifest_parts
 from dagc.compiler.ir import CompileError, Graph
 from dagc.compiler.lower import lower
 from dagc.compiler.runners import AotiRunner, SupernetRunner, load_package
 from dagc.runners import Runner, compare
 
 AOTI_RTOL = 1e-4
-DEVICES = ("cpu", "cuda")
+DEVICES = manifest_parts.DEVICES  # one list: what the manifest accepts is what can be built
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Measured on random reduced tiny/vgg16 networks in eager mode on the CPU (fp16 up to 7e-4, bf16 up to
 # 6e-3 relative to the output scale); about 10x that, as the fp32 tolerance is 10x float32 noise.
