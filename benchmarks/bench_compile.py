@@ -25,6 +25,7 @@ from dagc.compiler import onnx_export, verify
 from dagc.compiler.compile import compile_checkpoint, load_graph
 from dagc.spec import TaskSpec, preset
 from dagc.trainer.network import CentralNetwork, network_tensors
+from dagc.trainer.recalibrate import reestimate_statistics
 from dagc.trainer.reduction import flow_based_reduction
 from dagc.trainer.topology import close_masks
 
@@ -43,11 +44,10 @@ def make_checkpoint(path: Path, m: int, size: int, seed: int = 0) -> None:
         a, b = rng.uniform(0.05, 0.95, spec.n_states), rng.uniform(0.05, 0.95, spec.n_states)
         masks.append(close_masks(*flow_based_reduction(g, a, b)))
     net.set_masks(*(torch.from_numpy(np.stack([mk[i] for mk in masks])) for i in range(3)))
-    with torch.no_grad():
-        for mod in net.modules():
-            if hasattr(mod, "running_var"):
-                mod.running_mean.normal_(0, 0.1)
-                mod.running_var.uniform_(0.5, 2)
+    # Each task's statistics as training leaves them (equal where the tasks' upstream is), so the
+    # compiler shares what a trained model would share.
+    gen = torch.Generator().manual_seed(seed)
+    reestimate_statistics(net, [torch.randn(4, 3, size, size, generator=gen) for _ in range(2)])
     save_checkpoint(path, network_tensors(net), spec, "finetune")
 
 

@@ -67,8 +67,9 @@ from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import REGISTRY
 from dagc.trainer.evaluation import constant_baselines, evaluate
 from dagc.trainer.kinds import PRIMARY
-from dagc.trainer.loop import run_stage
-from dagc.trainer.network import CentralNetwork, TaskBatchNorm
+from dagc.trainer.loop import run_stage, settle_statistics
+from dagc.trainer.network import CentralNetwork
+from dagc.trainer.recalibrate import reestimate_statistics
 from dagc.trainer.stages import REDUCTIONS, reduce_network, rewind
 from dagc.trainer.state import Run, advance, new_run, optimizer
 
@@ -173,44 +174,28 @@ def search_network(cfg: TrainConfig, data, spec, device: torch.device | str = "c
     return run.net, run.rewind_theta, seconds
 
 
-@torch.no_grad()
 def reestimate_batchnorm(net: CentralNetwork, data, cfg: TrainConfig, n_batches: int,
                          device: torch.device | str = "cpu") -> None:
-    """Re-estimate every batch-norm running statistic of ``net`` in place: ``n_batches`` train-mode
-    forward passes over training batches (the fine-tune stage's first batches), no weight update.
-
-    The running statistics are reset first so that none of the search's statistics survive, and
-    batch b updates them with momentum 1/(b+1), so that the batches weigh about equally (exactly
-    for an edge one task uses; several tasks update in task order within a batch, as in training).
-    Heads have no batch norm, so the read-out's change of scale under binarisation stays.
-    """
-    bns = [m for m in net.modules() if isinstance(m, TaskBatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.running_mean.zero_()
-        m.running_var.fill_(1.0)
-    net.train()
-    try:
-        for b in range(n_batches):
-            for m in bns:
-                m.momentum = 1.0 / (b + 1)
-            x, _ = batch_at(data.train, net.spec, cfg.batch_size, cfg.seed, "finetune", b, device)
-            net(x)
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-        net.eval()
+    """Re-estimate every task's batch-norm statistics of ``net`` in place
+    (`dagc.trainer.recalibrate.reestimate_statistics`) on the fine-tune stage's first ``n_batches``
+    training batches, no weight update: none of the search's statistics survive. Heads have no
+    batch norm, so the read-out's change of scale under binarisation stays."""
+    batches = (batch_at(data.train, net.spec, cfg.batch_size, cfg.seed, "finetune", b, device)[0]
+               for b in range(n_batches))
+    reestimate_statistics(net, batches)
 
 
 def finetune(net: CentralNetwork, snapshot: dict[str, torch.Tensor], data, cfg: TrainConfig,
              device: torch.device | str = "cpu") -> None:
     """Rewind θ of a reduced ``net`` to ``snapshot`` and fine-tune it in place for
-    ``cfg.finetune_iters`` iterations, as `dagc train` does after reduction (its loop, `run_stage`).
+    ``cfg.finetune_iters`` iterations, then re-estimate each task's batch-norm statistics, as
+    `dagc train` does after reduction (its loop, `run_stage`, and `settle_statistics`).
     Raises ConfigError if the loss becomes non-finite."""
     rewind(net, snapshot)
     run = Run(cfg=cfg, spec=net.spec, net=net, stage="finetune", step=0, opt=optimizer(cfg, net, "finetune"),
               rewind_theta=snapshot, history={})
     run_stage(run, data, torch.device(device))
+    settle_statistics(run, data, torch.device(device))
 
 
 def retained(pruned: float, unreduced: float, higher_is_better: bool) -> float:

@@ -4,11 +4,14 @@ A `Node` is one instance of a hidden state (``state >= 0``) or of the read-out s
 (``state == READOUT``) that serves a set of tasks. Its value is the sum of its incoming `Edge`s;
 each edge applies one supernet block (``block``: "read_in.j", "edges.i_j" or "read_out.i") to a
 source (another node, or a model input ``"input:<name>"``) and multiplies by a positive ``scale``
-(the 1/In averaging factor; 1 for read-outs). Every task has one head, reading one read-out node.
+(the 1/In averaging factor; 1 for read-outs) after normalising with the batch-norm running
+statistics of one task (``stats``: each task has its own, FORMAT.md). Every task has one head,
+reading one read-out node.
 
 Parameters stay outside the structure, in ``Graph.params`` (numpy arrays keyed by the supernet's
-``theta.*`` names, plus ``fold.*`` entries once `dagc.compiler.passes.fold` ran), so the IR is
-small, printable (`Graph.dump`) and easy to assert on.
+``theta.*`` names, with each task's running statistics under `stats_names`, plus ``fold.*``
+entries once `dagc.compiler.passes.fold` ran), so the IR is small, printable (`Graph.dump`) and
+easy to assert on.
 
 What an edge's block computes (eval mode) is its `dagc.blocks.BlockDef` (`Graph.block`). A folded
 edge (``edge.folded`` set) uses conv weight and bias ``fold.<key>.weight/bias`` (`folded_names`)
@@ -39,12 +42,14 @@ class Edge:
     """One active incoming edge: ``scale * block(src)`` (or the folded block).
 
     ``block`` is the block's name (``"edges.2_4"``); `key` its typed form, `Graph.block` its
-    definition."""
+    definition. ``stats`` is the task whose batch-norm running statistics the block normalises
+    with (`stats_names`)."""
 
     block: str
     src: str
     scale: float = 1.0
     folded: str | None = None
+    stats: str | None = None
 
     @property
     def key(self) -> BlockKey:
@@ -54,6 +59,27 @@ class Edge:
     @property
     def kind(self) -> str:
         return self.key.kind
+
+
+STATS = ("running_mean", "running_var")
+
+
+def stats_names(block: BlockDef, task: str) -> tuple[str, str]:
+    """The parameter keys (running mean, running variance) of one task's batch-norm statistics of
+    ``block``: ``<bn>.running_mean.<task>`` and ``<bn>.running_var.<task>``."""
+    return tuple(f"{block.bn_tensor(s)}.{task}" for s in STATS)
+
+
+def edge_tensors(g: Graph, e: Edge) -> tuple[str, ...]:
+    """The parameter keys an edge uses: its folded conv, or its block's conv weight, batch-norm
+    weight and bias, and the running statistics of ``e.stats``. Raises CompileError for an unfolded
+    edge without ``stats``."""
+    if e.folded is not None:
+        return folded_names(e.folded)
+    if e.stats is None:
+        raise CompileError(f"edge {e.block}({e.src}) names no task whose batch-norm statistics it uses")
+    b = g.block(e)
+    return (b.conv.weight, b.bn_tensor("weight"), b.bn_tensor("bias"), *stats_names(b, e.stats))
 
 
 def folded_names(folded: str) -> tuple[str, str]:
@@ -171,16 +197,36 @@ def build_graph(spec: Spec, tensors: Mapping[str, object]) -> Graph:
             active = [b for b in into[j] if b.mask(*masks)[k]]
             if active:
                 scale = 1.0 / len(active)
-                edges = tuple(Edge(b.key, _source(b, task, src_in), scale) for b in active)
+                edges = tuple(Edge(b.key, _source(b, task, src_in), scale, stats=task) for b in active)
                 nodes.append(Node(node_id(j, (task,)), j, (task,), edges))
-        outs = tuple(Edge(b.key, _source(b, task, src_in)) for b in blocks(spec, READ_OUT) if b.mask(*masks)[k])
+        outs = tuple(Edge(b.key, _source(b, task, src_in), stats=task)
+                     for b in blocks(spec, READ_OUT) if b.mask(*masks)[k])
         if not outs:
             raise CompileError(f"task {task!r} has no active read-out: its masks leave no path to the output")
         nodes.append(Node(node_id(READOUT, (task,)), READOUT, (task,), outs))
         heads.append((task, node_id(READOUT, (task,))))
     params = {k[len("theta."):]: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
               for k, v in tensors.items() if k.startswith("theta.")}
-    return Graph(spec, inputs, _topological(nodes), tuple(heads), params)
+    return Graph(spec, inputs, _topological(nodes), tuple(heads), _task_stats(spec, params))
+
+
+def _task_stats(spec: Spec, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``params`` with every block's (K, C) running statistics split into one entry per task
+    (`stats_names`) and its batch counters dropped (eval mode does not read them)."""
+    out = dict(params)
+    for b in blocks(spec):
+        out.pop(b.bn_tensor("num_batches_tracked"), None)
+        stacked = [out.pop(b.bn_tensor(s), None) for s in STATS]
+        if any(a is None for a in stacked):
+            continue  # check_graph names what an edge lacks
+        for s, a in zip(STATS, stacked):
+            if a.shape != (spec.n_tasks, b.cout):
+                raise CompileError(f"{b.bn_tensor(s)} has shape {a.shape}, not (tasks, channels) = "
+                                   f"{(spec.n_tasks, b.cout)}")
+        for k, task in enumerate(spec.task_names):
+            for name, a in zip(stats_names(b, task), stacked):
+                out[name] = a[k]
+    return out
 
 
 def _source(b: BlockDef, task: str, src_in: str) -> str:
@@ -303,8 +349,11 @@ def _check_edge(g: Graph, n: Node, e: Edge, defined: Mapping[str, Node], fail) -
             fail(f"{where} reads a node of state {src.state}, not of its source state {b.src}")
         if not set(n.tasks) <= set(src.tasks):
             fail(f"{where}: the node serves tasks {sorted(set(n.tasks) - set(src.tasks))} that its source does not")
-    names = folded_names(e.folded) if e.folded is not None else b.tensors
-    missing = [k for k in names if k not in g.params]
+    if e.folded is None and e.stats is None:
+        fail(f"{where} names no task whose batch-norm statistics it uses")
+    if e.stats is not None and e.stats not in n.tasks:
+        fail(f"{where} uses the batch-norm statistics of {e.stats!r}, a task the node does not serve")
+    missing = [k for k in edge_tensors(g, e) if k not in g.params]
     if missing:
         fail(f"{where} uses parameters {missing} that the graph does not have")
 

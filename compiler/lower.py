@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dagc.blocks import BN_BUFFERS, BN_PARAMETERS, head
-from dagc.compiler.ir import INPUT_PREFIX, READOUT, Edge, Graph, check_graph, folded_names, slice_of
+from dagc.blocks import head
+from dagc.compiler.ir import INPUT_PREFIX, READOUT, Edge, Graph, check_graph, edge_tensors, slice_of
 from dagc.trainer.network import make_head, resize
 
 
-def _name(key: str) -> str:
-    return key.replace(".", "_")
+def _name(e: Edge) -> str:
+    """The module key of an edge's conv (and batch norm): one per folded conv, or per block and
+    statistics."""
+    return (e.folded or f"{e.block}.{e.stats}").replace(".", "_")
 
 
 class LoweredModel(nn.Module):
@@ -53,14 +55,15 @@ class LoweredModel(nn.Module):
         self.size = tuple(spec.input_size)
 
     def _add_block(self, graph: Graph, e: Edge) -> None:
-        key = _name(e.folded or e.block)
+        key = _name(e)
         if key in self.convs:
             return
-        p, b = graph.params, self.blocks[e.block]
+        b = self.blocks[e.block]
+        tensors = [torch.from_numpy(graph.params[k].copy()) for k in edge_tensors(graph, e)]
         if e.folded:
-            w, bias = (torch.from_numpy(p[k]) for k in folded_names(e.folded))
+            w, bias = tensors
         else:
-            w, bias = torch.from_numpy(p[b.conv.weight]), None
+            w, bias = tensors[0], None
         conv = nn.Conv2d(b.cin, b.cout, b.conv.kernel, padding=b.conv.padding, bias=bias is not None)
         with torch.no_grad():
             conv.weight.copy_(w)
@@ -69,12 +72,12 @@ class LoweredModel(nn.Module):
         self.convs[key] = conv
         if not e.folded:
             bn = nn.BatchNorm2d(b.cout, eps=b.bn_eps)
-            bn.load_state_dict({k: torch.from_numpy(p[b.bn_tensor(k)].copy()) for k in (*BN_PARAMETERS, *BN_BUFFERS)})
+            bn.load_state_dict(dict(zip(("weight", "bias", "running_mean", "running_var"), tensors[1:])), strict=False)
             self.bns[key] = bn.eval()
 
     def _edge(self, e: Edge, x: Tensor) -> Tensor:
         b = self.blocks[e.block]
-        key = _name(e.folded or e.block)
+        key = _name(e)
         y = self.convs[key](resize(x, b.from_stride, b.to_stride))
         if not e.folded:
             y = self.bns[key](y)

@@ -28,7 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from dagc.blocks import ASPP_BRANCH, Conv, HeadDef, head
-from dagc.compiler.ir import INPUT_PREFIX, CompileError, Edge, Graph, check_graph, folded_names, slice_of
+from dagc.compiler.ir import INPUT_PREFIX, CompileError, Edge, Graph, check_graph, edge_tensors, slice_of
 
 PRODUCER = "dagc"
 
@@ -101,13 +101,12 @@ class _Builder:
             f = blk.downsample
             x = self.op("AveragePool", [x], f"{pre}/avgpool", kernel_shape=[f] * 2, strides=[f] * 2)
         conv = dict(kernel_shape=[blk.conv.kernel] * 2, pads=[blk.conv.padding] * 4)
+        params = [self.param(k) for k in edge_tensors(self.graph, edge)]
         if edge.folded is not None:
-            w, b = (self.param(k) for k in folded_names(edge.folded))
-            x = self.op("Conv", [x, w, b], f"{pre}/conv", **conv)
+            x = self.op("Conv", [x, *params], f"{pre}/conv", **conv)
         else:
-            x = self.op("Conv", [x, self.param(blk.conv.weight)], f"{pre}/conv", **conv)
-            bn = [self.param(blk.bn_tensor(n)) for n in ("weight", "bias", "running_mean", "running_var")]
-            x = self.op("BatchNormalization", [x, *bn], f"{pre}/bn", epsilon=blk.bn_eps)
+            x = self.op("Conv", [x, params[0]], f"{pre}/conv", **conv)
+            x = self.op("BatchNormalization", [x, *params[1:]], f"{pre}/bn", epsilon=blk.bn_eps)
         x = self.op("Relu", [x], f"{pre}/relu")
         if blk.pool > 1:
             x = self.op("MaxPool", [x], f"{pre}/maxpool", kernel_shape=[blk.pool] * 2, strides=[blk.pool] * 2)

@@ -78,9 +78,8 @@ import numpy as np
 import onnx
 
 from dagc.compiler.tensorrt import TRT_QDQ_OPTIONS
-from dagc.errors import CompileError, ConfigError, DataError
-from dagc.trainer.batches import load_data
-from dagc.trainer.config import TrainConfig
+from dagc.errors import CheckpointError, CompileError, DataError
+from dagc.trainer.batches import run_data
 
 __all__ = ["INT8", "FALLBACKS", "Int8Settings", "calibration_feeds", "excluded_nodes", "fold_pools", "merge_sums",
            "narrow_read_ins", "quantize_int8",
@@ -117,24 +116,13 @@ INT8 = Int8Settings()
 
 
 def load_run_data(ck, data_root: str | None = None):
-    """The dataset a checkpoint was trained on, rebuilt from its recorded configuration (with
-    ``data_root`` in place of the recorded root for on-disk datasets). Returns the
-    `dagc.trainer.data.MultiTaskData`. Raises CompileError when the checkpoint records no
-    configuration, ConfigError / DataError when the data cannot be read."""
-    cfg = ck.json("config", None)
-    if not isinstance(cfg, dict) or "dataset" not in cfg:
-        raise CompileError("the checkpoint records no training configuration, so there is no data to calibrate "
-                           "and check reduced precisions on; compile it with --precision fp32 or retrain it with "
-                           "dagc train")
-    if data_root is not None:
-        cfg = {**cfg, "data_root": str(data_root)}
+    """`dagc.trainer.batches.run_data` for the precision checks: raises CompileError (pointing at
+    --precision fp32) when the checkpoint records no training configuration."""
     try:
-        config = TrainConfig.from_dict(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"the checkpoint's training data: {e} (give --data-root for an on-disk dataset)") from None
-    except TypeError as e:
-        raise CompileError(f"the checkpoint's training configuration is malformed ({e})") from None
-    return load_data(config)
+        return run_data(ck, data_root)
+    except CheckpointError as e:
+        raise CompileError(f"{e}: there is no data to calibrate and check reduced precisions on; compile it "
+                           "with --precision fp32 or retrain it with dagc train") from None
 
 
 def calibration_feeds(data, inputs: Sequence[str], task_inputs: Mapping[str, str],

@@ -1,7 +1,8 @@
 """The checkpoint contract: one `.safetensors` file, no pickle anywhere.
 
 Tensors (names documented in FORMAT.md):
-    theta.<name>     network weights and batch-norm statistics (the module's state_dict names)
+    theta.<name>     network weights and batch-norm statistics (the module's state_dict names;
+                     running statistics per task since format version 2)
     arch.gamma       (K, N, N) architecture logits Γ (entries outside the flow band are unused)
     arch.alpha       (K, N)    read-in logits A
     arch.beta        (K, N)    read-out logits B
@@ -25,11 +26,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
+from dagc.blocks import BN_BUFFERS, blocks
 from dagc.errors import CheckpointError, SpecError
 from dagc.spec import Spec
 
 FORMAT = "dagc.checkpoint"
-FORMAT_VERSION = 1
+# 2: batch-norm running statistics per task, (K, C) and counters (K,); 1 had one set, (C,) and ().
+FORMAT_VERSION = 2
 STAGES = ("init", "warmup", "search", "reduced", "finetune")
 
 
@@ -42,6 +45,7 @@ class Checkpoint:
     stage: str
     meta: dict[str, str] = field(default_factory=dict)
     source: str = "checkpoint"  # the file, for messages
+    migrated_from: int | None = None  # the format version it was read from, when not the current one
 
     @property
     def reduced(self) -> bool:
@@ -113,9 +117,12 @@ def _metadata(data: bytes) -> dict[str, str]:
     return header.get("__metadata__") or {}
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint. Raises CheckpointError if the file is missing, truncated, not a dagc
-    checkpoint, of an unknown format version, or holds an invalid spec."""
+def load_checkpoint(path: str | os.PathLike, *, migrate: bool = False) -> Checkpoint:
+    """Read a checkpoint. With ``migrate``, a version-1 checkpoint is read too, its one set of
+    batch-norm statistics copied to every task (`migrate_v1`; ``migrated_from`` is then 1): only
+    re-estimating them (`dagc recalibrate`) makes it right. Raises CheckpointError if the file is
+    missing, truncated, not a dagc checkpoint, of an unknown format version (or version 1 without
+    ``migrate``: one line saying how to recalibrate it), or holds an invalid spec."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; give the path of a .safetensors file written by dagc train")
@@ -131,19 +138,45 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dagc checkpoint (no format={FORMAT!r} in its metadata)")
     version = meta.get("format_version", "")
-    if version != str(FORMAT_VERSION):
+    if version == "1" and not migrate:
+        if "progress" in meta:
+            raise CheckpointError(f"{path} is the state of a run started by an older dagc (checkpoint format 1, "
+                                  "one set of batch-norm statistics for all tasks); it cannot be resumed: "
+                                  "start the run again")
+        raise CheckpointError(f"{path} has checkpoint format version 1, whose batch-norm statistics are shared by "
+                              "all tasks (wrong for each task whose sub-network differs); re-estimate them per task "
+                              f"with: dagc recalibrate {path}")
+    if version not in (str(FORMAT_VERSION), "1"):
         raise CheckpointError(f"{path} has checkpoint format version {version!r}; this dagc reads "
                               f"version {FORMAT_VERSION}: use the dagc release that wrote it")
     try:
         spec = Spec.from_json(meta["spec"])
     except (KeyError, SpecError) as e:
         raise CheckpointError(f"{path} holds no valid spec: {e}") from None
+    if version == "1":
+        tensors = migrate_v1(tensors, spec)
     stage = meta.get("stage", "")
     if stage not in STAGES:
         raise CheckpointError(f"{path} has unknown stage {stage!r}")
     _check_finite(path, tensors)
     rest = {k: v for k, v in meta.items() if k not in ("format", "format_version", "spec", "stage")}
-    return Checkpoint(tensors=tensors, spec=spec, stage=stage, meta=rest, source=str(path))
+    return Checkpoint(tensors=tensors, spec=spec, stage=stage, meta=rest, source=str(path),
+                      migrated_from=1 if version == "1" else None)
+
+
+def migrate_v1(tensors: dict[str, torch.Tensor], spec: Spec) -> dict[str, torch.Tensor]:
+    """Version-1 tensors in the current layout: every block's one set of batch-norm running
+    statistics (C,) and counter () repeated for each of the spec's K tasks, (K, C) and (K,).
+    Tensors of another shape are left as they are (the network's loader names them)."""
+    out = dict(tensors)
+    k = spec.n_tasks
+    for b in blocks(spec):
+        for which in BN_BUFFERS:
+            for name in (f"theta.{b.bn_tensor(which)}", f"rewind.{b.bn_tensor(which)}"):
+                t = out.get(name)
+                if t is not None and t.dim() == (0 if which == "num_batches_tracked" else 1):
+                    out[name] = t.unsqueeze(0).repeat(k, *([1] * t.dim())).contiguous()
+    return out
 
 
 def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,11 +1,15 @@
-"""Random reduced supernets for compiler tests: random weights, random BN statistics (so batch norm
-is not the identity) and random closed masks with a path for every task."""
+"""Random reduced supernets for compiler tests: random weights and affine batch-norm parameters,
+random closed masks with a path for every task, and each task's batch-norm statistics re-estimated
+on random inputs (so batch norm is not the identity, the statistics differ per task, and they are
+equal where the tasks' upstream is, as after training)."""
 
 import numpy as np
 import torch
 
 from dagc.compiler.ir import build_graph
+from dagc.trainer.batchnorm import task_batchnorms
 from dagc.trainer.network import CentralNetwork, network_tensors
+from dagc.trainer.recalibrate import reestimate_statistics
 from dagc.trainer.topology import close_masks, flow_band, is_connected
 
 
@@ -31,13 +35,14 @@ def random_reduced_net(spec, seed, density=0.5, same=False):
     torch.manual_seed(seed)
     net = CentralNetwork(spec)
     with torch.no_grad():
-        for m in net.modules():
-            if hasattr(m, "running_var") and m.running_var is not None:
-                m.running_mean.normal_(0, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
+        for m in task_batchnorms(net):
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.normal_(0, 0.2)
     net.set_masks(*random_masks(spec, np.random.default_rng(seed), density, same))
+    gen = torch.Generator().manual_seed(seed)
+    lead = () if spec.shared_input else (spec.n_tasks,)
+    reestimate_statistics(net, [torch.randn(*lead, 4, spec.in_channels, *spec.input_size, generator=gen) * 1.5 + 0.3
+                                for _ in range(2)])
     return net.eval()
 
 

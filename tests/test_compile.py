@@ -156,8 +156,8 @@ def test_verification_refuses_a_model_that_disagrees(tmp_path, monkeypatch):
     path = _ckpt(tmp_path, preset("tiny", DENSE[:2], input_size=(16, 16)), 13)
     real = passes._folded
 
-    def wrong(params, block, scale):
-        w, b = real(params, block, scale)
+    def wrong(params, block, task, scale):
+        w, b = real(params, block, task, scale)
         return w, b + np.float32(0.5)
 
     monkeypatch.setattr(passes, "_folded", wrong)

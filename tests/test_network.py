@@ -11,6 +11,7 @@ from torch import nn
 
 from dagc.errors import DataError, SpecError
 from dagc.spec import StateSpec, TaskSpec, preset
+from dagc.trainer.batchnorm import batch_statistics
 from dagc.trainer.network import CentralNetwork, TaskBatchNorm
 
 DENSE = [TaskSpec("seg", "segmentation", 4), TaskSpec("depth", "depth"), TaskSpec("normal", "normal")]
@@ -71,18 +72,58 @@ def test_task_batchnorm_matches_pytorch_batchnorm():
     for _ in range(3):
         x = torch.randn(4, 6, 5, 5, dtype=torch.double) * 3 + 1
         torch.testing.assert_close(ours(x), ref(x))
-    torch.testing.assert_close(ours.running_mean, ref.running_mean)
-    torch.testing.assert_close(ours.running_var, ref.running_var)
-    # Two lanes, sample-major (row b*2 + g), the first standing for two tasks: outputs per lane,
-    # running stats as after three sequential BatchNorm calls.
-    x = torch.randn(4 * 2, 6, 5, 5, dtype=torch.double)
-    y = ours(x, groups=2, repeats=[2, 1])
-    torch.testing.assert_close(y[0::2], ref(x[0::2]))
-    ref(x[0::2])
-    torch.testing.assert_close(y[1::2], ref(x[1::2]))
-    torch.testing.assert_close(ours.running_mean, ref.running_mean)
-    torch.testing.assert_close(ours.running_var, ref.running_var)
-    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    torch.testing.assert_close(ours.running_mean[0], ref.running_mean)
+    torch.testing.assert_close(ours.running_var[0], ref.running_var)
+    ours.eval(), ref.eval()
+    x = torch.randn(4, 6, 5, 5, dtype=torch.double)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_task_batchnorm_keeps_running_statistics_per_task():
+    torch.manual_seed(0)
+    ours = TaskBatchNorm(6, tasks=3).double()
+    refs = [nn.BatchNorm2d(6).double() for _ in range(3)]
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+        for r in refs:
+            r.weight.copy_(ours.weight), r.bias.copy_(ours.bias)
+    # Two lanes, sample-major (row b*2 + g); the first stands for tasks 2 and 0, the second for task 1.
+    for _ in range(2):
+        x = torch.randn(4 * 2, 6, 5, 5, dtype=torch.double) * 2 + 1
+        y = ours(x, [[2, 0], [1]])
+        torch.testing.assert_close(y[0::2], refs[2](x[0::2]))
+        refs[0](x[0::2])
+        torch.testing.assert_close(y[1::2], refs[1](x[1::2]))
+    for t, r in enumerate(refs):
+        torch.testing.assert_close(ours.running_mean[t], r.running_mean)
+        torch.testing.assert_close(ours.running_var[t], r.running_var)
+        assert int(ours.num_batches_tracked[t]) == int(r.num_batches_tracked)
+    # Eval: each lane with its own task's running statistics.
+    ours.eval()
+    for r in refs:
+        r.eval()
+    x = torch.randn(3 * 3, 6, 5, 5, dtype=torch.double)
+    y = ours(x, [[1], [0], [2]])
+    for lane, t in enumerate((1, 0, 2)):
+        torch.testing.assert_close(y[lane::3], refs[t](x[lane::3]))
+    # Batch statistics in eval mode: normalised like training, nothing updated.
+    before = ours.running_mean.clone()
+    with batch_statistics(ours):
+        y = ours(x, [[1], [0], [2]])
+    torch.testing.assert_close(ours.running_mean, before)
+    for lane in range(3):
+        refs[0].train()
+        torch.testing.assert_close(y[lane::3], refs[0](x[lane::3]))
+
+
+def test_task_batchnorm_cumulative_average():
+    ours = TaskBatchNorm(2, tasks=2, momentum=None).double()
+    xs = [torch.randn(6, 2, 3, 3, dtype=torch.double) + i for i in range(3)]
+    for x in xs:
+        ours(x, [[1]])
+    torch.testing.assert_close(ours.running_mean[1], torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0))
+    torch.testing.assert_close(ours.running_mean[0], torch.zeros(2, dtype=torch.double))
+    assert ours.num_batches_tracked.tolist() == [0, 3]
 
 
 def test_soft_mode_stacked_equals_one_task_at_a_time():

@@ -245,13 +245,14 @@ def test_conv_macs_on_a_hand_built_graph():
     _randomise(net, 8)
     gamma = torch.tensor([[[0, 1], [0, 0]], [[0, 0], [0, 0]]])
     net.set_masks(gamma, torch.tensor([[1, 1], [1, 0]]), torch.tensor([[1, 1], [1, 0]]))
-    params = {k[len("theta."):]: v.numpy() for k, v in network_tensors(net).items() if k.startswith("theta.")}
+    params = build_graph(spec, network_tensors(net)).params  # the theta tensors, statistics split per task
     nodes = (
-        Node("v0:d", 0, ("d",), (Edge("read_in.0", "input:image"),)),
-        Node("v0:c", 0, ("c",), (Edge("read_in.0", "input:image"),)),
-        Node("v1:d", 1, ("d",), (Edge("read_in.1", "input:image", 0.5), Edge("edges.0_1", "v0:d", 0.5))),
-        Node("L:d", -1, ("d",), (Edge("read_out.0", "v0:d"), Edge("read_out.1", "v1:d"))),
-        Node("L:c", -1, ("c",), (Edge("read_out.0", "v0:c"),)),
+        Node("v0:d", 0, ("d",), (Edge("read_in.0", "input:image", stats="d"),)),
+        Node("v0:c", 0, ("c",), (Edge("read_in.0", "input:image", stats="c"),)),
+        Node("v1:d", 1, ("d",), (Edge("read_in.1", "input:image", 0.5, stats="d"),
+                                 Edge("edges.0_1", "v0:d", 0.5, stats="d"))),
+        Node("L:d", -1, ("d",), (Edge("read_out.0", "v0:d", stats="d"), Edge("read_out.1", "v1:d", stats="d"))),
+        Node("L:c", -1, ("c",), (Edge("read_out.0", "v0:c", stats="c"),)),
     )
     graph = Graph(spec, ("image",), nodes, (("d", "L:d"), ("c", "L:c")), params)
     assert graph.dump() == build_graph(spec, network_tensors(net)).dump()

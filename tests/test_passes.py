@@ -182,7 +182,11 @@ def _breakages(g):
     yield "no task", _with_node(g, first.id, tasks=()), "not a non-empty list of distinct tasks"
     yield "bad state", _with_node(g, first.id, state=99), "has state 99"
     lost = next(t for t in g.spec.task_names if t not in g.node(reader.src).tasks)
-    yield "task not at source", _with_node(g, reader.src, tasks=(lost,)), "that its source does not"
+    moved = tuple(dataclasses.replace(e, stats=lost) for e in g.node(reader.src).edges)
+    yield "task not at source", _with_node(g, reader.src, tasks=(lost,), edges=moved), "that its source does not"
+    yield "no statistics", _with_edge(g, first.id, stats=None), "names no task whose batch-norm statistics"
+    yield "statistics of another task", _with_edge(g, first.id, stats="ghost"), \
+        "uses the batch-norm statistics of 'ghost', a task the node does not serve"
     twin = dataclasses.replace(first, id=first.id + "'")
     yield "two instances", g.replace(nodes=(first, twin, *g.nodes[1:])), "has two instances of state"
     yield "inputs", g.replace(inputs=("image", "image")), "are not unique"
@@ -196,7 +200,7 @@ def test_a_valid_graph_passes_and_every_breakage_is_named():
         with pytest.raises(CompileError, match=re.escape(what)):
             check_graph(broken)
         seen.append(name)
-    assert len(seen) == 22, seen
+    assert len(seen) == 24, seen
 
 
 @settings(max_examples=40, deadline=None)

@@ -73,6 +73,12 @@ def cli() -> None:
               help="Reduction after the search: fbr (default, Algorithm 1), threshold or random.")
 @click.option("--target-sparsity", "target_sparsity", type=float, default=None,
               help="Stop the reduction at this sparsity S in (0, 1] (default: fbr's own stopping rule).")
+@click.option("--stats-batches", "stats_batches", type=int, default=None,
+              help="Training batches each task's batch-norm statistics are re-estimated on at the end (default 32; "
+                   "0: keep fine-tuning's running averages).")
+@click.option("--stats-tolerance", "stats_tolerance", type=float, default=None,
+              help="Warn when a task's eval-mode metric and its batch-statistics metric on training data differ by "
+                   "more than this (default 0.02: 2 points of a score in [0, 1], 2% of an error).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(out, resume, quiet, **options) -> None:
     """Run warm-up, search, flow-based reduction and fine-tuning; write RUN_DIR.
@@ -80,6 +86,7 @@ def train(out, resume, quiet, **options) -> None:
     Several processes: torchrun --nproc-per-node N -m dagc train ... (one DDP replica per process,
     --batch-size per process; rank 0 writes RUN_DIR)."""
     from dagc.trainer import distributed
+    from dagc.trainer.recalibrate import failed_checks
     from dagc.trainer.train import TrainConfig
     from dagc.trainer.train import train as run_training
 
@@ -103,6 +110,40 @@ def train(out, resume, quiet, **options) -> None:
         warning = warning_line(metrics.get("decisiveness"))
         if warning is not None:
             click.echo(f"dagc: {warning}", err=True)
+        for line in failed_checks(metrics.get("statistics_check") or {}):
+            click.echo(f"dagc: warning: batch-norm statistics: {line}", err=True)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Checkpoint to write (default: CHECKPOINT's name with .recalibrated before .safetensors); "
+                   "never an existing file.")
+@click.option("--data-root", "data_root", type=str, default=None,
+              help="Directory of the run's on-disk dataset (default: the one its configuration records).")
+@click.option("--batches", type=int, default=None,
+              help="Training batches each task's statistics are averaged over (default 32, as dagc train).")
+@click.option("--batch-size", "batch_size", type=int, default=None, help="Their size (default: the run's).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+def recalibrate(checkpoint, out, data_root, batches, batch_size, device) -> None:
+    """Re-estimate each task's batch-norm statistics of CHECKPOINT on its training data (also
+    migrates a version-1 checkpoint, whose statistics were shared by all tasks)."""
+    from dagc.trainer.recalibrate import failed_checks, recalibrate_checkpoint
+
+    if out is None:
+        out = checkpoint.with_name(checkpoint.name.removesuffix(".safetensors") + ".recalibrated.safetensors")
+    if batches is not None and batches < 1:
+        raise DagcError(f"--batches must be a positive integer, got {batches}")
+    done = recalibrate_checkpoint(checkpoint, out, data_root=data_root, batch_size=batch_size, device=device,
+                                  **({"batches": batches} if batches is not None else {}))
+    if done["migrated_from"] is not None:
+        click.echo(f"migrated from checkpoint format {done['migrated_from']}")
+    for task, c in done["check"].items():
+        click.echo(f"{task}: {c['metric']} {c['eval']:.4g} (running statistics) vs {c['batch_statistics']:.4g} "
+                   f"(batch statistics) on training data; held-out {done['final'][task][c['metric']]:.4g}")
+    for line in failed_checks(done["check"]):
+        click.echo(f"dagc: warning: batch-norm statistics: {line}", err=True)
+    click.echo(f"wrote {out} (statistics from {done['batches']} batches)")
 
 
 @cli.command()

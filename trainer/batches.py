@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dagc.errors import ConfigError, DataError, SpecError
+from dagc.errors import CheckpointError, ConfigError, DataError, SpecError
 from dagc.spec import Spec, preset
 from dagc.trainer import datasets
 from dagc.trainer.baselines import complete_dag
@@ -22,6 +22,26 @@ def load_data(cfg: TrainConfig) -> datasets.MultiTaskData:
                                      n_test=cfg.n_test, root=cfg.data_root, input_size=cfg.input_size)
     except ValueError as e:  # DataError, or a stray ValueError of numpy / Pillow: one line for the user
         raise DataError(str(e)) from None
+
+
+def run_data(ck, data_root: str | None = None) -> datasets.MultiTaskData:
+    """The dataset a checkpoint (`dagc.checkpoint.Checkpoint`) was trained on, rebuilt from its
+    recorded configuration, with ``data_root`` in place of the recorded root for on-disk datasets.
+    Raises CheckpointError when it records no (or a malformed) configuration, ConfigError /
+    DataError when the data cannot be read."""
+    cfg = ck.json("config", None)
+    if not isinstance(cfg, dict) or "dataset" not in cfg:
+        raise CheckpointError(f"{ck.source} records no training configuration, so the data it was trained on "
+                              "cannot be rebuilt")
+    if data_root is not None:
+        cfg = {**cfg, "data_root": str(data_root)}
+    try:
+        config = TrainConfig.from_dict(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"the checkpoint's training data: {e} (give --data-root for an on-disk dataset)") from None
+    except TypeError as e:
+        raise CheckpointError(f"{ck.source}: its training configuration is malformed ({e})") from None
+    return load_data(config)
 
 
 def build_spec(cfg: TrainConfig, data: datasets.MultiTaskData) -> Spec:

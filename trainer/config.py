@@ -75,6 +75,13 @@ class TrainConfig:
     baseline: str | None = None
     baseline_protocol: str = "finetune"
     ablations: tuple[str, ...] = ()
+    # Batch-norm statistics per task once the structure is final (dagc.trainer.recalibrate):
+    # re-estimated over this many training batches (0: keep fine-tuning's running averages), then
+    # each task's eval-mode metric is checked against its batch-statistics one on a training slice,
+    # with a warning past this gap: 2 points of a score in [0, 1] (every higher-is-better primary
+    # metric is one: accuracy, mIoU, F), 2% of an error (depth, angle).
+    stats_batches: int = 32
+    stats_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         if self.tasks is not None:
@@ -143,6 +150,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be at least 2 (batch norm needs per-task batch statistics)")
+        if isinstance(self.stats_batches, bool) or not isinstance(self.stats_batches, int) or self.stats_batches < 0:
+            raise ConfigError(f"stats_batches must be an integer >= 0 (0: no re-estimation), got {self.stats_batches!r}")
+        if isinstance(self.stats_tolerance, bool) or not isinstance(self.stats_tolerance, (int, float)) or not (
+                math.isfinite(self.stats_tolerance) and self.stats_tolerance >= 0):
+            raise ConfigError(f"stats_tolerance must be a number >= 0, got {self.stats_tolerance!r}")
 
     def _validate_optimisation(self) -> None:
         for name in ("weight_lr", "arch_lr"):

@@ -22,6 +22,7 @@ from dagc.trainer import distributed
 from dagc.trainer.batches import batch_at
 from dagc.trainer.datasets import MultiTaskData
 from dagc.trainer.network import CentralNetwork, network_tensors
+from dagc.trainer.recalibrate import reestimate_statistics, statistics_batches
 from dagc.trainer.stages import finetune_step, search_step, warmup_step
 from dagc.trainer.state import Run
 
@@ -76,6 +77,17 @@ def run_stage(run: Run, data: MultiTaskData, device: torch.device, *, save: Call
             bar.close()
     run.seconds += time.perf_counter() - t0
     sync_replicas(run)
+
+
+def settle_statistics(run: Run, data: MultiTaskData, device: torch.device) -> None:
+    """After the last stage: each task's batch-norm statistics re-estimated in its final structure
+    over ``cfg.stats_batches`` training batches (`reestimate_statistics`; none when 0), on every
+    rank alike (the same batches, not sharded), then rank 0's for certain (`sync_replicas`)."""
+    cfg = run.cfg
+    if cfg.stats_batches:
+        reestimate_statistics(run.net, statistics_batches(data.train, run.spec, cfg.batch_size, cfg.stats_batches,
+                                                          cfg.seed, device))
+        sync_replicas(run)
 
 
 def _step(run: Run, model: Callable, x: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:

@@ -9,13 +9,14 @@ Semantics (FORMAT.md, "Semantics"; what each block computes is `dagc.blocks`), f
   the task's active incoming edges. Edges that are off are not computed for that task at all.
 
 Tasks run *stacked*: the batch of every state holds one *lane* of B samples per task, and each edge
-is one conv call over all lanes that use it. Batch norm is shared by all tasks but normalises each
-lane with its own batch statistics and updates the running statistics once per task, in task order
+is one conv call over all lanes that use it. Batch norm's affine parameters are shared by all tasks;
+each lane is normalised with its own batch statistics and each task keeps its own running statistics
 (`TaskBatchNorm`), so stacked execution equals running the tasks one after another.
 
 Every block and head is built from its definition in `dagc.blocks` (shapes, strides, pooling,
-resize, BN epsilon and parameter names); the heads and `TaskBatchNorm` have their own modules
-(`dagc.trainer.heads`, `dagc.trainer.batchnorm`) and are re-exported here.
+resize, BN epsilon and parameter names); the blocks, the heads and `TaskBatchNorm` have their own
+modules (`dagc.trainer.block`, `dagc.trainer.heads`, `dagc.trainer.batchnorm`) and are re-exported
+here.
 
 When the input is shared and every task has the same edge weights and no architecture gradient is
 needed (the warm-up stage, where Γ, A, B are frozen at 0), all task states are identical: the
@@ -27,51 +28,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dagc.blocks import HIDDEN, READ_IN, READ_OUT, BlockDef, BlockKey, blocks
+from dagc.blocks import HIDDEN, READ_IN, READ_OUT, BlockKey, blocks
 from dagc.errors import CheckpointError, DataError, SpecError
 from dagc.spec import Spec
 from dagc.trainer.batchnorm import TaskBatchNorm
+from dagc.trainer.block import Block, resize
 from dagc.trainer.heads import ASPPHead, LinearHead, aspp_stacked, make_head
 from dagc.trainer.topology import close_masks, is_connected
 
-# Names other modules import from here (the heads and the batch norm live in their own modules).
+# Names other modules import from here (the blocks, heads and batch norm live in their own modules).
 __all__ = [
     "CentralNetwork", "Block", "TaskBatchNorm", "ASPPHead", "LinearHead", "make_head", "aspp_stacked",
     "resize", "edge_key", "count_parameters", "network_tensors", "load_network_tensors",
     "network_from_checkpoint",
 ]
-
-
-class Block(nn.Module):
-    """One block of the central network, as its `dagc.blocks.BlockDef` says: resize(from_stride ->
-    to_stride) → conv (no bias) → TaskBatchNorm → ReLU → MaxPool(pool) when pool > 1 (appendix
-    Table 8)."""
-
-    def __init__(self, defn: BlockDef) -> None:
-        super().__init__()
-        self.defn = defn
-        self.conv = nn.Conv2d(defn.cin, defn.cout, defn.conv.kernel, padding=defn.conv.padding, bias=False)
-        self.bn = TaskBatchNorm(defn.cout, eps=defn.bn_eps)
-        self.pool = defn.pool
-
-    def forward(self, x: Tensor, groups: int = 1, repeats: Sequence[int] | None = None) -> Tensor:
-        x = resize(x, self.defn.from_stride, self.defn.to_stride)
-        y = F.relu(self.bn(self.conv(x), groups, repeats))
-        return F.max_pool2d(y, self.pool) if self.pool > 1 else y
-
-
-def resize(x: Tensor, from_stride: int, to_stride: int) -> Tensor:
-    """Resize a feature map between strides: average pooling down (area resampling, exact for the
-    integer ratios a valid spec has), bilinear interpolation up."""
-    if to_stride == from_stride:
-        return x
-    if to_stride > from_stride:
-        return F.avg_pool2d(x, to_stride // from_stride)
-    return F.interpolate(x, scale_factor=from_stride // to_stride, mode="bilinear",
-                         align_corners=False)
 
 
 def edge_key(i: int, j: int) -> str:
@@ -95,9 +67,9 @@ class CentralNetwork(nn.Module):
         n, k = spec.n_states, spec.n_tasks
         hidden = blocks(spec, HIDDEN)
         self.edge_list = [(b.src, b.dst) for b in hidden]
-        self.edges = nn.ModuleDict({b.name: Block(b) for b in hidden})
-        self.read_in = nn.ModuleList(Block(b) for b in blocks(spec, READ_IN))
-        self.read_out = nn.ModuleList(Block(b) for b in blocks(spec, READ_OUT))
+        self.edges = nn.ModuleDict({b.name: Block(b, k) for b in hidden})
+        self.read_in = nn.ModuleList(Block(b, k) for b in blocks(spec, READ_IN))
+        self.read_out = nn.ModuleList(Block(b, k) for b in blocks(spec, READ_OUT))
         self.heads = nn.ModuleDict({t.name: make_head(t, spec) for t in spec.tasks})
         self.arch_gamma = nn.Parameter(torch.zeros(k, n, n))
         self.arch_alpha = nn.Parameter(torch.zeros(k, n))
@@ -200,9 +172,10 @@ class CentralNetwork(nn.Module):
 
         if spec.shared_input:
             x0 = self._check_input(x, per_task=None)
-            # Identical weights and no architecture gradient: every task's states are the same,
-            # so one lane stands for all of them (warm-up).
-            collapse = (not self.hard and len(names) > 1
+            # Identical weights and no architecture gradient in training: every task's states are
+            # the same, so one lane stands for all of them (warm-up). Not with running statistics:
+            # each task normalises with its own, and nothing guarantees they agree.
+            collapse = (not self.hard and len(names) > 1 and self.training
                         and not (torch.is_grad_enabled() and self.arch_gamma.requires_grad)
                         and bool((ge == ge[:1]).all() and (ga == ga[:1]).all() and (gb == gb[:1]).all()))
             lanes = [list(range(len(names)))] if collapse else [[t] for t in range(len(names))]
@@ -211,7 +184,7 @@ class CentralNetwork(nn.Module):
         else:
             x0 = self._check_input(x, per_task=names)
             lanes = [[t] for t in range(len(names))]
-        vl = self._trunk(x0, ge, ga, gb, [len(lane) for lane in lanes])
+        vl = self._trunk(x0, ge, ga, gb, [[task_idx[t] for t in lane] for lane in lanes])
         vl = vl.view(-1, len(lanes), *vl.shape[1:])
         return self._heads(vl, names, lanes, (int(x0.shape[-2]), int(x0.shape[-1])))
 
@@ -258,10 +231,11 @@ class CentralNetwork(nn.Module):
             raise DataError(f"input size {(h, w)} must be divisible by the largest stride {s}")
         return x0
 
-    def _trunk(self, x0: Tensor, ge: Tensor, ga: Tensor, gb: Tensor, reps: list[int]) -> Tensor:
-        """Compute v_L of every lane; returns (B*lanes, C_L, H_L, W_L), sample-major."""
+    def _trunk(self, x0: Tensor, ge: Tensor, ga: Tensor, gb: Tensor, tasks: list[list[int]]) -> Tensor:
+        """Compute v_L of every lane (``tasks[l]``: the spec's indices of the tasks lane l stands
+        for); returns (B*lanes, C_L, H_L, W_L), sample-major."""
         shared = x0.dim() == 4
-        ln = _Lanes(x0.shape[0] if shared else x0.shape[1], reps)
+        ln = _Lanes(x0.shape[0] if shared else x0.shape[1], tasks)
         # Per-task inputs (K, B, ...) -> sample-major (B*K, ...), the layout TaskBatchNorm expects.
         flat_in = x0 if shared else x0.transpose(0, 1).reshape(-1, *x0.shape[2:])
         # Which lanes use each edge: all in soft mode; in hard mode read once from the masks
@@ -274,12 +248,10 @@ class CentralNetwork(nn.Module):
             lanes = ln.active(on_a, j)
             if lanes:
                 blk = self.read_in[j]
-                if shared:
-                    # One image for all lanes: the read-in is computed once.
-                    y = blk(flat_in, 1, [sum(reps[li] for li in lanes)])
-                    y = y.unsqueeze(1).expand(ln.bsz, len(lanes), *y.shape[1:])
+                if shared:  # one image for all lanes: the read-in's conv is computed once
+                    y = blk.shared(flat_in, ln.tasks_of(lanes))
                 else:
-                    y = ln.view(blk(ln.gather(flat_in, lanes), len(lanes), ln.repeats(lanes)), len(lanes))
+                    y = ln.view(blk(ln.gather(flat_in, lanes), ln.tasks_of(lanes)), len(lanes))
                 acc = ln.add(acc, y, ga[:, j], lanes)
             for pos, i, name in self._incoming[j]:
                 lanes = ln.active(on_e, pos)
@@ -299,18 +271,19 @@ class CentralNetwork(nn.Module):
 
 
 class _Lanes:
-    """The lane layout of one stacked forward: ``bsz`` samples per lane, lane l standing for
-    ``reps[l]`` tasks; states are (B, lanes, C, H, W), blocks run on sample-major (B*lanes, ...)."""
+    """The lane layout of one stacked forward: ``bsz`` samples per lane, lane l standing for the
+    tasks ``tasks[l]`` (the spec's indices); states are (B, lanes, C, H, W), blocks run on
+    sample-major (B*lanes, ...)."""
 
-    def __init__(self, bsz: int, reps: list[int]) -> None:
-        self.bsz, self.reps, self.n = bsz, reps, len(reps)
+    def __init__(self, bsz: int, tasks: list[list[int]]) -> None:
+        self.bsz, self.tasks, self.n = bsz, tasks, len(tasks)
         self.all = list(range(self.n))
 
     def active(self, on: list[list[bool]] | None, col: int) -> list[int]:
         return self.all if on is None else [li for li in self.all if on[col][li]]
 
-    def repeats(self, lanes: list[int]) -> list[int]:
-        return [self.reps[li] for li in lanes]
+    def tasks_of(self, lanes: list[int]) -> list[list[int]]:
+        return [self.tasks[li] for li in lanes]
 
     def gather(self, t: Tensor, lanes: list[int]) -> Tensor:
         if len(lanes) == self.n:
@@ -323,7 +296,7 @@ class _Lanes:
     def apply(self, blk: Block, state: Tensor, lanes: list[int]) -> Tensor:
         """``blk`` on the given lanes of a state; returns (B, len(lanes), C, H, W)."""
         src = self.gather(state.reshape(-1, *state.shape[2:]), lanes)
-        return self.view(blk(src, len(lanes), self.repeats(lanes)), len(lanes))
+        return self.view(blk(src, self.tasks_of(lanes)), len(lanes))
 
     def add(self, acc: Tensor | None, y: Tensor, coef: Tensor, lanes: list[int]) -> Tensor:
         """acc + coef[lane] * y on the given lanes; y is (B, len(lanes), C, H, W)."""

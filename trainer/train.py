@@ -7,8 +7,8 @@ A run directory holds:
     warmup.safetensors      the model at the end of warm-up
     search.safetensors      the searched supernet (soft, before reduction)
     checkpoint.safetensors  the final reduced and fine-tuned model (the compiler's input)
-    metrics.json            losses per stage, held-out metrics, constant baselines, topology
-                            (`dagc.trainer.report`)
+    metrics.json            losses per stage, held-out metrics, constant baselines, topology,
+                            the batch-norm statistics check (`dagc.trainer.report`)
     train.log               a line per logged iteration
 
 The pieces, in the order a run uses them: `dagc.trainer.config` (TrainConfig), `.batches` (data,
@@ -48,8 +48,9 @@ from dagc.trainer.batches import build_spec, load_data
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData
 from dagc.trainer.evaluation import constant_baselines, evaluate
-from dagc.trainer.loop import run_stage
+from dagc.trainer.loop import run_stage, settle_statistics
 from dagc.trainer.network import network_tensors
+from dagc.trainer.recalibrate import failed_checks, statistics_check
 from dagc.trainer.report import METRICS_FILE, run_metrics, write_json
 from dagc.trainer.state import (
     STATE_FILE,
@@ -136,6 +137,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
             if save is not None:
                 save(run)
 
+        settle_statistics(run, data, device)  # each task's batch-norm statistics in its final structure
         metrics = _finish(run, data, out, device)
         log.info("run finished: %s", json.dumps(metrics["final"]))
         return metrics
@@ -178,10 +180,14 @@ def _finish(run: Run, data: MultiTaskData, out: Path, device: torch.device) -> d
     return the metrics (rank 0's, on every rank)."""
     if not distributed.is_main():  # rank 0 evaluates and writes; the others wait for its metrics
         return distributed.broadcast_json(None)
+    check = statistics_check(run.net, data.train, run.cfg.batch_size, tolerance=run.cfg.stats_tolerance,
+                             seed=run.cfg.seed, device=device)
+    for line in failed_checks(check):
+        log.warning("batch-norm statistics: %s", line)
     final = evaluate(run.net, data.test, device=device)
-    metrics = run_metrics(run, data, final, constant_baselines(run.spec, data))
+    metrics = {**run_metrics(run, data, final, constant_baselines(run.spec, data)), "statistics_check": check}
     save_checkpoint(out / "checkpoint.safetensors", network_tensors(run.net), run.spec, "finetune",
-                    config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology},
+                    config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology, "statistics_check": check},
                     preprocessing=data.preprocessing)
     write_json(out / METRICS_FILE, metrics)
     return distributed.broadcast_json(metrics)
