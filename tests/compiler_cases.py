@@ -31,13 +31,19 @@ def random_masks(spec, rng, density=0.5, same=False):
     return [torch.stack(lst) for lst in out]
 
 
-def random_reduced_net(spec, seed, density=0.5, same=False):
+def random_network(spec, seed):
+    """An unreduced network of ``spec`` with random weights and affine batch-norm parameters."""
     torch.manual_seed(seed)
     net = CentralNetwork(spec)
     with torch.no_grad():
         for m in task_batchnorms(net):
             m.weight.uniform_(0.5, 1.5)
             m.bias.normal_(0, 0.2)
+    return net
+
+
+def random_reduced_net(spec, seed, density=0.5, same=False):
+    net = random_network(spec, seed)
     net.set_masks(*random_masks(spec, np.random.default_rng(seed), density, same))
     gen = torch.Generator().manual_seed(seed)
     lead = () if spec.shared_input else (spec.n_tasks,)

@@ -7,6 +7,7 @@ task's statistics does not."""
 import numpy as np
 import pytest
 import torch
+from compiler_cases import random_network
 
 from dagc.checkpoint import load_checkpoint, save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
@@ -49,16 +50,6 @@ def _batches(spec, n, seed=0):
     return [torch.randn(8, 3, *spec.input_size, generator=gen) * 1.5 + 0.3 for _ in range(n)]
 
 
-def _network(spec, seed=0):
-    torch.manual_seed(seed)
-    net = CentralNetwork(spec)
-    with torch.no_grad():
-        for bn in task_batchnorms(net):
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.normal_(0, 0.3)
-    return net
-
-
 def _stand_alone(net, task):
     """Task ``task``'s own network: a one-task spec with the same states, the shared weights and
     the task's masks; its batch norm is re-estimated on its own by the caller."""
@@ -75,7 +66,7 @@ def _stand_alone(net, task):
 
 def test_compiled_equals_supernet_equals_each_tasks_own_network(tmp_path):
     spec = preset("tiny", TASKS, input_size=(16, 16))
-    net = _network(spec)
+    net = random_network(spec, 0)
     net.set_masks(*_masks(spec))
     reestimate_statistics(net, _batches(spec, 6))
     # The statistics really are per task: block edges.1_2 is used by edge and cls on other inputs.
@@ -112,7 +103,7 @@ def test_compiled_equals_supernet_equals_each_tasks_own_network(tmp_path):
 
 def test_sharing_is_checked_not_assumed():
     spec = preset("tiny", TASKS[:2], input_size=(16, 16))
-    net = _network(spec)
+    net = random_network(spec, 0)
     g, a, b = _masks(spec)
     net.set_masks(g[[0, 0]], a[[0, 0]], b[[0, 0]])  # identical structures
     reestimate_statistics(net, _batches(spec, 3))
@@ -145,7 +136,7 @@ def _blend(net):
 def test_short_training_eval_metrics_match_batch_statistics():
     data = load_dataset("synthetic", tasks=["segmentation", "edge"], n_train=512, n_test=256, seed=0)
     spec = preset("tiny", data.tasks, input_size=tuple(data.input_size))
-    net = _network(spec)
+    net = random_network(spec, 0)
     g, a, b = _masks(spec)
     # seg: the whole chain; edge: reads in at v1 only and reads out at v2 (a different v1).
     a[1] = 0
@@ -167,7 +158,7 @@ def test_version_1_checkpoint_is_refused_with_the_command_then_migrated(tmp_path
     import dagc.checkpoint as ckmod
 
     spec = preset("tiny", TASKS[:2], input_size=(16, 16))
-    net = _network(spec)
+    net = random_network(spec, 0)
     net.set_masks(*(m[:2] for m in _masks(spec)))
     reestimate_statistics(net, _batches(spec, 2))
     old = {k: (v[0] if k.endswith(("running_mean", "running_var", "num_batches_tracked")) else v)
