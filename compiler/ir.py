@@ -296,8 +296,9 @@ def check_graph(g: Graph) -> None:
     edge, and each task has at most one instance of a state; every edge applies a block of the spec
     that writes the node's state, with a positive finite scale; a read-in reads a declared input,
     any other block reads a node defined earlier (so nodes are in topological order) of the
-    block's source state that serves all of the node's tasks; the parameters an edge uses are in
-    ``g.params`` (its block's conv and batch norm, or its ``fold.<key>.*``); heads are one per task,
+    block's source state that serves all of the node's tasks; an unfolded edge names the task
+    whose batch-norm statistics it uses, and a folded one may, a task the node serves; the
+    parameters an edge uses are in ``g.params`` (`edge_tensors`); heads are one per task,
     in the spec's task order, each on a read-out node that serves its task, with its parameters in
     ``g.params``. Takes a graph; returns
     None. Raises CompileError naming the first violation.
