@@ -214,3 +214,33 @@ def test_recalibrate_cli_migrates_a_version_1_run_and_compile_names_the_command(
     assert code == 2 and "exists" in err and fixed.read_bytes() == written and v1.read_bytes() == before
     code, out, err = dagc("compile", fixed, "--out", tmp_path / "art")
     assert code == 0, err
+
+
+def test_recalibrate_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from dagc.tools.cli import main
+
+    spec = preset("tiny", TASKS[:2], input_size=(16, 16))
+    net = random_network(spec, 0)
+    net.set_masks(*(m[:2] for m in _masks(spec)))
+    bare = tmp_path / "bare.safetensors"  # no training configuration: no data to re-estimate on
+    save_checkpoint(bare, network_tensors(net), spec, "finetune")
+    state = tmp_path / "state.safetensors"
+    save_checkpoint(state, network_tensors(net), spec, "finetune", progress={"stage": "done", "step": 0},
+                    config={"dataset": "synthetic"})
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    cases = [
+        ([tmp_path / "missing.safetensors"], "no checkpoint at"),
+        ([tmp_path / "junk.safetensors"], "truncated or not a safetensors file"),
+        ([bare], "records no training configuration"),
+        ([state], "resumable state, not a checkpoint"),
+        ([bare, "--out", tmp_path / "no" / "dir.safetensors"], "is not a directory"),
+        ([bare, "--out", bare], "exists"),
+        ([bare, "--batches", "0"], "--batches must be a positive integer"),
+    ]
+    for args, words in cases:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        with pytest.raises(SystemExit) as e:
+            main(["recalibrate", *map(str, args)])
+        _, err = capsys.readouterr()
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and words in err, (args, err)
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, args
