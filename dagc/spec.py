@@ -13,9 +13,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from dagc.errors import SpecError
+from dagc.network_file import (
+    PRESETS,
+    Network,
+    StateSpec,
+    check_heads,
+    check_input_size,
+    check_states,
+    preset_network,
+)
 
 HEADS = ("aspp", "linear")
-PRESETS = ("tiny", "omniglot", "vgg16")
 
 
 @dataclass(frozen=True)
@@ -56,14 +64,6 @@ def task_kind(name: str) -> TaskKind:
     if name not in KINDS:
         raise SpecError(f"unknown task kind {name!r}; choose one of {list(TASK_KINDS)}")
     return KINDS[name]
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One hidden (or the read-out) state: its channels and its stride relative to the input."""
-
-    channels: int
-    stride: int
 
 
 @dataclass(frozen=True)
@@ -161,34 +161,14 @@ class Spec:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise SpecError naming the first field that is invalid."""
-        if not self.states:
-            raise SpecError("spec.states: a central network needs at least one hidden state")
-        for idx, s in enumerate((*self.states, self.readout)):
-            where = f"spec.states[{idx}]" if idx < len(self.states) else "spec.readout"
-            if not isinstance(s.channels, int) or s.channels < 1:
-                raise SpecError(f"{where}.channels must be a positive integer, got {s.channels!r}")
-            if not isinstance(s.stride, int) or s.stride < 1:
-                raise SpecError(f"{where}.stride must be a positive integer, got {s.stride!r}")
-        for idx in range(1, len(self.states)):
-            lo, hi = self.states[idx - 1].stride, self.states[idx].stride
-            if hi < lo or hi % lo:
-                raise SpecError(
-                    f"spec.states[{idx}].stride must be a multiple of the previous state's "
-                    f"stride {lo} (strides only grow, by integer factors), got {hi}"
-                )
-        if not isinstance(self.flow_constant, int) or self.flow_constant < 1:
-            raise SpecError(f"spec.flow_constant (M) must be an integer >= 1, got {self.flow_constant!r}")
-        if not isinstance(self.in_channels, int) or self.in_channels < 1:
+        """Raise SpecError naming the first field that is invalid. The network's rules are
+        `dagc.network_file`'s (`check_states`, `check_input_size`, `check_heads`), shared with
+        network files; a spec's M is not bounded by N - 1 (`complete_dag` and the flow-constant
+        override produce any M >= 1)."""
+        check_states(self.states, self.readout, self.flow_constant, "spec.")
+        if isinstance(self.in_channels, bool) or not isinstance(self.in_channels, int) or self.in_channels < 1:
             raise SpecError(f"spec.in_channels must be a positive integer, got {self.in_channels!r}")
-        if len(self.input_size) != 2 or any(not isinstance(v, int) or v < 1 for v in self.input_size):
-            raise SpecError(f"spec.input_size must be two positive integers (H, W), got {self.input_size!r}")
-        for s in (*self.states, self.readout):
-            if any(v % s.stride for v in self.input_size):
-                raise SpecError(
-                    f"spec.input_size {tuple(self.input_size)} must be divisible by every stride "
-                    f"(found stride {s.stride}); choose a multiple of {self.max_stride()}"
-                )
+        check_input_size(self.input_size, tuple(s.stride for s in (*self.states, self.readout)), "spec.")
         if not self.tasks:
             raise SpecError("spec.tasks: at least one task is needed")
         names = [t.name for t in self.tasks]
@@ -212,12 +192,7 @@ class Spec:
             if t.head != kind.head:
                 what = "dense task kind" if kind.dense else "task kind"
                 raise SpecError(f"{where}.head: {what} {t.kind!r} needs the {kind.head!r} head")
-        if not isinstance(self.head_channels, int) or self.head_channels < 1:
-            raise SpecError(f"spec.head_channels must be a positive integer, got {self.head_channels!r}")
-        if not self.aspp_rates or any(not isinstance(r, int) or r < 1 for r in self.aspp_rates):
-            raise SpecError(f"spec.aspp_rates must be positive integers, got {self.aspp_rates!r}")
-        if not 0.0 <= float(self.head_dropout) < 1.0:
-            raise SpecError(f"spec.head_dropout must be in [0, 1), got {self.head_dropout!r}")
+        check_heads(self.head_channels, self.aspp_rates, self.head_dropout, "spec.")
 
     def max_stride(self) -> int:
         return max(s.stride for s in (*self.states, self.readout))
@@ -257,6 +232,24 @@ class Spec:
         return cls(**kw)
 
     @classmethod
+    def from_network(cls, network: Network, tasks: Sequence[TaskSpec], *, flow_constant: int | None = None,
+                     in_channels: int = 3, input_size: tuple[int, int] | None = None,
+                     shared_input: bool = True) -> Spec:
+        """Takes a `Network` and the tasks; returns their spec, named after the network
+        (``preset``). ``flow_constant`` overrides the network's M; ``input_size`` (H, W) defaults
+        to the network's. Raises SpecError for an invalid combination (a task, an input size not
+        divisible by every stride) or when neither gives an input size."""
+        size = input_size if input_size is not None else network.input_size
+        if size is None:
+            where = network.source or f"network {network.name!r}"
+            raise SpecError(f"{where}: no input_size; give the input size (H, W) the spec is for")
+        return cls(states=network.states, readout=network.readout,
+                   flow_constant=network.flow_constant if flow_constant is None else flow_constant,
+                   tasks=tuple(tasks), in_channels=in_channels, input_size=tuple(size), shared_input=shared_input,
+                   head_channels=network.head_channels, aspp_rates=network.aspp_rates,
+                   head_dropout=network.head_dropout, preset=network.name)
+
+    @classmethod
     def from_json(cls, text: str) -> Spec:
         try:
             return cls.from_dict(json.loads(text))
@@ -264,40 +257,11 @@ class Spec:
             raise SpecError(f"spec: not valid JSON ({e})") from None
 
 
-def _states(channels: Sequence[int], strides: Sequence[int]) -> tuple[StateSpec, ...]:
-    return tuple(StateSpec(c, s) for c, s in zip(channels, strides, strict=True))
-
-
-_PRESETS: dict[str, dict[str, Any]] = {
-    # Appendix Table 7: VGG-16's 12 conv states (max-pooled states dropped), read-out at stride 16;
-    # heads as DeepLab-v2 (1024 wide, rates 6/12/18/24, dropout 0.5).
-    "vgg16": dict(
-        states=_states([64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512],
-                       [1, 1, 2, 2, 4, 4, 4, 8, 8, 8, 16, 16]),
-        readout=StateSpec(512, 16), flow_constant=3, head_channels=1024,
-        aspp_rates=(6, 12, 18, 24), head_dropout=0.5, input_size=(64, 64),
-    ),
-    # Paper Sec. 4.1: 8 hidden states for Omniglot, as the MoE baselines it compares with.
-    "omniglot": dict(
-        states=_states([64] * 8, [1, 1, 2, 2, 4, 4, 8, 8]),
-        readout=StateSpec(64, 8), flow_constant=3, head_channels=64,
-        aspp_rates=(1, 2, 3, 4), head_dropout=0.0, input_size=(8, 8),
-    ),
-    # Small enough for unit tests and for `dagc train` on 2 CPU cores within minutes.
-    "tiny": dict(
-        states=_states([16, 16, 32, 32, 32, 32], [1, 1, 2, 2, 4, 4]),
-        readout=StateSpec(32, 4), flow_constant=3, head_channels=32,
-        aspp_rates=(1, 2, 3, 4), head_dropout=0.0, input_size=(32, 32),
-    ),
-}
-
-
 def preset_size(name: str) -> tuple[int, int]:
     """(N, M) of preset ``name`` (`PRESETS`): its number of hidden states and its default flow
     constant. Raises SpecError if the preset is unknown."""
-    if name not in _PRESETS:
-        raise SpecError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
-    return len(_PRESETS[name]["states"]), _PRESETS[name]["flow_constant"]
+    net = preset_network(name)
+    return net.n_states, net.flow_constant
 
 
 def preset(
@@ -309,21 +273,15 @@ def preset(
     input_size: tuple[int, int] | None = None,
     shared_input: bool = True,
 ) -> Spec:
-    """Build a spec from a named preset (`PRESETS`) and the given tasks.
+    """Build a spec from a named preset (`PRESETS`, each a network file shipped in
+    ``dagc/networks/``) and the given tasks; see `Spec.from_network` for the options.
 
     Raises SpecError for an unknown preset or an invalid combination (e.g. an input size not
     divisible by the preset's largest stride).
     """
-    if name not in _PRESETS:
-        raise SpecError(f"unknown preset {name!r}; choose one of {list(PRESETS)}")
-    kw = dict(_PRESETS[name])
-    if flow_constant is not None:
-        kw["flow_constant"] = flow_constant
-    if input_size is not None:
-        kw["input_size"] = tuple(input_size)
-    return Spec(tasks=tuple(tasks), in_channels=in_channels, shared_input=shared_input,
-                preset=name, **kw)
+    return Spec.from_network(preset_network(name), tasks, flow_constant=flow_constant, in_channels=in_channels,
+                             input_size=input_size, shared_input=shared_input)
 
 
-__all__ = ["Spec", "StateSpec", "TaskSpec", "TaskKind", "preset", "preset_size", "task_kind", "PRESETS", "KINDS", "TASK_KINDS",
-           "DENSE_KINDS", "HEADS"]
+__all__ = ["Spec", "StateSpec", "TaskSpec", "TaskKind", "Network", "preset", "preset_size", "task_kind", "PRESETS",
+           "KINDS", "TASK_KINDS", "DENSE_KINDS", "HEADS"]

@@ -40,6 +40,8 @@ def cli() -> None:
               help="Directory of an on-disk dataset (see the README for each layout).")
 @click.option("--preset", type=str, default=None,
               help=f"Central network preset: {', '.join(PRESETS)} (default: the dataset's: {DEFAULT_PRESETS}).")
+@click.option("--network", type=str, default=None,
+              help="A network file (JSON, FORMAT.md \"Network files\") in place of --preset; the run records the network.")
 @click.option("--tasks", type=str, default=None, help="Comma-separated task names (default: all the dataset's).")
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
 @click.option("--input-size", "input_size", type=str, default=None,
@@ -85,6 +87,7 @@ def train(out, resume, quiet, **options) -> None:
 
     Several processes: torchrun --nproc-per-node N -m dagc train ... (one DDP replica per process,
     --batch-size per process; rank 0 writes RUN_DIR)."""
+    from dagc.tools.evaluate import train_summary
     from dagc.trainer import distributed
     from dagc.trainer.recalibrate import failed_checks
     from dagc.trainer.train import TrainConfig
@@ -181,14 +184,27 @@ def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precisi
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
-def inspect(path) -> None:
-    """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory."""
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--network", type=click.Path(dir_okay=False, path_type=Path), help="A network file instead of PATH.")
+@click.option("--tasks", help="With --network: comma-separated [NAME=]KIND[:CLASSES] (default: one depth task).")
+@click.option("--input-size", "input_sizes", multiple=True, help="With --network: HxW (repeatable; default: the file's).")
+@click.option("--in-channels", "in_channels", type=int, default=3, show_default=True, help="With --network.")
+def inspect(path, network, tasks, input_sizes, in_channels) -> None:
+    """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory; with
+    --network, a network file's states, edges, parameters and FLOPs before any training."""
     from dagc.compiler.compile import preview_manifest, summary
     from dagc.modelcheck import verify_artifact
+    from dagc.tools.network_info import describe_network, parse_tasks
 
-    manifest = verify_artifact(path) if path.is_dir() else preview_manifest(path)
-    click.echo(summary(manifest))
+    if (path is None) == (network is None):
+        raise DagcError("give a checkpoint or artifact PATH, or --network FILE (not both)")
+    if network is not None:
+        sizes = [_int_list("--input-size", s.lower().replace("x", ",")) for s in input_sizes]
+        click.echo(describe_network(network, parse_tasks(tasks), sizes, in_channels))
+    elif tasks is not None or input_sizes or in_channels != 3:
+        raise DagcError("--tasks, --input-size and --in-channels describe a --network file; drop them for PATH")
+    else:
+        click.echo(summary(verify_artifact(path) if path.is_dir() else preview_manifest(path)))
 
 
 @cli.group()
@@ -341,30 +357,6 @@ def evaluate(run_dir, against) -> None:
 
     run = load_run(run_dir)
     click.echo(format_table(run, load_run(against) if against is not None else None))
-
-
-def train_summary(metrics: dict, out: Path) -> str:
-    """A one-screen summary of a finished run."""
-    ratio = metrics["parameters"].get("relative_to_backbone")
-    lines = [f"run: {out}", f"train time: {metrics['train_seconds']:.1f} s, supernet parameters: "
-             f"{metrics['parameters']['supernet']:,}"
-             + (f", deployed parameters relative to one backbone: {ratio:.2f}" if ratio is not None else ""), "",
-             f"{'task':<14}{'metric':<12}{'model':>10}{'constant':>10}   D  W      S"
-             f"  A-margin B-margin decided-edges"]
-    topo = metrics.get("topology") or {}
-    decisive = metrics.get("decisiveness") or {}
-    for task, p in metrics["primary"].items():
-        t, d = topo.get(task, {}), decisive.get(task)
-        lines.append(f"{task:<14}{p['metric']:<12}{p['model']:>10.4f}{p['constant']:>10.4f}"
-                     f"  {t.get('D', '-'):>2} {t.get('W', '-'):>2} "
-                     + (f"{t['S']:>6.3f}" if "S" in t else f"{'-':>6}")
-                     + (f"  {d['alpha_margin']:>8.3f} {d['beta_margin']:>8.3f} {d['decided_edges']:>13.2f}"
-                        + ("  near-tie" if d["near_tie"] else "") if d else ""))
-    if "runs" in metrics:  # the single-task baseline: one run per task
-        lines += ["", f"wrote {out}/<task>/ (one run each: {', '.join(metrics['runs'])}) and {out / 'metrics.json'}"]
-    else:
-        lines += ["", f"wrote {out / 'checkpoint.safetensors'}, {out / 'metrics.json'}, {out / 'train.log'}"]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

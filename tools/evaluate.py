@@ -1,6 +1,6 @@
 """`dagc evaluate`: the paper-style table of a finished run (Tables 1-4 and 6): absolute metrics
 per task, the relative performance Δ_Ti of Eq. 10 against a baseline run, Δ_T of Eq. 11, and the
-parameters relative to one backbone.
+parameters relative to one backbone; and `train_summary`, the screen `dagc train` ends with.
 
 A run is a directory written by `dagc train` (its ``metrics.json``), including baseline runs
 (``--baseline single-task`` writes one aggregate ``metrics.json`` over its per-task runs).
@@ -116,4 +116,28 @@ def format_table(run: dict[str, Any], baseline: dict[str, Any] | None = None) ->
     if baseline is not None and baseline["params_ratio"] is not None:
         row += f" (baseline {baseline['params_ratio']:.2f})"
     lines.append(row)
+    return "\n".join(lines)
+
+
+def train_summary(metrics: dict, out: Path) -> str:
+    """A one-screen summary of a finished run."""
+    ratio = metrics["parameters"].get("relative_to_backbone")
+    lines = [f"run: {out}", f"train time: {metrics['train_seconds']:.1f} s, supernet parameters: "
+             f"{metrics['parameters']['supernet']:,}"
+             + (f", deployed parameters relative to one backbone: {ratio:.2f}" if ratio is not None else ""), "",
+             f"{'task':<14}{'metric':<12}{'model':>10}{'constant':>10}   D  W      S"
+             f"  A-margin B-margin decided-edges"]
+    topo = metrics.get("topology") or {}
+    decisive = metrics.get("decisiveness") or {}
+    for task, p in metrics["primary"].items():
+        t, d = topo.get(task, {}), decisive.get(task)
+        lines.append(f"{task:<14}{p['metric']:<12}{p['model']:>10.4f}{p['constant']:>10.4f}"
+                     f"  {t.get('D', '-'):>2} {t.get('W', '-'):>2} "
+                     + (f"{t['S']:>6.3f}" if "S" in t else f"{'-':>6}")
+                     + (f"  {d['alpha_margin']:>8.3f} {d['beta_margin']:>8.3f} {d['decided_edges']:>13.2f}"
+                        + ("  near-tie" if d["near_tie"] else "") if d else ""))
+    if "runs" in metrics:  # the single-task baseline: one run per task
+        lines += ["", f"wrote {out}/<task>/ (one run each: {', '.join(metrics['runs'])}) and {out / 'metrics.json'}"]
+    else:
+        lines += ["", f"wrote {out / 'checkpoint.safetensors'}, {out / 'metrics.json'}, {out / 'train.log'}"]
     return "\n".join(lines)

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from dagc.errors import CheckpointError, ConfigError, DataError, SpecError
-from dagc.spec import Spec, preset
+from dagc.spec import Spec
 from dagc.trainer import datasets
 from dagc.trainer.baselines import complete_dag
 from dagc.trainer.config import STAGES, TrainConfig
@@ -45,15 +45,16 @@ def run_data(ck, data_root: str | None = None) -> datasets.MultiTaskData:
 
 
 def build_spec(cfg: TrainConfig, data: datasets.MultiTaskData) -> Spec:
-    """The central network of the run: the configured preset with the data's tasks and input (the
-    complete DAG under the ``no-flow-restriction`` ablation). Raises ConfigError when the preset
-    does not fit the data."""
+    """The central network of the run: the configured network file's or preset's network
+    (`TrainConfig.central_network`) with the data's tasks and input (the complete DAG under the
+    ``no-flow-restriction`` ablation). Raises ConfigError when the network does not fit the data."""
     try:
-        spec = preset(cfg.preset, data.tasks, flow_constant=cfg.flow_constant, in_channels=data.in_channels,
-                      input_size=tuple(data.input_size), shared_input=data.shared_input)
+        spec = Spec.from_network(cfg.central_network(), data.tasks, flow_constant=cfg.flow_constant,
+                                 in_channels=data.in_channels, input_size=tuple(data.input_size),
+                                 shared_input=data.shared_input)
         return complete_dag(spec) if "no-flow-restriction" in cfg.ablations else spec
     except SpecError as e:
-        raise ConfigError(f"preset {cfg.preset!r} does not fit dataset {cfg.dataset!r}: {e}") from None
+        raise ConfigError(f"{cfg.network_name()} does not fit dataset {cfg.dataset!r}: {e}") from None
 
 
 def batch_at(split: datasets.Split, spec: Spec, batch_size: int, seed: int, stage: str, step: int,

@@ -11,8 +11,9 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from dagc.errors import ConfigError
-from dagc.spec import PRESETS, preset_size
+from dagc.errors import ConfigError, SpecError
+from dagc.network_file import Network
+from dagc.spec import PRESETS, preset_network
 from dagc.trainer import datasets
 from dagc.trainer.baselines import ABLATIONS, BASELINES
 from dagc.trainer.losses import DENSE_LOSSES
@@ -25,6 +26,8 @@ STAGES = ("warmup", "search", "finetune")
 # iterations as the whole search run (warmup + search + finetune), the reading that gives the
 # baseline the most training. Both are offered and metrics.json records which one ran.
 BASELINE_PROTOCOLS = ("finetune", "total")
+# Where a stored configuration's network comes from, in messages (`Network.source`).
+STORED_NETWORK = "config.network"
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,17 @@ class TrainConfig:
     """Everything a run depends on. The θ learning rate and λ_sq default to the paper's Table 9
     (NYU-v2 / Omniglot row), the arch learning rate to 10× it (see the comment at `arch_lr`);
     ``kappa=None`` sets the squeeze budget κ to N, about one incoming
-    edge per hidden state. Raises ConfigError naming the first invalid field."""
+    edge per hidden state. Raises ConfigError naming the first invalid field.
+
+    ``network`` replaces the preset by a network file (FORMAT.md, "Network files"): given as its
+    path (or a `Network`, or a network's JSON data), it is read once, here, and held as the
+    `Network` itself; `to_dict` records the network, not the path, so a resumed run trains the
+    network it started with even if the file has since changed or gone."""
 
     dataset: str = "synthetic"
     data_root: str | None = None  # the directory of an on-disk dataset (datasets.ON_DISK)
-    preset: str | None = None  # None: the dataset's own (its registered `Dataset.preset`)
+    preset: str | None = None  # None: the dataset's own (its registered `Dataset.preset`), unless network is given
+    network: Network | None = None  # given as a path (str or PathLike), a Network or its JSON data
     tasks: tuple[str, ...] | None = None
     flow_constant: int | None = None
     # The paper's 1:3:4 warm-up:search:fine-tune split (appendix A: 5k/15k/20k on NYU-v2) of the
@@ -92,7 +101,9 @@ class TrainConfig:
             object.__setattr__(self, "ablations", tuple(self.ablations))
         if isinstance(self.data_root, os.PathLike):  # stored as text: the config is JSON metadata
             object.__setattr__(self, "data_root", os.fspath(self.data_root))
-        if self.preset is None and self.dataset in datasets.REGISTRY:
+        if self.network is not None and not isinstance(self.network, Network):
+            object.__setattr__(self, "network", _read_network(self.network))
+        if self.preset is None and self.network is None and self.dataset in datasets.REGISTRY:
             object.__setattr__(self, "preset", datasets.REGISTRY[self.dataset].preset)
         self.validate()
 
@@ -117,7 +128,10 @@ class TrainConfig:
         elif self.data_root is not None:
             raise ConfigError(f"data_root is only for the on-disk datasets {list(datasets.ON_DISK)}; "
                               f"the built-in {self.dataset!r} needs none")
-        if self.preset not in PRESETS:
+        if self.network is not None and self.preset is not None:
+            raise ConfigError(f"give a preset ({self.preset!r}) or a network file, not both: --network replaces "
+                              "--preset")
+        if self.network is None and self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r}; choose one of {list(PRESETS)}")
         if self.tasks is not None:
             valid = datasets.task_names(self.dataset, self.data_root)
@@ -138,11 +152,11 @@ class TrainConfig:
     def _validate_schedule(self) -> None:
         # Paper Sec. 3.1: hidden edges i -> j with j - i <= M among N states, so 1 <= M <= N - 1
         # (M = N - 1 is the complete DAG; a larger M is the same network recorded as something else).
-        n = preset_size(self.preset)[0]
+        n = self.central_network().n_states
         if self.flow_constant is not None and (isinstance(self.flow_constant, bool) or not isinstance(
                 self.flow_constant, int) or not 1 <= self.flow_constant <= max(1, n - 1)):
-            raise ConfigError(f"flow_constant (M) must be an integer in 1..{max(1, n - 1)} for preset "
-                              f"{self.preset!r} (N = {n} hidden states, edges i -> j with j - i <= M; "
+            raise ConfigError(f"flow_constant (M) must be an integer in 1..{max(1, n - 1)} for "
+                              f"{self.network_name()} (N = {n} hidden states, edges i -> j with j - i <= M; "
                               f"M = {max(1, n - 1)} is the complete DAG), got {self.flow_constant!r}")
         for name in ("warmup_iters", "search_iters", "finetune_iters", "batch_size", "save_every", "log_every"):
             v = getattr(self, name)
@@ -166,7 +180,8 @@ class TrainConfig:
         if self.kappa is not None:
             # Eq. 9: κ bounds Σ σ(γ_ij) over a task's searchable hidden edges, each σ < 1, so a
             # budget above their number never binds (the no-squeeze ablation says that plainly).
-            n, m = preset_size(self.preset)
+            net = self.central_network()
+            n, m = net.n_states, net.flow_constant
             m = max(1, n - 1) if "no-flow-restriction" in self.ablations else self.flow_constant or m
             edges = sum(n - d for d in range(1, m + 1))
             if isinstance(self.kappa, bool) or not isinstance(self.kappa, (int, float)) or not (
@@ -218,6 +233,19 @@ class TrainConfig:
                               "drop --flow-constant")
 
     # ------------------------------------------------------------------ what the stages use
+    def central_network(self) -> Network:
+        """The run's central network without its tasks: the network file's, else the preset's.
+        Raises SpecError for an unknown preset (which `validate` refuses first)."""
+        return self.network if self.network is not None else preset_network(self.preset)
+
+    def network_name(self) -> str:
+        """The network in messages: ``preset 'tiny'``, or ``network 'custom' (net.json)`` (the file
+        only while it is the one just read)."""
+        if self.network is None:
+            return f"preset {self.preset!r}"
+        source = self.network.source
+        return f"network {self.network.name!r}" + (f" ({source})" if source and source != STORED_NETWORK else "")
+
     def iters(self, stage: str) -> int:
         """Iterations of a stage (`STAGES`). A baseline has no search: its fine-tuning trains the
         fixed backbone for finetune_iters (protocol ``finetune``, the paper's) or for the whole
@@ -252,11 +280,27 @@ class TrainConfig:
         d["tasks"] = list(self.tasks) if self.tasks is not None else None
         d["ablations"] = list(self.ablations)
         d["input_size"] = None if self.input_size is None else list(self.input_size)
+        d["network"] = None if self.network is None else self.network.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Takes `to_dict` output (unknown keys are ignored); returns the configuration. Raises
-        ConfigError for an invalid field, TypeError for a malformed entry."""
+        """Takes `to_dict` output (unknown keys are ignored; ``network`` is the network's JSON data,
+        not read from any file); returns the configuration. Raises ConfigError for an invalid field,
+        TypeError for a malformed entry."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _read_network(given: Any) -> Network:
+    """A configuration's ``network`` as a `Network`: the network file at a path, or a network's
+    JSON data (a stored configuration's). Raises ConfigError naming the file (or the
+    configuration) and the field."""
+    try:
+        if isinstance(given, dict):
+            return Network.from_dict(given, source=STORED_NETWORK)
+        if isinstance(given, (str, os.PathLike)):
+            return Network.load(given)
+    except SpecError as e:
+        raise ConfigError(str(e)) from None
+    raise ConfigError(f"network must be the path of a network file, got {given!r}")
