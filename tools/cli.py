@@ -81,6 +81,8 @@ def cli() -> None:
 @click.option("--stats-tolerance", "stats_tolerance", type=float, default=None,
               help="Warn when a task's eval-mode metric and its batch-statistics metric on training data differ by "
                    "more than this (default 0.02: 2 points of a score in [0, 1], 2% of an error).")
+@click.option("--init", "init", type=str, default=None,
+              help="Starting θ: a dagc run directory or checkpoint, or a VGG-16 state_dict (.safetensors) for vgg16.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(out, resume, quiet, **options) -> None:
     """Run warm-up, search, flow-based reduction and fine-tuning; write RUN_DIR.
@@ -89,6 +91,7 @@ def train(out, resume, quiet, **options) -> None:
     --batch-size per process; rank 0 writes RUN_DIR)."""
     from dagc.tools.evaluate import train_summary
     from dagc.trainer import distributed
+    from dagc.trainer.init_weights import report_lines
     from dagc.trainer.recalibrate import failed_checks
     from dagc.trainer.train import TrainConfig
     from dagc.trainer.train import train as run_training
@@ -109,6 +112,8 @@ def train(out, resume, quiet, **options) -> None:
             given["input_size"] = _int_list("--input-size", given["input_size"].lower().replace("x", ","))
         metrics = run_training(TrainConfig(**given), out, progress=not quiet)
     if distributed.is_main():  # under torchrun every rank returns the metrics; one summary
+        for line in report_lines(metrics["init"]) if metrics.get("init") else ():
+            click.echo(line)
         click.echo(train_summary(metrics, out))
         warning = warning_line(metrics.get("decisiveness"))
         if warning is not None:

@@ -91,6 +91,10 @@ class TrainConfig:
     # metric is one: accuracy, mIoU, F), 2% of an error (depth, angle).
     stats_batches: int = 32
     stats_tolerance: float = 0.02
+    # Starting weights (dagc.trainer.init_weights): θ from a dagc run or checkpoint, or a VGG-16
+    # state_dict in safetensors, applied once when the run starts. Recorded as given; a resumed run
+    # continues from its own state and never reads the file again.
+    init: str | None = None
 
     def __post_init__(self) -> None:
         if self.tasks is not None:
@@ -99,6 +103,8 @@ class TrainConfig:
             object.__setattr__(self, "input_size", tuple(self.input_size))
         if isinstance(self.ablations, (list, tuple)):
             object.__setattr__(self, "ablations", tuple(self.ablations))
+        if isinstance(self.init, os.PathLike):  # stored as text, as data_root
+            object.__setattr__(self, "init", os.fspath(self.init))
         if isinstance(self.data_root, os.PathLike):  # stored as text: the config is JSON metadata
             object.__setattr__(self, "data_root", os.fspath(self.data_root))
         if self.network is not None and not isinstance(self.network, Network):
@@ -144,6 +150,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 2):
                 raise ConfigError(f"{name} must be an integer >= 2, got {v!r}")
+        if self.init is not None and (not isinstance(self.init, str) or not self.init):
+            raise ConfigError(f"init must be the path of a safetensors file or a run directory, got {self.init!r}")
         size = self.input_size
         if size is not None and (not isinstance(size, tuple) or len(size) != 2
                                  or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in size)):

@@ -9,7 +9,9 @@ of the reduced network; None or empty for a baseline), ``parameters`` (``superne
 ``decisiveness`` (per task, how decisively the search chose its structure,
 `dagc.trainer.decisiveness`; None for a baseline, which does not search), ``baseline_protocol``
 (a baseline's iteration budget: ``finetune`` or ``total``; None for a search); then
-per run ``losses`` (per stage, one entry per logged iteration) and ``test_samples`` (per task),
+per run ``losses`` (per stage, one entry per logged iteration), ``init`` (what ``--init`` loaded
+and left at its initial value, `dagc.trainer.init_weights.apply_init`; None without it) and
+``test_samples`` (per task),
 under torchrun ``distributed`` (world size, backend, global batch size, each rank's digest, the
 stages whose end found the ranks apart); for the single-task baseline ``runs`` (task -> its run
 directory under the baseline's).
@@ -60,7 +62,7 @@ def run_metrics(run: Run, data: MultiTaskData, final: Scores, constant: Scores) 
     net, spec = run.net, run.spec
     parameters = {"supernet": count_parameters(net) - sum(p.numel() for p in net.arch_parameters()),
                   "relative_to_backbone": parameter_ratio(spec, network_tensors(net))}
-    extra: dict[str, Any] = {"losses": run.history,
+    extra: dict[str, Any] = {"losses": run.history, "init": run.init_report,
                              "test_samples": {t.name: data.test.size(t.name) for t in spec.tasks}}
     if distributed.world_size() > 1:
         extra["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend(),

@@ -18,6 +18,7 @@ from dagc.spec import Spec
 from dagc.trainer import distributed
 from dagc.trainer.baselines import chain_masks, fix_read_in_out
 from dagc.trainer.config import STAGES, TrainConfig
+from dagc.trainer.init_weights import apply_init
 from dagc.trainer.network import CentralNetwork, load_network_tensors, network_tensors
 from dagc.trainer.stages import (
     Precision,
@@ -46,6 +47,7 @@ class Run:
     topology: dict[str, dict[str, float]] | None = None
     seconds: float = 0.0
     precision: Precision = field(default_factory=Precision)  # autocast and fp16 gradient scaler
+    init_report: dict[str, Any] | None = None  # what --init loaded (`init_weights.apply_init`), kept in the state
     # Under torchrun: each rank's digest at the last stage end, and the stages whose end found
     # the ranks' parameters different (repaired from rank 0). Not saved: they describe this process.
     replica_digests: list[str] | None = None
@@ -76,10 +78,13 @@ def optimizer(cfg: TrainConfig, net: CentralNetwork, stage: str) -> torch.optim.
 
 # ---------------------------------------------------------------------- starting and moving on
 def new_run(cfg: TrainConfig, spec: Spec, device: torch.device) -> Run:
-    """A run at its start: the network initialised from ``cfg.seed``, at warm-up -- or, for a
-    baseline (no search), at fine-tuning with the backbone's fixed chain masks."""
+    """A run at its start: the network initialised from ``cfg.seed`` (then θ from ``cfg.init``, if
+    given: every rank of a torchrun job reads the same file, so all start equal), at warm-up -- or,
+    for a baseline (no search), at fine-tuning with the backbone's fixed chain masks. Raises
+    CheckpointError when ``cfg.init`` cannot be applied."""
     torch.manual_seed(cfg.seed)
     net = CentralNetwork(spec).to(device)
+    init_report = apply_init(net, cfg.init) if cfg.init is not None else None
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     stage = "warmup"
@@ -89,7 +94,8 @@ def new_run(cfg: TrainConfig, spec: Spec, device: torch.device) -> Run:
     if "no-read-in-out" in cfg.ablations:
         fix_read_in_out(net)
     return Run(cfg=cfg, spec=spec, net=net, stage=stage, step=0, opt=optimizer(cfg, net, stage),
-               rewind_theta=None, history={s: [] for s in STAGES}, precision=make_precision(cfg.amp, device))
+               rewind_theta=None, history={s: [] for s in STAGES}, precision=make_precision(cfg.amp, device),
+               init_report=init_report)
 
 
 def advance(run: Run) -> None:
@@ -181,6 +187,8 @@ def save_state(run: Run, out: Path) -> None:
         tensors.update({f"rewind.{k}": v for k, v in run.rewind_theta.items()})
     if run.topology is not None:
         meta["topology"] = run.topology
+    if run.init_report is not None:
+        meta["init"] = run.init_report
     if run.precision.scaler is not None:
         meta["grad_scaler"] = run.precision.scaler.state_dict()
     save_checkpoint(out / STATE_FILE, tensors, run.spec, run.completed, **meta)
@@ -217,6 +225,8 @@ def _read_meta(path: Path, ck: Checkpoint) -> tuple[dict, dict | None, float]:
         raise CheckpointError(f"{path}: metadata 'topology' must map tasks to topology records")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0:
         raise CheckpointError(f"{path}: metadata 'seconds' must be a number >= 0, got {seconds!r}")
+    if not isinstance(ck.json("init", {}), dict):
+        raise CheckpointError(f"{path}: metadata 'init' must be a JSON object (the --init load report)")
     return {s: history.get(s, []) for s in STAGES}, topology, float(seconds)
 
 
@@ -274,4 +284,4 @@ def resume_run(run_dir: Path, device: str | None = None) -> Run:
         if optim_t:
             load_optimizer(opt, optim_t, ck.json("optimizer", {}), source=str(path))
     return Run(cfg=cfg, spec=ck.spec, net=net, stage=stage, step=step, opt=opt, rewind_theta=rewind_theta,
-               history=history, topology=topology, seconds=seconds, precision=precision)
+               history=history, topology=topology, seconds=seconds, precision=precision, init_report=ck.json("init"))

@@ -48,6 +48,7 @@ from dagc.trainer.batches import build_spec, load_data
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData
 from dagc.trainer.evaluation import constant_baselines, evaluate
+from dagc.trainer.init_weights import report_lines
 from dagc.trainer.loop import run_stage, settle_statistics
 from dagc.trainer.network import network_tensors
 from dagc.trainer.recalibrate import failed_checks, statistics_check
@@ -106,16 +107,19 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     # The data, and the network that fits it.
     data = load_data(cfg)
     spec = build_spec(cfg, data)
-    if main:  # on one filesystem, two probes would race
-        writable_dir(out)
-    if run is None:
+    if run is None:  # before anything is written: --init may refuse its file
         run = new_run(cfg, spec, device)
     elif run.spec != spec:
         raise CheckpointError(f"{out}/{STATE_FILE} does not match its own configuration's spec")
+    if main:  # on one filesystem, two probes would race
+        writable_dir(out)
 
     distributed.init(device)
     with _train_log(out, main):
         log.info("run %s: %s", "resumed" if resume else "started", json.dumps(cfg.to_dict()))
+        if run.init_report is not None and not resume:
+            for line in report_lines(run.init_report):
+                log.info("%s", line)
         if distributed.world_size() > 1:
             log.info("distributed: %d processes, backend %s, batch_size %d per process",
                      distributed.world_size(), distributed.backend(), cfg.batch_size)
