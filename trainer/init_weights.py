@@ -225,6 +225,7 @@ def compact(names: Iterable[str], limit: int = 10) -> str:
         groups.setdefault((family, tuple(sorted(ts))), []).append(idx)
     out = []
     for (family, ts), ids in groups.items():
+        ids = sorted(ids, key=lambda i: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", i)])
         inner = ids[0] if len(ids) == 1 else "{" + ",".join(ids) + "}"
         if len(ts) == 1:
             out.append(f"{family}.{inner}.{ts[0]}")
