@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from dagc.blocks import BN_BUFFERS
 from dagc.checkpoint import load_checkpoint
-from dagc.errors import CheckpointError
+from dagc.errors import CheckpointError, ConfigError
 from dagc.spec import TaskSpec, preset
 from dagc.tools.cli import main
 from dagc.trainer.batches import build_spec, load_data
@@ -213,3 +213,11 @@ def test_cli_init_end_to_end_report_and_resume_never_rereads(source_run, tmp_pat
     assert state.json("init") == metrics["init"]
     resumed = train(None, out, resume=True, progress=False)  # a finished run: nothing left but the report
     assert resumed["init"] == metrics["init"]
+
+
+def test_the_configuration_records_init_as_text(tmp_path):
+    cfg = TrainConfig(init=tmp_path / "w.safetensors")  # a path is stored as text; the file is read at the start
+    assert cfg.init == str(tmp_path / "w.safetensors") and TrainConfig.from_dict(cfg.to_dict()) == cfg
+    for bad in ("", 3):
+        with pytest.raises(ConfigError, match="init must be"):
+            TrainConfig(init=bad)
