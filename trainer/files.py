@@ -80,6 +80,8 @@ def open_picture(path: Path, convert: dict[str, str] | None = None) -> tuple[np.
                 im.load()
                 out = im.convert(convert[im.mode]) if convert and im.mode in convert else im
                 return np.asarray(out), out.mode
+    except DataError:
+        raise
     except Image.DecompressionBombError:
         raise DataError(too_large) from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:

@@ -108,7 +108,7 @@ def choose_preset(root: str | os.PathLike, size: tuple[int, int] | None) -> str:
     if not (isinstance(size, tuple) and len(size) == 2 and all(isinstance(v, int) and v > 0 for v in size)):
         describe(root)
         folder = Path(root) / "train" / IMAGES
-        files = _listing(folder, IMAGE_SUFFIXES, "image")
+        files = _listing(folder, IMAGE_SUFFIXES, "an image")
         if not files:
             raise DataError(f"{folder}: no images; the split is empty")
         path = next(iter(files.values()))
@@ -137,7 +137,7 @@ def _listing(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Pa
     out: dict[str, Path] = {}
     for p in entries:
         if not p.is_file() or p.suffix.lower() not in suffixes:
-            raise DataError(f"{p}: not a {what} file ({'/'.join(suffixes)}); remove it from {folder}")
+            raise DataError(f"{p}: not {what} file ({'/'.join(suffixes)}); remove it from {folder}")
         if p.stem in out:
             raise DataError(f"{p}: a second file for id {p.stem!r} (also {out[p.stem].name})")
         out[p.stem] = p
@@ -271,11 +271,11 @@ def _read_split(base: Path, split: str, tasks: tuple[TaskSpec, ...], size: tuple
     for p in folder.iterdir():
         if p.is_dir() and not p.name.startswith(".") and p.name != IMAGES and p.name not in everything:
             raise DataError(f"{p}: no task of {base / DESCRIPTION} is named {p.name!r}; remove or rename the folder")
-    images = _listing(folder / IMAGES, IMAGE_SUFFIXES, "image")
+    images = _listing(folder / IMAGES, IMAGE_SUFFIXES, "an image")
     if not images:
         raise DataError(f"{folder / IMAGES}: no images; the split is empty")
     ids = list(images)
-    dense = {t.name: _listing(folder / t.name, MAP_SUFFIXES, f"{t.kind} map") for t in tasks if t.dense}
+    dense = {t.name: _listing(folder / t.name, MAP_SUFFIXES, f"a {t.kind} map") for t in tasks if t.dense}
     for t, files in dense.items():
         _same_ids(ids, files, folder / t)
     classified = {t.name: t for t in tasks if not t.dense}
