@@ -16,7 +16,7 @@ pixel / 255 or / 65535, depth the pixel value itself; ``.npy`` as stored); norma
 the first ids. The input size is the files' own (all the same); ``input_size`` resizes (images,
 edge and saliency bilinearly, labels and depth by nearest neighbour, normals bilinearly and
 renormalised). Every file is checked where it is read; the first bad one raises `DataError`
-naming it. `write_folder` (`dagc.trainer.folder_write`) writes any `MultiTaskData` in this layout.
+naming it. `write_folder` (below) writes any one-input `MultiTaskData` in this layout.
 """
 
 from __future__ import annotations
