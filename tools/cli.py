@@ -19,8 +19,12 @@ from dagc.trainer.decisiveness import warning_line
 
 BUILT_IN = tuple(name for name, d in REGISTRY.items() if not d.on_disk)
 # "tiny for synthetic; omniglot for digits, omniglot; ...": each preset with the datasets it is the default of.
-DEFAULT_PRESETS = "; ".join(f"{p} for {', '.join(n for n, d in REGISTRY.items() if d.preset == p)}"
-                            for p in PRESETS if any(d.preset == p for d in REGISTRY.values()))
+# A dataset that chooses its preset from its files (folder: by the image size) says so instead.
+_FIXED = {n: d for n, d in REGISTRY.items() if d.choose_preset is None}
+DEFAULT_PRESETS = "; ".join(
+    [f"{p} for {', '.join(n for n, d in _FIXED.items() if d.preset == p)}"
+     for p in PRESETS if any(d.preset == p for d in _FIXED.values())]
+    + [f"{n}: by the image size" for n in REGISTRY if n not in _FIXED])
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -110,7 +110,11 @@ class TrainConfig:
         if self.network is not None and not isinstance(self.network, Network):
             object.__setattr__(self, "network", _read_network(self.network))
         if self.preset is None and self.network is None and self.dataset in datasets.REGISTRY:
-            object.__setattr__(self, "preset", datasets.REGISTRY[self.dataset].preset)
+            ds = datasets.REGISTRY[self.dataset]
+            chosen = ds.preset
+            if ds.choose_preset is not None and isinstance(self.data_root, str) and os.path.isdir(self.data_root):
+                chosen = ds.choose_preset(self.data_root, self.input_size)  # from the files (folder: their size)
+            object.__setattr__(self, "preset", chosen)
         self.validate()
 
     def validate(self) -> None:

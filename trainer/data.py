@@ -93,6 +93,9 @@ class Dataset:
             function from its root directory (None when not given) to its tasks; it raises
             DataError without a readable root. None for the other datasets.
         preset: the central network preset it trains with by default (`dagc.spec.PRESETS`).
+        choose_preset: for a dataset whose preset depends on its files (``folder``: the image
+            size), the function from its root directory and the asked (H, W) (None: the files'
+            own) to the preset; it raises DataError naming a bad file. None for the others.
         on_disk: read from a directory the user has (``--data-root``), else built in.
         input_size: the default (H, W); None for the files' own.
         min_size: the smallest height and width it accepts.
@@ -105,6 +108,7 @@ class Dataset:
     on_disk: bool
     tasks: tuple[str, ...] = ()
     find_tasks: Callable[[str | os.PathLike | None], tuple[str, ...]] | None = None
+    choose_preset: Callable[[str | os.PathLike, tuple[int, int] | None], str] | None = None
     input_size: tuple[int, int] | None = None
     min_size: int = 8
     n_train: int | None = None

@@ -10,6 +10,10 @@ Read from a directory the user has (``root``, ``--data-root``), the paper's real
     nyuv2, cityscapes, cityscapes19, omniglot                        `dagc.trainer.readers`
     pascal-context                                                   `dagc.trainer.pascal`
 
+Read from a directory the user writes (FORMAT.md, "Folder datasets"), the user's own data:
+
+    folder          tasks declared in ROOT/dataset.json              `dagc.trainer.folder`
+
 Each module describes its dataset and exports its `Dataset` record (name, loader, tasks, default
 preset, input size and sample counts); adding a dataset is writing its module and naming its
 record in `REGISTRY`. Every dataset gives the same `MultiTaskData` (`dagc.trainer.data`
@@ -22,7 +26,7 @@ import os
 from collections.abc import Sequence
 
 from dagc.errors import DataError
-from dagc.trainer import digits, pascal, readers, synthetic
+from dagc.trainer import digits, folder, pascal, readers, synthetic
 from dagc.trainer.data import (
     Dataset,
     LoadOptions,
@@ -36,7 +40,7 @@ from dagc.trainer.data import (
 )
 
 REGISTRY: dict[str, Dataset] = {d.name: d for d in (
-    synthetic.DATASET, digits.DATASET, *readers.DATASETS, pascal.DATASET)}
+    synthetic.DATASET, digits.DATASET, *readers.DATASETS, pascal.DATASET, folder.DATASET)}
 DATASETS = tuple(REGISTRY)
 # Read from a directory the user has: the paper's real benchmarks.
 ON_DISK = tuple(name for name, d in REGISTRY.items() if d.on_disk)

@@ -16,6 +16,9 @@ from dagc.trainer.data import IGNORE_INDEX
 
 # How the labels 255 and -1 of the files are read: unlabelled.
 _IGNORE_VALUES = (255, -1)
+# The largest picture `open_picture` decodes, in pixels (as `dagc run`'s, about 7000 x 7000),
+# checked against the file's header before anything is decoded (a decompression bomb).
+MAX_PIXELS = 50_000_000
 
 
 def natural_key(text: str) -> list:
@@ -54,6 +57,35 @@ def read_picture(path: Path, mode: str) -> np.ndarray:
             return np.asarray(im.convert(mode) if mode and im.mode != mode else im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{path}: cannot read the image ({e}); the file is corrupt or not an image") from None
+
+
+def open_picture(path: Path, convert: dict[str, str] | None = None) -> tuple[np.ndarray, str]:
+    """Reads a PNG / JPEG with Pillow as stored (a mode in ``convert`` converted to the mode it
+    maps to); returns its pixels (H, W[, C]) and their mode (``L``, ``RGB``, ``I;16``...). Refuses a header size above `MAX_PIXELS` before decoding, and a
+    missing, truncated or unreadable file; DataError naming the file."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise DataError(f"{path}: file missing; every id of the split needs one")
+    too_large = (f"{path}: the image's header claims more than the {MAX_PIXELS:,} pixels dagc decodes "
+                 "(a decompression bomb, or a picture to resize first)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.size[0] * im.size[1] > MAX_PIXELS:
+                    raise DataError(too_large)
+                im.load()
+                out = im.convert(convert[im.mode]) if convert and im.mode in convert else im
+                return np.asarray(out), out.mode
+    except DataError:
+        raise
+    except Image.DecompressionBombError:
+        raise DataError(too_large) from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read the image ({e}); the file is corrupt, truncated or not an image") from None
 
 
 def load_mat(path: Path) -> dict:

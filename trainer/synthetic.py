@@ -41,6 +41,8 @@ statistics are applied to the test split.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from dagc.spec import TaskSpec
@@ -63,20 +65,26 @@ _SPHERE, _BOX, _CYLINDER = 0, 1, 2  # object types; class = 2 + type
 def load(opts: LoadOptions) -> MultiTaskData:
     """Renders ``opts.n_train`` train and ``opts.n_test`` test scenes and keeps the selected tasks'
     targets (see the module doc)."""
+    raw = load_raw(opts)
+    x_tr, x_te, prep = standardise(raw.train.inputs, raw.test.inputs, "RGB in [0, 1]")
+    return replace(raw, train=Split(x_tr, raw.train.targets), test=Split(x_te, raw.test.targets), preprocessing=prep)
+
+
+def load_raw(opts: LoadOptions) -> MultiTaskData:
+    """`load` before standardisation: the rendered images as they are (about [0, 1]), no
+    preprocessing record. What `dagc.trainer.folder.write_folder` writes for a bit-exact round trip."""
     # Separate child streams of the seed: test scenes never repeat train scenes, and the train
     # split does not change when n_test does.
     train_rng = np.random.default_rng(np.random.SeedSequence([opts.seed, 0]))
     test_rng = np.random.default_rng(np.random.SeedSequence([opts.seed, 1]))
     x_tr, y_tr = render_scenes(train_rng, opts.n_train, opts.size)
     x_te, y_te = render_scenes(test_rng, opts.n_test, opts.size)
-    x_tr, x_te, prep = standardise(x_tr, x_te, "RGB in [0, 1]")
     tasks = opts.tasks
     return MultiTaskData(
         name="synthetic", in_channels=3, input_size=opts.size, shared_input=True,
         tasks=tuple(_TASKS[t] for t in tasks),
         train=Split(x_tr, {t: y_tr[t] for t in tasks}),
         test=Split(x_te, {t: y_te[t] for t in tasks}),
-        preprocessing=prep,
     )
 
 
