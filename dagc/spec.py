@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from dagc.errors import SpecError
@@ -210,6 +210,10 @@ class Spec:
     preset: str = "custom"
 
     def __post_init__(self) -> None:
+        # A task made before its (plug-in) kind was registered got no default head; it gets it now.
+        if any(isinstance(t, TaskSpec) and t.head is None for t in self.tasks):
+            object.__setattr__(self, "tasks", tuple(replace(t) if isinstance(t, TaskSpec) and t.head is None else t
+                                                    for t in self.tasks))
         self.validate()
 
     # ------------------------------------------------------------------ structure

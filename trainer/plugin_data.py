@@ -4,6 +4,8 @@ plug-in ends in one line naming it, before anything is written."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from dagc.errors import DataError, PluginError, SpecError
@@ -64,6 +66,10 @@ def check_loaded(data: object, opts: LoadOptions, where: str) -> MultiTaskData:
                         f"{list(opts.tasks)} were asked for (LoadOptions.tasks, in that order)")
     for t in tasks:
         training_of(t.kind, f"{where}: task {t.name!r}")  # loads the kind plug-ins; SpecError if unknown
+    # A task made before its plug-in kind was registered gets the kind's head now.
+    tasks = tuple(replace(t) if t.head is None else t for t in tasks)
+    data = replace(data, tasks=tasks)
+    for t in tasks:
         try:
             check_task(t, f"{where}: task {t.name!r}")
         except SpecError as e:
