@@ -144,6 +144,12 @@ def test_a_plugin_dataset_and_kind_train_compile_and_are_scored_from_the_cli(ins
     assert manifest["tasks"]["vec"]["output_shape"] == ["batch", 3]
     assert manifest["tasks"]["heat"]["output_shape"] == ["batch", 2, 16, 16]
     assert manifest["spec"]["kinds"] == {"heat": {"dense": True, "labelled": False, "channels": 2, "head": "aspp"}}
+    # ... and so does running it: the regression task writes its vector, the plug-in kind its map.
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((3, 16, 16), dtype=np.float32))
+    code, out, err = _run(["run", str(tmp_path / "art"), str(tmp_path / "x.npy"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "o" / "x_vec.json").read_text())["values"]) == 3
+    assert np.load(tmp_path / "o" / "x_heat.npy").shape == (2, 16, 16)
 
 
 def test_a_callable_entry_point_and_the_python_api(install):
