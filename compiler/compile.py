@@ -267,7 +267,7 @@ def _tasks(ck, graph: Graph) -> dict[str, mf.TaskInfo]:
     spec = ck.spec
     gamma, alpha, beta = masks_of(ck.tensors, spec)
     return {t.name: mf.TaskInfo(t.name, t.kind, t.classes, t.name, graph.task_input(t.name),
-                                (t.out_channels, *spec.input_size) if t.dense else (t.classes,), model_file(t.name),
+                                (t.out_channels, *spec.input_size) if t.dense else (t.out_channels,), model_file(t.name),
                                 mf.TaskMasks.of(gamma[k], alpha[k], beta[k]))
             for k, t in enumerate(spec.tasks)}
 

@@ -55,7 +55,7 @@ from dagc.precisions import (
 )
 from dagc.runners import OrtRunner, OvRunner, Runner, openvino_unavailable, relative_error
 from dagc.trainer.evaluation import score
-from dagc.trainer.kinds import PRIMARY
+from dagc.trainer.kinds import primary_metric
 
 __all__ = ["MAX_METRIC_DROP", "parse_precisions", "check_precisions", "accuracy_table"]
 
@@ -132,7 +132,7 @@ def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]],
     data = load_run_data(ck, data_root)
     spec = ck.spec
     split = data.test
-    primary = {t.name: PRIMARY[t.kind] for t in spec.tasks}
+    primary = {t.name: primary_metric(t.kind) for t in spec.tasks}
     fp32_names = [n for n, m in models.items() if m["format"] == "onnx"]
     runners = {n: OrtRunner(files[n], device="cpu") for n in fp32_names}
     ref = {n: _Scored(spec, split, runners[n], models[n]["tasks"]).metrics for n in fp32_names}

@@ -55,3 +55,9 @@ class RunnerError(DagcError):
     """An execution back end cannot load or run a model: a TensorRT plan built for another GPU or
     TensorRT version, a failed TensorRT execution. The runtime reports a plan it cannot load as an
     `ArtifactError`, the compiler as a `CompileError`."""
+
+
+class PluginError(DagcError):
+    """A plug-in (an entry point of group ``dagc.datasets`` or ``dagc.kinds``, or a call of a
+    ``register_*`` function) is broken: it fails to import, gives the wrong type, a malformed or
+    clashing record. The message names the entry point and what is wrong."""

@@ -34,7 +34,7 @@ def sample_bytes(manifest: Manifest) -> int:
     lh, lw = h // spec.readout.stride, w // spec.readout.stride
     values += spec.readout.channels * lh * lw
     for task in manifest.tasks.values():
-        if task.kind != "classification":
+        if len(task.output_shape) == 3:  # a dense task: its ASPP branches
             values += spec.head_channels * len(spec.aspp_rates) * lh * lw
         size = 1
         for d in task.output_shape:

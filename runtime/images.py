@@ -234,7 +234,8 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
     * normal: ``<name>_<task>.png``, RGB = (n + 1) / 2;
     * edge, saliency: ``<name>_<task>.png``, grey, the prediction clipped to [0, 1];
     * classification: ``<name>_<task>.json``, the top-k (k = min(5, classes)) class indices
-      (``label``) with softmax probabilities.
+      (``label``) with softmax probabilities;
+    * regression (any other per-image kind): ``<name>_<task>.json``, its ``values``.
 
     Every file is written atomically (temporary file, then rename).
     """
@@ -243,6 +244,7 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     kinds = {t: info.kind for t, info in manifest.tasks.items()}
+    per_image = {t for t, info in manifest.tasks.items() if len(info.output_shape) == 1}
     written: list[Path] = []
     stem = _safe(name)
     for task, value in outputs.items():
@@ -250,7 +252,7 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
         kind = kinds.get(task)
         if kind is None:
             raise InputError(f"task {task!r} is not in the manifest (tasks {sorted(kinds)})")
-        if y.ndim in (2, 4) and y.shape[0] == 1 and (y.ndim == 4 or kind == "classification"):
+        if y.ndim in (2, 4) and y.shape[0] == 1 and (y.ndim == 4 or task in per_image):
             y = y[0]
         base = f"{stem}_{_safe(task)}"
         written.append(_atomic_write(out / f"{base}.npy", lambda tmp, y=y: _save_npy(tmp, y)))
@@ -259,9 +261,11 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
             k = min(5, probs.size)
             top = np.argsort(-probs, kind="stable")[:k]
             doc = {"task": task, "top_k": [{"label": int(i), "probability": round(float(probs[i]), 6)} for i in top]}
-            text = json.dumps(doc, indent=2) + "\n"
-            written.append(_atomic_write(out / f"{base}.json",
-                                         lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8")))
+            written.append(_write_json(out / f"{base}.json", doc))
+            continue
+        if task in per_image:  # regression and any other per-image vector: its values
+            written.append(_write_json(out / f"{base}.json", {"task": task, "values": [round(float(v), 6)
+                                                                                      for v in y.reshape(-1)]}))
             continue
         if y.ndim != 3:
             raise InputError(f"task {task!r}: expected a dense output (out, H, W), got shape {y.shape}")
@@ -276,6 +280,12 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
             picture = _to_u8(y[0])
         written.append(_save_png(out / f"{base}.png", picture))
     return written
+
+
+def _write_json(path: Path, doc: dict) -> Path:
+    """Writes ``doc`` as indented JSON, atomically; returns the path."""
+    text = json.dumps(doc, indent=2) + "\n"
+    return _atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _save_npy(tmp: str, y: np.ndarray) -> None:

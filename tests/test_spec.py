@@ -74,10 +74,11 @@ def test_unknown_preset_and_malformed_json():
 def test_every_task_kind_is_registered_once_with_its_structure():
     assert TASK_KINDS == tuple(KINDS) and DENSE_KINDS == tuple(k for k in KINDS if KINDS[k].dense)
     for name, kind in KINDS.items():
-        task = TaskSpec("t", name, 4 if kind.labelled else None)
+        sized = kind.labelled or kind.channels is None  # regression: the task gives its vector's length
+        task = TaskSpec("t", name, 4 if sized else None)
         assert task_kind(name) is kind and task.head == kind.head
         assert task.dense == kind.dense and task.labelled == kind.labelled
-        assert task.out_channels == (4 if kind.labelled else kind.channels)
+        assert task.out_channels == (4 if sized else kind.channels)
     assert TaskSpec("n", "normal").out_channels == 3 and TaskSpec("c", "classification", 7).head == "linear"
     with pytest.raises(SpecError, match="unknown task kind 'colour'"):
         task_kind("colour")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dagc.errors import ConfigError
-from dagc.trainer.kinds import DELTA_METRICS
+from dagc.trainer.kinds import delta_metrics
 from dagc.trainer.metrics import LOWER_IS_BETTER, delta_t, relative_performance
 
 
@@ -72,7 +72,7 @@ def compare(run: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
         if run["tasks"][t] != baseline["tasks"][t]:
             raise ConfigError(f"task {t!r} is {run['tasks'][t]} in {run['dir']} but {baseline['tasks'][t]} in "
                               f"{baseline['dir']}; compare runs of the same dataset")
-        keys = [k for k in DELTA_METRICS[run["tasks"][t]]
+        keys = [k for k in delta_metrics(run["tasks"][t])
                 if k in run["final"][t] and k in baseline["final"][t]
                 and baseline["final"][t][k] != 0 and math.isfinite(baseline["final"][t][k])]
         if not keys:
@@ -97,7 +97,7 @@ def format_table(run: dict[str, Any], baseline: dict[str, Any] | None = None) ->
         head += f"{'baseline':>10}"
     lines += ["", head]
     for t, kind in run["tasks"].items():
-        keys = [k for k in DELTA_METRICS[kind] if k in run["final"][t]]
+        keys = [k for k in delta_metrics(kind) if k in run["final"][t]]
         keys += [k for k in run["final"][t] if k not in keys]
         for i, k in enumerate(keys):
             arrow = "↓" if k in LOWER_IS_BETTER else "↑"

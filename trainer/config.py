@@ -109,7 +109,7 @@ class TrainConfig:
             object.__setattr__(self, "data_root", os.fspath(self.data_root))
         if self.network is not None and not isinstance(self.network, Network):
             object.__setattr__(self, "network", _read_network(self.network))
-        if self.preset is None and self.network is None and self.dataset in datasets.REGISTRY:
+        if self.preset is None and self.network is None and self.dataset in datasets.registry():
             ds = datasets.REGISTRY[self.dataset]
             chosen = ds.preset
             if ds.choose_preset is not None and isinstance(self.data_root, str) and os.path.isdir(self.data_root):
@@ -126,9 +126,10 @@ class TrainConfig:
         self._validate_protocol()
 
     def _validate_data(self) -> None:
-        if self.dataset not in datasets.REGISTRY:
-            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {list(datasets.DATASETS)}")
-        if self.dataset in datasets.ON_DISK:
+        if self.dataset not in datasets.registry():
+            raise ConfigError(f"unknown dataset {self.dataset!r}; choose one of {list(datasets.REGISTRY)}")
+        on_disk = [name for name, d in datasets.REGISTRY.items() if d.on_disk]
+        if self.dataset in on_disk:
             if self.data_root is None:
                 raise ConfigError(f"dataset {self.dataset!r} is read from disk; give its directory as "
                                   "data_root (--data-root DIR)")
@@ -136,7 +137,7 @@ class TrainConfig:
                 raise ConfigError(f"data_root {self.data_root!r} is not a directory; give the folder that "
                                   f"holds the {self.dataset} dataset")
         elif self.data_root is not None:
-            raise ConfigError(f"data_root is only for the on-disk datasets {list(datasets.ON_DISK)}; "
+            raise ConfigError(f"data_root is only for the on-disk datasets {on_disk}; "
                               f"the built-in {self.dataset!r} needs none")
         if self.network is not None and self.preset is not None:
             raise ConfigError(f"give a preset ({self.preset!r}) or a network file, not both: --network replaces "

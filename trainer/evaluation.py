@@ -62,7 +62,7 @@ def constant_baselines(spec: Spec, data: MultiTaskData) -> dict[str, dict[str, f
     out = {}
     for t in spec.tasks:
         target = data.test.targets[t.name]
-        shape = (len(target), t.out_channels, *target.shape[-2:]) if t.dense else (len(target), t.classes)
+        shape = (len(target), t.out_channels, *target.shape[-2:]) if t.dense else (len(target), t.out_channels)
         meter = task_meter(t)
         meter.update(np.asarray(constant_prediction(t, data.train.targets[t.name], shape)), target)
         out[t.name] = meter.result()

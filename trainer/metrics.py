@@ -19,7 +19,8 @@ uses which meter, constant predictor and primary metric is the kind table's, `da
   ``abs_err`` and ``mse``;
 * saliency: ``max_f`` (best F over thresholds of the pooled precision and recall),
   ``max_miou`` (best, over thresholds, mean per-image IoU of the thresholded map: ASTMT's and
-  MTI-Net's saliency mIoU), ``abs_err`` and ``mse``.
+  MTI-Net's saliency mIoU), ``abs_err`` and ``mse``;
+* regression (one vector per image): ``mae`` and ``rmse`` (`dagc.trainer.regression`).
 
 `relative_performance` and `delta_t` compare a method with single-task baselines.
 """
@@ -36,7 +37,7 @@ from dagc.spec import TaskSpec
 from dagc.trainer.data import IGNORE_INDEX
 
 # Metric keys where a lower value is better: l_j = 1 in Eq. 10.
-LOWER_IS_BETTER = frozenset({"abs_err", "rel_err", "mse", "rmse", "mean_angle", "median_angle"})
+LOWER_IS_BETTER = frozenset({"abs_err", "rel_err", "mse", "rmse", "mae", "mean_angle", "median_angle"})
 # Thresholds at which binary-map tasks (edges, saliency) are scored; a pixel is called positive
 # at threshold t when its prediction is >= t (everything at t = 0). The grid contains ASTMT's
 # saliency thresholds (0.2, 0.25, ..., 0.9) and is as fine as BSDS' 99 edge thresholds.

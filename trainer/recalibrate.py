@@ -34,7 +34,7 @@ from dagc.trainer.batchnorm import batch_statistics, task_batchnorms
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.data import Split
 from dagc.trainer.evaluation import evaluate, score
-from dagc.trainer.kinds import PRIMARY
+from dagc.trainer.kinds import primary_metric
 from dagc.trainer.network import CentralNetwork, load_network_tensors, network_tensors
 
 __all__ = ["STATS_BATCHES", "STATS_TOLERANCE", "CHECK_SAMPLES", "statistics_batches", "reestimate_statistics",
@@ -146,7 +146,7 @@ def statistics_check(net: CentralNetwork, split: Split, batch_size: int, *, tole
         trained = score(net.spec, part, predict, batch_size=size)
     out = {}
     for t in net.spec.tasks:
-        metric, higher_is_better = PRIMARY[t.kind]
+        metric, higher_is_better = primary_metric(t.kind)
         e, b = float(deployed[t.name][metric]), float(trained[t.name][metric])
         gap = abs(e - b) if higher_is_better else abs(e - b) / max(abs(b), 1e-8)
         out[t.name] = {"metric": metric, "eval": e, "batch_statistics": b, "gap": gap, "tolerance": tolerance,
