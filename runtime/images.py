@@ -20,6 +20,7 @@ import numpy as np
 
 from dagc.manifest import Manifest
 from dagc.outputs import check_not_input, check_writable_dir
+from dagc.pictures import MAX_PIXELS, PictureError, PictureTooLarge, decode_picture
 from dagc.preprocessing import Preprocessing, resize_chw
 from dagc.runtime.engine import ArtifactError, InputError, load
 
@@ -27,10 +28,9 @@ __all__ = ["read_image", "save_outputs", "run_images", "IMAGE_SUFFIXES", "MAX_PI
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
-# The largest picture `read_image` decodes, in pixels (about 7000 x 7000: any camera's photo fits).
-# Checked against the size in the file's header before anything is decoded: a small file can
-# claim a huge size (a decompression bomb) and decoding it would take gigabytes.
-MAX_PIXELS = 50_000_000
+# MAX_PIXELS (dagc.pictures): the largest picture `read_image` decodes (about 7000 x 7000: any
+# camera's photo fits), checked against the file's header before anything is decoded: a small file
+# can claim a huge size (a decompression bomb) and decoding it would take gigabytes.
 # Pillow's modes for 16-bit (and 32-bit integer) grey pixels; converting them to "L" or "RGB"
 # clips at 255, so they are scaled here instead (a 16-bit PNG's 0..65535 onto [0, 1]).
 _WIDE_GREY = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
@@ -41,39 +41,22 @@ def _chw(input_spec: Mapping[str, Any]) -> tuple[int, int, int]:
     return c, h, w
 
 
-def _too_large(path: Path, size: tuple[int, int] | None) -> InputError:
-    claims = "a size" if size is None else f"{size[0]}x{size[1]} ({size[0] * size[1]:,} pixels)"
-    return InputError(f"{path}: the image's header claims {claims} above the {MAX_PIXELS:,} pixels "
-                      "dagc decodes (dagc.runtime.images.MAX_PIXELS); resize it first")
-
-
 def _read_picture(path: Path, c: int) -> np.ndarray:
     """(C, H, W) float32 pixel values in [0, 1] from a PNG/JPEG: 8-bit pixels / 255, 16-bit grey
-    pixels / 65535. Refuses a header size above `MAX_PIXELS` before decoding."""
-    from PIL import Image, UnidentifiedImageError
-
+    pixels / 65535. Refuses a header size above `MAX_PIXELS` before decoding
+    (`dagc.pictures.decode_picture`)."""
     if c not in _MODES:
         raise InputError(f"{path}: the model takes {c}-channel inputs, which an image file cannot hold; "
                          "pass a .npy array (C, H, W) instead")
     try:
-        # Pillow's own bomb check runs in open() (a warning above its limit, an error above twice
-        # it); both limits are above MAX_PIXELS, so the check below is the one that decides.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.size[0] * im.size[1] > MAX_PIXELS:
-                    raise _too_large(path, im.size)
-                im.load()
-                if im.mode in _WIDE_GREY:
-                    grey = np.clip(np.asarray(im, dtype=np.float64) / _WIDE_GREY[im.mode], 0.0, 1.0)
-                    return _grey_to(grey.astype(np.float32), c)
-                arr = np.asarray(im.convert(_MODES[c]))
-    except InputError:
-        raise
-    except Image.DecompressionBombError:
-        raise _too_large(path, None) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise InputError(f"{path}: cannot read the image ({e})") from None
+        arr, mode = decode_picture(path, lambda m: None if m in _WIDE_GREY else _MODES[c])
+    except PictureTooLarge as e:
+        raise InputError(f"{e} (dagc.runtime.images.MAX_PIXELS)") from None
+    except PictureError as e:
+        raise InputError(str(e)) from None
+    if mode in _WIDE_GREY:
+        grey = np.clip(arr.astype(np.float64) / _WIDE_GREY[mode], 0.0, 1.0)
+        return _grey_to(grey.astype(np.float32), c)
     arr = arr.reshape(arr.shape[0], arr.shape[1], -1).transpose(2, 0, 1)
     return arr.astype(np.float32) / 255.0
 

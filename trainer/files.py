@@ -6,19 +6,18 @@ naming it and a corrupt sample is never skipped silently.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from dagc.errors import DataError
+from dagc.pictures import PictureError, decode_picture
 from dagc.spec import TaskSpec
 from dagc.trainer.data import IGNORE_INDEX
 
 # How the labels 255 and -1 of the files are read: unlabelled.
 _IGNORE_VALUES = (255, -1)
-# The largest picture `open_picture` decodes, in pixels (as `dagc run`'s, about 7000 x 7000),
-# checked against the file's header before anything is decoded (a decompression bomb).
-MAX_PIXELS = 50_000_000
 
 
 def natural_key(text: str) -> list:
@@ -44,48 +43,23 @@ def load_npy_file(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read the array ({e}); the file is corrupt or not a .npy array") from None
 
 
-def read_picture(path: Path, mode: str) -> np.ndarray:
-    """Reads a PNG / JPEG with Pillow, converted to ``mode`` (``RGB``, ``L``) unless it is None;
-    returns its pixels (H, W[, C]). DataError naming the file if it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
+def read_picture(path: Path, mode: str | None) -> np.ndarray:
+    """Reads a PNG / JPEG, converted to ``mode`` (``RGB``, ``L``) unless it is None; returns its
+    pixels (H, W[, C]). DataError naming the file if it is missing, unreadable or larger than
+    `dagc.pictures.MAX_PIXELS` (`dagc.pictures.decode_picture`)."""
+    return open_picture(path, None if mode is None else lambda _: mode)[0]
 
+
+def open_picture(path: Path, convert: Callable[[str], str | None] | None = None) -> tuple[np.ndarray, str]:
+    """Reads a PNG / JPEG, converted to ``convert(its mode)`` where that is not None; returns its
+    pixels (H, W[, C]) and their mode (``L``, ``RGB``, ``I;16``...). DataError naming the file if
+    it is missing, truncated, unreadable or larger than `dagc.pictures.MAX_PIXELS`."""
     if not path.is_file():
         raise DataError(f"{path}: file missing; every id of the split needs one")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert(mode) if mode and im.mode != mode else im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot read the image ({e}); the file is corrupt or not an image") from None
-
-
-def open_picture(path: Path, convert: dict[str, str] | None = None) -> tuple[np.ndarray, str]:
-    """Reads a PNG / JPEG with Pillow as stored (a mode in ``convert`` converted to the mode it
-    maps to); returns its pixels (H, W[, C]) and their mode (``L``, ``RGB``, ``I;16``...). Refuses a header size above `MAX_PIXELS` before decoding, and a
-    missing, truncated or unreadable file; DataError naming the file."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise DataError(f"{path}: file missing; every id of the split needs one")
-    too_large = (f"{path}: the image's header claims more than the {MAX_PIXELS:,} pixels dagc decodes "
-                 "(a decompression bomb, or a picture to resize first)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.size[0] * im.size[1] > MAX_PIXELS:
-                    raise DataError(too_large)
-                im.load()
-                out = im.convert(convert[im.mode]) if convert and im.mode in convert else im
-                return np.asarray(out), out.mode
-    except DataError:
-        raise
-    except Image.DecompressionBombError:
-        raise DataError(too_large) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: cannot read the image ({e}); the file is corrupt, truncated or not an image") from None
+        return decode_picture(path, convert)
+    except PictureError as e:
+        raise DataError(str(e)) from None
 
 
 def load_mat(path: Path) -> dict:

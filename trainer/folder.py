@@ -166,7 +166,7 @@ def _read_image(path: Path) -> np.ndarray:
             raise DataError(f"{path}: image has shape {arr.shape}; expected (H, W), (H, W, 1) or (H, W, 3)")
         scale = 255.0 if arr.dtype == np.uint8 else 1.0
         return np.ascontiguousarray(finite_float(arr, path, "image") / np.float32(scale))
-    pixels, mode = open_picture(path, _INPUT_MODES)
+    pixels, mode = open_picture(path, _INPUT_MODES.get)
     if mode in _WIDE:
         return (pixels.astype(np.float64) / _WIDE[mode]).astype(np.float32)[None]
     if mode not in ("L", "RGB"):
