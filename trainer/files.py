@@ -126,3 +126,16 @@ def target_buffer(task: TaskSpec, n: int, size: tuple[int, int]) -> np.ndarray:
     if task.labelled:
         return np.empty((n, *size), np.int64)
     return np.empty((n, task.out_channels, *size), np.float32)
+
+
+def target_map(arr: np.ndarray, kind: str, path: Path, hw: tuple[int, int]) -> np.ndarray:
+    """A dense target as read from ``path``, checked: (H, W, 3) for normals, one plane (H, W) for
+    the other kinds (`plane`), and the size ``hw`` of its image. DataError naming the file."""
+    if kind == "normal":
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise DataError(f"{path}: normal map has shape {arr.shape}; expected (H, W, 3)")
+    else:
+        arr = plane(arr, path, f"{kind} map")
+    if arr.shape[:2] != hw:
+        raise DataError(f"{path}: {kind} map is {arr.shape[0]}x{arr.shape[1]} but its image is {hw[0]}x{hw[1]}")
+    return arr

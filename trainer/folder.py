@@ -39,9 +39,9 @@ from dagc.trainer.files import (
     natural_key,
     normalise_normals,
     open_picture,
-    plane,
     read_labels,
     target_buffer,
+    target_map,
 )
 
 DESCRIPTION = "dataset.json"
@@ -188,13 +188,7 @@ def _read_map(task: TaskSpec, path: Path, hw: tuple[int, int], size: tuple[int, 
             raise DataError(f"{path}: {task.kind} map has mode {mode}; expected a one-channel PNG (8 or 16 bit)")
         if task.kind in ("edge", "saliency"):
             arr = arr.astype(np.float64) / (_WIDE.get(mode, 255.0))
-    if task.kind == "normal":
-        if arr.ndim != 3 or arr.shape[2] != 3:
-            raise DataError(f"{path}: normal map has shape {arr.shape}; expected (H, W, 3)")
-    else:
-        arr = plane(arr, path, f"{task.kind} map")
-    if arr.shape[:2] != hw:
-        raise DataError(f"{path}: {task.kind} map is {arr.shape[0]}x{arr.shape[1]} but its image is {hw[0]}x{hw[1]}")
+    arr = target_map(arr, task.kind, path, hw)
     if task.kind == "segmentation":
         return resize_chw(read_labels(arr, path, task.classes)[None], size, nearest=True)[0].astype(np.int64)
     values = finite_float(arr, path, f"{task.kind} map")

@@ -72,11 +72,11 @@ from dagc.trainer.files import (
     load_npy_file,
     natural_key,
     normalise_normals,
-    plane,
     read_labels,
     read_picture,
     subdirs,
     target_buffer,
+    target_map,
 )
 
 OMNIGLOT_WAYS = 20
@@ -204,14 +204,7 @@ def _npy_target(info: TaskSpec, path: Path, hw: tuple[int, int], size: tuple[int
     """Reads one target file, checks it against its image's (H, W) and returns it resized to
     ``size`` in the kind's standard layout."""
     arr = load_npy_file(path)
-    if info.kind == "normal":
-        if arr.ndim != 3 or arr.shape[2] != 3:
-            raise DataError(f"{path}: normal map has shape {arr.shape}; expected (H, W, 3)")
-    else:
-        arr = plane(arr, path, f"{info.kind} map")
-    if arr.shape[:2] != hw:
-        raise DataError(f"{path}: {info.kind} map is {arr.shape[0]}x{arr.shape[1]} but its image is "
-                        f"{hw[0]}x{hw[1]}")
+    arr = target_map(arr, info.kind, path, hw)
     if info.kind == "segmentation":
         labels = read_labels(arr, path, info.classes)
         return resize_chw(labels[None], size, nearest=True)[0].astype(np.int64)
