@@ -9,16 +9,10 @@ with statistics per task the first two agree.
     OMP_NUM_THREADS=1 python benchmarks/two_digits.py --work /tmp/two_digits [--runs search,shared-bottom]
         [--warmup-iters 300 --search-iters 300 --finetune-iters 1200 --batch-size 64] [--json FILE]
 
-The data (built here from scikit-learn's bundled 8x8 digits, nothing downloaded): a 32x32 grey
-image holding one digit upscaled to 20x20 in the upper left and another in the lower right,
-overlapping in the middle (the brighter pixel wins); tasks ``left`` and ``right`` (10-way
-classification of each digit) and ``parts`` (3-class segmentation: background, left digit, right
-digit where it is drawn). 6,000 training and 1,000 held-out images, drawn from disjoint digit
-images (a stratified 80/20 split of the 1,797). The issue's protocol: ``tiny`` preset, lr 1e-3,
+The data is the built-in ``multidigits`` (`dagc.trainer.multidigits`: two of scikit-learn's digits
+per 32x32 image; ``left``, ``right`` and the segmentation ``parts``; 6,000 training and 1,000
+held-out images from disjoint digit images). The issue's protocol: ``tiny`` preset, lr 1e-3,
 batch 64, 300 / 300 / 1200 iterations.
-
-The dataset is registered in `dagc.trainer.datasets.REGISTRY` for this process only: dagc has no
-way yet for a user to bring a dataset in without editing it (issue 20).
 """
 
 from __future__ import annotations
@@ -30,63 +24,17 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dagc.blocks import READ_IN, READ_OUT, blocks
 from dagc.checkpoint import load_checkpoint, write_atomic
-from dagc.spec import TaskSpec
-from dagc.trainer import datasets
 from dagc.trainer.batches import load_data
-from dagc.trainer.data import Dataset, LoadOptions, MultiTaskData, Split, standardise
-from dagc.trainer.digits import _raw_digits, _resize_bilinear, _stratified_split
 from dagc.trainer.network import network_from_checkpoint
 from dagc.trainer.recalibrate import statistics_check
 from dagc.trainer.train import TrainConfig, train
 
-NAME = "two-digits"
-TASKS = (TaskSpec("left", "classification", 10), TaskSpec("right", "classification", 10),
-         TaskSpec("parts", "segmentation", 3))
-SIZE, DIGIT, OFFSET = 32, 20, 12  # image, digit, where the lower-right digit starts
+NAME = "multidigits"
 RUNS = {"search": {}, "search-s0.6": {"target_sparsity": 0.6}, "shared-bottom": {"baseline": "shared-bottom"}}
-
-
-def _compose(images: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Generator):
-    """``n`` scenes from random pairs of ``images`` (m, 20, 20): image (n, 1, 32, 32), both labels, parts."""
-    a, b = rng.integers(0, len(images), n), rng.integers(0, len(images), n)
-    left = np.zeros((n, SIZE, SIZE), np.float32)
-    right = np.zeros((n, SIZE, SIZE), np.float32)
-    left[:, :DIGIT, :DIGIT] = images[a]
-    right[:, OFFSET:OFFSET + DIGIT, OFFSET:OFFSET + DIGIT] = images[b]
-    parts = np.zeros((n, SIZE, SIZE), np.int64)
-    parts[left > 0.25] = 1
-    parts[right > 0.25] = 2
-    return np.maximum(left, right)[:, None], labels[a], labels[b], parts
-
-
-def load(opts: LoadOptions) -> MultiTaskData:
-    images, digits = _raw_digits()
-    big = _resize_bilinear(images, (DIGIT, DIGIT))
-    train_idx, test_idx = _stratified_split(digits, opts.seed)
-    rng = np.random.default_rng([opts.seed, 26])
-    n_train, n_test = opts.n_train or 6000, opts.n_test or 1000
-    tr = _compose(big[train_idx], digits[train_idx], n_train, rng)
-    te = _compose(big[test_idx], digits[test_idx], n_test, rng)
-    x_tr, x_te, prep = standardise(tr[0], te[0], "grey level / 16, in [0, 1]")
-
-    def targets(s):
-        return dict(zip(("left", "right", "parts"), s[1:]))
-
-    pick = {t.name: t for t in TASKS}
-    return MultiTaskData(name=NAME, in_channels=1, input_size=(SIZE, SIZE), shared_input=True,
-                         tasks=tuple(pick[t] for t in opts.tasks),
-                         train=Split(x_tr, {t: targets(tr)[t] for t in opts.tasks}),
-                         test=Split(x_te, {t: targets(te)[t] for t in opts.tasks}), preprocessing=prep)
-
-
-def register() -> None:
-    datasets.REGISTRY[NAME] = Dataset(NAME, load, preset="tiny", on_disk=False, tasks=tuple(t.name for t in TASKS),
-                                      input_size=(SIZE, SIZE), min_size=SIZE, n_train=6000, n_test=1000)
 
 
 @torch.no_grad()
@@ -117,7 +65,6 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=None)
     ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "two_digits.json")
     args = ap.parse_args()
-    register()
     out: dict = {}
     for name in args.runs.split(","):
         iters = dict(warmup_iters=args.warmup_iters, search_iters=args.search_iters,

@@ -40,7 +40,8 @@ def _all_arrays(data: datasets.MultiTaskData) -> list[np.ndarray]:
 
 # ------------------------------------------------------------------------------ API and errors
 def test_task_names():
-    assert DATASETS == ("synthetic", "digits", *ON_DISK)
+    assert DATASETS == ("synthetic", "digits", "multidigits", *ON_DISK)
+    assert task_names("multidigits") == ("left", "right", "parts")
     assert task_names("synthetic") == ("segmentation", "depth", "normal", "edge")
     assert task_names("digits") == ("low", "high", "parity")
 
@@ -320,3 +321,22 @@ def test_every_dataset_is_registered_once_with_its_defaults():
         assert bool(d.tasks) != (d.find_tasks is not None), name
     with pytest.raises(DataError, match="unknown dataset 'mnist'"):
         datasets.dataset("mnist")
+
+
+def test_multidigits_composes_two_digits_per_image():
+    data = load_dataset("multidigits", n_train=200, n_test=50, seed=3)
+    assert data.shared_input and data.in_channels == 1 and tuple(data.input_size) == (32, 32)
+    assert [t.name for t in data.tasks] == ["left", "right", "parts"]
+    assert data.train.inputs.shape == (200, 1, 32, 32) and data.test.inputs.shape == (50, 1, 32, 32)
+    for split in (data.train, data.test):
+        for t in ("left", "right"):
+            assert split.targets[t].dtype == np.int64 and set(np.unique(split.targets[t])) <= set(range(10))
+        parts = split.targets["parts"]
+        assert set(np.unique(parts)) == {0, 1, 2}
+        assert not (parts[:, 20:, :12] == 1).any() and not (parts[:, :12, :] == 2).any()  # each digit in its corner
+    again = load_dataset("multidigits", n_train=200, n_test=50, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(_all_arrays(data), _all_arrays(again)))
+    other = load_dataset("multidigits", n_train=200, n_test=50, seed=4)
+    assert not np.array_equal(data.train.inputs, other.train.inputs)
+    small = load_dataset("multidigits", tasks=["parts"], n_train=4, n_test=2, input_size=(16, 16))
+    assert small.train.inputs.shape == (4, 1, 16, 16) and small.train.targets["parts"].shape == (4, 16, 16)

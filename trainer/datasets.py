@@ -4,6 +4,8 @@ Built in (nothing is downloaded: generated or bundled), standing in for the pape
 
     synthetic       rendered scenes, 4 dense tasks on one image     `dagc.trainer.synthetic`
     digits          scikit-learn's digits, 3 classification tasks   `dagc.trainer.digits`
+    multidigits     two of those digits per image, 2 classifications
+                    and a segmentation on one input                 `dagc.trainer.multidigits`
 
 Read from a directory the user has (``root``, ``--data-root``), the paper's real benchmarks:
 
@@ -31,7 +33,7 @@ import os
 from collections.abc import Sequence
 
 from dagc.errors import DagcError, DataError, PluginError
-from dagc.trainer import digits, folder, kinds, pascal, plugins, readers, synthetic
+from dagc.trainer import digits, folder, kinds, multidigits, pascal, plugins, readers, synthetic
 from dagc.trainer.data import (
     Dataset,
     LoadOptions,
@@ -46,7 +48,7 @@ from dagc.trainer.data import (
 from dagc.trainer.plugin_data import check_dataset, check_loaded
 
 REGISTRY: dict[str, Dataset] = {d.name: d for d in (
-    synthetic.DATASET, digits.DATASET, *readers.DATASETS, pascal.DATASET, folder.DATASET)}
+    synthetic.DATASET, digits.DATASET, multidigits.DATASET, *readers.DATASETS, pascal.DATASET, folder.DATASET)}
 DATASETS = tuple(REGISTRY)
 # Read from a directory the user has: the paper's real benchmarks.
 ON_DISK = tuple(name for name, d in REGISTRY.items() if d.on_disk)
