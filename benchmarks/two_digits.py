@@ -77,9 +77,9 @@ def main() -> None:
             train(cfg, run, resume=(run / "state.safetensors").is_file(), progress=False)
         net = network_from_checkpoint(load_checkpoint(run / "checkpoint.safetensors"))
         test = load_data(cfg).test
-        held_out = statistics_check(net, test, cfg.batch_size, samples=10**9)
+        held_out = statistics_check(net, test, cfg.batch_size, samples=len(test.inputs))
         blended(net)
-        shared = statistics_check(net, test, cfg.batch_size, samples=10**9)
+        shared = statistics_check(net, test, cfg.batch_size, samples=len(test.inputs))
         metrics = json.loads((run / "metrics.json").read_text())
         out[name] = {"config": cfg.to_dict(), "held_out": held_out, "held_out_blended": shared,
                      "training_check": metrics["statistics_check"],

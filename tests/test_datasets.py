@@ -265,9 +265,9 @@ def test_digits_counts_cap_and_resize():
 
 def test_bilinear_resize_preserves_constants_and_identity():
     images = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
-    assert digits_module._resize_bilinear(images, (8, 8)) is images
+    assert digits_module.resize_bilinear(images, (8, 8)) is images
     const = np.full((2, 8, 8), 0.25, np.float32)
-    np.testing.assert_allclose(digits_module._resize_bilinear(const, (13, 20)), 0.25, atol=1e-6)
+    np.testing.assert_allclose(digits_module.resize_bilinear(const, (13, 20)), 0.25, atol=1e-6)
 
 
 # -------------------------------------------------------------------------------- learnability

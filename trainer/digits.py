@@ -33,7 +33,7 @@ _TASKS = {t.name: t for t in (TaskSpec("low", "classification", 5), TaskSpec("hi
 
 
 @lru_cache(maxsize=1)
-def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
+def raw_digits() -> tuple[np.ndarray, np.ndarray]:
     """Returns scikit-learn's bundled digits as images float32 (1797, 8, 8) in [0, 1] and
     labels int64 (1797,); cached because every load needs them."""
     from sklearn.datasets import load_digits  # imported lazily: only digits needs scikit-learn
@@ -46,7 +46,7 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def _stratified_split(labels: np.ndarray, seed: int, test_fraction: float = 0.2
+def stratified_split(labels: np.ndarray, seed: int, test_fraction: float = 0.2
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Takes labels and a seed; returns (train, test) index arrays: per class a shuffled
     ``test_fraction`` goes to test, the rest to train; both are then shuffled."""
@@ -61,7 +61,7 @@ def _stratified_split(labels: np.ndarray, seed: int, test_fraction: float = 0.2
     return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
-def _resize_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def resize_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Takes images (n, h, w) and (H, W); returns them resized bilinearly (half-pixel centres,
     like torch's ``align_corners=False``)."""
     h, w = images.shape[1:]
@@ -92,9 +92,9 @@ def _digits_task(task: str, digits: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 def load(opts: LoadOptions) -> MultiTaskData:
     """Builds the selected digits tasks from one stratified split of all images (see the module
     doc); ``opts.n_train`` / ``opts.n_test`` cap the samples per task."""
-    images, digits = _raw_digits()
-    train_idx, test_idx = _stratified_split(digits, opts.seed)
-    x = _resize_bilinear(images, opts.size)[:, None]                   # (1797, 1, H, W)
+    images, digits = raw_digits()
+    train_idx, test_idx = stratified_split(digits, opts.seed)
+    x = resize_bilinear(images, opts.size)[:, None]                   # (1797, 1, H, W)
     x_tr, x_te, prep = standardise(x[train_idx], x[test_idx], "grey level / 16, in [0, 1]")
     d_tr, d_te = digits[train_idx], digits[test_idx]
     train_in, train_y, test_in, test_y = {}, {}, {}, {}

@@ -77,8 +77,8 @@ def _pickle_message(path: Path) -> str:
     out = path.with_suffix(".safetensors")
     return (f"--init {path}: a PyTorch pickle file; dagc reads no pickle (loading one can run any code): "
             "convert the state_dict once with python -c \"import torch; from safetensors.torch import save_file; "
-            f"save_file({{k: v.contiguous() for k, v in torch.load('{path}', map_location='cpu', "
-            f"weights_only=True).items()}}, '{out}')\" and give --init {out}")
+            f"sd = torch.load('{path}', map_location='cpu', weights_only=True); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')\" and give --init {out}")
 
 
 def read_source(source: str | Path) -> tuple[Path, str, dict[str, Tensor]]:

@@ -23,7 +23,7 @@ import numpy as np
 from dagc.preprocessing import resize_chw
 from dagc.spec import TaskSpec
 from dagc.trainer.data import Dataset, LoadOptions, MultiTaskData, Split, standardise
-from dagc.trainer.digits import _raw_digits, _resize_bilinear, _stratified_split
+from dagc.trainer.digits import raw_digits, resize_bilinear, stratified_split
 
 _TASKS = {t.name: t for t in (TaskSpec("left", "classification", 10), TaskSpec("right", "classification", 10),
                               TaskSpec("parts", "segmentation", 3))}
@@ -48,9 +48,9 @@ def compose(images: np.ndarray, labels: np.ndarray, n: int, rng: np.random.Gener
 
 def load(opts: LoadOptions) -> MultiTaskData:
     """Composes the scenes of ``opts.seed`` (see the module doc) and keeps the selected tasks."""
-    images, digits = _raw_digits()
-    big = _resize_bilinear(np.asarray(images), (DIGIT, DIGIT))
-    train_idx, test_idx = _stratified_split(digits, opts.seed)
+    images, digits = raw_digits()
+    big = resize_bilinear(np.asarray(images), (DIGIT, DIGIT))
+    train_idx, test_idx = stratified_split(digits, opts.seed)
     rng = np.random.default_rng([opts.seed, 26])
     splits = []
     for idx, n in ((train_idx, opts.n_train or 6000), (test_idx, opts.n_test or 1000)):

@@ -33,9 +33,9 @@ from dagc.trainer.batches import run_data
 from dagc.trainer.batchnorm import batch_statistics, task_batchnorms
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.data import Split
-from dagc.trainer.evaluation import evaluate, score
+from dagc.trainer.evaluation import evaluate
 from dagc.trainer.kinds import primary_metric
-from dagc.trainer.network import CentralNetwork, load_network_tensors, network_tensors
+from dagc.trainer.network import CentralNetwork, network_from_checkpoint, network_tensors
 
 __all__ = ["STATS_BATCHES", "STATS_TOLERANCE", "CHECK_SAMPLES", "statistics_batches", "reestimate_statistics",
            "statistics_check", "failed_checks", "recalibrate_checkpoint"]
@@ -133,17 +133,10 @@ def statistics_check(net: CentralNetwork, split: Split, batch_size: int, *, tole
     primary metrics where higher is better) and the difference relative to the batch-statistics
     value of an error. Raises DataError when a task has nothing to score."""
     part = _training_slice(split, net.spec, samples, seed)
-    net.eval()
-
-    def predict(tasks, x: np.ndarray) -> dict[str, np.ndarray]:
-        xt = torch.from_numpy(x).to(device)
-        out = net(xt) if net.spec.shared_input else net(xt[None], tasks=list(tasks))
-        return {t: out[t].float().cpu().numpy() for t in tasks}
-
     size = max(batch_size, CHECK_BATCH)
-    deployed = score(net.spec, part, predict, batch_size=size)
+    deployed = evaluate(net, part, size, device)
     with batch_statistics(net):
-        trained = score(net.spec, part, predict, batch_size=size)
+        trained = evaluate(net, part, size, device)
     out = {}
     for t in net.spec.tasks:
         metric, higher_is_better = primary_metric(t.kind)
@@ -188,19 +181,13 @@ def recalibrate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, d
         raise ConfigError(f"--batch-size must be at least 2, got {size}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
-    net = _network(ck).to(device)
+    net = network_from_checkpoint(ck).to(device)
     used = reestimate_statistics(net, statistics_batches(data.train, ck.spec, size, batches,
                                                          int(cfg.get("seed", 0)), device))
     check = statistics_check(net, data.train, size, device=device)
     final = evaluate(net, data.test, device=device)
     save_checkpoint(dst, network_tensors(net), ck.spec, ck.stage, **_metadata(ck, check, final))
     return {"batches": used, "migrated_from": ck.migrated_from, "check": check, "final": final}
-
-
-def _network(ck: Checkpoint) -> CentralNetwork:
-    net = CentralNetwork(ck.spec)
-    load_network_tensors(net, {k: v for k, v in ck.tensors.items() if not k.startswith(("optim.", "rewind."))})
-    return net
 
 
 def _metadata(ck: Checkpoint, check: Mapping[str, Any], final: Mapping[str, Any]) -> dict[str, Any]:
