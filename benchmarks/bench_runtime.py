@@ -69,7 +69,7 @@ BATCHES = (1, 8, 32)
 def tiny_checkpoint(tmp: Path, device: str = "cpu", quick: bool = False) -> Path:
     iters = dict(warmup_iters=2, search_iters=2, finetune_iters=1, n_train=16, n_test=8) if quick else \
         dict(warmup_iters=40, search_iters=80, finetune_iters=10, n_train=512, n_test=64)
-    train(TrainConfig(**iters, device=device), tmp / "tiny_run", progress=False)
+    train(TrainConfig(**iters, recipe="paper", device=device), tmp / "tiny_run", progress=False)
     return tmp / "tiny_run" / "checkpoint.safetensors"
 
 

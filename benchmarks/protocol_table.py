@@ -35,6 +35,8 @@ from dagc.trainer.kinds import PRIMARY
 from dagc.trainer.train import TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
+# The protocol RESULTS measured: the paper's recipe (iterations, batch 16, constant rates).
+RECIPE = "paper"
 METHODS = {
     "single-task": dict(baseline="single-task"),
     "shared-bottom": dict(baseline="shared-bottom"),
@@ -58,7 +60,7 @@ def run_method(work: Path, dataset: str, seed: int, method: str) -> dict:
         return load_run(out)
     t0 = time.perf_counter()
     resume = out.is_dir() and any(out.iterdir())
-    cfg = None if resume else TrainConfig(dataset=dataset, seed=seed, **METHODS[method])
+    cfg = None if resume else TrainConfig(dataset=dataset, seed=seed, recipe=RECIPE, **METHODS[method])
     train(cfg, out, resume=resume, progress=False)
     print(f"[{dataset} seed {seed}] {method}: {time.perf_counter() - t0:.0f} s", flush=True)
     return load_run(out)

@@ -26,7 +26,7 @@ def describe(run_dir: Path, against: Path | None) -> list[str]:
     ckpt = load_checkpoint(run_dir / "search.safetensors")
     decisive = network_decisiveness(network_from_checkpoint(ckpt))
     cfg = ckpt.json("config", {})
-    default = TrainConfig().to_dict()
+    default = TrainConfig(recipe="paper").to_dict()  # the defaults it was measured against
     changed = {k: v for k, v in cfg.items() if k in default and v != default[k] and k not in ("preset",)}
     metrics_path = run_dir / "metrics.json"
     m = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None

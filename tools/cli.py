@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 
 import click
@@ -50,6 +51,9 @@ def cli() -> None:
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
 @click.option("--input-size", "input_size", type=str, default=None,
               help="HxW of the data (e.g. 64x64; default: the dataset's own, 32x32 for synthetic).")
+@click.option("--recipe", type=str, default=None,
+              help="measured (default: epochs of the training split, Adam 1e-3, cosine decay) or paper (its settings).")
+@click.option("--lr-schedule", "lr_schedule", type=str, default=None, help="cosine or constant (default: the recipe's).")
 @click.option("--warmup-iters", type=int, default=None)
 @click.option("--search-iters", type=int, default=None)
 @click.option("--finetune-iters", type=int, default=None)
@@ -103,18 +107,19 @@ def train(out, resume, quiet, **options) -> None:
     if (out is None) == (resume is None):
         raise DagcError("give exactly one of --out RUN_DIR (a new run) or --resume RUN_DIR (continue one)")
     given = {k: v for k, v in options.items() if v is not None and v != ()}
+    announce = partial(click.echo, err=True)  # the expected wall time, before training starts
     if resume is not None:
         if set(given) - {"device"}:
             raise DagcError(f"--resume uses the run's own configuration; drop {sorted(given)}")
         cfg = TrainConfig(device=given["device"]) if "device" in given else None
-        metrics = run_training(cfg, resume, resume=True, progress=not quiet)
+        metrics = run_training(cfg, resume, resume=True, progress=not quiet, announce=announce)
         out = resume
     else:
         if "tasks" in given:
             given["tasks"] = tuple(t.strip() for t in given["tasks"].split(",") if t.strip())
         if "input_size" in given:
             given["input_size"] = _int_list("--input-size", given["input_size"].lower().replace("x", ","))
-        metrics = run_training(TrainConfig(**given), out, progress=not quiet)
+        metrics = run_training(TrainConfig(**given), out, progress=not quiet, announce=announce)
     if distributed.is_main():  # under torchrun every rank returns the metrics; one summary
         for line in report_lines(metrics["init"]) if metrics.get("init") else ():
             click.echo(line)

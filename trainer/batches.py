@@ -24,6 +24,12 @@ def load_data(cfg: TrainConfig) -> datasets.MultiTaskData:
         raise DataError(str(e)) from None
 
 
+def training_size(data: datasets.MultiTaskData) -> int:
+    """The samples of an epoch: the training split's size (the largest task's, with one input per
+    task)."""
+    return max(data.train.size(t.name) for t in data.tasks)
+
+
 def run_data(ck, data_root: str | None = None) -> datasets.MultiTaskData:
     """The dataset a checkpoint (`dagc.checkpoint.Checkpoint`) was trained on, rebuilt from its
     recorded configuration, with ``data_root`` in place of the recorded root for on-disk datasets.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from dagc.errors import ConfigError, SpecError
@@ -17,6 +17,7 @@ from dagc.spec import PRESETS, preset_network
 from dagc.trainer import datasets
 from dagc.trainer.baselines import ABLATIONS, BASELINES
 from dagc.trainer.losses import DENSE_LOSSES
+from dagc.trainer.recipes import LR_SCHEDULES, RECIPES
 from dagc.trainer.stages import AMP_MODES, REDUCTIONS
 
 # The stages of a run, in order (paper Sec. 3.2); reduction and rewinding open fine-tuning.
@@ -32,8 +33,9 @@ STORED_NETWORK = "config.network"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a run depends on. The θ learning rate and λ_sq default to the paper's Table 9
-    (NYU-v2 / Omniglot row), the arch learning rate to 10× it (see the comment at `arch_lr`);
+    """Everything a run depends on. The schedule, batch size and learning rates left None come
+    from ``recipe`` (`dagc.trainer.recipes`; the iteration counts once the training split's size
+    is known, `resolved`); λ_sq defaults to the paper's Table 9 (NYU-v2 / Omniglot row);
     ``kappa=None`` sets the squeeze budget κ to N, about one incoming
     edge per hidden state. Raises ConfigError naming the first invalid field.
 
@@ -48,20 +50,17 @@ class TrainConfig:
     network: Network | None = None  # given as a path (str or PathLike), a Network or its JSON data
     tasks: tuple[str, ...] | None = None
     flow_constant: int | None = None
-    # The paper's 1:3:4 warm-up:search:fine-tune split (appendix A: 5k/15k/20k on NYU-v2) of the
-    # same 800 iterations as before (was 150/250/400).
-    warmup_iters: int = 100
-    search_iters: int = 300
-    finetune_iters: int = 400
-    batch_size: int = 16
-    weight_lr: float = 1e-4
-    # Departs from Table 9 (0.01): the paper searches 15,000 iterations, we search 300, and Adam
-    # moves a logit by at most about lr per step. Measured (synthetic, seed 0, split 100/300/400,
-    # benchmarks/RESULTS.md "Search decisiveness"): 0.01 (issue 12's default run) ends with
-    # σ(A) margins 0.02-0.09 and depth abs. error 1.05; 0.1 gives depth 0.62, normals 13.4°
-    # (from 15.0°), edge F 0.43 (from 0.37); 0.3 decides no more (B saturates) and was 1.6 points
-    # of Δ_T better on that one seed, about 1.5x the seed spread: 0.1 is the smaller departure.
-    arch_lr: float = 0.1
+    # The schedule and optimisation: whatever is left None comes from the recipe (`RECIPES`):
+    # batch size, learning rates and schedule at construction, the iteration counts from the
+    # training split's size when the data is known (`resolved`, at the start of a run).
+    recipe: str = "measured"
+    warmup_iters: int | None = None
+    search_iters: int | None = None
+    finetune_iters: int | None = None
+    batch_size: int | None = None
+    weight_lr: float | None = None
+    arch_lr: float | None = None
+    lr_schedule: str | None = None
     squeeze_weight: float = 0.05
     kappa: float | None = None
     dense_loss: str = "l2"
@@ -97,6 +96,15 @@ class TrainConfig:
     init: str | None = None
 
     def __post_init__(self) -> None:
+        recipe = RECIPES.get(self.recipe)
+        if recipe is not None:
+            for name in ("batch_size", "weight_lr", "arch_lr", "lr_schedule"):
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, getattr(recipe, name))
+            if recipe.iters is not None:
+                for name, v in zip(("warmup_iters", "search_iters", "finetune_iters"), recipe.iters):
+                    if getattr(self, name) is None:
+                        object.__setattr__(self, name, v)
         if self.tasks is not None:
             object.__setattr__(self, "tasks", tuple(self.tasks))
         if isinstance(self.input_size, list):  # JSON gives a list
@@ -171,10 +179,16 @@ class TrainConfig:
             raise ConfigError(f"flow_constant (M) must be an integer in 1..{max(1, n - 1)} for "
                               f"{self.network_name()} (N = {n} hidden states, edges i -> j with j - i <= M; "
                               f"M = {max(1, n - 1)} is the complete DAG), got {self.flow_constant!r}")
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; choose one of {list(RECIPES)}")
         for name in ("warmup_iters", "search_iters", "finetune_iters", "batch_size", "save_every", "log_every"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if v is None and name.endswith("_iters"):  # set from the recipe's epochs by `resolved`
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be at least 2 (batch norm needs per-task batch statistics)")
         if isinstance(self.stats_batches, bool) or not isinstance(self.stats_batches, int) or self.stats_batches < 0:
@@ -259,10 +273,25 @@ class TrainConfig:
         source = self.network.source
         return f"network {self.network.name!r}" + (f" ({source})" if source and source != STORED_NETWORK else "")
 
+    def resolved(self, n_train: int) -> TrainConfig:
+        """This configuration with the iteration counts it leaves None set from its recipe's
+        epochs for a training split of ``n_train`` samples (the largest task's with one input per
+        task); unchanged when all are set. Raises ConfigError for n_train < 1."""
+        if isinstance(n_train, bool) or not isinstance(n_train, int) or n_train < 1:
+            raise ConfigError(f"the training split must hold at least one sample, got {n_train!r}")
+        iters = RECIPES[self.recipe].stage_iters(n_train, self.batch_size)
+        names = ("warmup_iters", "search_iters", "finetune_iters")
+        missing = {name: v for name, v in zip(names, iters) if getattr(self, name) is None}
+        return replace(self, **missing) if missing else self
+
     def iters(self, stage: str) -> int:
         """Iterations of a stage (`STAGES`). A baseline has no search: its fine-tuning trains the
         fixed backbone for finetune_iters (protocol ``finetune``, the paper's) or for the whole
-        run's warmup + search + finetune (protocol ``total``)."""
+        run's warmup + search + finetune (protocol ``total``). Raises ConfigError before
+        `resolved` set the counts a recipe gives in epochs."""
+        if any(getattr(self, f"{s}_iters") is None for s in STAGES):
+            raise ConfigError(f"the {self.recipe!r} recipe sets the iteration counts from the training split's size; "
+                              "call TrainConfig.resolved(n_train) first, or give warmup/search/finetune iterations")
         if self.baseline is not None and stage == "finetune" and self.baseline_protocol == "total":
             return self.warmup_iters + self.search_iters + self.finetune_iters
         return getattr(self, f"{stage}_iters")
@@ -302,7 +331,11 @@ class TrainConfig:
         not read from any file); returns the configuration. Raises ConfigError for an invalid field,
         TypeError for a malformed entry."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {k: v for k, v in d.items() if k in known}
+        # Stored before recipes (every schedule field explicit): their rates were constant.
+        d.setdefault("recipe", "paper")
+        d.setdefault("lr_schedule", "constant")
+        return cls(**d)
 
 
 def _read_network(given: Any) -> Network:

@@ -23,6 +23,7 @@ from dagc.trainer.batches import batch_at
 from dagc.trainer.datasets import MultiTaskData
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.recalibrate import reestimate_statistics, statistics_batches
+from dagc.trainer.recipes import lr_factor
 from dagc.trainer.stages import finetune_step, search_step, warmup_step
 from dagc.trainer.state import Run
 
@@ -52,7 +53,10 @@ def run_stage(run: Run, data: MultiTaskData, device: torch.device, *, save: Call
         while run.step < n_iters:
             x, targets = batch_at(data.train, run.spec, cfg.batch_size, cfg.seed, stage, run.step, device,
                                   rank=rank, world=world)
-            losses = _step(run, model, x, targets)
+            # θ is the optimizer's first group (`make_optimizer`); a pure function of the step, so a
+            # resumed run follows the same schedule.
+            run.opt.param_groups[0]["lr"] = cfg.weight_lr * lr_factor(cfg.lr_schedule, stage, run.step, n_iters)
+            losses = stage_step(run, model, x, targets)
             run.step += 1
             for k, v in losses.items():
                 acc[k] = acc.get(k, 0.0) + v
@@ -90,7 +94,7 @@ def settle_statistics(run: Run, data: MultiTaskData, device: torch.device) -> No
         sync_replicas(run)
 
 
-def _step(run: Run, model: Callable, x: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:
+def stage_step(run: Run, model: Callable, x: Tensor, targets: dict[str, Tensor]) -> dict[str, float]:
     """One iteration of the run's stage; returns the global batch's losses (the mean over ranks,
     so every rank logs and checks the same). Raises ConfigError for a non-finite loss."""
     cfg, stage = run.cfg, run.stage

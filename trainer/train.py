@@ -44,9 +44,10 @@ import torch
 from dagc.checkpoint import save_checkpoint
 from dagc.errors import CheckpointError, ConfigError
 from dagc.trainer import distributed, single_task
-from dagc.trainer.batches import build_spec, load_data
+from dagc.trainer.batches import build_spec, load_data, training_size
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData
+from dagc.trainer.estimate import estimate_seconds, format_estimate
 from dagc.trainer.evaluation import constant_baselines, evaluate
 from dagc.trainer.init_weights import report_lines
 from dagc.trainer.loop import run_stage, settle_statistics
@@ -71,12 +72,15 @@ log = logging.getLogger("dagc.train")
 
 # Long on purpose: the whole run, stage by stage, in the order it happens, like a training script.
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False,
-          progress: bool = True, on_step: Callable[[Run], None] | None = None) -> dict[str, Any]:
+          progress: bool = True, on_step: Callable[[Run], None] | None = None,
+          announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run (or resume) the three-stage search and write the run directory.
 
     Takes: the configuration (when resuming, only its device is used: the run's own configuration
     holds), the run directory, ``resume`` to continue ``out_dir/state.safetensors``, ``progress``
-    for progress bars, and an optional callback after every iteration (tests use it to interrupt).
+    for progress bars, an optional callback after every iteration (tests use it to interrupt), and
+    ``announce``, which (when given) first times a few iterations of every stage on a copy of the
+    network (`dagc.trainer.estimate`) and is called with the expected wall time, one line.
     Returns the metrics written to metrics.json.
     Raises ConfigError (bad configuration or unwritable directory), DataError, CheckpointError.
 
@@ -93,7 +97,8 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     main = distributed.is_main()  # only rank 0 writes files
     if single_task.applies(cfg, out, resume):  # one run per task, each trained by this function
         return single_task.train_each_task(cfg, out, resume=resume,
-                                           train_run=partial(train, progress=progress, on_step=on_step))
+                                           train_run=partial(train, progress=progress, on_step=on_step,
+                                                             announce=announce))
 
     # The configuration: a new run's, or the interrupted run's own (only the device may change).
     run: Run | None = None
@@ -106,6 +111,8 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
 
     # The data, and the network that fits it.
     data = load_data(cfg)
+    if run is None:  # the recipe's epochs become iterations for this training split
+        cfg = cfg.resolved(training_size(data))
     spec = build_spec(cfg, data)
     if run is None:  # before anything is written: --init may refuse its file
         run = new_run(cfg, spec, device)
@@ -124,6 +131,11 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
             log.info("distributed: %d processes, backend %s, batch_size %d per process",
                      distributed.world_size(), distributed.backend(), cfg.batch_size)
         save = partial(save_state, out=out) if main else None
+        if announce is not None:
+            line = format_estimate(estimate_seconds(run, data, device), run)
+            log.info("%s", line)
+            if main:
+                announce(line)
 
         # The stages, each from where the run stands: reduce and rewind before fine-tuning, then the
         # loop, then the stage's checkpoint (fine-tuning's is the final one, written below).
