@@ -85,6 +85,9 @@ def cli() -> None:
 @click.option("--stats-tolerance", "stats_tolerance", type=float, default=None,
               help="Warn when a task's eval-mode metric and its batch-statistics metric on training data differ by "
                    "more than this (default 0.02: 2 points of a score in [0, 1], 2% of an error).")
+@click.option("--val-fraction", "val_fraction", type=float, default=None, help="Share of the training split held out to score each stage (default 0.1; 0: none).")
+@click.option("--patience", type=int, default=None, help="Stop fine-tuning after this many validation scores without improvement (default 0: never).")
+@click.option("--val-every", "val_every", type=int, default=None, help="Fine-tune iterations between validation scores (default: one epoch).")
 @click.option("--init", "init", type=str, default=None,
               help="Starting θ: a dagc run directory or checkpoint, or a VGG-16 state_dict (.safetensors) for vgg16.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -203,6 +206,7 @@ def inspect(path, network, tasks, input_sizes, in_channels) -> None:
     --network, a network file's states, edges, parameters and FLOPs before any training."""
     from dagc.compiler.compile import preview_manifest, summary
     from dagc.modelcheck import verify_artifact
+    from dagc.tools.evaluate import checkpoint_stages
     from dagc.tools.network_info import describe_network, parse_tasks
 
     if (path is None) == (network is None):
@@ -213,7 +217,7 @@ def inspect(path, network, tasks, input_sizes, in_channels) -> None:
     elif tasks is not None or input_sizes or in_channels != 3:
         raise DagcError("--tasks, --input-size and --in-channels describe a --network file; drop them for PATH")
     else:
-        click.echo(summary(verify_artifact(path) if path.is_dir() else preview_manifest(path)))
+        click.echo(summary(verify_artifact(path)) if path.is_dir() else summary(preview_manifest(path)) + checkpoint_stages(path))
 
 
 @cli.group()
