@@ -14,7 +14,8 @@ A run directory holds:
 
 The pieces, in the order a run uses them: `dagc.trainer.config` (TrainConfig), `.batches` (data,
 spec, batches), `.state` (the run's state, its stage transitions, saving and resuming), `.loop`
-(the one training loop of a stage), `.evaluation` and `.report` (held-out metrics and
+(the one training loop of a stage), `.validation` (the validation slice's metrics after each
+stage, early stopping of fine-tuning), `.evaluation` and `.report` (held-out metrics and
 metrics.json); `.single_task` trains the single-task baseline as one run per task.
 
 Under torchrun (``torchrun --nproc-per-node N -m dagc train ...``) every process trains one
