@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from dagc.checkpoint import load_checkpoint
+from dagc.checkpoint import load_checkpoint, save_checkpoint
 from dagc.errors import ConfigError, DataError
 from dagc.tools.cli import main
 from dagc.trainer.batches import batch_at, build_spec, load_data, split_validation
@@ -147,6 +147,22 @@ def test_a_stored_configuration_without_the_field_keeps_all_its_training_data():
     assert TrainConfig.from_stored(stored).val_fraction == 0.0
     assert TrainConfig.from_dict(stored).val_fraction == 0.1
     assert TrainConfig.from_stored(_cfg(val_fraction=0.2).to_dict()).val_fraction == 0.2
+
+
+def test_a_state_written_before_validation_resumes_on_its_whole_training_split(tmp_path):
+    def stop_in_search(run):
+        if run.stage == "search" and run.step == 3:
+            raise Stop
+
+    run = tmp_path / "old"
+    with pytest.raises(Stop):
+        train(_cfg(val_fraction=0), run, progress=False, on_step=stop_in_search)
+    ck = load_checkpoint(run / "state.safetensors")
+    meta = {k: ck.json(k) for k in ck.meta if k not in ("format", "format_version", "spec", "stage", "validation")}
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("val_fraction", "patience", "val_every")}
+    save_checkpoint(run / "state.safetensors", ck.tensors, ck.spec, ck.stage, **meta)  # as an older dagc wrote it
+    resumed = train(None, run, resume=True, progress=False)
+    assert resumed["config"]["val_fraction"] == 0.0 and resumed["validation"] == {}
 
 
 def test_a_baseline_has_the_fine_tuning_stage_only(tmp_path):
