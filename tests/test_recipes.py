@@ -48,7 +48,7 @@ def test_bad_recipe_fields_are_refused(bad):
 def test_a_stored_configuration_from_before_recipes_keeps_constant_rates():
     old = TrainConfig(recipe="paper").to_dict()
     del old["recipe"], old["lr_schedule"]
-    cfg = TrainConfig.from_dict(old)
+    cfg = TrainConfig.from_stored(old)
     assert (cfg.recipe, cfg.lr_schedule) == ("paper", "constant")
 
 

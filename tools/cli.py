@@ -51,8 +51,7 @@ def cli() -> None:
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
 @click.option("--input-size", "input_size", type=str, default=None,
               help="HxW of the data (e.g. 64x64; default: the dataset's own, 32x32 for synthetic).")
-@click.option("--recipe", type=str, default=None,
-              help="measured (default: epochs of the training split, Adam 1e-3, cosine decay) or paper (its settings).")
+@click.option("--recipe", type=str, default=None, help="measured (default; epochs, Adam 1e-3, cosine) or paper.")
 @click.option("--lr-schedule", "lr_schedule", type=str, default=None, help="cosine or constant (default: the recipe's).")
 @click.option("--warmup-iters", type=int, default=None)
 @click.option("--search-iters", type=int, default=None)
@@ -68,12 +67,9 @@ def cli() -> None:
 @click.option("--seed", type=int, default=None)
 @click.option("--amp", type=str, default=None,
               help="Mixed precision of the forward pass: none (default), bf16 (CPU or CUDA), fp16 (CUDA, with gradient scaling).")
-@click.option("--channels-last", "channels_last", is_flag=True, default=None,
-              help="Keep the network's weights and activations channels-last (NHWC).")
-@click.option("--compile", "compile", is_flag=True, default=None,
-              help="torch.compile the network's training forward pass.")
-@click.option("--baseline", type=str, default=None,
-              help="Train a paper baseline instead of searching: single-task or shared-bottom.")
+@click.option("--channels-last", "channels_last", is_flag=True, default=None, help="Weights and activations NHWC.")
+@click.option("--compile", "compile", is_flag=True, default=None, help="torch.compile the training forward.")
+@click.option("--baseline", type=str, default=None, help="A paper baseline, no search: single-task or shared-bottom.")
 @click.option("--baseline-protocol", "baseline_protocol", type=str, default=None,
               help="A baseline's iterations: finetune (default, the paper's: --finetune-iters) or total "
                    "(warmup + search + finetune iterations, as many as a search run).")
@@ -89,6 +85,9 @@ def cli() -> None:
 @click.option("--stats-tolerance", "stats_tolerance", type=float, default=None,
               help="Warn when a task's eval-mode metric and its batch-statistics metric on training data differ by "
                    "more than this (default 0.02: 2 points of a score in [0, 1], 2% of an error).")
+@click.option("--val-fraction", "val_fraction", type=float, default=None, help="Share of the training split held out to score each stage (default 0.1; 0: none).")
+@click.option("--patience", type=int, default=None, help="Stop fine-tuning after this many validation scores without improvement (default 0: never).")
+@click.option("--val-every", "val_every", type=int, default=None, help="Fine-tune iterations between validation scores (default: one epoch).")
 @click.option("--init", "init", type=str, default=None,
               help="Starting θ: a dagc run directory or checkpoint, or a VGG-16 state_dict (.safetensors) for vgg16.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -208,6 +207,7 @@ def inspect(path, network, tasks, input_sizes, in_channels) -> None:
     --network, a network file's states, edges, parameters and FLOPs before any training."""
     from dagc.compiler.compile import preview_manifest, summary
     from dagc.modelcheck import verify_artifact
+    from dagc.tools.evaluate import checkpoint_stages
     from dagc.tools.network_info import describe_network, parse_tasks
 
     if (path is None) == (network is None):
@@ -218,7 +218,7 @@ def inspect(path, network, tasks, input_sizes, in_channels) -> None:
     elif tasks is not None or input_sizes or in_channels != 3:
         raise DagcError("--tasks, --input-size and --in-channels describe a --network file; drop them for PATH")
     else:
-        click.echo(summary(verify_artifact(path) if path.is_dir() else preview_manifest(path)))
+        click.echo(summary(verify_artifact(path)) if path.is_dir() else summary(preview_manifest(path)) + checkpoint_stages(path))
 
 
 @cli.group()

@@ -1,6 +1,7 @@
 """`dagc evaluate`: the paper-style table of a finished run (Tables 1-4 and 6): absolute metrics
 per task, the relative performance Δ_Ti of Eq. 10 against a baseline run, Δ_T of Eq. 11, and the
-parameters relative to one backbone; and `train_summary`, the screen `dagc train` ends with.
+parameters relative to one backbone; `train_summary`, the screen `dagc train` ends with; and
+`checkpoint_stages`, the validation metrics per stage that `dagc inspect CHECKPOINT` shows.
 
 A run is a directory written by `dagc train` (its ``metrics.json``), including baseline runs
 (``--baseline single-task`` writes one aggregate ``metrics.json`` over its per-task runs).
@@ -14,9 +15,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from dagc.checkpoint import load_checkpoint
 from dagc.errors import ConfigError
-from dagc.trainer.kinds import delta_metrics
+from dagc.trainer.kinds import delta_metrics, primary_metric
 from dagc.trainer.metrics import LOWER_IS_BETTER, delta_t, relative_performance
+from dagc.trainer.validation import stage_lines
 
 
 def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -136,8 +139,23 @@ def train_summary(metrics: dict, out: Path) -> str:
                      + (f"{t['S']:>6.3f}" if "S" in t else f"{'-':>6}")
                      + (f"  {d['alpha_margin']:>8.3f} {d['beta_margin']:>8.3f} {d['decided_edges']:>13.2f}"
                         + ("  near-tie" if d["near_tie"] else "") if d else ""))
+    stages = stage_lines(metrics.get("validation"), {t: p["metric"] for t, p in metrics["primary"].items()})
+    lines += ["", *stages] if stages else []
+    if metrics.get("stopped_early_at") is not None:
+        lines.append(f"fine-tuning stopped early at step {metrics['stopped_early_at']} (--patience)")
     if "runs" in metrics:  # the single-task baseline: one run per task
         lines += ["", f"wrote {out}/<task>/ (one run each: {', '.join(metrics['runs'])}) and {out / 'metrics.json'}"]
     else:
         lines += ["", f"wrote {out / 'checkpoint.safetensors'}, {out / 'metrics.json'}, {out / 'train.log'}"]
     return "\n".join(lines)
+
+
+def checkpoint_stages(path: str | os.PathLike) -> str:
+    """The validation metrics per stage that a checkpoint's ``metrics`` metadata records, as text
+    to follow a summary: a blank line and `dagc.trainer.validation.stage_lines`, or "" when it
+    records none. Raises CheckpointError for an unreadable checkpoint."""
+    ck = load_checkpoint(path)
+    recorded = ck.json("metrics", None)
+    validation = recorded.get("validation") if isinstance(recorded, dict) else None
+    lines = stage_lines(validation, {t.name: primary_metric(t.kind)[0] for t in ck.spec.tasks})
+    return "\n".join(["", "", *lines]) if lines else ""

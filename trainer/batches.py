@@ -3,6 +3,8 @@ batch of every (stage, step) -- a pure function of the seed, so a resumed run se
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -28,6 +30,42 @@ def training_size(data: datasets.MultiTaskData) -> int:
     """The samples of an epoch: the training split's size (the largest task's, with one input per
     task)."""
     return max(data.train.size(t.name) for t in data.tasks)
+
+
+def split_validation(data: datasets.MultiTaskData, fraction: float,
+                     seed: int) -> tuple[datasets.MultiTaskData, datasets.Split | None]:
+    """Carve a validation slice out of ``data``'s training split: ``fraction`` of it (at least one
+    sample), drawn by ``seed``, per task for per-task inputs and once for a shared input. Returns
+    the data with the rest as its training split (the test split untouched) and the slice; for
+    ``fraction`` 0, ``data`` itself and None. Raises DataError when fewer than 2 training samples
+    of a task would remain (batch norm needs 2). The inputs' standardisation was computed by the
+    loader over the whole training split, slice included: a per-channel mean and deviation of
+    inputs, never a label, so no validation target leaks into training."""
+    if fraction == 0:
+        return data, None
+    rng = np.random.default_rng([seed, 0x7A11D])
+
+    def cut(n: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+        n_val = max(1, round(n * fraction))
+        if n - n_val < 2:
+            raise DataError(f"{what} has {n} training samples; holding out {n_val} for validation "
+                            f"(val_fraction {fraction}) leaves fewer than 2; lower val_fraction or use more data")
+        order = rng.permutation(n)
+        return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+    split = data.train
+    names = list(split.targets)
+    if data.shared_input:
+        keep, held = cut(split.size(names[0]), "the dataset")
+        train = datasets.Split(split.inputs[keep], {t: v[keep] for t, v in split.targets.items()})
+        val = datasets.Split(split.inputs[held], {t: v[held] for t, v in split.targets.items()})
+    else:
+        cuts = {t: cut(split.size(t), f"task {t!r}") for t in names}
+        train = datasets.Split({t: split.inputs[t][k] for t, (k, _) in cuts.items()},
+                               {t: split.targets[t][k] for t, (k, _) in cuts.items()})
+        val = datasets.Split({t: split.inputs[t][h] for t, (_, h) in cuts.items()},
+                             {t: split.targets[t][h] for t, (_, h) in cuts.items()})
+    return replace(data, train=train), val
 
 
 def run_data(ck, data_root: str | None = None) -> datasets.MultiTaskData:

@@ -94,6 +94,15 @@ class TrainConfig:
     # state_dict in safetensors, applied once when the run starts. Recorded as given; a resumed run
     # continues from its own state and never reads the file again.
     init: str | None = None
+    # A validation slice of the training split (dagc.trainer.validation), so that a user sees where
+    # each stage gains or loses accuracy without ever looking at the test split, which only the
+    # final report reads. val_fraction: its share of the training split (0: no slice, no stage
+    # metrics, no early stopping); patience: fine-tuning ends after this many validation
+    # evaluations without improvement (0: never); val_every: fine-tune iterations between them
+    # (None: once per epoch of the training split).
+    val_fraction: float = 0.1
+    patience: int = 0
+    val_every: int | None = None
 
     def __post_init__(self) -> None:
         recipe = RECIPES.get(self.recipe)
@@ -196,6 +205,15 @@ class TrainConfig:
         if isinstance(self.stats_tolerance, bool) or not isinstance(self.stats_tolerance, (int, float)) or not (
                 math.isfinite(self.stats_tolerance) and self.stats_tolerance >= 0):
             raise ConfigError(f"stats_tolerance must be a number >= 0, got {self.stats_tolerance!r}")
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not (
+                0 <= self.val_fraction < 0.5):
+            raise ConfigError(f"val_fraction must be a number in [0, 0.5) (0: no validation slice), "
+                              f"got {self.val_fraction!r}")
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 0:
+            raise ConfigError(f"patience must be an integer >= 0 (0: never stop early), got {self.patience!r}")
+        if self.val_every is not None and (isinstance(self.val_every, bool) or not isinstance(self.val_every, int)
+                                           or self.val_every < 1):
+            raise ConfigError(f"val_every must be a positive integer (or None: once per epoch), got {self.val_every!r}")
 
     def _validate_optimisation(self) -> None:
         for name in ("weight_lr", "arch_lr"):
@@ -331,11 +349,21 @@ class TrainConfig:
         not read from any file); returns the configuration. Raises ConfigError for an invalid field,
         TypeError for a malformed entry."""
         known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        # Stored before recipes (every schedule field explicit): their rates were constant.
-        d.setdefault("recipe", "paper")
-        d.setdefault("lr_schedule", "constant")
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_stored(cls, d: dict[str, Any]) -> TrainConfig:
+        """Like `from_dict`, for the configuration a run stored when it started: a field added
+        since takes the value that trains as that run did (`STORED_DEFAULTS`), not today's
+        default, so a resumed run trains on exactly the data it started with."""
+        return cls.from_dict({**STORED_DEFAULTS, **d})
+
+
+# Fields whose default changed what a run trains on when they were added: a stored configuration
+# without them is read with these values (`TrainConfig.from_stored`). Before val_fraction, every
+# training sample was trained on; before recipes, every schedule field was explicit and the rates
+# constant.
+STORED_DEFAULTS: dict[str, Any] = {"val_fraction": 0.0, "recipe": "paper", "lr_schedule": "constant"}
 
 
 def _read_network(given: Any) -> Network:

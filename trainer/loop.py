@@ -31,15 +31,18 @@ log = logging.getLogger("dagc.train")
 
 
 def run_stage(run: Run, data: MultiTaskData, device: torch.device, *, save: Callable[[Run], None] | None = None,
-              progress: bool = False, on_step: Callable[[Run], None] | None = None) -> None:
-    """Train ``run.stage`` from ``run.step`` to its last iteration (`TrainConfig.iters`), in place.
+              progress: bool = False, on_step: Callable[[Run], None] | None = None,
+              validate: Callable[[Run], None] | None = None) -> None:
+    """Train ``run.stage`` from ``run.step`` to its last iteration (`TrainConfig.iters`), in place,
+    or until early stopping sets ``run.validation.stopped_early_at``.
 
     Takes the run, its data and device; ``save`` writes the resumable state every
     ``cfg.save_every`` iterations (None: never); ``progress`` shows a bar; ``on_step`` is called
-    after every iteration. Losses are logged (and kept in ``run.history``) every ``cfg.log_every``
-    iterations and at the stage end. Under torchrun every rank runs it on its own batch slice; at
-    the end all ranks hold the same model (`sync_replicas`). Raises ConfigError if a loss
-    becomes non-finite.
+    after every iteration; ``validate`` too, before the state is saved (early stopping,
+    `dagc.trainer.validation.early_stopping`: it may end the stage). Losses are logged (and kept
+    in ``run.history``) every ``cfg.log_every`` iterations and at the stage end. Under torchrun
+    every rank runs it on its own batch slice; at the end all ranks hold the same model
+    (`sync_replicas`). Raises ConfigError if a loss becomes non-finite.
     """
     cfg, stage = run.cfg, run.stage
     rank, world = distributed.rank(), distributed.world_size()
@@ -50,7 +53,7 @@ def run_stage(run: Run, data: MultiTaskData, device: torch.device, *, save: Call
     acc: dict[str, float] = {}
     n_acc = 0  # iterations in acc (after a resume, not necessarily log_every)
     try:
-        while run.step < n_iters:
+        while run.step < n_iters and run.validation.stopped_early_at is None:
             x, targets = batch_at(data.train, run.spec, cfg.batch_size, cfg.seed, stage, run.step, device,
                                   rank=rank, world=world)
             # θ is the optimizer's first group (`make_optimizer`); a pure function of the step, so a
@@ -61,7 +64,10 @@ def run_stage(run: Run, data: MultiTaskData, device: torch.device, *, save: Call
             for k, v in losses.items():
                 acc[k] = acc.get(k, 0.0) + v
             n_acc += 1
-            if run.step % cfg.log_every == 0 or run.step == n_iters:
+            if validate is not None:
+                validate(run)
+            last = run.step == n_iters or run.validation.stopped_early_at is not None
+            if run.step % cfg.log_every == 0 or last:
                 entry = {"step": run.step, **{k: v / n_acc for k, v in acc.items()}}
                 run.history.setdefault(stage, []).append(entry)
                 log.info("%s %s", stage, json.dumps(entry))
@@ -70,7 +76,7 @@ def run_stage(run: Run, data: MultiTaskData, device: torch.device, *, save: Call
                     bar.set_postfix(loss=f"{entry['loss']:.4f}")
             if bar is not None:
                 bar.update(1)
-            if save is not None and run.step % cfg.save_every == 0 and run.step < n_iters:
+            if save is not None and run.step % cfg.save_every == 0 and not last:
                 run.seconds += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 save(run)

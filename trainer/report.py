@@ -10,11 +10,16 @@ of the reduced network; None or empty for a baseline), ``parameters`` (``superne
 `dagc.trainer.decisiveness`; None for a baseline, which does not search), ``baseline_protocol``
 (a baseline's iteration budget: ``finetune`` or ``total``; None for a search); then
 per run ``losses`` (per stage, one entry per logged iteration), ``init`` (what ``--init`` loaded
-and left at its initial value, `dagc.trainer.init_weights.apply_init`; None without it) and
-``test_samples`` (per task),
+and left at its initial value, `dagc.trainer.init_weights.apply_init`; None without it),
+``test_samples`` (per task), ``statistics_check`` (per task, eval-mode against batch-statistics
+metric on a training slice, `dagc.trainer.recalibrate.statistics_check`), ``validation`` (stage ->
+task -> metric -> value on the validation slice of the training split, `dagc.trainer.validation`;
+the stages warmup, search, reduced and finetune that the run has: a baseline has finetune only;
+empty with ``val_fraction`` 0), ``validation_samples`` (per task; empty without a slice) and
+``stopped_early_at`` (the fine-tuning step early stopping ended at, else None),
 under torchrun ``distributed`` (world size, backend, global batch size, each rank's digest, the
 stages whose end found the ranks apart); for the single-task baseline ``runs`` (task -> its run
-directory under the baseline's).
+directory under the baseline's) and ``validation`` (its runs', stage -> task -> metrics).
 """
 
 from __future__ import annotations
@@ -75,15 +80,19 @@ def run_metrics(run: Run, data: MultiTaskData, final: Scores, constant: Scores) 
 
 def single_task_metrics(cfg: TrainConfig, runs: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
     """The single-task baseline's report: its per-task runs' reports (task -> report) side by
-    side; parameters and training time add up."""
+    side (``validation`` too: stage -> task -> metrics); parameters and training time add up."""
     spec_tasks = [m["spec"]["tasks"][0] for m in runs.values()]
     parameters = {"supernet": sum(m["parameters"]["supernet"] for m in runs.values()),
                   "relative_to_backbone": sum(m["parameters"]["relative_to_backbone"] for m in runs.values())}
+    validation: dict[str, dict[str, Any]] = {}
+    for t, m in runs.items():
+        for stage, scores in (m.get("validation") or {}).items():
+            validation.setdefault(stage, {})[t] = scores[t]
     return metrics(cfg, {"tasks": spec_tasks}, [TaskSpec(**t) for t in spec_tasks],
                    {t: m["final"][t] for t, m in runs.items()},
                    {t: m["constant_baseline"][t] for t, m in runs.items()},
                    {t: (m.get("topology") or {}).get(t, {}) for t, m in runs.items()}, parameters,
-                   sum(m["train_seconds"] for m in runs.values()), runs={t: t for t in runs})
+                   sum(m["train_seconds"] for m in runs.values()), runs={t: t for t in runs}, validation=validation)
 
 
 def write_json(path: Path, value: Any, sort_keys: bool = True) -> None:

@@ -66,7 +66,7 @@ def _start(cfg: TrainConfig, out: Path) -> TrainConfig:
 def _resumed_config(out: Path, given: TrainConfig | None) -> TrainConfig:
     """The baseline's own configuration, on ``given``'s device if given."""
     try:
-        cfg = TrainConfig.from_dict(json.loads((out / SINGLE_TASK_FILE).read_text())["config"])
+        cfg = TrainConfig.from_stored(json.loads((out / SINGLE_TASK_FILE).read_text())["config"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{out / SINGLE_TASK_FILE} is unreadable ({e}); start the baseline again "
                               "with another --out") from None

@@ -4,7 +4,8 @@ the next (the warm-up snapshot, reduction and rewinding), and how it is saved to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,19 @@ from dagc.trainer.stages import (
 )
 
 STATE_FILE = "state.safetensors"
+# The stages the validation slice is scored after (`dagc.trainer.validation`), in order: the soft
+# supernet after warm-up and after the search, the reduced network with the searched θ, the final one.
+VALIDATION_STAGES = ("warmup", "search", "reduced", "finetune")
+
+
+@dataclass
+class Validation:
+    """What a run knows from its validation slice, saved with the state so a resumed run keeps it."""
+
+    stages: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # stage -> task -> metric -> value
+    best: dict[str, float] | None = None  # fine-tuning's best primary metric of each task so far
+    stale: int = 0  # fine-tuning's validation evaluations since the last improvement
+    stopped_early_at: int | None = None  # the fine-tuning step early stopping ended the stage at
 
 
 @dataclass
@@ -48,6 +62,7 @@ class Run:
     seconds: float = 0.0
     precision: Precision = field(default_factory=Precision)  # autocast and fp16 gradient scaler
     init_report: dict[str, Any] | None = None  # what --init loaded (`init_weights.apply_init`), kept in the state
+    validation: Validation = field(default_factory=Validation)
     # Under torchrun: each rank's digest at the last stage end, and the stages whose end found
     # the ranks' parameters different (repaired from rank 0). Not saved: they describe this process.
     replica_digests: list[str] | None = None
@@ -110,13 +125,16 @@ def advance(run: Run) -> None:
     run.opt = optimizer(run.cfg, run.net, "search") if run.stage == "search" else None
 
 
-def reduce_and_rewind(run: Run) -> None:
-    """Open fine-tuning (appendix A): reduce the searched network to binary masks, rewind θ to the
-    end of warm-up, and make a fresh optimizer. Every rank of a torchrun job does it: the logits
-    are equal on all of them (checked at the search's end) and the reduction is deterministic,
-    so all ranks get the same masks."""
+def reduce_and_rewind(run: Run, on_reduced: Callable[[Run], None] | None = None) -> None:
+    """Open fine-tuning (appendix A): reduce the searched network to binary masks, call
+    ``on_reduced`` (if given) on the reduced network with the searched θ, rewind θ to the end of
+    warm-up, and make a fresh optimizer. Every rank of a torchrun job does it: the logits are
+    equal on all of them (checked at the search's end) and the reduction is deterministic, so all
+    ranks get the same masks."""
     cfg = run.cfg
     run.topology = reduce_network(run.net, cfg.reduction_method, seed=cfg.seed, target_sparsity=cfg.target_sparsity)
+    if on_reduced is not None:
+        on_reduced(run)
     rewind(run.net, run.rewind_theta)
     run.opt = optimizer(cfg, run.net, "finetune")
 
@@ -178,7 +196,7 @@ def save_state(run: Run, out: Path) -> None:
     """Write the resumable state to ``out/state.safetensors``, atomically."""
     tensors = network_tensors(run.net)
     meta: dict[str, Any] = {"config": run.cfg.to_dict(), "progress": {"stage": run.stage, "step": run.step},
-                            "history": run.history, "seconds": run.seconds}
+                            "history": run.history, "seconds": run.seconds, "validation": asdict(run.validation)}
     if run.opt is not None:
         opt_t, opt_meta = optimizer_tensors(run.opt)
         tensors.update(opt_t)
@@ -198,7 +216,7 @@ def _read_progress(path: Path, ck: Checkpoint) -> tuple[TrainConfig, str, int]:
     """The configuration and progress (stage, step) of a training state; CheckpointError if the
     checkpoint is not one, or its step lies outside its stage (0 .. the stage's iterations)."""
     try:
-        cfg = TrainConfig.from_dict(ck.json("config"))
+        cfg = TrainConfig.from_stored(ck.json("config"))
         progress = ck.json("progress")
         stage, step = progress["stage"], progress["step"]
     except (TypeError, KeyError, AttributeError, ConfigError) as e:
@@ -228,6 +246,25 @@ def _read_meta(path: Path, ck: Checkpoint) -> tuple[dict, dict | None, float]:
     if not isinstance(ck.json("init", {}), dict):
         raise CheckpointError(f"{path}: metadata 'init' must be a JSON object (the --init load report)")
     return {s: history.get(s, []) for s in STAGES}, topology, float(seconds)
+
+
+def _read_validation(path: Path, ck: Checkpoint) -> Validation:
+    """The run's `Validation` (an empty one for a state written before it existed), checked;
+    CheckpointError if malformed."""
+    v = ck.json("validation", {})
+    try:
+        out = Validation(**v)
+        ok = (set(out.stages) <= set(VALIDATION_STAGES)
+              and all(isinstance(m, dict) and all(isinstance(x, dict) for x in m.values()) for m in out.stages.values())
+              and (out.best is None or isinstance(out.best, dict))
+              and isinstance(out.stale, int) and out.stale >= 0
+              and (out.stopped_early_at is None or isinstance(out.stopped_early_at, int)))
+    except (TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: metadata 'validation' must hold stages {list(VALIDATION_STAGES)} -> task -> "
+                              "metrics, best, stale and stopped_early_at; the state is corrupted")
+    return out
 
 
 def _read_rewind(path: Path, ck: Checkpoint, net: CentralNetwork, stage: str) -> dict[str, Tensor] | None:
@@ -284,4 +321,5 @@ def resume_run(run_dir: Path, device: str | None = None) -> Run:
         if optim_t:
             load_optimizer(opt, optim_t, ck.json("optimizer", {}), source=str(path))
     return Run(cfg=cfg, spec=ck.spec, net=net, stage=stage, step=step, opt=opt, rewind_theta=rewind_theta,
-               history=history, topology=topology, seconds=seconds, precision=precision, init_report=ck.json("init"))
+               history=history, topology=topology, seconds=seconds, precision=precision, init_report=ck.json("init"),
+               validation=_read_validation(path, ck))

@@ -8,12 +8,14 @@ A run directory holds:
     search.safetensors      the searched supernet (soft, before reduction)
     checkpoint.safetensors  the final reduced and fine-tuned model (the compiler's input)
     metrics.json            losses per stage, held-out metrics, constant baselines, topology,
-                            the batch-norm statistics check (`dagc.trainer.report`)
+                            the batch-norm statistics check, the validation slice's metrics after
+                            each stage (`dagc.trainer.report`, `dagc.trainer.validation`)
     train.log               a line per logged iteration
 
 The pieces, in the order a run uses them: `dagc.trainer.config` (TrainConfig), `.batches` (data,
 spec, batches), `.state` (the run's state, its stage transitions, saving and resuming), `.loop`
-(the one training loop of a stage), `.evaluation` and `.report` (held-out metrics and
+(the one training loop of a stage), `.validation` (the validation slice's metrics after each
+stage, early stopping of fine-tuning), `.evaluation` and `.report` (held-out metrics and
 metrics.json); `.single_task` trains the single-task baseline as one run per task.
 
 Under torchrun (``torchrun --nproc-per-node N -m dagc train ...``) every process trains one
@@ -44,9 +46,9 @@ import torch
 from dagc.checkpoint import save_checkpoint
 from dagc.errors import CheckpointError, ConfigError
 from dagc.trainer import distributed, single_task
-from dagc.trainer.batches import build_spec, load_data, training_size
+from dagc.trainer.batches import build_spec, load_data, split_validation, training_size
 from dagc.trainer.config import TrainConfig
-from dagc.trainer.datasets import MultiTaskData
+from dagc.trainer.datasets import MultiTaskData, Split
 from dagc.trainer.estimate import estimate_seconds, format_estimate
 from dagc.trainer.evaluation import constant_baselines, evaluate
 from dagc.trainer.init_weights import report_lines
@@ -65,6 +67,7 @@ from dagc.trainer.state import (
     training_device,
     writable_dir,
 )
+from dagc.trainer.validation import early_stopping, score_reduced, score_stage, validation_report
 
 __all__ = ["TrainConfig", "train"]
 log = logging.getLogger("dagc.train")
@@ -109,9 +112,9 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
         _check_new(out, cfg)
     device = training_device(cfg.device)
 
-    # The data, and the network that fits it.
-    data = load_data(cfg)
-    if run is None:  # the recipe's epochs become iterations for this training split
+    # The data, and the network that fits it; the validation slice out of the training split.
+    data, val = split_validation(load_data(cfg), cfg.val_fraction, cfg.seed)
+    if run is None:  # the recipe's epochs become iterations for this (reduced) training split
         cfg = cfg.resolved(training_size(data))
     spec = build_spec(cfg, data)
     if run is None:  # before anything is written: --init may refuse its file
@@ -137,15 +140,19 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
             if main:
                 announce(line)
 
-        # The stages, each from where the run stands: reduce and rewind before fine-tuning, then the
-        # loop, then the stage's checkpoint (fine-tuning's is the final one, written below).
+        # The stages, each from where the run stands: reduce (scored on the validation slice) and
+        # rewind before fine-tuning, then the loop (fine-tuning's may stop early), then the stage's
+        # validation scores and checkpoint (fine-tuning's are the final ones, below).
         while run.stage != "done":
             if run.stage == "finetune" and not run.net.hard:
-                reduce_and_rewind(run)
+                reduce_and_rewind(run, score_reduced(data, val, device))
                 log.info("reduced: %s", json.dumps(run.topology))
                 if save is not None:
                     save(run)
-            run_stage(run, data, device, save=save, progress=progress, on_step=on_step)
+            validate = early_stopping(run, data, val, device) if run.stage == "finetune" else None
+            run_stage(run, data, device, save=save, progress=progress, on_step=on_step, validate=validate)
+            if run.stage != "finetune":
+                score_stage(run, val, run.stage, device)
             if main and run.stage != "finetune":
                 save_checkpoint(out / f"{run.stage}.safetensors", network_tensors(run.net), run.spec, run.stage,
                                 config=cfg.to_dict())
@@ -154,7 +161,8 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                 save(run)
 
         settle_statistics(run, data, device)  # each task's batch-norm statistics in its final structure
-        metrics = _finish(run, data, out, device)
+        score_stage(run, val, "finetune", device)
+        metrics = _finish(run, data, val, out, device)
         log.info("run finished: %s", json.dumps(metrics["final"]))
         return metrics
 
@@ -191,9 +199,10 @@ def _train_log(out: Path, main: bool) -> Iterator[None]:
             handler.close()
 
 
-def _finish(run: Run, data: MultiTaskData, out: Path, device: torch.device) -> dict[str, Any]:
-    """Evaluate the fine-tuned model, write checkpoint.safetensors and metrics.json (rank 0) and
-    return the metrics (rank 0's, on every rank)."""
+def _finish(run: Run, data: MultiTaskData, val: Split | None, out: Path, device: torch.device) -> dict[str, Any]:
+    """Evaluate the fine-tuned model on the test split (the one place that reads it), write
+    checkpoint.safetensors and metrics.json (rank 0) and return the metrics (rank 0's, on every
+    rank)."""
     if not distributed.is_main():  # rank 0 evaluates and writes; the others wait for its metrics
         return distributed.broadcast_json(None)
     check = statistics_check(run.net, data.train, run.cfg.batch_size, tolerance=run.cfg.stats_tolerance,
@@ -201,9 +210,12 @@ def _finish(run: Run, data: MultiTaskData, out: Path, device: torch.device) -> d
     for line in failed_checks(check):
         log.warning("batch-norm statistics: %s", line)
     final = evaluate(run.net, data.test, device=device)
-    metrics = {**run_metrics(run, data, final, constant_baselines(run.spec, data)), "statistics_check": check}
+    validation = validation_report(run, val)
+    metrics = {**run_metrics(run, data, final, constant_baselines(run.spec, data)), "statistics_check": check,
+               **validation}
     save_checkpoint(out / "checkpoint.safetensors", network_tensors(run.net), run.spec, "finetune",
-                    config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology, "statistics_check": check},
+                    config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology, "statistics_check": check,
+                                                       "validation": validation["validation"]},
                     preprocessing=data.preprocessing)
     write_json(out / METRICS_FILE, metrics)
     return distributed.broadcast_json(metrics)
