@@ -135,7 +135,7 @@ class StudyConfig:
 
     def train_config(self, dataset: str, seed: int) -> TrainConfig:
         """The `dagc train` configuration of one (dataset, seed) run. Raises ConfigError."""
-        return TrainConfig(dataset=dataset, seed=seed, recipe="paper", warmup_iters=self.warmup_iters,
+        return TrainConfig(dataset=dataset, seed=seed, recipe="paper", val_fraction=0.0, warmup_iters=self.warmup_iters,
                            search_iters=self.search_iters, finetune_iters=max(1, self.finetune_iters),
                            batch_size=self.batch_size, n_train=self.n_train, n_test=self.n_test)
 

@@ -160,7 +160,9 @@ def test_closed_sparsity_within_one_edge_of_the_target(searched):
 
 
 def test_search_is_the_same_as_dagc_train(tmp_path):
-    cfg = TrainConfig(warmup_iters=3, search_iters=4, finetune_iters=1, batch_size=4, n_train=16, n_test=8)
+    # Without a validation slice: the study trains on the whole training split (its protocol).
+    cfg = TrainConfig(warmup_iters=3, search_iters=4, finetune_iters=1, batch_size=4, n_train=16, n_test=8,
+                      val_fraction=0.0)
     train(cfg, tmp_path / "run", progress=False)
     stored = load_checkpoint(tmp_path / "run" / "search.safetensors").tensors
     data = load_data(cfg)
@@ -242,7 +244,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 def test_finetune_is_the_same_as_dagc_train(tmp_path):
     """The study fine-tunes with dagc train's own loop: the same reduction and rewind give the
     checkpoint that dagc train writes, tensor for tensor."""
-    cfg = TrainConfig(warmup_iters=3, search_iters=4, finetune_iters=3, batch_size=4, n_train=16, n_test=8)
+    cfg = TrainConfig(warmup_iters=3, search_iters=4, finetune_iters=3, batch_size=4, n_train=16, n_test=8,
+                      val_fraction=0.0)
     train(cfg, tmp_path / "run", progress=False)
     stored = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors").tensors
     data = load_data(cfg)

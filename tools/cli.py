@@ -106,7 +106,7 @@ def train(out, resume, quiet, **options) -> None:
     if (out is None) == (resume is None):
         raise DagcError("give exactly one of --out RUN_DIR (a new run) or --resume RUN_DIR (continue one)")
     given = {k: v for k, v in options.items() if v is not None and v != ()}
-    announce = partial(click.echo, err=True)  # the expected wall time, before training starts
+    announce = partial(click.echo, err=False)  # the expected wall time, before training starts (stdout: not a warning)
     if resume is not None:
         if set(given) - {"device"}:
             raise DagcError(f"--resume uses the run's own configuration; drop {sorted(given)}")
