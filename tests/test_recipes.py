@@ -73,7 +73,7 @@ def test_a_run_follows_the_schedule_and_records_resolved_iterations(tmp_path):
     lines = []
     metrics = train(cfg, tmp_path / "r", progress=False, on_step=record, announce=lines.append)
     stored = metrics["config"]
-    n = 24 - metrics.get("validation_samples", {}).get("left", 0) if "validation_samples" in metrics else 24
+    n = 24 - metrics["validation_samples"]["left"]  # the recipe's epochs count the training split left
     assert stored["finetune_iters"] == math.ceil(RECIPES["measured"].epochs[2] * n / 4)
     fine = seen["finetune"]
     assert len(fine) == stored["finetune_iters"]

@@ -12,6 +12,7 @@ from dagc.trainer.batches import batch_at
 from dagc.trainer.config import STAGES
 from dagc.trainer.datasets import MultiTaskData
 from dagc.trainer.loop import stage_step, training_model
+from dagc.trainer.stages import make_precision
 from dagc.trainer.state import Run, optimizer, reduce_network
 
 # Iterations timed per stage; the first of them (allocation, caches) is not counted.
@@ -28,6 +29,7 @@ def estimate_seconds(run: Run, data: MultiTaskData, device: torch.device) -> dic
     probe = copy.copy(run)
     probe.net = copy.deepcopy(run.net)
     probe.history = {}
+    probe.precision = make_precision(cfg.amp, device)  # its own fp16 gradient scaler, not the run's
     rates: dict[str, float] = {}
     total = 0.0
     start = STAGES.index(run.stage) if run.stage in STAGES else len(STAGES)

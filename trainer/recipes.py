@@ -1,9 +1,11 @@
 """Training recipes: the schedule and optimisation a run takes for what its configuration leaves
 unset, and the learning-rate schedule of each stage.
 
-    measured   the default: chosen by measurement on multidigits, synthetic and digits
-               (benchmarks/RESULTS.md, "Defaults that train a real problem"), in epochs of the
-               training split, Adam 1e-3 with a short linear warm-up and cosine decay
+    measured   the default: in epochs of the training split, batch 64, Adam 1e-3 with a short
+               linear ramp and cosine decay; batch and rate are the issue's working settings on
+               multidigits, the epochs set so a run takes about 6 minutes there on one core. Not
+               yet tuned across datasets: benchmarks/RESULTS.md, "Defaults that train a real
+               problem", has the runs made so far
     paper      the paper's settings as dagc ran them before (Table 9's θ rate 1e-4, batch 16,
                100 / 300 / 400 iterations in the paper's 1:3:4 split, constant rates)
 """
