@@ -28,7 +28,7 @@ from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
-from dagc.compiler.quantize import INT8, for_tensorrt, with_settings
+from dagc.compiler.quantize import for_tensorrt
 from dagc.errors import CheckpointError, DataError, SpecError
 from dagc.modelcheck import verify_artifact
 from dagc.precisions import routable
@@ -131,6 +131,9 @@ def _target(name: str, device: str | None, fp16: bool, bf16: bool) -> tuple[Targ
     if device not in target.devices:
         raise CompileError(f"--target {name} builds for {' or '.join(target.devices)}, not --device {device!r}"
                            + ("; --device is an option of --target aoti" if name != "aoti" else ""))
+    if fp16 and name == "onnx":  # the onnx target has no fp16 form of its own: it would be ignored
+        raise CompileError("--fp16 makes TensorRT fp16 plans (--target tensorrt) or fp16 AOTInductor packages "
+                           "(--target aoti --device cuda); for fp16 ONNX models use --precision fp32,fp16")
     if bf16 and name != "aoti":
         raise CompileError("--bf16 adds bf16 AOTInductor packages; use it with --target aoti --device cuda")
     if name == "aoti" and (fp16 or bf16) and device != "cuda":
@@ -145,9 +148,8 @@ def _target(name: str, device: str | None, fp16: bool, bf16: bool) -> tuple[Targ
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
                      fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
                      device: str | None = None, bf16: bool = False, precisions: str | Sequence[str] = ("fp32",),
-                     data_root: str | None = None, calibration_batches: int = INT8.batches,
-                     calibration_seed: int = INT8.seed, max_metric_drop: float = precision.MAX_METRIC_DROP
-                     ) -> mf.Manifest:
+                     data_root: str | None = None, calibration_batches: int | None = None,
+                     calibration_seed: int | None = None, max_metric_drop: float | None = None) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
     from the directory (`dagc.modelcheck.verify_artifact`, so every file is checked once more).
 
@@ -158,7 +160,9 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     ``precisions`` beyond fp32 (int8, bf16, fp16) add reduced-precision models checked on the
     tasks' held-out metrics (`dagc.compiler.precision.check_precisions`, which the other
     precision options configure): a precision whose primary metric drops by more than
-    ``max_metric_drop`` (relative) on a task, after the int8 fallbacks, is refused (CompileError).
+    ``max_metric_drop`` (relative; None: `precision.MAX_METRIC_DROP`) on a task, after the int8
+    fallbacks, is refused (CompileError). ``calibration_batches`` / ``calibration_seed`` (None: 8
+    and 0) configure int8 and are refused without it (`precision.check_options`).
 
 
     Raises CompileError (unknown target, a device or precision the target does not take, no GPU
@@ -170,7 +174,9 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     """
     chosen, device = _target(target, device, fp16, bf16)
     precisions = precision.parse_precisions(precisions)
-    settings = with_settings(INT8, batches=calibration_batches, seed=calibration_seed)
+    settings, max_metric_drop = precision.check_options(precisions, calibration_batches=calibration_batches,
+                                                        calibration_seed=calibration_seed,
+                                                        max_metric_drop=max_metric_drop)
     if chosen.name == "tensorrt":  # TensorRT imports only signed symmetric Q/DQ
         settings = for_tensorrt(settings)
     if not batches or any(b < 1 for b in batches):
@@ -183,8 +189,8 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     accuracy = precision.check_precisions(build.files, build.models, ck, graph, precisions, data_root=data_root,
                                           settings=settings, max_drop=max_metric_drop)
     chosen.add(build)
-    manifest = _manifest(ck, raw, graph, build, chosen)
-    manifest = replace(manifest, compile_seconds=round(time.perf_counter() - t0, 3), accuracy=accuracy)
+    manifest = _manifest(ck, raw, graph, build, chosen, accuracy)
+    manifest = replace(manifest, compile_seconds=round(time.perf_counter() - t0, 3))
     spec = ck.spec
     for t in spec.task_names:
         build.files[report.picture_file(t)] = report.render_task_svg(spec, _task_masks(ck, spec, t), t).encode()
@@ -272,7 +278,8 @@ def _tasks(ck, graph: Graph) -> dict[str, mf.TaskInfo]:
             for k, t in enumerate(spec.tasks)}
 
 
-def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target | None) -> mf.Manifest:
+def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target | None,
+              accuracy: mf.Accuracy | None = None) -> mf.Manifest:
     """The manifest of a compile of ``target`` (None, with no build: the preview of
     `inspect_checkpoint`, no models), with the routes computed here, once, from the models."""
     spec = ck.spec
@@ -295,7 +302,7 @@ def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target
         verification=mf.Verification("masked supernet, PyTorch eval mode, float32",
                                      "max |model - reference| / max(1, max |reference|)", ONNX_RTOL,
                                      None if target is None else target.aoti_rtol),
-        tensorrt=trt)
+        tensorrt=trt, accuracy=accuracy)
 
 
 def inspect_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:

@@ -39,9 +39,10 @@ from dagc.compiler.quantize import (
     excluded_nodes,
     load_run_data,
     quantize_int8,
+    with_settings,
 )
 from dagc.compiler.tensorrt import fp16_model
-from dagc.errors import CompileError, RunnerError
+from dagc.errors import CompileError, DataError, RunnerError
 from dagc.precisions import (
     OPENVINO,
     PRECISIONS,
@@ -57,7 +58,7 @@ from dagc.runners import OrtRunner, OvRunner, Runner, openvino_unavailable, rela
 from dagc.trainer.evaluation import score
 from dagc.trainer.kinds import primary_metric
 
-__all__ = ["MAX_METRIC_DROP", "parse_precisions", "check_precisions", "accuracy_table"]
+__all__ = ["MAX_METRIC_DROP", "parse_precisions", "check_options", "check_precisions", "accuracy_table"]
 
 MAX_METRIC_DROP = 0.01  # relative, per task's primary metric
 
@@ -71,6 +72,48 @@ def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
         raise CompileError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
                            f"{list(PRECISIONS)}")
     return tuple(p for p in PRECISIONS if p == REFERENCE or p in names)
+
+
+def check_options(precisions: Sequence[str], *, calibration_batches: int | None = None,
+                  calibration_seed: int | None = None, max_metric_drop: float | None = None,
+                  settings: Int8Settings = INT8) -> tuple[Int8Settings, float]:
+    """The int8 settings (``settings`` with the calibration batches and seed given) and the
+    allowed drop for a compile of ``precisions`` (`parse_precisions`); None: the default. Checked
+    before any work: raises CompileError for a value out of range or of the wrong type, and for
+    an option that configures a precision not asked for (it would be ignored without a word)."""
+    reduced = [p for p in precisions if p != REFERENCE]
+    calibrating = {k: v for k, v in (("--calibration-batches", calibration_batches),
+                                     ("--calibration-seed", calibration_seed)) if v is not None}
+    if calibrating and "int8" not in precisions:
+        verb, them = ("configure", "them") if len(calibrating) > 1 else ("configures", "it")
+        raise CompileError(f"{' and '.join(calibrating)} {verb} the int8 calibration; add int8 to --precision "
+                           f"(e.g. --precision fp32,int8) or drop {them}")
+    if max_metric_drop is not None and not reduced:
+        raise CompileError("--max-metric-drop bounds the accuracy check of reduced precisions; add one to "
+                           "--precision (e.g. --precision fp32,int8) or drop it")
+    drop = MAX_METRIC_DROP if max_metric_drop is None else max_metric_drop
+    if isinstance(drop, bool) or not (isinstance(drop, (int, float)) and 0 <= drop < 1):
+        raise CompileError(f"--max-metric-drop must be a fraction in [0, 1), got {drop!r}")
+    try:
+        settings = with_settings(settings, **({} if calibration_batches is None else {"batches": calibration_batches}),
+                                 **({} if calibration_seed is None else {"seed": calibration_seed}))
+    except DataError as e:
+        raise CompileError(str(e)) from None
+    return settings, float(drop)
+
+
+def check_calibration(settings: Int8Settings, data, task_inputs: Mapping[str, str]) -> None:
+    """Refuse (DataError) more calibration batches than the training split fills, before any is
+    drawn: each batch is a copy of its samples, so an unbounded count only exhausts memory. Up to
+    the default count is always allowed (a small split then repeats samples across batches)."""
+    train = data.train
+    sizes = ([len(train.inputs)] if isinstance(train.inputs, np.ndarray)
+             else [len(train.inputs[t]) for t in task_inputs if t in train.inputs])
+    n = min(sizes) if sizes else 0
+    most = max(INT8.batches, -(-n // settings.batch_size))
+    if settings.batches > most:
+        raise DataError(f"--calibration-batches {settings.batches} is more than the training split of {data.name} "
+                        f"fills ({n} samples, {settings.batch_size} a batch); give at most {most}")
 
 
 class _Scored:
@@ -123,13 +166,14 @@ def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]],
     wanted = [p for p in parse_precisions(precisions) if p != REFERENCE]
     if not wanted:
         return None
-    if not (isinstance(max_drop, (int, float)) and 0 <= max_drop < 1):
-        raise CompileError(f"--max-metric-drop must be a fraction in [0, 1), got {max_drop!r}")
+    settings, max_drop = check_options(wanted, max_metric_drop=max_drop, settings=settings)
     if "bf16" in wanted:
         reason = openvino_unavailable("bf16")
         if reason:
             raise CompileError(f"--precision bf16: {reason}")
     data = load_run_data(ck, data_root)
+    if "int8" in wanted:
+        check_calibration(settings, data, {t: graph.task_input(t) for t in ck.spec.task_names})
     spec = ck.spec
     split = data.test
     primary = {t.name: primary_metric(t.kind) for t in spec.tasks}

@@ -379,8 +379,12 @@ def for_tensorrt(settings: Int8Settings) -> Int8Settings:
 
 
 def with_settings(settings: Int8Settings, **changes) -> Int8Settings:
-    """``settings`` with ``changes`` (batches, seed...). Raises DataError for a non-positive count."""
+    """``settings`` with ``changes`` (batches, seed...). Raises DataError for a count that is not a
+    positive integer or a seed that is not a non-negative integer."""
     new = replace(settings, **changes)
-    if new.batches < 1 or new.batch_size < 1:
-        raise DataError(f"--calibration-batches must be a positive integer, got {new.batches}")
+    for option, value, low in (("--calibration-batches", new.batches, 1), ("--calibration-seed", new.seed, 0),
+                               ("the calibration batch size", new.batch_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            kind = "a positive" if low else "a non-negative"
+            raise DataError(f"{option} must be {kind} integer, got {value!r}")
     return new

@@ -28,6 +28,7 @@ from safetensors.torch import load, save_file
 
 from dagc.blocks import BN_BUFFERS, blocks
 from dagc.errors import CheckpointError, SpecError
+from dagc.outputs import broken_link
 from dagc.spec import Spec
 
 FORMAT = "dagc.checkpoint"
@@ -125,7 +126,9 @@ def load_checkpoint(path: str | os.PathLike, *, migrate: bool = False) -> Checkp
     ``migrate``: one line saying how to recalibrate it), or holds an invalid spec."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; give the path of a .safetensors file written by dagc train")
+        link = broken_link(path)
+        raise CheckpointError(f"{'no checkpoint at ' + str(path) if link is None else f'{path} is {link}'}; give the "
+                              "path of a .safetensors file written by dagc train")
     try:
         # One read of one open file: a writer may replace the path at any moment (write_atomic),
         # and two opens could see two different files (the header of one, the size of the other).

@@ -46,7 +46,7 @@ from dagc.manifest_parts import (
     Verification,
     spec_order,
 )
-from dagc.precisions import Accuracy, read_accuracy, routable
+from dagc.precisions import Accuracy, read_accuracy, routable, unchecked_file
 from dagc.routes import ROUTE_MAX_TASKS, cheapest_cover, compute_routes, parse_route_key, route_key
 from dagc.spec import Spec
 
@@ -111,6 +111,7 @@ class Manifest:
             object.__setattr__(self, "accuracy", self.accuracy.in_order(self.spec.task_names))
             problem = self.accuracy.problem(self.spec.task_names, self.models)
             problem = problem and f"accuracy.{problem}"
+        problem = problem or unchecked_file(self.accuracy, self.models)
         if problem:
             raise ArtifactError(f"{self.source}: {problem}{HINT}")
 

@@ -38,7 +38,7 @@ TMP_MARKER = ".dagc-tmp.json"
 MARKERS = {"manifest.json": "dagc.artifact", "routing.json": "dagc.triton_routing", TMP_MARKER: "dagc.tmp"}
 _TMP_TAG = ".dagc-tmp-"
 
-__all__ = ["MARKERS", "TMP_MARKER", "check_writable_dir", "check_writable_file", "check_replaceable",
+__all__ = ["MARKERS", "TMP_MARKER", "broken_link", "check_writable_dir", "check_writable_file", "check_replaceable",
            "check_not_input", "stage", "install", "remove_stale", "remove_owned"]
 
 
@@ -76,7 +76,23 @@ def _probe(directory: Path) -> str | None:
     return None
 
 
+def broken_link(path: str | os.PathLike) -> str | None:
+    """What is wrong with ``path`` when it is a symbolic link that leads nowhere (``"a symbolic
+    link loop"``, ``"a symbolic link to a missing file"``, also through a link in a folder above
+    it); None otherwise (it exists, or is plainly absent)."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        return "a symbolic link to a missing file" if os.path.islink(path) else None
+
+
 def _check_base(path: Path, base: Path, option: str, error: type[DagcError]) -> None:
+    link = broken_link(base)
+    if link is not None:
+        raise error(f"cannot write to {option} {path}: {base} is {link}; remove it or choose another {option}")
     if not base.is_dir():
         raise error(f"cannot write to {option} {path}: {base} is a file, not a directory; choose another "
                     f"{option}")
@@ -121,8 +137,9 @@ def check_writable_file(path: str | os.PathLike, *, option: str, error: type[Dag
 
 
 def _related(out: Path, inp: Path) -> str | None:
-    outs = {Path(os.path.abspath(out)), out.resolve()}
-    for i in {Path(os.path.abspath(inp)), inp.resolve()}:
+    # os.path.realpath, not Path.resolve: a symbolic link loop is the reader's to report, not a RuntimeError here
+    outs = {Path(os.path.abspath(out)), Path(os.path.realpath(out))}
+    for i in {Path(os.path.abspath(inp)), Path(os.path.realpath(inp))}:
         for o in outs:
             if o == i:
                 return "is"

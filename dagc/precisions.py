@@ -22,6 +22,7 @@ OpenVINO executes QDQ graphs with its own kernels, so its metrics are checked, n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -31,7 +32,7 @@ from dagc.errors import ArtifactError
 from dagc.jsonfields import Fields
 
 __all__ = ["PRECISIONS", "REFERENCE", "FILE_PRECISIONS", "OPENVINO", "CHECKS", "Calibration", "ModelCheck", "PrecisionCheck", "Accuracy",
-           "precision_of", "is_variant", "routable", "variant", "variant_file", "runs_at", "at_precision", "relative_drop"]
+           "precision_of", "unchecked_file", "is_variant", "routable", "variant", "variant_file", "runs_at", "at_precision", "relative_drop"]
 
 PRECISIONS = ("fp32", "int8", "bf16", "fp16")
 REFERENCE = "fp32"  # the precision every other one is checked against
@@ -253,6 +254,8 @@ class Accuracy:
 
     def problem(self, task_names, models: Mapping[str, _Model]) -> str | None:
         """What disagrees with the manifest's tasks and models, as ``field ...``; None if nothing."""
+        if not 0 <= self.max_metric_drop < 1:
+            return f"max_metric_drop must be a fraction in [0, 1), got {self.max_metric_drop!r}"
         if REFERENCE not in self.precisions:
             return f"precisions must include the reference {REFERENCE!r}"
         if set(self.primary) != set(task_names):
@@ -266,6 +269,31 @@ class Accuracy:
                     return f"{where} names a file that is not a model of the manifest"
                 if set(c.metrics) - set(task_names) or set(c.drop) - set(task_names):
                     return f"{where} has metrics of tasks that are not the spec's"
+                problem = None if p == REFERENCE else self._drop_problem(ref, c)
+                if problem:
+                    return f"{where}.{problem}"
+        return None
+
+    def _drop_problem(self, ref: str, c: ModelCheck) -> str | None:
+        """Whether a reduced precision's check of fp32 model ``ref`` records a pass: every drop within
+        the allowance and equal to the one its own metrics and the fp32 ones give (a compile records
+        only checks that passed; anything else is an edited record, and its models must not run)."""
+        fp32 = self.precisions[REFERENCE].models.get(ref)
+        if fp32 is None:
+            return f"drop has no fp32 check of {ref} to compare with"
+        for t, (key, higher) in self.primary.items():
+            have = key in c.metrics.get(t, {}) and key in fp32.metrics.get(t, {})
+            if have != (t in c.drop):
+                return f"drop[{t!r}] {'is missing' if have else 'has no metrics to come from'}"
+            if not have:
+                continue
+            d = c.drop[t]
+            if d > self.max_metric_drop + 1e-9:
+                return (f"drop[{t!r}] is {d:.2%}, more than the allowed {self.max_metric_drop:.2%}: the check failed "
+                        "and its models must not run")
+            if not math.isclose(d, relative_drop(fp32.metrics[t][key], c.metrics[t][key], higher),
+                                rel_tol=1e-6, abs_tol=1e-9):
+                return f"drop[{t!r}] {d!r} is not the drop of its metrics against the fp32 ones"
         return None
 
     def in_order(self, task_names) -> Accuracy:
@@ -282,6 +310,19 @@ class Accuracy:
     def passed(self, precision: str) -> bool:
         """Whether ``precision`` was checked (a compile records only the checks that passed)."""
         return precision in self.precisions
+
+
+def unchecked_file(accuracy: Accuracy | None, models: Mapping[str, _Model]) -> str | None:
+    """The problem, as ``models[...] ...``, of a reduced-precision ONNX file (`FILE_PRECISIONS`)
+    that the accuracy record has no check of (the runtime runs only checked ones); None if none."""
+    for name, m in models.items():
+        if m.format != "onnx" or precision_of(m) not in FILE_PRECISIONS:
+            continue
+        check = None if accuracy is None else accuracy.precisions.get(precision_of(m))
+        if check is None or all(c.file != name for c in check.models.values()):
+            return (f"models[{name!r}] is an {precision_of(m)} file that accuracy.precisions records no passed check "
+                    "of")
+    return None
 
 
 def read_accuracy(o: Fields, key: str) -> Accuracy | None:

@@ -155,6 +155,7 @@ def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
         manifest = load_manifest(artifact_dir)
     except DagcError as e:
         raise BenchError(f"cannot read artifact {artifact_dir}: {e}") from None
+    bench_precision.check_requested(manifest, precisions, backend, artifact_dir)
     ck = load_checkpoint(checkpoint)
     _check_pair(manifest, ck, artifact_dir, checkpoint)
     old_threads = torch.get_num_threads()

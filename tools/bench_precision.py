@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dagc.errors import BenchError
+from dagc.errors import ArtifactError, BenchError
 from dagc.manifest import Manifest
-from dagc.precisions import FILE_PRECISIONS, OPENVINO, PRECISIONS, REFERENCE, precision_of
+from dagc.precisions import FILE_PRECISIONS, OPENVINO, PRECISIONS, REFERENCE, check_loadable, precision_of
 from dagc.runners import Runner, openvino_unavailable
 from dagc.runtime import Engine, load
 
-__all__ = ["variants", "ratios", "metric_deltas", "table_lines"]
+__all__ = ["check_requested", "variants", "ratios", "metric_deltas", "table_lines"]
 
 # variant key -> (backend, precision)
 _VARIANTS = {"shared:int8": ("onnxruntime", "int8"), "shared:fp16": ("onnxruntime", "fp16"),
@@ -52,16 +52,37 @@ def variants(manifest: Manifest, resolved_backend: str) -> dict[str, tuple[str, 
     return out
 
 
+def check_requested(manifest: Manifest, precisions: Sequence[str] | None, backend: str, where: Any) -> None:
+    """Refuse (BenchError, before anything is timed) a precision asked for by name that this
+    benchmark would not time: an unknown one, one the artifact has no models or passed check of
+    (`dagc.precisions.check_loadable`), or any reduced one when the engines' ``backend`` (``auto``
+    before it is resolved) is not ONNX Runtime (the variants run beside its engine only)."""
+    unknown = sorted(set(precisions or ()) - set(PRECISIONS))
+    if unknown:
+        raise BenchError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
+                         f"{list(PRECISIONS)}")
+    reduced = [p for p in precisions or () if p != REFERENCE]
+    if reduced and backend not in ("auto", "onnxruntime"):
+        raise BenchError(f"--precision {','.join(reduced)} is timed beside the onnxruntime engines, not backend "
+                         f"{backend!r}; use --backend onnxruntime (or drop --precision)")
+    for p in reduced:
+        try:
+            check_loadable(manifest.accuracy, manifest.models, p, "openvino" if p == "bf16" else "onnxruntime",
+                           f"artifact {where}")
+        except ArtifactError as e:
+            raise BenchError(f"--precision {p}: {e}") from None
+        if p == "bf16" and openvino_unavailable(p) is not None:
+            raise BenchError(f"--precision bf16: {openvino_unavailable(p)}")
+
+
 def add_variants(bench: Any, engine_runner: Callable[[Engine, None], Runner], costs: dict[str, Any],
                  precisions: Sequence[str] | None = None) -> None:
     """Add the variants to a running `dagc.tools.bench` benchmark (``bench.add``, like the other
     variants); ``engine_runner(engine, None)`` wraps an engine as the runner of all its tasks.
     ``precisions``: only the variants of these (None: all). Raises BenchError for an unknown one."""
-    unknown = sorted(set(precisions or ()) - set(PRECISIONS))
-    if unknown:
-        raise BenchError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
-                         f"{list(PRECISIONS)}")
-    for key, (backend, p) in variants(bench.manifest, bench.engines[None].backend).items():
+    check_requested(bench.manifest, precisions, bench.engines[None].backend, bench.artifact_dir)
+    found = variants(bench.manifest, bench.engines[None].backend)
+    for key, (backend, p) in found.items():
         if precisions is not None and p not in precisions:
             continue
         def build(backend: str = backend, p: str = p) -> tuple[Runner, int]:

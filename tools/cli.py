@@ -177,12 +177,12 @@ def recalibrate(checkpoint, out, data_root, batches, batch_size, device) -> None
 @click.option("--precision", "precision", default="fp32", show_default=True,
               help="Comma-separated precisions: fp32 (always built, the reference), int8 (QDQ ONNX), bf16 "
                    "(OpenVINO), fp16 (ONNX for TensorRT/CUDA); each checked on the tasks' held-out metrics.")
-@click.option("--calibration-batches", "calibration_batches", type=int, default=8, show_default=True,
-              help="int8: batches of the run's training data that calibrate the activation ranges.")
-@click.option("--calibration-seed", "calibration_seed", type=int, default=0, show_default=True,
-              help="int8: seed that draws the calibration batches.")
-@click.option("--max-metric-drop", "max_metric_drop", type=float, default=0.01, show_default=True,
-              help="Refuse a precision whose primary metric drops by more than this (relative) on a task.")
+@click.option("--calibration-batches", "calibration_batches", type=int, default=None,
+              help="int8: batches of the run's training data that calibrate the activation ranges (default 8).")
+@click.option("--calibration-seed", "calibration_seed", type=int, default=None,
+              help="int8: seed that draws the calibration batches (default 0).")
+@click.option("--max-metric-drop", "max_metric_drop", type=float, default=None,
+              help="Refuse a precision whose primary metric drops by more than this (relative) on a task (default 0.01).")
 @click.option("--data-root", "data_root", type=str, default=None,
               help="Directory of the run's on-disk dataset (for calibration and the accuracy check).")
 def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precision_options) -> None:

@@ -23,6 +23,7 @@ embedded Python finds its prefix, and a virtual environment's site-packages, fro
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import ipaddress
 import json
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from dagc.errors import ServeError
+from dagc.outputs import check_writable_file
 from dagc.tools.triton import TritonConfig, export_triton
 
 __all__ = ["ServeConfig", "ServerFiles", "TritonServer", "find_server", "describe", "serve"]
@@ -120,6 +122,7 @@ class ServeConfig:
         except (ipaddress.AddressValueError, TypeError):
             raise ServeError(f"--host takes an IPv4 address such as 127.0.0.1 (this machine only) or 0.0.0.0 "
                              f"(all interfaces), got {self.host!r}") from None
+        _check_host(self.host)
         for name in ("http_port", "grpc_port", "metrics_port"):
             v = getattr(self, name)
             if v is None and name == "metrics_port":
@@ -132,10 +135,28 @@ class ServeConfig:
         for name in ("startup_timeout_s", "stop_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ServeError(f"ServeConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.server_log is not None:  # before the server starts: its log would be lost, or a traceback
+            check_writable_file(self.server_log, option="--server-log", error=ServeError)
         if not isinstance(self.triton, TritonConfig):
             raise ServeError(f"ServeConfig.triton must be a TritonConfig, got {type(self.triton).__name__}")
         if self.triton.backend != "python":
             object.__setattr__(self, "triton", replace(self.triton, backend="python"))
+
+
+def _not_here(host: str, e: OSError) -> ServeError:
+    return ServeError(f"--host {host!r} is not an address of this machine ({e.strerror}); give one of its "
+                      "addresses, 127.0.0.1 (this machine only) or 0.0.0.0 (all interfaces)")
+
+
+def _check_host(host: str) -> None:
+    """Refuse an IPv4 address that no interface of this machine has (binding any port there fails
+    whatever the port; the port checks would otherwise be blamed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, 0))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise _not_here(host, e) from None
 
 
 def _claim_port(host: str, port: int, what: str) -> int:
@@ -152,6 +173,8 @@ def _claim_port(host: str, port: int, what: str) -> int:
         try:
             s.bind(address)
         except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise _not_here(host, e) from None
             if port == 0:
                 raise ServeError(f"--host {host!r} cannot be bound here ({e.strerror})") from None
             raise ServeError(f"the {what} port {port} on {host} is taken ({e.strerror}); choose another with "

@@ -112,6 +112,10 @@ class TritonConfig:
                 raise ConfigError(f"TritonConfig.{field} must be an integer >= {low}, got {v!r}")
         if not isinstance(self.ensembles, bool):
             raise ConfigError(f"TritonConfig.ensembles must be true or false, got {self.ensembles!r}")
+        if self.intra_op_threads and self.backend != "python":  # no field of those models would carry it
+            raise ConfigError(f"--threads ({self.intra_op_threads}) sets the ONNX Runtime threads of --backend python "
+                              f"models; the {self.backend} backend's models take none: add --backend python or drop "
+                              "--threads")
 
 
 def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, config: TritonConfig | None = None,

@@ -85,7 +85,32 @@ def run_data(ck, data_root: str | None = None) -> datasets.MultiTaskData:
         raise ConfigError(f"the checkpoint's training data: {e} (give --data-root for an on-disk dataset)") from None
     except TypeError as e:
         raise CheckpointError(f"{ck.source}: its training configuration is malformed ({e})") from None
-    return load_data(config)
+    data = load_data(config)
+    mismatch = _misfit(ck.spec, data)
+    if mismatch:
+        # An edited configuration (or another dataset under --data-root) would otherwise reach the
+        # models as a shape error or a missing task deep inside calibration or scoring.
+        raise DataError(f"{ck.source}: the data its training configuration names ({data.name}"
+                        f"{'' if data_root is None else f' under {data_root}'}) does not fit its network: {mismatch}; "
+                        "give the --data-root of the run's own data, or retrain")
+    return data
+
+
+def _misfit(spec: Spec, data: datasets.MultiTaskData) -> str | None:
+    """How ``data`` disagrees with the network ``spec`` it is to feed, or None."""
+    if (data.in_channels, tuple(data.input_size)) != (spec.in_channels, tuple(spec.input_size)):
+        return (f"its inputs are {data.in_channels}x{'x'.join(map(str, data.input_size))}, the network takes "
+                f"{spec.in_channels}x{'x'.join(map(str, spec.input_size))}")
+    if data.shared_input != spec.shared_input:
+        return "one of them has one input per task, the other one shared input"
+    have = {t.name: t for t in data.tasks}
+    for t in spec.tasks:
+        d = have.get(t.name)
+        if d is None:
+            return f"it has no task {t.name!r} (its tasks: {sorted(have)})"
+        if (d.kind, d.classes) != (t.kind, t.classes):
+            return f"its task {t.name!r} is {d.kind} with {d.classes} classes, the network's is {t.kind} with {t.classes}"
+    return None
 
 
 def build_spec(cfg: TrainConfig, data: datasets.MultiTaskData) -> Spec:

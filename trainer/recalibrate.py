@@ -166,7 +166,7 @@ def recalibrate_checkpoint(path: str | os.PathLike, out: str | os.PathLike, *, d
     "check"}. Raises CheckpointError (unreadable checkpoint, or ``out`` exists or is ``path``),
     ConfigError / DataError (the data cannot be rebuilt)."""
     src, dst = Path(path), Path(out)
-    if dst.exists() or (src.exists() and dst.resolve() == src.resolve()):
+    if dst.exists() or dst.is_symlink() or (src.exists() and os.path.realpath(dst) == os.path.realpath(src)):
         raise CheckpointError(f"{dst} exists; give a new --out path (dagc recalibrate never replaces a file)")
     if not dst.parent.is_dir():
         raise CheckpointError(f"{dst.parent} is not a directory; create it or give another --out")
