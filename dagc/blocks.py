@@ -8,7 +8,9 @@ stride, padding, epsilon or parameter name on its own.
 A *block* is one edge of the central network, named by its key (the prefix of its parameters):
 
     read_in.j    the input, average-pooled to state j's stride, -> conv3x3(C_in -> C_j) -> BN -> ReLU
-    edges.i_j    state i -> conv3x3(C_i -> C_j) -> BN -> ReLU -> max-pool(stride_j / stride_i)
+    edges.i_j    state i -> conv3x3(C_i -> C_j) -> BN -> ReLU -> max-pool(stride_j / stride_i) (the
+                 paper's, ``downsample`` "max_pool_after"), or with ``downsample`` "average_before":
+                 state i, average-pooled to state j's stride, -> conv3x3(C_i -> C_j) -> BN -> ReLU
     read_out.i   state i, resized to the read-out's stride, -> conv1x1(C_i -> C_L) -> BN -> ReLU
 
 so every block is the same pipeline, ``resize(from_stride -> to_stride) -> conv -> BN -> ReLU ->
@@ -287,7 +289,10 @@ def _block(spec: Spec, key: BlockKey) -> BlockDef:
         cin, cout, kernel, from_s, to_s, pool = spec.in_channels, s.channels, 3, 1, s.stride, 1
     elif key.kind == HIDDEN:
         a, b = st[key.src], st[key.dst]
-        cin, cout, kernel, from_s, to_s, pool = a.channels, b.channels, 3, a.stride, a.stride, b.stride // a.stride
+        if spec.downsample == "average_before":
+            cin, cout, kernel, from_s, to_s, pool = a.channels, b.channels, 3, a.stride, b.stride, 1
+        else:  # Table 8: the conv at the source resolution, then max-pool
+            cin, cout, kernel, from_s, to_s, pool = a.channels, b.channels, 3, a.stride, a.stride, b.stride // a.stride
     else:
         a = st[key.src]
         cin, cout, kernel, from_s, to_s, pool = a.channels, spec.readout.channels, 1, a.stride, spec.readout.stride, 1

@@ -20,16 +20,20 @@ from typing import Any
 from dagc.errors import SpecError
 
 # The presets, each shipped as a network file in the package (dagc/networks/<name>.json).
-PRESETS = ("tiny", "omniglot", "vgg16")
+PRESETS = ("tiny", "tiny-avgpool", "omniglot", "vgg16")
 REQUIRED = ("states", "readout", "flow_constant")
-OPTIONAL = ("head_channels", "aspp_rates", "head_dropout", "input_size", "name", "description")
+OPTIONAL = ("head_channels", "aspp_rates", "head_dropout", "downsample", "input_size", "name", "description")
 # The heads' options a file may leave out: the same defaults as `dagc.spec.Spec`'s.
 HEAD_DEFAULTS = {"head_channels": 64, "aspp_rates": (1, 2, 3, 4), "head_dropout": 0.0}
 DEFAULT_NAME = "custom"
+# Where a hidden edge that raises the stride downsamples (`dagc.blocks`): "max_pool_after", the
+# paper's Table 8 (conv at the source resolution, then max-pool), or "average_before" (average-pool
+# to the destination stride, then the conv: the conv runs on (stride ratio)^2 fewer pixels).
+DOWNSAMPLES = ("max_pool_after", "average_before")
 # vgg16's file is under 2 KB; a megabyte is no network anyone writes by hand or by script.
 MAX_FILE_BYTES = 1 << 20
 
-__all__ = ["PRESETS", "Network", "StateSpec", "check_states", "check_heads", "check_input_size",
+__all__ = ["PRESETS", "DOWNSAMPLES", "Network", "StateSpec", "check_states", "check_heads", "check_downsample", "check_input_size",
            "preset_network", "preset_path"]
 
 
@@ -44,6 +48,12 @@ class StateSpec:
 def _positive_int(v: Any) -> bool:
     # bool is an int subclass; True is not a channel count.
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def check_downsample(downsample: Any, prefix: str) -> None:
+    """Raise SpecError unless ``downsample`` is one of `DOWNSAMPLES`."""
+    if downsample not in DOWNSAMPLES:
+        raise SpecError(f"{prefix}downsample must be one of {list(DOWNSAMPLES)}, got {downsample!r}")
 
 
 def check_states(states: Any, readout: Any, flow_constant: Any, prefix: str) -> None:
@@ -105,6 +115,7 @@ class Network:
         readout: the read-out state v_L.
         flow_constant: M in 1..N-1 (hidden edges i -> j for 0 < j - i <= M; N - 1 is the complete DAG).
         head_channels, aspp_rates, head_dropout: the ASPP heads' width, dilation rates, dropout.
+        downsample: where a stride-raising hidden edge downsamples (`DOWNSAMPLES`).
         input_size: (H, W) that `dagc inspect --network` counts FLOPs at by default, or None;
             a run trains at its data's size.
         name: informational (a spec's ``preset``): the preset's name, or ``custom``.
@@ -120,6 +131,7 @@ class Network:
     head_channels: int = HEAD_DEFAULTS["head_channels"]
     aspp_rates: tuple[int, ...] = HEAD_DEFAULTS["aspp_rates"]
     head_dropout: float = HEAD_DEFAULTS["head_dropout"]
+    downsample: str = DOWNSAMPLES[0]
     input_size: tuple[int, int] | None = None
     name: str = DEFAULT_NAME
     description: str = ""
@@ -149,6 +161,8 @@ class Network:
             "flow_constant": self.flow_constant, "head_channels": self.head_channels,
             "aspp_rates": list(self.aspp_rates), "head_dropout": self.head_dropout,
         }
+        if self.downsample != DOWNSAMPLES[0]:
+            d["downsample"] = self.downsample
         if self.input_size is not None:
             d["input_size"] = list(self.input_size)
         if self.description:
@@ -212,7 +226,8 @@ class _Fields:
     """Keyword arguments seen as attributes, so that `_check_network` reads them as a `Network`."""
 
     def __init__(self, kw: dict[str, Any]) -> None:
-        self.__dict__.update({"input_size": None, "name": DEFAULT_NAME, "description": "", **kw})
+        self.__dict__.update({"input_size": None, "name": DEFAULT_NAME, "description": "", "downsample": DOWNSAMPLES[0],
+                              **kw})
 
 
 def _state(value: Any, where: str) -> StateSpec:
@@ -236,6 +251,7 @@ def _check_network(net: Any, prefix: str) -> None:
     if net.input_size is not None:
         check_input_size(net.input_size, tuple(s.stride for s in (*net.states, net.readout)), prefix)
     check_heads(net.head_channels, net.aspp_rates, net.head_dropout, prefix)
+    check_downsample(net.downsample, prefix)
     if not isinstance(net.name, str) or not net.name or not net.name.replace("_", "").replace("-", "").isalnum():
         raise SpecError(f"{prefix}name must be letters, digits, '_' or '-', got {net.name!r}")
     if not isinstance(net.description, str):

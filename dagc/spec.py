@@ -14,9 +14,11 @@ from typing import Any
 
 from dagc.errors import SpecError
 from dagc.network_file import (
+    DOWNSAMPLES,
     PRESETS,
     Network,
     StateSpec,
+    check_downsample,
     check_heads,
     check_input_size,
     check_states,
@@ -194,6 +196,7 @@ class Spec:
         in_channels, input_size: the input image (C, (H, W)); H and W divide by every stride.
         shared_input: True if all tasks read one image; False if each task has its own input.
         head_channels, aspp_rates, head_dropout: the ASPP heads' width, dilation rates, dropout.
+        downsample: where a stride-raising hidden edge downsamples (`dagc.network_file.DOWNSAMPLES`).
         preset: the preset the spec came from (informational).
     """
 
@@ -207,6 +210,7 @@ class Spec:
     head_channels: int = 64
     aspp_rates: tuple[int, ...] = (1, 2, 3, 4)
     head_dropout: float = 0.0
+    downsample: str = DOWNSAMPLES[0]
     preset: str = "custom"
 
     def __post_init__(self) -> None:
@@ -262,6 +266,7 @@ class Spec:
         for t in self.tasks:
             check_task(t, f"spec.tasks[{t.name!r}]")
         check_heads(self.head_channels, self.aspp_rates, self.head_dropout, "spec.")
+        check_downsample(self.downsample, "spec.")
 
     def max_stride(self) -> int:
         return max(s.stride for s in (*self.states, self.readout))
@@ -271,6 +276,8 @@ class Spec:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         d["aspp_rates"] = list(self.aspp_rates)
+        if self.downsample == DOWNSAMPLES[0]:  # the paper's: specs stored before the option read the same
+            del d["downsample"]
         # A plug-in kind's structural facts travel with the spec, so that the compiler and the
         # runtime read it without the plug-in; built-in kinds leave the spec as it always was.
         plugged = {t.kind: KINDS[t.kind] for t in self.tasks if t.kind not in BUILTIN_KINDS}
@@ -323,7 +330,7 @@ class Spec:
                    flow_constant=network.flow_constant if flow_constant is None else flow_constant,
                    tasks=tuple(tasks), in_channels=in_channels, input_size=tuple(size), shared_input=shared_input,
                    head_channels=network.head_channels, aspp_rates=network.aspp_rates,
-                   head_dropout=network.head_dropout, preset=network.name)
+                   head_dropout=network.head_dropout, downsample=network.downsample, preset=network.name)
 
     @classmethod
     def from_json(cls, text: str) -> Spec:

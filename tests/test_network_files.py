@@ -66,13 +66,13 @@ def _write(path, value):
 
 
 # ------------------------------------------------------------------------------------------ presets
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", sorted(OLD_PRESETS))
 @pytest.mark.parametrize("options", [
     {}, dict(flow_constant=1), dict(flow_constant=40), dict(input_size=(64, 64)),
     dict(in_channels=1, shared_input=False),
 ])
 def test_presets_build_the_specs_of_their_old_literal_values(name, options):
-    assert PRESETS == ("tiny", "omniglot", "vgg16")
+    assert PRESETS == ("tiny", "tiny-avgpool", "omniglot", "vgg16")
     kw = {**OLD_PRESETS[name], **{k: v for k, v in options.items() if k in ("flow_constant", "input_size")}}
     old = Spec(tasks=TASKS, in_channels=options.get("in_channels", 3), shared_input=options.get("shared_input", True),
                preset=name, **kw)

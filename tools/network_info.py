@@ -67,7 +67,8 @@ def _structure(net: Network, edges: Sequence[tuple[int, int]], path: str | os.Pa
         lines.append(f"{j:<8}{s.channels:>9}{s.stride:>8}   {into}")
     lines.append(f"{'read-out':<8}{net.readout.channels:>9}{net.readout.stride:>8}   read-out edges from every state")
     lines += ["", f"edges: {len(edges)} hidden, {net.n_states} read-in (input -> each state), "
-              f"{net.n_states} read-out (each state -> read-out): {len(edges) + 2 * net.n_states} per task",
+              f"{net.n_states} read-out (each state -> read-out): {len(edges) + 2 * net.n_states} per task; "
+              f"downsampling {net.downsample.replace('_', ' ')}",
               f"heads: aspp {net.head_channels} channels, rates {list(net.aspp_rates)}, dropout {net.head_dropout:g} "
               "(dense tasks); linear (classification)"]
     return lines
