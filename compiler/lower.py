@@ -40,6 +40,7 @@ class LoweredModel(nn.Module):
         self.inputs = part.inputs
         heads = dict(graph.heads)
         self.head_src = [heads[t] for t in self.tasks]
+        self.head_in = [INPUT_PREFIX + graph.task_input(t) for t in self.tasks]  # what a refining head reads
         self.blocks = {e.block: graph.block(e) for n in self.nodes for e in n.edges}
         self.convs = nn.ModuleDict()
         self.bns = nn.ModuleDict()
@@ -97,7 +98,8 @@ class LoweredModel(nn.Module):
                 total = y if total is None else total + y
             values[n.id] = total
         size = tuple(inputs[0].shape[-2:])
-        return tuple(self.heads[t](values[src], size) for t, src in zip(self.tasks, self.head_src, strict=True))
+        return tuple(self.heads[t](values[src], size, values[img])
+                     for t, src, img in zip(self.tasks, self.head_src, self.head_in, strict=True))
 
     def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """Convenience: inputs by name in, outputs by task out."""

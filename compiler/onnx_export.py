@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from dagc.blocks import ASPP_BRANCH, Conv, HeadDef, head
+from dagc.blocks import ASPP_BRANCH, REFINE, Conv, HeadDef, head
 from dagc.compiler.ir import INPUT_PREFIX, CompileError, Edge, Graph, check_graph, edge_tensors, slice_of
 
 PRODUCER = "dagc"
@@ -118,11 +118,13 @@ class _Builder:
     # Node names of an ASPP branch's convs, in order (ReLUs are relu1, relu2, ...).
     _ASPP_CONV_NODES = ("conv3x3", "conv1x1a", "conv1x1b")
 
-    def aspp_branch(self, x: str, convs: Sequence[Conv], prefix: str) -> str:
-        """Emit one ASPP branch on ``x``, laid out as `ASPP_BRANCH`; returns its output."""
-        todo = iter(zip(convs, self._ASPP_CONV_NODES))
+    def aspp_branch(self, x: str, convs: Sequence[Conv], prefix: str, layout: Sequence[str] = ASPP_BRANCH,
+                    nodes: Sequence[str] = _ASPP_CONV_NODES) -> str:
+        """Emit one ASPP branch on ``x`` laid out as ``layout`` (`ASPP_BRANCH`, or `REFINE` with its
+        node names); returns its output."""
+        todo = iter(zip(convs, nodes))
         relus = 0
-        for op in ASPP_BRANCH:  # dropout is the identity at inference
+        for op in layout:  # dropout is the identity at inference
             if op == "conv":
                 c, node = next(todo)
                 # A 1x1 conv needs neither padding nor dilation.
@@ -134,16 +136,21 @@ class _Builder:
                 x = self.op("Relu", [x], f"{prefix}/relu{relus}")
         return x
 
-    def aspp(self, x: str, hd: HeadDef, out: str) -> str:
-        """Emit an ASPP head on ``x`` with its final output named ``out``."""
+    def aspp(self, x: str, hd: HeadDef, out: str, image: str) -> str:
+        """Emit an ASPP head on ``x`` (refining with the model input ``image`` when ``hd`` has a
+        refinement) with its final output named ``out``."""
         branches = [self.aspp_branch(x, convs, hd.branch(r)) for r, convs in enumerate(hd.branches)]
         up = hd.upsample > 1
         last = None if hd.normalize else out
-        y = self._sum(branches, f"{hd.prefix}/sum", output=None if up else last)
+        y = self._sum(branches, f"{hd.prefix}/sum", output=None if up or hd.refine else last)
         # The input size is the read-out's size times its stride (a valid spec divides exactly), so
         # a constant scale gives exactly (H, W) and keeps every shape static apart from the batch.
         if up:
-            y = self.resize(y, hd.upsample, f"{hd.prefix}/resize", output=last)
+            y = self.resize(y, hd.upsample, f"{hd.prefix}/resize", output=None if hd.refine else last)
+        if hd.refine:
+            cat = self.op("Concat", [y, image], f"{hd.prefix}/refine/concat", axis=1)
+            r = self.aspp_branch(cat, hd.refine, f"{hd.prefix}/refine", REFINE, ("conv_a", "conv_b"))
+            y = self.op("Add", [y, r], f"{hd.prefix}/refine/add", output=last)
         if hd.normalize:
             if self.opset >= 18:
                 axes = self.const("const.axes_1", [1], np.int64)
@@ -211,7 +218,7 @@ def to_onnx(graph: Graph, tasks: Sequence[str] | None = None, *, opset: int = 17
         hd = head(spec, t)
         x = values[heads[t]]
         if hd.kind == "aspp":
-            b.aspp(x, hd, t)
+            b.aspp(x, hd, t, values[INPUT_PREFIX + graph.task_input(t)])
             outputs.append(helper.make_tensor_value_info(t, TensorProto.FLOAT, ["batch", hd.out, *hd.size]))
         else:
             b.linear(x, hd, t)

@@ -18,7 +18,9 @@ max-pool(pool)``, with a resize that averages down and interpolates bilinearly u
 the strides agree) and a max-pool that is a no-op for ``pool == 1``. A *head* reads v_L:
 
     aspp         per rate r: conv3x3 (dilation r) -> ReLU -> Dropout -> conv1x1 -> ReLU -> Dropout ->
-                 conv1x1(out); branches summed, upsampled bilinearly to the input, normals L2-normalised
+                 conv1x1(out); branches summed, upsampled bilinearly to the input (y); with
+                 ``refine_channels`` R > 0 then y + conv3x3(R -> out)(ReLU(conv3x3(out + C_in -> R)(
+                 concat(y, input)))) at the input's resolution (`REFINE`); normals L2-normalised
     linear       global average pooling -> linear(C_L -> classes)
 
 Shapes are those of one sample at ``spec.input_size``.
@@ -43,10 +45,17 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 # in its parameter names (heads.<task>.branches.<r>.<position>.weight; FORMAT.md).
 ASPP_BRANCH = ("conv", "relu", "dropout", "conv", "relu", "dropout", "conv")
 ASPP_CONVS = tuple(p for p, op in enumerate(ASPP_BRANCH) if op == "conv")
+# A dense head's refinement (heads.<task>.refine.<position>.weight): the upsampled prediction and
+# the input image, concatenated, through two 3x3 convs at the input's resolution, added to the
+# prediction. Departure from the paper (its heads end at the upsampling): on multidigits the
+# reduced `parts` sub-network reads the input at stride 4 only, and refining with the full-resolution
+# input lifted its held-out mIoU from 0.903 to 0.970 (benchmarks/RESULTS.md, issue 27).
+REFINE = ("conv", "relu", "conv")
+REFINE_CONVS = tuple(p for p, op in enumerate(REFINE) if op == "conv")
 
 __all__ = [
     "BN_EPS", "NORM_EPS", "READ_IN", "HIDDEN", "READ_OUT", "BLOCK_KINDS", "BN_PARAMETERS", "BN_BUFFERS",
-    "ASPP_BRANCH", "ASPP_CONVS", "BlockKey", "Conv", "Linear", "BlockDef", "HeadDef",
+    "ASPP_BRANCH", "ASPP_CONVS", "REFINE", "REFINE_CONVS", "BlockKey", "Conv", "Linear", "BlockDef", "HeadDef",
     "parse_key", "blocks", "block", "head", "heads",
 ]
 
@@ -234,8 +243,9 @@ class HeadDef:
     ``kind`` "aspp": ``branches[r]`` holds the convs of the branch of rate ``rates[r]`` (at the
     positions `ASPP_CONVS` of `ASPP_BRANCH`), ReLU and Dropout(``dropout``) between them; the sum
     is upsampled bilinearly by ``upsample`` (the read-out's stride) to ``size`` and L2-normalised
-    over channels (eps ``norm_eps``) when ``normalize``. ``kind`` "linear": global average pooling,
-    then ``fc``.
+    over channels (eps ``norm_eps``) when ``normalize``; ``refine`` (empty, or the convs at the
+    positions `REFINE_CONVS` of `REFINE`) refines the upsampled prediction with the input before
+    the normalisation. ``kind`` "linear": global average pooling, then ``fc``.
     """
 
     task: str
@@ -249,6 +259,7 @@ class HeadDef:
     dropout: float = 0.0
     normalize: bool = False
     upsample: int = 1
+    refine: tuple[Conv, ...] = ()
     fc: Linear | None = None
     norm_eps: float = NORM_EPS
 
@@ -262,7 +273,7 @@ class HeadDef:
 
     @property
     def layers(self) -> tuple[Conv | Linear, ...]:
-        return (self.fc,) if self.fc is not None else tuple(c for b in self.branches for c in b)
+        return (self.fc,) if self.fc is not None else (*(c for b in self.branches for c in b), *self.refine)
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -353,8 +364,11 @@ def head(spec: Spec, task: str | TaskSpec) -> HeadDef:
          Conv(f"{hd.branch(r)}.{ASPP_CONVS[2]}", hc, out, 1, hw))
         for r, rate in enumerate(spec.aspp_rates)
     )
+    rc, size = spec.refine_channels, tuple(spec.input_size)
+    refine = (Conv(f"{hd.prefix}.refine.{REFINE_CONVS[0]}", out + spec.in_channels, rc, 3, size),
+              Conv(f"{hd.prefix}.refine.{REFINE_CONVS[1]}", rc, out, 3, size)) if rc else ()
     return replace(hd, rates=tuple(spec.aspp_rates), branches=branches, dropout=float(spec.head_dropout),
-                   normalize=t.kind == "normal", upsample=spec.readout.stride)
+                   normalize=t.kind == "normal", upsample=spec.readout.stride, refine=refine)
 
 
 def heads(spec: Spec) -> tuple[HeadDef, ...]:

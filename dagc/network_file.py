@@ -22,9 +22,9 @@ from dagc.errors import SpecError
 # The presets, each shipped as a network file in the package (dagc/networks/<name>.json).
 PRESETS = ("tiny", "tiny-avgpool", "omniglot", "vgg16")
 REQUIRED = ("states", "readout", "flow_constant")
-OPTIONAL = ("head_channels", "aspp_rates", "head_dropout", "downsample", "input_size", "name", "description")
+OPTIONAL = ("head_channels", "aspp_rates", "head_dropout", "refine_channels", "downsample", "input_size", "name", "description")
 # The heads' options a file may leave out: the same defaults as `dagc.spec.Spec`'s.
-HEAD_DEFAULTS = {"head_channels": 64, "aspp_rates": (1, 2, 3, 4), "head_dropout": 0.0}
+HEAD_DEFAULTS = {"head_channels": 64, "aspp_rates": (1, 2, 3, 4), "head_dropout": 0.0, "refine_channels": 0}
 DEFAULT_NAME = "custom"
 # Where a hidden edge that raises the stride downsamples (`dagc.blocks`): "max_pool_after", the
 # paper's Table 8 (conv at the source resolution, then max-pool), or "average_before" (average-pool
@@ -93,9 +93,9 @@ def check_input_size(input_size: Any, strides: tuple[int, ...], prefix: str) -> 
             )
 
 
-def check_heads(head_channels: Any, aspp_rates: Any, head_dropout: Any, prefix: str) -> None:
-    """Check the heads' options: positive width, positive dilation rates, dropout in [0, 1).
-    Raises SpecError naming the first bad field after ``prefix``."""
+def check_heads(head_channels: Any, aspp_rates: Any, head_dropout: Any, prefix: str, refine_channels: Any = 0) -> None:
+    """Check the heads' options: positive width, positive dilation rates, dropout in [0, 1), a
+    refinement width >= 0. Raises SpecError naming the first bad field after ``prefix``."""
     if not _positive_int(head_channels):
         raise SpecError(f"{prefix}head_channels must be a positive integer, got {head_channels!r}")
     if (not isinstance(aspp_rates, (tuple, list)) or not aspp_rates
@@ -104,6 +104,8 @@ def check_heads(head_channels: Any, aspp_rates: Any, head_dropout: Any, prefix: 
     if (isinstance(head_dropout, bool) or not isinstance(head_dropout, numbers.Real)
             or not 0.0 <= float(head_dropout) < 1.0):
         raise SpecError(f"{prefix}head_dropout must be a number in [0, 1), got {head_dropout!r}")
+    if not (refine_channels == 0 and not isinstance(refine_channels, bool) or _positive_int(refine_channels)):
+        raise SpecError(f"{prefix}refine_channels must be an integer >= 0 (0: no refinement), got {refine_channels!r}")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class Network:
         readout: the read-out state v_L.
         flow_constant: M in 1..N-1 (hidden edges i -> j for 0 < j - i <= M; N - 1 is the complete DAG).
         head_channels, aspp_rates, head_dropout: the ASPP heads' width, dilation rates, dropout.
+        refine_channels: width of the dense heads' refinement at the input's resolution (0: none).
         downsample: where a stride-raising hidden edge downsamples (`DOWNSAMPLES`).
         input_size: (H, W) that `dagc inspect --network` counts FLOPs at by default, or None;
             a run trains at its data's size.
@@ -131,6 +134,7 @@ class Network:
     head_channels: int = HEAD_DEFAULTS["head_channels"]
     aspp_rates: tuple[int, ...] = HEAD_DEFAULTS["aspp_rates"]
     head_dropout: float = HEAD_DEFAULTS["head_dropout"]
+    refine_channels: int = HEAD_DEFAULTS["refine_channels"]
     downsample: str = DOWNSAMPLES[0]
     input_size: tuple[int, int] | None = None
     name: str = DEFAULT_NAME
@@ -161,6 +165,8 @@ class Network:
             "flow_constant": self.flow_constant, "head_channels": self.head_channels,
             "aspp_rates": list(self.aspp_rates), "head_dropout": self.head_dropout,
         }
+        if self.refine_channels:
+            d["refine_channels"] = self.refine_channels
         if self.downsample != DOWNSAMPLES[0]:
             d["downsample"] = self.downsample
         if self.input_size is not None:
@@ -227,7 +233,7 @@ class _Fields:
 
     def __init__(self, kw: dict[str, Any]) -> None:
         self.__dict__.update({"input_size": None, "name": DEFAULT_NAME, "description": "", "downsample": DOWNSAMPLES[0],
-                              **kw})
+                              "refine_channels": 0, **kw})
 
 
 def _state(value: Any, where: str) -> StateSpec:
@@ -250,7 +256,7 @@ def _check_network(net: Any, prefix: str) -> None:
                         f"(M = N - 1 is the complete DAG), got {net.flow_constant}")
     if net.input_size is not None:
         check_input_size(net.input_size, tuple(s.stride for s in (*net.states, net.readout)), prefix)
-    check_heads(net.head_channels, net.aspp_rates, net.head_dropout, prefix)
+    check_heads(net.head_channels, net.aspp_rates, net.head_dropout, prefix, net.refine_channels)
     check_downsample(net.downsample, prefix)
     if not isinstance(net.name, str) or not net.name or not net.name.replace("_", "").replace("-", "").isalnum():
         raise SpecError(f"{prefix}name must be letters, digits, '_' or '-', got {net.name!r}")

@@ -196,6 +196,7 @@ class Spec:
         in_channels, input_size: the input image (C, (H, W)); H and W divide by every stride.
         shared_input: True if all tasks read one image; False if each task has its own input.
         head_channels, aspp_rates, head_dropout: the ASPP heads' width, dilation rates, dropout.
+        refine_channels: width of the dense heads' refinement at the input's resolution (0: none).
         downsample: where a stride-raising hidden edge downsamples (`dagc.network_file.DOWNSAMPLES`).
         preset: the preset the spec came from (informational).
     """
@@ -210,6 +211,7 @@ class Spec:
     head_channels: int = 64
     aspp_rates: tuple[int, ...] = (1, 2, 3, 4)
     head_dropout: float = 0.0
+    refine_channels: int = 0
     downsample: str = DOWNSAMPLES[0]
     preset: str = "custom"
 
@@ -265,7 +267,7 @@ class Spec:
             raise SpecError(f"spec.tasks: task names must be unique, got {names}")
         for t in self.tasks:
             check_task(t, f"spec.tasks[{t.name!r}]")
-        check_heads(self.head_channels, self.aspp_rates, self.head_dropout, "spec.")
+        check_heads(self.head_channels, self.aspp_rates, self.head_dropout, "spec.", self.refine_channels)
         check_downsample(self.downsample, "spec.")
 
     def max_stride(self) -> int:
@@ -276,8 +278,11 @@ class Spec:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         d["aspp_rates"] = list(self.aspp_rates)
-        if self.downsample == DOWNSAMPLES[0]:  # the paper's: specs stored before the option read the same
+        # The paper's values are left out: specs stored before these options read the same.
+        if self.downsample == DOWNSAMPLES[0]:
             del d["downsample"]
+        if not self.refine_channels:
+            del d["refine_channels"]
         # A plug-in kind's structural facts travel with the spec, so that the compiler and the
         # runtime read it without the plug-in; built-in kinds leave the spec as it always was.
         plugged = {t.kind: KINDS[t.kind] for t in self.tasks if t.kind not in BUILTIN_KINDS}
@@ -330,7 +335,8 @@ class Spec:
                    flow_constant=network.flow_constant if flow_constant is None else flow_constant,
                    tasks=tuple(tasks), in_channels=in_channels, input_size=tuple(size), shared_input=shared_input,
                    head_channels=network.head_channels, aspp_rates=network.aspp_rates,
-                   head_dropout=network.head_dropout, downsample=network.downsample, preset=network.name)
+                   head_dropout=network.head_dropout, downsample=network.downsample,
+                   refine_channels=network.refine_channels, preset=network.name)
 
     @classmethod
     def from_json(cls, text: str) -> Spec:

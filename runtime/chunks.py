@@ -34,8 +34,9 @@ def sample_bytes(manifest: Manifest) -> int:
     lh, lw = h // spec.readout.stride, w // spec.readout.stride
     values += spec.readout.channels * lh * lw
     for task in manifest.tasks.values():
-        if len(task.output_shape) == 3:  # a dense task: its ASPP branches
+        if len(task.output_shape) == 3:  # a dense task: its ASPP branches, and its refinement's layers
             values += spec.head_channels * len(spec.aspp_rates) * lh * lw
+            values += (spec.refine_channels + spec.in_channels + task.output_shape[0]) * h * w if spec.refine_channels else 0
         size = 1
         for d in task.output_shape:
             size *= d

@@ -69,8 +69,9 @@ def _structure(net: Network, edges: Sequence[tuple[int, int]], path: str | os.Pa
     lines += ["", f"edges: {len(edges)} hidden, {net.n_states} read-in (input -> each state), "
               f"{net.n_states} read-out (each state -> read-out): {len(edges) + 2 * net.n_states} per task; "
               f"downsampling {net.downsample.replace('_', ' ')}",
-              f"heads: aspp {net.head_channels} channels, rates {list(net.aspp_rates)}, dropout {net.head_dropout:g} "
-              "(dense tasks); linear (classification)"]
+              f"heads: aspp {net.head_channels} channels, rates {list(net.aspp_rates)}, dropout {net.head_dropout:g}"
+              + (f", refined at the input's resolution ({net.refine_channels} channels) " if net.refine_channels else " ")
+              + "(dense tasks); linear (classification)"]
     return lines
 
 

@@ -9,17 +9,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dagc.blocks import ASPP_BRANCH, ASPP_CONVS, Conv, HeadDef, head
+from dagc.blocks import ASPP_BRANCH, ASPP_CONVS, REFINE, Conv, HeadDef, head
 from dagc.spec import Spec, TaskSpec
 
 __all__ = ["ASPPHead", "LinearHead", "make_head", "aspp_stacked"]
 
 
-def _branch(convs: Sequence[Conv], dropout: float) -> nn.Sequential:
-    """One ASPP branch laid out as `ASPP_BRANCH`, so that module positions match parameter names."""
+def _branch(convs: Sequence[Conv], dropout: float, layout: Sequence[str] = ASPP_BRANCH) -> nn.Sequential:
+    """One ASPP branch (or the refinement, ``layout`` `REFINE`) laid out as ``layout``, so that module
+    positions match parameter names."""
     layers: list[nn.Module] = []
     todo = iter(convs)
-    for op in ASPP_BRANCH:
+    for op in layout:
         if op == "conv":
             c = next(todo)
             layers.append(nn.Conv2d(c.cin, c.cout, c.kernel, padding=c.padding, dilation=c.dilation))
@@ -31,19 +32,31 @@ def _branch(convs: Sequence[Conv], dropout: float) -> nn.Sequential:
 class ASPPHead(nn.Module):
     """DeepLab-v2 ASPP of an "aspp" `HeadDef`: per rate, conv3x3(dilation r) → ReLU → Dropout →
     conv1x1 → ReLU → Dropout → conv1x1(out); branches summed and bilinearly upsampled to the input
-    size. Normal predictions are L2-normalised to unit vectors."""
+    size, refined with the input image when the definition has a refinement (`dagc.blocks.REFINE`).
+    Normal predictions are L2-normalised to unit vectors."""
 
     def __init__(self, defn: HeadDef) -> None:
         super().__init__()
         self.defn = defn
         self.branches = nn.ModuleList(_branch(convs, defn.dropout) for convs in defn.branches)
+        if defn.refine:
+            self.refine = _branch(defn.refine, 0.0, REFINE)
         self.normalize = defn.normalize
 
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, size: tuple[int, int], image: Tensor | None = None) -> Tensor:
+        """Takes v_L, the output size and the input image (B, C_in, H, W) (needed with a refinement)."""
         y = self.branches[0](x)
         for branch in self.branches[1:]:
             y = y + branch(x)
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+        return self.finish(F.interpolate(y, size=size, mode="bilinear", align_corners=False), image)
+
+    def finish(self, y: Tensor, image: Tensor | None) -> Tensor:
+        """The upsampled prediction ``y`` refined with ``image`` (when the head refines) and normalised
+        (normals)."""
+        if self.defn.refine:
+            if image is None:
+                raise ValueError(f"head {self.defn.task!r} refines with the input image; pass it")
+            y = y + self.refine(torch.cat([y, image.to(y.dtype)], 1))
         return F.normalize(y, dim=1, eps=self.defn.norm_eps) if self.normalize else y
 
 
@@ -55,7 +68,7 @@ class LinearHead(nn.Module):
         self.defn = defn
         self.fc = nn.Linear(defn.fc.cin, defn.fc.cout)
 
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, size: tuple[int, int], image: Tensor | None = None) -> Tensor:
         return self.fc(x.mean(dim=(2, 3)))
 
 
@@ -79,12 +92,14 @@ def _cat_padded(convs: Sequence[nn.Conv2d], outs: Sequence[int], width: int) -> 
     return torch.cat(ws), torch.cat(bs)
 
 
-def aspp_stacked(heads: Sequence[ASPPHead], x: Tensor, size: tuple[int, int], shared: bool) -> list[Tensor]:
+def aspp_stacked(heads: Sequence[ASPPHead], x: Tensor, size: tuple[int, int], shared: bool,
+                 images: Sequence[Tensor | None] | None = None) -> list[Tensor]:
     """Run K ASPP heads at once as grouped convolutions (same result as calling each head).
 
     Takes the heads, their features — (B, K*C, H, W) with task k's channels in block k (the free
     view of a sample-major lane tensor), or (B, C, H, W) read by all heads when ``shared`` — and
-    the output size. Returns each head's prediction. Heads have their own weights; concatenating
+    the output size, and each head's input image (needed by heads that refine). Returns each head's
+    prediction. Heads have their own weights; concatenating
     them per call makes one conv call per layer instead of K, which is what matters when per-call
     overhead dominates (small maps, CPU).
     """
@@ -105,8 +120,5 @@ def aspp_stacked(heads: Sequence[ASPPHead], x: Tensor, size: tuple[int, int], sh
         total = y if total is None else total + y
     total = F.interpolate(total, size=size, mode="bilinear", align_corners=False)
     total = total.view(total.shape[0], k, width, *size)
-    preds = []
-    for i, (d, o) in enumerate(zip(defs, outs)):
-        y = total[:, i, :o]
-        preds.append(F.normalize(y, dim=1, eps=d.norm_eps) if d.normalize else y)
-    return preds
+    images = images if images is not None else [None] * k
+    return [h.finish(total[:, i, :o], image) for i, (h, o, image) in enumerate(zip(heads, outs, images))]

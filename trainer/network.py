@@ -186,24 +186,29 @@ class CentralNetwork(nn.Module):
             lanes = [[t] for t in range(len(names))]
         vl = self._trunk(x0, ge, ga, gb, [[task_idx[t] for t in lane] for lane in lanes])
         vl = vl.view(-1, len(lanes), *vl.shape[1:])
-        return self._heads(vl, names, lanes, (int(x0.shape[-2]), int(x0.shape[-1])))
+        images = [x0] * len(names) if spec.shared_input else list(x0)  # what a refining head reads
+        return self._heads(vl, names, lanes, (int(x0.shape[-2]), int(x0.shape[-1])), images)
 
-    def _heads(self, vl: Tensor, names: list[str], lanes: list[list[int]], size: tuple[int, int]) -> dict[str, Tensor]:
-        """Each task's prediction from v_L, (B, lanes, C_L, H_L, W_L); several ASPP heads at once."""
+    def _heads(self, vl: Tensor, names: list[str], lanes: list[list[int]], size: tuple[int, int],
+               images: list[Tensor]) -> dict[str, Tensor]:
+        """Each task's prediction from v_L, (B, lanes, C_L, H_L, W_L), and its input image; several
+        ASPP heads at once."""
         out: dict[str, Tensor] = {}
         aspp = [t for t in range(len(names)) if self.heads[names[t]].defn.kind == "aspp"]
         if len(aspp) > 1:
             heads = [self.heads[names[t]] for t in aspp]
+            imgs = [images[t] for t in aspp]
             if len(lanes) == 1:
-                preds = aspp_stacked(heads, vl[:, 0], size, shared=True)
+                preds = aspp_stacked(heads, vl[:, 0], size, shared=True, images=imgs)
             else:
                 feat = vl if len(aspp) == len(lanes) else vl[:, aspp]
-                preds = aspp_stacked(heads, feat.reshape(feat.shape[0], -1, *feat.shape[3:]), size, shared=False)
+                preds = aspp_stacked(heads, feat.reshape(feat.shape[0], -1, *feat.shape[3:]), size, shared=False,
+                                     images=imgs)
             out.update({names[t]: y for t, y in zip(aspp, preds)})
         for li, lane in enumerate(lanes):
             for t in lane:
                 if names[t] not in out:
-                    out[names[t]] = self.heads[names[t]](vl[:, li], size)
+                    out[names[t]] = self.heads[names[t]](vl[:, li], size, images[t])
         return {t: out[t] for t in names}
 
     def _check_input(self, x, per_task: list[str] | None) -> Tensor:
