@@ -69,7 +69,7 @@ def main() -> None:
     for name in args.runs.split(","):
         iters = dict(warmup_iters=args.warmup_iters, search_iters=args.search_iters,
                      finetune_iters=args.finetune_iters)
-        # The issue's protocol: the tiny preset (multidigits' default became tiny-avgpool since).
+        # The issue's protocol: the tiny preset (multidigits' default became tiny-v2 since).
         cfg = TrainConfig(dataset=NAME, preset="tiny", recipe="paper", weight_lr=1e-3, batch_size=args.batch_size, n_train=args.n_train,
                           n_test=args.n_test, **iters, **RUNS[name])
         run = args.work / name

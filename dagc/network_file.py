@@ -20,7 +20,7 @@ from typing import Any
 from dagc.errors import SpecError
 
 # The presets, each shipped as a network file in the package (dagc/networks/<name>.json).
-PRESETS = ("tiny", "tiny-avgpool", "omniglot", "vgg16")
+PRESETS = ("tiny", "tiny-v2", "omniglot", "vgg16")
 REQUIRED = ("states", "readout", "flow_constant")
 OPTIONAL = ("head_channels", "aspp_rates", "head_dropout", "refine_channels", "downsample", "input_size", "name", "description")
 # The heads' options a file may leave out: the same defaults as `dagc.spec.Spec`'s.

@@ -72,7 +72,7 @@ def _write(path, value):
     dict(in_channels=1, shared_input=False),
 ])
 def test_presets_build_the_specs_of_their_old_literal_values(name, options):
-    assert PRESETS == ("tiny", "tiny-avgpool", "omniglot", "vgg16")
+    assert PRESETS == ("tiny", "tiny-v2", "omniglot", "vgg16")
     kw = {**OLD_PRESETS[name], **{k: v for k, v in options.items() if k in ("flow_constant", "input_size")}}
     old = Spec(tasks=TASKS, in_channels=options.get("in_channels", 3), shared_input=options.get("shared_input", True),
                preset=name, **kw)

@@ -86,9 +86,9 @@ def test_network_files_take_the_option_and_refuse_other_values(tmp_path):
     for bad in ("average", None, 1):
         with pytest.raises(SpecError, match=r"net.json: downsample must be one of \['max_pool_after', 'average_before'\]"):
             Network.from_dict({**d, "downsample": bad}, source="net.json")
-    assert preset_network("tiny-avgpool") == dataclasses.replace(preset_network("tiny"), downsample="average_before",
-                                                                 name="tiny-avgpool",
-                                                                 description=preset_network("tiny-avgpool").description)
+    v2 = preset_network("tiny-v2")
+    assert v2 == dataclasses.replace(preset_network("tiny"), downsample="average_before", refine_channels=16,
+                                     name="tiny-v2", description=v2.description)
 
 
 # ------------------------------------------------------------------------------------------ refine
@@ -96,7 +96,7 @@ DENSE = (TaskSpec("seg", "segmentation", 3), TaskSpec("nrm", "normal"), TaskSpec
 
 
 def _refined(shared=True, rc=8):
-    return dataclasses.replace(preset("tiny-avgpool", DENSE, in_channels=1, shared_input=shared), refine_channels=rc)
+    return dataclasses.replace(preset("tiny-v2", DENSE, in_channels=1, shared_input=shared), refine_channels=rc)
 
 
 def test_a_refining_head_adds_two_convs_at_the_input_resolution():

@@ -69,5 +69,5 @@ def load(opts: LoadOptions) -> MultiTaskData:
     )
 
 
-DATASET = Dataset("multidigits", load, preset="tiny-avgpool", on_disk=False, tasks=tuple(_TASKS), input_size=(SIZE, SIZE),
+DATASET = Dataset("multidigits", load, preset="tiny-v2", on_disk=False, tasks=tuple(_TASKS), input_size=(SIZE, SIZE),
                   min_size=8, n_train=6000, n_test=1000)
