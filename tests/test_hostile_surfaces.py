@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from dagc.compiler.compile import compile_artifact
 from dagc.errors import ArtifactError, BenchError, CompileError, DagcError, DataError, ServeError
 from dagc.modelcheck import verify_artifact
+from dagc.network_file import preset_path
 from dagc.runtime import load
 from dagc.tools.bench import benchmark
 from dagc.tools.cli import main
@@ -43,8 +44,11 @@ def files(tmp_path_factory):
     np.save(root / "img.npy", np.zeros((3, 32, 32), np.float32))
     os.symlink(root / "loop2", root / "loop1")
     os.symlink(root / "loop1", root / "loop2")
+    v2 = json.loads(preset_path("tiny-v2").read_text())
+    (root / "down.json").write_text(json.dumps({**v2, "downsample": "average"}))
+    (root / "refine.json").write_text(json.dumps({**v2, "refine_channels": -16}))
     return {"ckpt": ckpt, "art": root / "art", "art8": root / "art8", "img": root / "img.npy",
-            "loop": root / "loop1", "root": root}
+            "loop": root / "loop1", "down": root / "down.json", "refine": root / "refine.json", "root": root}
 
 
 def _cli(argv, capsys):
@@ -137,6 +141,10 @@ OPTIONS = [
     ("train --out {out} --dataset folder --data-root {loop}", "is not a directory"),
     ("train --out {out} --network {loop}", "not a network file"),
     ("train --out {out} --init {loop}", "no such file"),
+    # the network options of issue 27 (downsample, refine_channels)
+    ("train --out {out} --network {down}", "downsample must be one of ['max_pool_after', 'average_before']"),
+    ("train --out {out} --network {refine}", "refine_channels must be an integer >= 0"),
+    ("train --out {out} --preset tiny-v3", "unknown preset 'tiny-v3'"),
 ]
 
 
