@@ -51,7 +51,7 @@ def cli() -> None:
 @click.option("--flow-constant", "flow_constant", type=int, default=None, help="Flow constant M >= 1.")
 @click.option("--input-size", "input_size", type=str, default=None,
               help="HxW of the data (e.g. 64x64; default: the dataset's own, 32x32 for synthetic).")
-@click.option("--recipe", type=str, default=None, help="measured (default; epochs, Adam 1e-3, cosine) or paper.")
+@click.option("--recipe", type=str, default=None, help="measured (epochs, Adam 1e-3, cosine) or paper (default: the dataset's; paper for digits).")
 @click.option("--lr-schedule", "lr_schedule", type=str, default=None, help="cosine or constant (default: the recipe's).")
 @click.option("--warmup-iters", type=int, default=None)
 @click.option("--search-iters", type=int, default=None)

@@ -53,7 +53,7 @@ class TrainConfig:
     # The schedule and optimisation: whatever is left None comes from the recipe (`RECIPES`):
     # batch size, learning rates and schedule at construction, the iteration counts from the
     # training split's size when the data is known (`resolved`, at the start of a run).
-    recipe: str = "measured"
+    recipe: str | None = None  # None: the dataset's own (its registered `Dataset.recipe`, "measured" for most)
     warmup_iters: int | None = None
     search_iters: int | None = None
     finetune_iters: int | None = None
@@ -105,6 +105,9 @@ class TrainConfig:
     val_every: int | None = None
 
     def __post_init__(self) -> None:
+        if self.recipe is None:  # the dataset's own (its registered `Dataset.recipe`)
+            ds = datasets.REGISTRY.get(self.dataset) if self.dataset in datasets.registry() else None
+            object.__setattr__(self, "recipe", ds.recipe if ds is not None else "measured")
         recipe = RECIPES.get(self.recipe)
         if recipe is not None:
             for name in ("batch_size", "weight_lr", "arch_lr", "lr_schedule"):

@@ -93,6 +93,7 @@ class Dataset:
             function from its root directory (None when not given) to its tasks; it raises
             DataError without a readable root. None for the other datasets.
         preset: the central network preset it trains with by default (`dagc.spec.PRESETS`).
+        recipe: the training recipe it trains with by default (`dagc.trainer.recipes.RECIPES`).
         choose_preset: for a dataset whose preset depends on its files (``folder``: the image
             size), the function from its root directory and the asked (H, W) (None: the files'
             own) to the preset; it raises DataError naming a bad file. None for the others.
@@ -113,6 +114,7 @@ class Dataset:
     min_size: int = 8
     n_train: int | None = None
     n_test: int | None = None
+    recipe: str = "measured"
 
 
 # --------------------------------------------------------------------------------- validation

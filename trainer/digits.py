@@ -113,5 +113,8 @@ def load(opts: LoadOptions) -> MultiTaskData:
 
 
 # The paper's homogeneous classification setting uses 8 states (Omniglot): the `omniglot` preset.
+# Its default recipe is the paper's: 1,300 images per task make the measured recipe's epochs 21 /
+# 21 / 102 iterations, and on seeds 0-2 it left one task per seed at 0.90-0.94 where the paper's
+# reached 0.98-1.00 (benchmarks/RESULTS.md, "Defaults that train a real problem").
 DATASET = Dataset("digits", load, preset="omniglot", on_disk=False, tasks=tuple(_TASKS), input_size=(8, 8),
-                  min_size=8)
+                  min_size=8, recipe="paper")

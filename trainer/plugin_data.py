@@ -12,6 +12,7 @@ from dagc.errors import DataError, PluginError, SpecError
 from dagc.spec import PRESETS, TaskSpec, check_task
 from dagc.trainer.data import IGNORE_INDEX, Dataset, LoadOptions, MultiTaskData, Split
 from dagc.trainer.kinds import training_of
+from dagc.trainer.recipes import RECIPES
 
 __all__ = ["check_dataset", "check_loaded"]
 
@@ -32,6 +33,8 @@ def check_dataset(ds: object, where: str) -> Dataset:
         raise PluginError(f"{where}: load must be a function LoadOptions -> MultiTaskData, got {ds.load!r}")
     if ds.preset not in PRESETS:
         raise PluginError(f"{where}: preset must be one of {list(PRESETS)}, got {ds.preset!r}")
+    if ds.recipe not in RECIPES:
+        raise PluginError(f"{where}: recipe must be one of {list(RECIPES)}, got {ds.recipe!r}")
     if not isinstance(ds.on_disk, bool):
         raise PluginError(f"{where}: on_disk must be True or False, got {ds.on_disk!r}")
     if not isinstance(ds.tasks, tuple) or not all(isinstance(t, str) and t for t in ds.tasks):

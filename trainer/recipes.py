@@ -1,11 +1,11 @@
 """Training recipes: the schedule and optimisation a run takes for what its configuration leaves
 unset, and the learning-rate schedule of each stage.
 
-    measured   the default: in epochs of the training split, batch 64, Adam 1e-3 with a short
-               linear ramp and cosine decay; batch and rate are the issue's working settings on
-               multidigits, the epochs set so a run takes about 6 minutes there on one core. Not
-               yet tuned across datasets: benchmarks/RESULTS.md, "Defaults that train a real
-               problem", has the runs made so far
+    measured   in epochs of the training split, batch 64, Adam 1e-3 with a short linear ramp
+               and cosine decay; batch and rate are issue 27's working settings on multidigits,
+               the epochs set so a run takes about 2.5 minutes there on one core; better than
+               `paper` on synthetic, worse on digits (benchmarks/RESULTS.md, "Defaults that train
+               a real problem"), so each dataset names its default (`Dataset.recipe`)
     paper      the paper's settings as dagc ran them before (Table 9's θ rate 1e-4, batch 16,
                100 / 300 / 400 iterations in the paper's 1:3:4 split, constant rates)
 """
