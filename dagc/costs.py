@@ -28,10 +28,10 @@ from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
 
-from dagc.blocks import BlockDef, blocks, head
+from dagc.blocks import HIDDEN, READ_IN, BlockDef, blocks, head
 from dagc.spec import Spec, TaskSpec
 
-__all__ = ["costs", "head_costs", "network_costs", "supernet_costs", "masked_parameters"]
+__all__ = ["costs", "head_costs", "network_costs", "supernet_costs", "masked_parameters", "block_flops"]
 
 
 def costs(macs: int, params: int) -> dict:
@@ -85,3 +85,20 @@ def masked_parameters(spec: Spec, gamma, alpha, beta) -> int:
     masks = tuple(np.asarray(m) for m in (gamma, alpha, beta))
     used = [(b, None) for b in blocks(spec) if np.asarray(b.mask(*masks)).any()]
     return network_costs(spec, used, spec.task_names)["params"]
+
+
+def block_flops(spec: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """FLOPs of every block of ``spec`` laid out as a task's masks: hidden edges (N, N) (zero off
+    the flow band), read-ins (N,) and read-outs (N,), float64. A sub-network's blocks cost the sum
+    of these under its masks (its head comes on top: `head_costs`)."""
+    n = spec.n_states
+    g, a, b = np.zeros((n, n)), np.zeros(n), np.zeros(n)
+    for blk in blocks(spec):
+        flops = 2 * blk.macs
+        if blk.kind == HIDDEN:
+            g[blk.src, blk.dst] = flops
+        elif blk.kind == READ_IN:
+            a[blk.dst] = flops
+        else:
+            b[blk.src] = flops
+    return g, a, b

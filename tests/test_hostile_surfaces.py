@@ -145,6 +145,10 @@ OPTIONS = [
     ("train --out {out} --network {down}", "downsample must be one of ['max_pool_after', 'average_before']"),
     ("train --out {out} --network {refine}", "refine_channels must be an integer >= 0"),
     ("train --out {out} --preset tiny-v3", "unknown preset 'tiny-v3'"),
+    # budgets (issue 21)
+    ("train --out {out} --budget 2ms", "latency budgets need a measured cost table"),
+    ("train --out {out} --budget 30MFLOPs --target-sparsity 0.5", "drop --target-sparsity"),
+    ("train --out {out} --budget 1e400MFLOPs", "positive and finite"),
 ]
 
 

@@ -77,8 +77,8 @@ def cli() -> None:
               help="Drop a component (repeatable): no-flow-restriction, no-read-in-out, no-fbr, no-squeeze.")
 @click.option("--reduction", type=str, default=None,
               help="Reduction after the search: fbr (default, Algorithm 1), threshold or random.")
-@click.option("--target-sparsity", "target_sparsity", type=float, default=None,
-              help="Stop the reduction at this sparsity S in (0, 1] (default: fbr's own stopping rule).")
+@click.option("--target-sparsity", "target_sparsity", type=float, default=None, help="Stop the reduction at sparsity S in (0, 1].")
+@click.option("--budget", type=str, default=None, help="FLOPs per task model, e.g. 30MFLOPs: priced search, reduction stops once it fits.")
 @click.option("--stats-batches", "stats_batches", type=int, default=None,
               help="Training batches each task's batch-norm statistics are re-estimated on at the end (default 32; "
                    "0: keep fine-tuning's running averages).")

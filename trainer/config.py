@@ -16,6 +16,7 @@ from dagc.network_file import Network
 from dagc.spec import PRESETS, preset_network
 from dagc.trainer import datasets
 from dagc.trainer.baselines import ABLATIONS, BASELINES
+from dagc.trainer.budget import parse_budget
 from dagc.trainer.losses import DENSE_LOSSES
 from dagc.trainer.recipes import LR_SCHEDULES, RECIPES
 from dagc.trainer.stages import AMP_MODES, REDUCTIONS
@@ -66,6 +67,9 @@ class TrainConfig:
     dense_loss: str = "l2"
     reduction: str = "fbr"
     target_sparsity: float | None = None
+    # A deployment budget per task model, "30MFLOPs" (dagc.trainer.budget): the cost-aware squeeze
+    # in place of Eq. 9, and Algorithm 1 stops once a task fits. None: the paper's.
+    budget: str | None = None
     seed: int = 0
     device: str = "cpu"
     save_every: int = 100
@@ -243,6 +247,11 @@ class TrainConfig:
             raise ConfigError(f"reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity <= 1:
             raise ConfigError(f"target_sparsity must be in (0, 1], got {self.target_sparsity!r}")
+        if self.budget is not None:
+            parse_budget(self.budget)
+            if self.target_sparsity is not None or self.baseline is not None or "no-fbr" in self.ablations:
+                raise ConfigError("--budget sets where the reduction stops; drop --target-sparsity, --baseline or "
+                                  "the no-fbr ablation")
 
     def _validate_speed(self) -> None:
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -316,6 +325,11 @@ class TrainConfig:
         if self.baseline is not None and stage == "finetune" and self.baseline_protocol == "total":
             return self.warmup_iters + self.search_iters + self.finetune_iters
         return getattr(self, f"{stage}_iters")
+
+    @property
+    def budget_flops(self) -> float | None:
+        """The budget in FLOPs per task model, or None."""
+        return None if self.budget is None else parse_budget(self.budget)
 
     def squeeze_budget(self, n_states: int) -> float:
         """κ of the squeeze loss for a network of ``n_states`` hidden states (default: N)."""

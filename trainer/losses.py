@@ -68,10 +68,18 @@ def regression_loss(pred: Tensor, target: Tensor, dense_loss: str = "l2",
     return loss(pred[keep], target[keep])
 
 
-def squeeze_loss(arch_gamma: Tensor, band: Tensor, kappa: float) -> Tensor:
-    """Eq. 9: Σ_k max(Σ_ij σ(γ^k_ij) − κ, 0) over each task's flow-band edges.
+def squeeze_loss(arch_gamma: Tensor, band: Tensor, kappa: float | Tensor,
+                 read: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    """Eq. 9: Σ_k max(Σ_ij σ(γ^k_ij) − κ, 0) over each task's flow-band edges; with costs, the
+    cost-aware squeeze of a budget: Σ_k max(Σ_ij c_ij σ(γ^k_ij) + Σ_i c_i σ(α^k_i) + Σ_i c'_i σ(β^k_i) − κ_k, 0).
 
-    Takes logits (K, N, N), the 0/1 band (N, N) and the budget κ; returns a scalar.
+    Takes logits (K, N, N); ``band``, the 0/1 band (N, N) or each hidden edge's cost (zero off the
+    band); the budget κ, a number or one per task (K,); and ``read``, (α logits (K, N), read-in
+    costs (N,), β logits (K, N), read-out costs (N,)) or None (Eq. 9 prices hidden edges only).
+    Returns a scalar.
     """
     per_task = (torch.sigmoid(arch_gamma) * band).sum(dim=(1, 2))
+    if read is not None:
+        alpha, alpha_costs, beta, beta_costs = read
+        per_task = per_task + (torch.sigmoid(alpha) * alpha_costs).sum(dim=1) + (torch.sigmoid(beta) * beta_costs).sum(dim=1)
     return torch.clamp(per_task - kappa, min=0).sum()

@@ -136,9 +136,10 @@ def _initial_flow_matrix(gamma: np.ndarray, alpha: np.ndarray, beta: np.ndarray)
     )
 
 
-def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity, removed: list | None = None):
+def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity, removed: list | None = None, fits=None):
     """Shared set-up and stopping rule; `choose` decides which edge to try next. ``removed``, if
-    given, receives (Ψ before the removal, flat index of the removed edge) for every removal."""
+    given, receives (Ψ before the removal, flat index of the removed edge) for every removal;
+    ``fits`` (binary gamma, alpha, beta -> bool), if given, stops at the first Ψ that fits."""
     g, a, b = _as_task_arrays(gamma, alpha, beta)
     target = _check_target(target_sparsity)
     total_edges = np.count_nonzero(g) + 2 * g.shape[0]
@@ -150,6 +151,8 @@ def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity, removed: 
             f"[{n_alpha}, {n_beta}] (are alpha or beta zero on all of them?)"
         )
     while target is None or np.count_nonzero(psi) / total_edges > target:
+        if fits is not None and fits(*split_flow_matrix((psi != 0).astype(np.int64))):
+            break
         edge = choose(psi)
         if edge is None:
             break
@@ -163,17 +166,18 @@ def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity, removed: 
     return split_flow_matrix((psi != 0).astype(np.int64))
 
 
-def flow_based_reduction(gamma, alpha, beta, *, target_sparsity=None):
+def flow_based_reduction(gamma, alpha, beta, *, target_sparsity=None, fits=None):
     """Flow-based reduction (paper Algorithm 1) of one task's sigmoid-ed weights.
 
     Repeatedly zeroes the edge with the smallest non-zero `flow_scores` (ties: first in row-major
     order of Ψ; an edge whose score is 0 is never removed) and stops at the first removal that
     would disconnect the input from the read-out, or when no edge has a positive score, or
-    (with `target_sparsity`) once the sparsity is <= the target. See the module docstring for
-    the set-up and the interpretations.
+    (with `target_sparsity`) once the sparsity is <= the target, or (with ``fits``, a budget's
+    test of binary gamma, alpha, beta: `dagc.trainer.budget.fits`) before the first removal once
+    the sub-network fits. See the module docstring for the set-up and the interpretations.
 
     Takes gamma (N×N, zero outside the flow-restricted band, in particular on and below the
-    diagonal), alpha (N), beta (N), all in [0, 1], and optionally target_sparsity in (0, 1].
+    diagonal), alpha (N), beta (N), all in [0, 1], and optionally target_sparsity in (0, 1] and fits.
     Returns (gamma_hat, alpha_hat, beta_hat), 0/1 np.int64 arrays of the input shapes, whose
     graph connects input to read-out. Raises SpecError on wrong shapes, NaN, values outside
     [0, 1], a bad target, or an input already disconnected within [N_α, N_β].
@@ -184,19 +188,20 @@ def flow_based_reduction(gamma, alpha, beta, *, target_sparsity=None):
         beta,
         lambda psi: _first_smallest_positive(flow_scores(psi)),
         target_sparsity,
+        fits=fits,
     )
 
 
-def threshold_reduction(gamma, alpha, beta, *, target_sparsity=None):
+def threshold_reduction(gamma, alpha, beta, *, target_sparsity=None, fits=None):
     """Baseline: like `flow_based_reduction`, but removes the edge with the smallest ψ.
 
     Ties go to the first edge in row-major order of Ψ. Takes, returns and raises as
     `flow_based_reduction`.
     """
-    return _reduce(gamma, alpha, beta, _first_smallest_positive, target_sparsity)
+    return _reduce(gamma, alpha, beta, _first_smallest_positive, target_sparsity, fits=fits)
 
 
-def random_reduction(gamma, alpha, beta, *, seed, target_sparsity=None):
+def random_reduction(gamma, alpha, beta, *, seed, target_sparsity=None, fits=None):
     """Baseline: like `flow_based_reduction`, but removes a uniformly random remaining edge.
 
     The edge is drawn among the non-zero entries of Ψ with ``np.random.default_rng(seed)``
@@ -212,7 +217,7 @@ def random_reduction(gamma, alpha, beta, *, seed, target_sparsity=None):
             return None
         return int(candidates[rng.integers(candidates.size)])
 
-    return _reduce(gamma, alpha, beta, choose, target_sparsity)
+    return _reduce(gamma, alpha, beta, choose, target_sparsity, fits=fits)
 
 
 def first_removals(gamma, alpha, beta, count: int = 3) -> list[dict]:

@@ -19,18 +19,19 @@ from torch import Tensor
 
 from dagc.errors import ConfigError
 from dagc.trainer.baselines import full_masks
+from dagc.trainer.budget import fits as budget_fits
 from dagc.trainer.kinds import task_loss
 from dagc.trainer.losses import squeeze_loss
 from dagc.trainer.network import CentralNetwork
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
 
-# Each reduction as (gamma, alpha, beta, seed, target_sparsity) -> binary (gamma, alpha, beta);
+# Each reduction as (gamma, alpha, beta, seed, target_sparsity, fits) -> binary (gamma, alpha, beta);
 # only the random one uses the seed.
 _REDUCE = {
-    "fbr": lambda g, a, b, seed, target: flow_based_reduction(g, a, b, target_sparsity=target),
-    "threshold": lambda g, a, b, seed, target: threshold_reduction(g, a, b, target_sparsity=target),
-    "random": lambda g, a, b, seed, target: random_reduction(g, a, b, seed=seed, target_sparsity=target),
+    "fbr": lambda g, a, b, seed, target, fits: flow_based_reduction(g, a, b, target_sparsity=target, fits=fits),
+    "threshold": lambda g, a, b, seed, target, fits: threshold_reduction(g, a, b, target_sparsity=target, fits=fits),
+    "random": lambda g, a, b, seed, target, fits: random_reduction(g, a, b, seed=seed, target_sparsity=target, fits=fits),
 }
 REDUCTIONS = tuple(_REDUCE)
 AMP_MODES = ("none", "bf16", "fp16")
@@ -128,14 +129,19 @@ def warmup_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
 def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
                 targets: Mapping[str, Tensor], squeeze_weight: float, kappa: float,
                 dense_loss: str = "l2", *, model: Callable | None = None,
-                precision: Precision | None = None) -> dict[str, float]:
+                precision: Precision | None = None, costs: tuple[Tensor, ...] | None = None) -> dict[str, float]:
     """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together.
-    ``model`` / ``precision`` as in `total_task_loss`. Returns the losses."""
+    ``model`` / ``precision`` as in `total_task_loss`; ``costs`` (`dagc.trainer.budget.loss_costs`)
+    makes L_sq the cost-aware squeeze of a budget instead of Eq. 9 with ``kappa``. Returns the losses."""
     net.train()
     loss, parts = total_task_loss(net, x, targets, dense_loss, model=model, precision=precision)
     # Outside the wrapper's forward, but arch_gamma is also used inside it, so its gradient
     # (both terms summed) is all-reduced once under DDP; the squeeze term is equal on every rank.
-    sq = squeeze_loss(net.arch_gamma, net.band, kappa)
+    if costs is None:
+        sq = squeeze_loss(net.arch_gamma, net.band, kappa)
+    else:
+        g_cost, a_cost, b_cost, budgets = costs
+        sq = squeeze_loss(net.arch_gamma, g_cost, budgets, (net.arch_alpha, a_cost, net.arch_beta, b_cost))
     total = loss + squeeze_weight * sq
     opt.zero_grad(set_to_none=True)
     (precision or Precision()).backward_step(total, opt)
@@ -146,10 +152,11 @@ finetune_step = warmup_step  # same update; the network is in hard mode by then
 
 
 def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
-                   target_sparsity: float | None = None) -> dict[str, dict[str, float]]:
+                   target_sparsity: float | None = None, budget: float | None = None) -> dict[str, dict[str, float]]:
     """Discretise every task's σ(Γ, A, B) (Algorithm 1, threshold or random reduction, or ``none``:
-    keep every edge), close the masks, and switch the network to hard mode. Returns the topology
-    (D, W, S) of each task's sub-network. The random reduction of task k draws from ``seed + k``.
+    keep every edge), close the masks, and switch the network to hard mode; with ``budget``
+    (FLOPs per task model) a reduction stops as soon as the task's sub-network fits it. Returns
+    the topology (D, W, S) of each task's sub-network. The random reduction of task k draws from ``seed + k``.
     Raises ConfigError for an unknown method or target."""
     if method not in (*REDUCTIONS, "none"):
         raise ConfigError(f"unknown reduction {method!r}; choose one of {[*REDUCTIONS, 'none']}")
@@ -164,7 +171,8 @@ def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
         if method == "none":  # the no-fbr ablation: every edge stays
             g, a, b = (m[k] for m in keep_all)
         else:
-            g, a, b = _REDUCE[method](gam[k], alp[k], bet[k], seed + k, target_sparsity)
+            fit = None if budget is None else budget_fits(net.spec, task.name, budget)
+            g, a, b = _REDUCE[method](gam[k], alp[k], bet[k], seed + k, target_sparsity, fit)
         g, a, b = close_masks(g, a, b)
         masks.append((g, a, b))
         topo[task.name] = topology_metrics(g, a, b, band)

@@ -132,7 +132,8 @@ def reduce_and_rewind(run: Run, on_reduced: Callable[[Run], None] | None = None)
     equal on all of them (checked at the search's end) and the reduction is deterministic, so all
     ranks get the same masks."""
     cfg = run.cfg
-    run.topology = reduce_network(run.net, cfg.reduction_method, seed=cfg.seed, target_sparsity=cfg.target_sparsity)
+    run.topology = reduce_network(run.net, cfg.reduction_method, seed=cfg.seed, target_sparsity=cfg.target_sparsity,
+                                  budget=cfg.budget_flops)
     if on_reduced is not None:
         on_reduced(run)
     rewind(run.net, run.rewind_theta)

@@ -47,6 +47,7 @@ from dagc.checkpoint import save_checkpoint
 from dagc.errors import CheckpointError, ConfigError
 from dagc.trainer import distributed, single_task
 from dagc.trainer.batches import build_spec, load_data, split_validation, training_size
+from dagc.trainer.budget import task_budgets
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData, Split
 from dagc.trainer.estimate import estimate_seconds, format_estimate
@@ -117,6 +118,8 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     if run is None:  # the recipe's epochs become iterations for this (reduced) training split
         cfg = cfg.resolved(training_size(data))
     spec = build_spec(cfg, data)
+    if cfg.budget is not None:  # before anything is written: a head alone may not fit
+        task_budgets(spec, cfg.budget_flops)
     if run is None:  # before anything is written: --init may refuse its file
         run = new_run(cfg, spec, device)
     elif run.spec != spec:
