@@ -12,12 +12,14 @@ import torch
 from compiler_cases import compiled_artifact, random_reduced_net
 
 from dagc.blocks import block, blocks, head
+from dagc.compiler.ir import build_graph, input_name
+from dagc.compiler.lower import lower
 from dagc.costs import head_costs, supernet_costs
 from dagc.errors import SpecError
 from dagc.network_file import DOWNSAMPLES, Network, preset_network
 from dagc.runtime import load
 from dagc.spec import Spec, TaskSpec, preset
-from dagc.trainer.network import CentralNetwork
+from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.stages import make_optimizer, warmup_step
 
 TASKS = (TaskSpec("seg", "segmentation", 3), TaskSpec("cls", "classification", 4))
@@ -142,8 +144,14 @@ def test_the_compiled_refining_heads_match_the_supernet(tmp_path, shared):
     with torch.no_grad():
         ref = net(torch.from_numpy(x)) if shared else net({t: torch.from_numpy(v) for t, v in feeds.items()})
     got = load(art, backend="onnxruntime").run(feeds)
+    lowered = lower(build_graph(spec, network_tensors(net)))  # the torch lowering (AOTInductor's source)
+    with torch.no_grad():
+        by_input = {input_name(None): x} if shared else {input_name(t): v for t, v in feeds.items()}
+        ins = {i: torch.from_numpy(by_input[i]) for i in lowered.inputs}
+        low = lowered.run(ins)
     for t in spec.task_names:
         np.testing.assert_allclose(got[t], ref[t].numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(low[t].numpy(), ref[t].numpy(), rtol=1e-4, atol=1e-4)
     assert json.loads((art / "manifest.json").read_text())["spec"]["refine_channels"] == 8
 
 
