@@ -34,6 +34,7 @@ from dagc.modelcheck import verify_artifact
 from dagc.precisions import routable
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
+from dagc.trainer.budget import parse_budget
 from dagc.trainer.network import network_from_checkpoint
 
 SHARED_MODEL = "model.onnx"
@@ -318,9 +319,16 @@ def preview_manifest(ckpt_path: str | Path) -> mf.Manifest:
     return _manifest(ck, raw, graph, None, None)
 
 
-def summary(manifest: mf.Manifest) -> str:
-    """A one-screen text summary of a manifest: per-task FLOPs against the supernet, topology,
-    models and sharing."""
+def run_budget(ckpt_path: str | Path) -> float | None:
+    """The FLOPs budget the checkpoint's run searched for (`dagc.trainer.budget`), or None (no
+    budget, or a checkpoint without a run configuration). Raises like `load_checkpoint`."""
+    config = load_checkpoint(ckpt_path).json("config") or {}
+    return parse_budget(config["budget"]) if isinstance(config, dict) and config.get("budget") else None
+
+
+def summary(manifest: mf.Manifest, budget: float | None = None) -> str:
+    """A one-screen text summary of a manifest: per-task FLOPs against the supernet (and against
+    ``budget``, FLOPs per task model, when the run had one), topology, models and sharing."""
     costs = manifest.costs
     sup = costs.supernet.flops
     lines = [f"{'task':<14}{'MFLOPs':>10}{'vs supernet':>13}{'params':>11}   D  W      S"]
@@ -331,6 +339,10 @@ def summary(manifest: mf.Manifest) -> str:
     sh, un = costs.shared, costs.unshared
     lines += ["", f"shared model: {sh.flops / 1e6:.2f} MFLOPs ({sh.flops / sup:.1%} of the unpruned supernet's "
               f"{sup / 1e6:.2f}; {un.flops / 1e6:.2f} without cross-task sharing), {sh.params:,} parameters"]
+    if budget is not None:
+        fit = [f"{t} {c.flops / 1e6:.2f} ({'fits' if c.flops <= budget else f'{c.flops / budget - 1:+.0%} over'})"
+               for t, c in costs.per_task.items()]
+        lines.append(f"budget: {budget / 1e6:g} MFLOPs per task model: {', '.join(fit)}")
     shared_rows = [r for r in manifest.sharing if len(r.tasks) > 1]
     lines.append(f"state instances: {len(manifest.sharing)}, shared by several tasks: {len(shared_rows)}")
     for r in shared_rows:

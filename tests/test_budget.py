@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dagc.checkpoint import load_checkpoint
+from dagc.compiler.compile import preview_manifest, run_budget, summary
 from dagc.costs import block_flops, head_costs, supernet_costs
 from dagc.errors import ConfigError
 from dagc.spec import TaskSpec, preset
@@ -120,3 +121,11 @@ def test_a_budgeted_run_records_its_budget_and_keeps_what_fits(tmp_path):
     for t in paper["topology"]:
         assert big["topology"][t]["S"] >= paper["topology"][t]["S"]
     assert sum(big["topology"][t]["S"] for t in big["topology"]) > sum(paper["topology"][t]["S"] for t in paper["topology"])
+    # compile and inspect say what each task's model costs against the budget
+    ckpt = tmp_path / "big" / "checkpoint.safetensors"
+    assert run_budget(ckpt) == 1e12 and run_budget(tmp_path / "paper" / "checkpoint.safetensors") is None
+    line = [x for x in summary(preview_manifest(ckpt), run_budget(ckpt)).splitlines() if x.startswith("budget:")]
+    assert line == ["budget: 1e+06 MFLOPs per task model: " + ", ".join(
+        f"{t} {c.flops / 1e6:.2f} (fits)" for t, c in preview_manifest(ckpt).costs.per_task.items())]
+    tight = summary(preview_manifest(ckpt), 1e6)
+    assert all(f"{t} " in tight for t in big["topology"]) and "over)" in tight

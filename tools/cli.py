@@ -187,12 +187,12 @@ def recalibrate(checkpoint, out, data_root, batches, batch_size, device) -> None
               help="Directory of the run's on-disk dataset (for calibration and the accuracy check).")
 def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precision_options) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
-    from dagc.compiler.compile import compile_artifact, summary
+    from dagc.compiler.compile import compile_artifact, run_budget, summary
 
     manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16, bf16=bf16, device=device,
                                 batches=_int_list("--batch", batch), precisions=precision_options.pop("precision"),
                                 **precision_options)
-    click.echo(summary(manifest))
+    click.echo(summary(manifest, run_budget(checkpoint)))
     click.echo(f"\nwrote {out} (compiled and verified in {manifest.compile_seconds:.1f} s)")
 
 
@@ -205,7 +205,7 @@ def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precisi
 def inspect(path, network, tasks, input_sizes, in_channels) -> None:
     """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory; with
     --network, a network file's states, edges, parameters and FLOPs before any training."""
-    from dagc.compiler.compile import preview_manifest, summary
+    from dagc.compiler.compile import preview_manifest, run_budget, summary
     from dagc.modelcheck import verify_artifact
     from dagc.tools.evaluate import checkpoint_stages
     from dagc.tools.network_info import describe_network, parse_tasks
@@ -218,7 +218,7 @@ def inspect(path, network, tasks, input_sizes, in_channels) -> None:
     elif tasks is not None or input_sizes or in_channels != 3:
         raise DagcError("--tasks, --input-size and --in-channels describe a --network file; drop them for PATH")
     else:
-        click.echo(summary(verify_artifact(path)) if path.is_dir() else summary(preview_manifest(path)) + checkpoint_stages(path))
+        click.echo(summary(verify_artifact(path)) if path.is_dir() else summary(preview_manifest(path), run_budget(path)) + checkpoint_stages(path))
 
 
 @cli.group()
