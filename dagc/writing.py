@@ -76,7 +76,8 @@ def check_name_fits(path: str | os.PathLike, *, what: str, error: type[DagcError
         n = len(os.fsencode(part))
         if n > limit:
             shown = part if len(part) <= 48 else f"{part[:40]}...{part[-5:]}"
-            raise error(f"{what} {path}: the name {shown!r} is {n} bytes long, and this file system allows "
+            where = str(path).replace(part, shown)  # the name once, shortened: one readable line
+            raise error(f"{what} {where}: the name {shown!r} is {n} bytes long, and this file system allows "
                         f"at most {limit} bytes in a name; choose a shorter name")
     return path
 
