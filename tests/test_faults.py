@@ -272,6 +272,26 @@ def test_run_on_an_input_with_a_long_stem(base, tmp_path, capsys):
     assert not (tmp_path / "out2").exists()
 
 
+def test_a_killed_write_to_a_long_name_is_cleaned_up_by_the_next(base, tmp_path, capsys):
+    """The shortened temporary name is the same rule for every process: the next write finds what
+    a killed one left (`remove_stale`)."""
+    # imported here: dagc.writing is new with the fix, and the other tests run on older code too
+    from dagc import outputs
+    from dagc.writing import tmp_sibling
+
+    out = tmp_path / ("a" * 250)
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    stale = tmp_sibling(out, f".dagc-tmp-{outputs._host()}-{p.pid}-0000000a", reserve=outputs._TMP_TAIL)
+    stale.mkdir()
+    (stale / ".dagc-tmp.json").write_text(json.dumps({"format": "dagc.tmp", "files": ["model.onnx"]}))
+    (stale / "model.onnx").write_bytes(b"half")
+    assert len(os.fsencode(stale.name)) <= name_max(tmp_path)
+    code, _, err = _cli(["compile", base / "c1.safetensors", "--out", out], capsys)
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path)) == [out.name]
+
+
 @pytest.mark.parametrize("argv", [
     ["compile", "{c1}", "--out", "{tmp}/" + "a" * 300],
     ["export", "triton", "{art}", "--out", "{tmp}/" + "r" * 300],
