@@ -10,6 +10,8 @@ one line a failed write becomes.
 * `write_atomic`: write through a temporary sibling, fsync, rename into place.
 * `write_failed`: the `DagcError` an error of the operating system (or a library reporting one)
   while writing becomes: it names the path and, when the device is full, says so.
+* `fault_line`: the CLI's one line for an error; an OSError that no command turned into a
+  `DagcError` (a name too long for any input path, say) gets one too, never a traceback.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 from dagc.errors import DagcError
 
-__all__ = ["name_max", "tmp_sibling", "check_name_fits", "write_atomic", "write_failed", "fsync_dir"]
+__all__ = ["name_max", "tmp_sibling", "check_name_fits", "write_atomic", "write_failed", "fsync_dir", "fault_line"]
 
 _DEFAULT_NAME_MAX = 255
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -156,3 +158,20 @@ def write_atomic(path: str | os.PathLike, write: Callable[[str], object], *, err
                 pass
     fsync_dir(path.parent)  # make the rename itself durable
     return path
+
+
+def fault_line(e: DagcError | OSError) -> str:
+    """The one line ``dagc: error: ...`` says for ``e``: a DagcError's message; for an OSError that
+    reached the CLI unconverted, the path, the system's reason and what to do (a full device and a
+    name too long are said as such)."""
+    if isinstance(e, DagcError):
+        return str(e)
+    path = e.filename if e.filename is not None else "a file"
+    if e.errno == errno.ENAMETOOLONG:
+        shown = str(path) if len(str(path)) <= 60 else f"{str(path)[:60]}..."
+        return (f"{shown}: a name in this path is longer than the file system allows (at most "
+                f"{name_max(os.path.dirname(os.path.abspath(path)))} bytes in a name); choose a shorter name")
+    full = write_failed(path, e, DagcError)
+    if full is not None and "device is full" in str(full):
+        return str(full)
+    return f"{path}: {e.strerror or e}; check the path and its permissions, then run the command again"

@@ -297,6 +297,11 @@ def test_a_killed_write_to_a_long_name_is_cleaned_up_by_the_next(base, tmp_path,
     ["export", "triton", "{art}", "--out", "{tmp}/" + "r" * 300],
     ["export", "triton", "{art}", "--out", "{tmp}/repo", "--name", "n" * 250],
     ["run", "{art}", "{c1}", "--out", "{tmp}/" + "o" * 300],
+    ["train", "--out", "{tmp}/" + "t" * 300],
+    ["train", "--resume", "{tmp}/" + "t" * 300],
+    ["recalibrate", "{c1}", "--out", "{tmp}/" + "c" * 300],
+    ["inspect", "{tmp}/" + "i" * 300],
+    ["evaluate", "{tmp}/" + "e" * 300],
 ])
 def test_a_name_that_cannot_fit_is_one_line_naming_the_limit(base, tmp_path, capsys, argv):
     argv = [a.format(c1=base / "c1.safetensors", art=base / "art", tmp=tmp_path) for a in argv]
