@@ -51,7 +51,7 @@ def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read
+        os.chmod(tmp, 0o644)  # the temporary is private (0600); results are meant to be read
 
     write_atomic(path, write, error=BenchError, then="run dagc bench again")
 
