@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from dagc.errors import ArtifactError, CompileError
 from dagc.manifest import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, Manifest
 from dagc.outputs import check_replaceable, check_writable_dir, install, remove_owned, remove_stale, stage
+from dagc.writing import check_name_fits, fsync_dir, write_failed
 
 MANIFEST = "manifest.json"
 REPORT = "report.md"
@@ -64,19 +65,6 @@ def _write(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def check_out_dir(out_dir: str | os.PathLike, *, force: bool, inputs: Sequence[str | os.PathLike] = (),
                   what: str = "input") -> Path:
     """The checks `write_tree` makes before writing, for a command to make before its work: the
@@ -106,30 +94,36 @@ def write_tree(out_dir: str | os.PathLike, files: Mapping[str, bytes], *, force:
 
     Raises CompileError if ``out_dir`` has no name, is or holds an input, exists without
     ``force``, exists and is not a directory dagc wrote (`dagc.outputs.check_replaceable`; all
-    before writing anything), or a path is not a plain relative path. On any error the temporary
-    directory is removed and an existing ``out_dir`` is left as it was.
+    before writing anything), a path is not a plain relative path or has a name too long for the
+    file system, or the system fails a write (a full device: the message says so). On any error
+    the temporary directory is removed and an existing ``out_dir`` is left as it was.
     """
     out_dir = check_out_dir(out_dir, force=force, inputs=inputs)
     paths = {n: _plain_relative(n) for n in files}
-    for d in dirs:
-        _plain_relative(d)
+    for n in [*files, *dirs]:
+        check_name_fits(out_dir.joinpath(*_plain_relative(n).parts), what="cannot write", error=CompileError)
     parent = out_dir.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(out_dir)
-    tmp = stage(out_dir, files)
+    tmp = None
     try:
+        parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(out_dir)
+        tmp = stage(out_dir, files)
         for n in sorted(files):
             _write(tmp.joinpath(*paths[n].parts), bytes(files[n]))
         for d in dirs:
             tmp.joinpath(*_plain_relative(d).parts).mkdir(parents=True, exist_ok=True)
         for d in sorted({tmp, *(p for p in tmp.rglob("*") if p.is_dir())}):
-            _fsync_dir(d)
+            fsync_dir(d)
         install(tmp, out_dir, force=force, inputs=inputs, error=CompileError)
-    except BaseException:
-        if tmp.exists():
+    except BaseException as e:
+        if tmp is not None and tmp.exists():
             remove_owned(tmp)
-        raise
-    _fsync_dir(parent)
+        failed = write_failed(out_dir, e, CompileError) if isinstance(e, Exception) else None
+        if failed is None:
+            raise
+        kept = " (the existing one is unchanged)" if force and os.path.lexists(out_dir) else ""
+        raise CompileError(f"{failed}{kept}") from None
+    fsync_dir(parent)
     return out_dir
 
 

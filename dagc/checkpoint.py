@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from dagc.blocks import BN_BUFFERS, blocks
 from dagc.errors import CheckpointError, SpecError
 from dagc.outputs import broken_link
 from dagc.spec import Spec
+from dagc.writing import write_atomic
 
 FORMAT = "dagc.checkpoint"
 # 2: batch-norm running statistics per task, (K, C) and counters (K,); 1 had one set, (C,) and ().
@@ -69,41 +69,18 @@ class Checkpoint:
         return {k[len(p):]: v for k, v in self.tensors.items() if k.startswith(p)}
 
 
-def write_atomic(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` on a temporary file next to ``path``, fsync it, then rename it over
-    ``path``: a reader (or a crash) never sees a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], spec: Spec,
-                    stage: str, **meta: Any) -> None:
-    """Write a checkpoint atomically. Extra keyword metadata is stored as JSON strings."""
+                    stage: str, *, then: str = "run the command again", **meta: Any) -> None:
+    """Write a checkpoint atomically (`dagc.writing.write_atomic`). Extra keyword metadata is stored
+    as JSON strings. Raises CheckpointError when the system fails the write (a full device: the
+    message says so; ``then``: what to do once space is freed), ValueError for an unknown stage."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": spec.to_json(),
                 "stage": stage}
     metadata.update({k: json.dumps(v, sort_keys=True) for k, v in meta.items()})
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+    write_atomic(path, lambda tmp: save_file(contiguous, tmp, metadata=metadata), error=CheckpointError, then=then)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

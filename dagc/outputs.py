@@ -10,7 +10,8 @@ of files (an artifact, a Triton model repository) is put in place or replaced.
   in it, it is not a symbolic link, and it neither is, holds nor lies inside one of the command's
   inputs. A training run directory has no such marker, so it is never replaced.
 * `stage` and `install`: a directory is written in full under a temporary sibling
-  ``.NAME.dagc-tmp-<host>-<pid>-<random>`` (with a marker listing what it will hold) and then
+  ``.NAME.dagc-tmp-<host>-<pid>-<random>`` (a long NAME cut and hashed to fit the file system,
+  `dagc.writing.tmp_sibling`; with a marker listing what it will hold) and then
   swapped in with one ``renameat2(RENAME_EXCHANGE)``: at every instant the path holds either the
   complete old or the complete new directory, whatever system call a kill -9 interrupts. The old
   one, now under the temporary name, is then removed (its listed files first, its marker last,
@@ -32,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from dagc.errors import DagcError
+from dagc.writing import check_name_fits, tmp_sibling
 
 TMP_MARKER = ".dagc-tmp.json"
 # marker file at the top of a directory dagc wrote -> the "format" it holds; its "files" list the rest
@@ -105,8 +107,9 @@ def check_writable_dir(path: str | os.PathLike, *, option: str, error: type[Dagc
     """Check, before any work, that directory ``path`` can be created (or, when it exists, written
     in); creates nothing. Takes the path, the option it came from (for the message) and the
     DagcError subclass to raise; returns the path. Raises ``error`` when the path is a file, lies
-    under a regular file, or the nearest existing directory cannot be reached or written."""
-    path = Path(path)
+    under a regular file, has a name too long for its file system (`dagc.writing.check_name_fits`),
+    or the nearest existing directory cannot be reached or written."""
+    path = check_name_fits(path, what=option, error=error)
     try:
         if path.exists() and not path.is_dir():
             raise error(f"{option} {path} exists and is not a directory; choose a directory for {option}")
@@ -121,7 +124,7 @@ def check_writable_file(path: str | os.PathLike, *, option: str, error: type[Dag
     """`check_writable_dir` for a file to be written (replaced) at ``path``: it must not be a
     directory, and its directory must exist or be creatable, and be writable. Returns the path;
     raises ``error``."""
-    path = Path(path)
+    path = check_name_fits(path, what=option, error=error)
     try:
         if path.is_dir():
             raise error(f"{option} {path} is a directory; give a file name")
@@ -234,12 +237,18 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
 
 
-def _tmp_pattern(name: str) -> re.Pattern:
-    return re.compile(re.escape(f".{name}{_TMP_TAG}") + r"(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]{8}\Z")
+# the longest tail `_tmp_name` adds (tag, a 24-character host, a pid, 8 hex digits): a long NAME is
+# shortened by the same rule for every process, so `remove_stale` finds what another one left
+_TMP_TAIL = len(_TMP_TAG) + 24 + 1 + 10 + 1 + 8
+
+
+def _tmp_pattern(out: Path) -> re.Pattern:
+    prefix = tmp_sibling(out, _TMP_TAG, reserve=_TMP_TAIL).name
+    return re.compile(re.escape(prefix) + r"(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[0-9a-f]{8}\Z")
 
 
 def _tmp_name(out: Path) -> Path:
-    return out.parent / f".{out.name}{_TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    return tmp_sibling(out, f"{_TMP_TAG}{_host()}-{os.getpid()}-{secrets.token_hex(4)}", reserve=_TMP_TAIL)
 
 
 def stage(out: Path, names: Iterable[str]) -> Path:
@@ -356,7 +365,7 @@ def remove_stale(out: Path) -> list[Path]:
     """Remove the temporary directories a killed write to ``out`` left next to it: named as
     `stage` names them, by a process of this host that is gone, and holding only files a marker
     in them lists (or none). Returns what was removed; anything it cannot prove is left."""
-    pattern, removed = _tmp_pattern(out.name), []
+    pattern, removed = _tmp_pattern(out), []
     try:
         entries = list(os.scandir(out.parent))
     except OSError:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from dagc.outputs import check_not_input, check_writable_dir
 from dagc.pictures import MAX_PIXELS, PictureError, PictureTooLarge, decode_picture
 from dagc.preprocessing import Preprocessing, resize_chw
 from dagc.runtime.engine import ArtifactError, InputError, load
+from dagc.writing import check_name_fits, write_atomic, write_failed
 
 __all__ = ["read_image", "save_outputs", "run_images", "IMAGE_SUFFIXES", "MAX_PIXELS"]
 
@@ -150,20 +150,8 @@ def read_image(path: str | os.PathLike, input_spec: Mapping[str, Any]) -> np.nda
 
 
 def _atomic_write(path: Path, write) -> Path:
-    """Write through ``write(tmp_path)`` to a temporary sibling, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    """`dagc.writing.write_atomic`, failing with InputError (the output directory is the caller's)."""
+    return write_atomic(path, write, error=InputError)
 
 
 def _save_png(path: Path, rgb_or_grey: np.ndarray) -> Path:
@@ -204,8 +192,9 @@ def _safe(name: str) -> str:
 
 
 def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np.ndarray],
-                 manifest: Manifest) -> list[Path]:
-    """Write one sample's outputs; returns the paths written.
+                 manifest: Manifest, written: list[Path] | None = None) -> list[Path]:
+    """Write one sample's outputs; returns the paths written (``written``, when given, gets each
+    path as soon as its file is complete: what an error leaves).
 
     Takes the output directory (created if needed), the sample's name (file name stem), its
     outputs task -> array ((out, H, W) for dense tasks, (classes,) for classification; a leading
@@ -220,15 +209,14 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
       (``label``) with softmax probabilities;
     * regression (any other per-image kind): ``<name>_<task>.json``, its ``values``.
 
-    Every file is written atomically (temporary file, then rename).
-    """
+    Every file is written atomically (`dagc.writing.write_atomic`; InputError, a full device says
+    so): an error leaves no partial file."""
     from matplotlib import colormaps
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _make_dir(Path(out_dir))
     kinds = {t: info.kind for t, info in manifest.tasks.items()}
     per_image = {t for t, info in manifest.tasks.items() if len(info.output_shape) == 1}
-    written: list[Path] = []
+    written = [] if written is None else written
     stem = _safe(name)
     for task, value in outputs.items():
         y = np.asarray(value, dtype=np.float32)
@@ -265,6 +253,14 @@ def save_outputs(out_dir: str | os.PathLike, name: str, outputs: Mapping[str, np
     return written
 
 
+def _make_dir(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(out, e, InputError) from None
+    return out
+
+
 def _write_json(path: Path, doc: dict) -> Path:
     """Writes ``doc`` as indented JSON, atomically; returns the path."""
     text = json.dumps(doc, indent=2) + "\n"
@@ -295,7 +291,9 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     repeated stem gets ``_2``, ``_3``...) and written by `save_outputs`.
 
     Raises InputError (no images, an unreadable file, a bad task list, an ``out_dir`` that cannot
-    be written or lies in the artifact: checked before anything runs) and ArtifactError. Warns
+    be written or lies in the artifact, an output name too long for the file system: checked before
+    anything runs; a write that fails, e.g. on a full device: the message says how many output
+    files were written completely, and no file is left partly written) and ArtifactError. Warns
     (`NoPreprocessingWarning`) when the artifact records no preprocessing and image files are given.
     """
     check_writable_dir(out_dir, option="--out", error=InputError)
@@ -307,6 +305,8 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
         raise InputError("no image files given; pass PNG, JPEG or .npy files")
     engine = load(artifact_dir, backend, precision=precision)
     names = engine._task_list(tasks)  # validate before reading any image
+    per_image = [t for t in names if len(engine.manifest.tasks[t].output_shape) == 1]
+    stems = _stems(files, {t: ".json" if t in per_image else ".png" for t in names}, out_dir)
     if engine.preprocessing is None and any(Path(p).suffix.lower() != ".npy" for p in files):
         # a checkpoint made with the Python API may record none; the pixels then reach the model
         # as [0, 1] values, which is right only if it was trained on such values
@@ -317,13 +317,27 @@ def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLik
     else:
         images = {t: batch for t in names}
     outputs = engine.run(images, names)
-    used: set[str] = set()
     written: list[Path] = []
-    for i, p in enumerate(files):
+    try:
+        for i, stem in enumerate(stems):
+            save_outputs(out_dir, stem, {t: outputs[t][i] for t in names}, engine.manifest, written)
+    except InputError as e:  # a full disk half-way: say what is there, complete
+        raise InputError(f"{e} ({len(written)} of {2 * len(files) * len(names)} output files had been written "
+                         f"completely to {out_dir}, none partly)") from None
+    return written
+
+
+def _stems(files: Sequence[Path], suffixes: Mapping[str, str], out_dir: str | os.PathLike) -> list[str]:
+    """Each image's output stem (a repeated one gets ``_2``, ``_3``...), every output name (task ->
+    its longest suffix, `save_outputs`) checked to fit the file system (InputError naming the
+    limit) before the model runs."""
+    stems: list[str] = []
+    for p in files:
         stem, n = _safe(p.stem), 1
-        while stem in used:
+        while stem in stems:
             n += 1
             stem = f"{_safe(p.stem)}_{n}"
-        used.add(stem)
-        written += save_outputs(out_dir, stem, {t: outputs[t][i] for t in names}, engine.manifest)
-    return written
+        stems.append(stem)
+        longest = max((f"{stem}_{_safe(t)}{x}" for t, x in suffixes.items()), key=lambda s: len(os.fsencode(s)))
+        check_name_fits(Path(out_dir) / longest, what=f"the output of {p} in --out", error=InputError)
+    return stems

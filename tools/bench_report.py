@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-from dagc.checkpoint import write_atomic
+from dagc.errors import BenchError
 from dagc.tools.bench_precision import table_lines
+from dagc.writing import write_atomic
 
 __all__ = ["format_table", "write_json", "plot"]
 
@@ -44,20 +44,21 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write ``result`` as indented JSON, atomically."""
+    """Write ``result`` as indented JSON, atomically. Raises BenchError (one line naming the path)
+    when the system fails the write, e.g. a full device."""
     text = json.dumps(result, indent=1, allow_nan=False) + "\n"
 
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read
+        os.chmod(tmp, 0o644)  # the temporary is private (0600); results are meant to be read
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, write)
+    write_atomic(path, write, error=BenchError, then="run dagc bench again")
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
-    """Latency (p50, ms, log scale) against batch size, one line per variant; PNG, written atomically."""
+    """Latency (p50, ms, log scale) against batch size, one line per variant; PNG, written
+    atomically. Raises BenchError as `write_json` does."""
     import matplotlib
 
     matplotlib.use("Agg")  # before pyplot is imported: no display needed
@@ -86,8 +87,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike) -> None:
         fig.savefig(tmp, format="png")
         os.chmod(tmp, 0o644)
 
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:
-        write_atomic(path, write)
+        write_atomic(path, write, error=BenchError, then="run dagc bench again")
     finally:
         plt.close(fig)

@@ -17,6 +17,7 @@ from dagc.errors import DagcError
 from dagc.spec import PRESETS
 from dagc.trainer.datasets import ON_DISK, REGISTRY
 from dagc.trainer.decisiveness import warning_line
+from dagc.writing import fault_line
 
 BUILT_IN = tuple(name for name, d in REGISTRY.items() if not d.on_disk)
 # "tiny for synthetic; omniglot for digits, omniglot; ...": each preset with the datasets it is the default of.
@@ -386,8 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         hint = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
         click.echo(f"dagc: error: {e.format_message()}{hint}", err=True)
         sys.exit(2)
-    except DagcError as e:
-        click.echo(f"dagc: error: {e}", err=True)
+    except (DagcError, OSError) as e:  # an OSError that got here unconverted: the machine's, one line too
+        click.echo(f"dagc: error: {fault_line(e)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("dagc: interrupted; continue with --resume RUN_DIR", err=True)

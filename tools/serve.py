@@ -9,7 +9,8 @@ names, batching, ensembles and routes as the onnxruntime repository that the NGC
 `TritonServer.start` exports that repository and lays out a backend directory (the Python
 backend plus the stub of this Python's version) in a temporary directory of its own, checks that
 the ports are free, starts the server in its own process group (with that directory as its
-``TMPDIR``) and waits until it reports ready;
+``TMPDIR``; `dagc.tools.children`: a watcher ends the group and removes the directory if dagc is
+killed) and waits until it reports ready;
 `TritonServer.stop` terminates the group, kills it after a timeout and removes the temporary
 directory and any shared-memory region the server left (their names carry that directory's).
 Nothing else is written.
@@ -45,8 +46,10 @@ from pathlib import Path
 from typing import Any
 
 from dagc.errors import ServeError
-from dagc.outputs import check_writable_file
+from dagc.outputs import check_not_input, check_writable_file
+from dagc.tools.children import end_group, release, start_group
 from dagc.tools.triton import TritonConfig, export_triton
+from dagc.writing import write_failed
 
 __all__ = ["ServeConfig", "ServerFiles", "TritonServer", "find_server", "describe", "serve"]
 
@@ -132,9 +135,11 @@ class ServeConfig:
         ports = [p for p in (self.http_port, self.grpc_port, self.metrics_port) if p]
         if len(set(ports)) < len(ports):
             raise ServeError(f"--http-port, --grpc-port and --metrics-port must differ, got {ports}")
+        # the stop timeout becomes Triton's --exit-timeout-secs, an int32
         for name in ("startup_timeout_s", "stop_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ServeError(f"ServeConfig.{name} must be positive, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) <= 2**31 - 1:
+                raise ServeError(f"ServeConfig.{name} must be positive and at most 2147483647 s, got "
+                                 f"{getattr(self, name)!r}")
         if self.server_log is not None:  # before the server starts: its log would be lost, or a traceback
             check_writable_file(self.server_log, option="--server-log", error=ServeError)
         if not isinstance(self.triton, TritonConfig):
@@ -202,6 +207,7 @@ class TritonServer:
         self.version = ""
         self._tmp: Path | None = None
         self._log = None
+        self._watcher: subprocess.Popen | None = None
 
     def __enter__(self) -> TritonServer:
         return self.start()
@@ -221,11 +227,13 @@ class TritonServer:
     def start(self) -> TritonServer:
         """Export, lay out and start the server; returns self once it is ready. Raises ServeError
         (no server binary, a port taken, the server failed or was not ready in time),
-        ArtifactError / ConfigError from the export; on any error nothing is left running or
-        written."""
+        ArtifactError / ConfigError from the export, ServeError for a ``server_log`` inside the
+        artifact or one that cannot be created; on any error nothing is left running or written."""
         if self.process is not None:
             raise ServeError("this server was already started")
         cfg = self.config
+        if cfg.server_log is not None:  # appending there would damage the artifact served
+            check_not_input(cfg.server_log, [self.artifact], option="--server-log", error=ServeError, what="artifact")
         files = find_server(self.server_dir)
         wanted = {"http": cfg.http_port, "grpc": cfg.grpc_port, "metrics": cfg.metrics_port}
         self.ports = {k: _claim_port(cfg.host, p, k) for k, p in wanted.items() if p is not None}
@@ -235,11 +243,11 @@ class TritonServer:
             backend = self._tmp / "backends" / "python"
             shutil.copytree(files.python_backend, backend, ignore=shutil.ignore_patterns("__pycache__"))
             shutil.copy2(files.stub, backend / files.stub.name)
-            self._log = open(cfg.server_log if cfg.server_log is not None else self._tmp / "server.log", "ab")
+            self._log = _open_log(cfg.server_log, self._tmp)
             (self._tmp / "tmp").mkdir()
-            self.process = subprocess.Popen(self._command(files), env=_environment(files, self._tmp / "tmp"),
-                                            stdin=subprocess.DEVNULL,
-                                            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+            env = _environment(files, self._tmp / "tmp")
+            self.process, self._watcher = start_group(self._command(files), env=env, stdout=self._log,
+                                                      tmp=self._tmp, shm_prefix=self._shm_prefix())
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -295,7 +303,7 @@ class TritonServer:
         """Stop the server (SIGTERM to its process group; SIGKILL after ``stop_timeout_s`` plus a
         grace period), then remove the temporary directory. Safe to call more than once."""
         if self.process is not None:
-            _end_group(self.process, self.config.stop_timeout_s + 5)
+            end_group(self.process, self.config.stop_timeout_s + 5)
             if self._tmp is not None:  # a server stopped while loading leaves its regions in /dev/shm
                 for region in Path("/dev/shm").glob(f"{self._shm_prefix()}*"):
                     region.unlink(missing_ok=True)
@@ -304,34 +312,23 @@ class TritonServer:
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
+        if self._watcher is not None:  # after the group and the files: it has nothing left to do
+            release(self._watcher)
+            self._watcher = None
 
 
-def _end_group(process: subprocess.Popen, timeout: float) -> None:
-    """Terminate the process group ``process`` leads, wait, kill what is left after ``timeout``."""
-    group = process.pid  # start_new_session: the server leads its own group
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            break
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            continue
-        end = time.monotonic() + timeout  # the stubs the server started are in the group too
-        while _group_alive(group) and time.monotonic() < end:
-            time.sleep(0.05)
-        if not _group_alive(group):
-            break
-    process.wait()
-
-
-def _group_alive(group: int) -> bool:
+def _open_log(path: Path | None, tmp: Path):
+    """The server's log file, opened for appending (``tmp/server.log`` when ``path`` is None); its
+    directory is created when missing. Raises ServeError naming the path (a log in the server's
+    temporary repository, or one the system cannot create)."""
+    if path is None:
+        return open(tmp / "server.log", "ab")
+    check_not_input(path, [tmp], option="--server-log", error=ServeError, what="server's temporary repository")
     try:
-        os.killpg(group, 0)
-    except ProcessLookupError:
-        return False
-    return True
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "ab")
+    except OSError as e:
+        raise write_failed(path, e, ServeError, then="start dagc serve again") from None
 
 
 def _environment(files: ServerFiles, tmp: Path) -> dict[str, str]:

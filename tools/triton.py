@@ -51,8 +51,9 @@ from dagc.artifact import check_out_dir, write_tree
 from dagc.errors import ArtifactError, CompileError, ConfigError
 from dagc.manifest import Manifest, ModelInfo
 from dagc.modelcheck import load_checked
+from dagc.writing import check_name_fits
 
-__all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH", "BACKENDS"]
+__all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH", "BACKENDS", "LIMITS"]
 
 ROUTING = "routing.json"
 DEFAULT_MAX_BATCH = 32
@@ -66,6 +67,16 @@ DATA_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 # the Python backend's model.py; read, not imported (it imports the stub's triton_python_backend_utils)
 MODEL_PY = Path(__file__).with_name("triton_model.py")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
+_INT32, _UINT64 = 2**31 - 1, 2**64 - 1
+# each option -> the range Triton's ModelConfig (model_config.proto) takes in the field it is written
+# to: max_batch_size and instance_group.count are int32, max_queue_delay_microseconds uint64; the
+# Python backend's thread count becomes ONNX Runtime's intra_op_num_threads, an int; the ensemble
+# bound is dagc's own (2^K subsets), kept to what a 64-bit count of subsets holds
+LIMITS = {"max_batch_size": (1, _INT32), "instances": (1, _INT32), "max_queue_delay_us": (0, _UINT64),
+          "max_ensemble_tasks": (0, 62), "intra_op_threads": (0, _INT32)}
+OPTIONS = {"max_batch_size": "--max-batch, an int32 in Triton's config", "instances": "--instances, an int32",
+           "max_queue_delay_us": "--max-queue-delay-us, a uint64", "max_ensemble_tasks": "2^K task subsets",
+           "intra_op_threads": "--threads, an int in ONNX Runtime"}
 
 
 @dataclass(frozen=True)
@@ -102,14 +113,13 @@ class TritonConfig:
                               "only letters, digits, '_' or '-'")
         if self.backend not in BACKENDS:
             raise ConfigError(f"triton backend {self.backend!r} is not one of {list(BACKENDS)}")
-        checks = {"max_batch_size": 1, "instances": 1, "max_queue_delay_us": 0, "max_ensemble_tasks": 0,
-                  "intra_op_threads": 0}
-        for field, low in checks.items():
+        for field, (low, high) in LIMITS.items():
             v = getattr(self, field)
             if field == "max_batch_size" and v is None:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise ConfigError(f"TritonConfig.{field} must be an integer >= {low}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ConfigError(f"TritonConfig.{field} must be an integer >= {low} and <= {high} ({OPTIONS[field]}; "
+                                  f"the range of the field it is written to), got {v!r}")
         if not isinstance(self.ensembles, bool):
             raise ConfigError(f"TritonConfig.ensembles must be true or false, got {self.ensembles!r}")
         if self.intra_op_threads and self.backend != "python":  # no field of those models would carry it
@@ -128,8 +138,10 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     `TritonConfig`. Raises ArtifactError (not an artifact, unknown format version, missing or
     tampered file, an invalid manifest or one with models this export does not know),
     CompileError (``out_dir`` exists without ``force``, is not a directory dagc wrote, is, holds or
-    lies inside the artifact, cannot be written; model names that collide) and ConfigError
-    (bad config). Nothing is written unless everything checked out.
+    lies inside the artifact, cannot be written, the device fills up; model names that collide) and
+    ConfigError (bad config: an option outside the range of the Triton field it is written to,
+    `LIMITS`; a --name whose model directories are too long a name for the file system). Nothing
+    is written unless everything checked out.
     """
     config = TritonConfig() if config is None else config
     if not isinstance(config, TritonConfig):
@@ -140,6 +152,9 @@ def export_triton(artifact_dir: str | os.PathLike, out_dir: str | os.PathLike, c
     # against its manifest entry (the bytes copied are the bytes checked, even during a replace)
     manifest, contents = load_checked(art)
     plan = _plan(manifest, config)
+    shown = config.name if len(config.name) <= 40 else f"{config.name[:40]}..."
+    for name in plan["models"]:  # a model is a directory: its name must fit the file system
+        check_name_fits(out / name, what=f"--name {shown} gives the Triton model directory", error=ConfigError)
     files: dict[str, bytes] = {}
     model_py = MODEL_PY.read_bytes()
     for name, model in plan["models"].items():

@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dagc.checkpoint import write_atomic
+from dagc.errors import ConfigError
 from dagc.spec import TaskSpec
 from dagc.trainer import distributed
 from dagc.trainer.baselines import parameter_ratio
@@ -39,6 +39,7 @@ from dagc.trainer.decisiveness import network_decisiveness
 from dagc.trainer.kinds import kind_training
 from dagc.trainer.network import count_parameters, network_tensors
 from dagc.trainer.state import Run
+from dagc.writing import write_atomic
 
 METRICS_FILE = "metrics.json"
 Scores = Mapping[str, Mapping[str, float]]  # task -> metric -> value
@@ -95,7 +96,8 @@ def single_task_metrics(cfg: TrainConfig, runs: Mapping[str, dict[str, Any]]) ->
                    sum(m["train_seconds"] for m in runs.values()), runs={t: t for t in runs}, validation=validation)
 
 
-def write_json(path: Path, value: Any, sort_keys: bool = True) -> None:
-    """Write ``value`` as indented JSON to ``path``, atomically."""
+def write_json(path: Path, value: Any, sort_keys: bool = True, then: str = "run the command again") -> None:
+    """Write ``value`` as indented JSON to ``path``, atomically. Raises ConfigError (one line, the
+    path; ``then``: what to do once fixed) when the system fails the write, e.g. a full device."""
     text = json.dumps(value, indent=2, sort_keys=sort_keys)
-    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text), error=ConfigError, then=then)

@@ -193,8 +193,15 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], group
         raise CheckpointError(f"optimizer state does not match the model: {e}") from None
 
 
+def resume_hint(out: Path) -> str:
+    """What a failed write of a run's file tells the user to do once fixed: the run continues from
+    its last state (every write is atomic, so that state is whole)."""
+    return f"continue the run with: dagc train --resume {out}"
+
+
 def save_state(run: Run, out: Path) -> None:
-    """Write the resumable state to ``out/state.safetensors``, atomically."""
+    """Write the resumable state to ``out/state.safetensors``, atomically. Raises CheckpointError
+    (one line; a full device says so) when the system fails the write; the previous state stays."""
     tensors = network_tensors(run.net)
     meta: dict[str, Any] = {"config": run.cfg.to_dict(), "progress": {"stage": run.stage, "step": run.step},
                             "history": run.history, "seconds": run.seconds, "validation": asdict(run.validation)}
@@ -210,7 +217,7 @@ def save_state(run: Run, out: Path) -> None:
         meta["init"] = run.init_report
     if run.precision.scaler is not None:
         meta["grad_scaler"] = run.precision.scaler.state_dict()
-    save_checkpoint(out / STATE_FILE, tensors, run.spec, run.completed, **meta)
+    save_checkpoint(out / STATE_FILE, tensors, run.spec, run.completed, then=resume_hint(out), **meta)
 
 
 def _read_progress(path: Path, ck: Checkpoint) -> tuple[TrainConfig, str, int]:

@@ -63,6 +63,7 @@ from dagc.trainer.state import (
     advance,
     new_run,
     reduce_and_rewind,
+    resume_hint,
     resume_run,
     save_state,
     training_device,
@@ -158,7 +159,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                 score_stage(run, val, run.stage, device)
             if main and run.stage != "finetune":
                 save_checkpoint(out / f"{run.stage}.safetensors", network_tensors(run.net), run.spec, run.stage,
-                                config=cfg.to_dict())
+                                then=resume_hint(out), config=cfg.to_dict())
             advance(run)
             if save is not None:
                 save(run)
@@ -185,12 +186,20 @@ def _resumed(out: Path, cfg: TrainConfig | None) -> Run:
     return resume_run(out, device=cfg.device if cfg is not None else None)
 
 
+class _LogFile(logging.FileHandler):
+    """train.log. A line it cannot write (a full device) is lost quietly, not printed with a
+    traceback: the next checkpoint write fails with one line and the run resumes from its state."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def _train_log(out: Path, main: bool) -> Iterator[None]:
     """Log the run to ``out/train.log`` (rank 0 only) for the duration of the block."""
     handler = None
     if main:
-        handler = logging.FileHandler(out / "train.log")
+        handler = _LogFile(out / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -217,8 +226,8 @@ def _finish(run: Run, data: MultiTaskData, val: Split | None, out: Path, device:
     metrics = {**run_metrics(run, data, final, constant_baselines(run.spec, data)), "statistics_check": check,
                **validation}
     save_checkpoint(out / "checkpoint.safetensors", network_tensors(run.net), run.spec, "finetune",
-                    config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology, "statistics_check": check,
+                    then=resume_hint(out), config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology, "statistics_check": check,
                                                        "validation": validation["validation"]},
                     preprocessing=data.preprocessing)
-    write_json(out / METRICS_FILE, metrics)
+    write_json(out / METRICS_FILE, metrics, then=resume_hint(out))
     return distributed.broadcast_json(metrics)
