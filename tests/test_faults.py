@@ -24,16 +24,17 @@ import pytest
 import torch
 from compiler_cases import random_reduced_net
 from PIL import Image
+from serve_cases import needs_server
 
 from dagc import checkpoint as checkpoint_module
 from dagc.artifact import MANIFEST, load_manifest
 from dagc.checkpoint import load_checkpoint, save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
-from dagc.errors import BenchError, DagcError, ServeError
+from dagc.errors import BenchError, DagcError
 from dagc.spec import TaskSpec, preset
 from dagc.tools.bench_report import write_json
 from dagc.tools.cli import main
-from dagc.tools.serve import ServeConfig, TritonServer, find_server
+from dagc.tools.serve import ServeConfig, TritonServer
 from dagc.tools.triton import TritonConfig
 from dagc.trainer.network import network_tensors
 from dagc.trainer.train import TrainConfig, train
@@ -348,14 +349,6 @@ def test_the_largest_legal_batch_is_written():
 # ---------------------------------------------------------------------------------------------------
 # class 4: kill -9 of dagc serve
 
-def _server_missing():
-    try:
-        find_server()
-    except ServeError as e:
-        return str(e)
-    return None
-
-
 def _descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (from /proc)."""
     children: dict[int, list[int]] = {}
@@ -390,7 +383,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(_server_missing() is not None, reason=f"no Triton server here: {_server_missing()}")
+@needs_server
 def test_kill_9_of_serve_leaves_no_process_and_frees_its_ports(base, tmp_path):
     http, grpc = _free_port(), _free_port()
     log = tmp_path / "logs" / "new" / "server.log"  # a directory that does not exist yet

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from compiler_cases import compiled_artifact
+from serve_cases import needs_server, server_missing
 from test_triton import plan_artifact  # noqa: F401 - the fixture: an artifact with TensorRT plans
 
 from dagc.artifact import load_manifest
@@ -30,16 +31,6 @@ httpclient = pytest.importorskip("tritonclient.http", reason="needs tritonclient
 grpcclient = pytest.importorskip("tritonclient.grpc", reason="needs tritonclient[grpc] (the serve extra)")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-
-def _server_missing():
-    try:
-        find_server()
-    except ServeError as e:
-        return str(e)
-    return None
-
-
-needs_server = pytest.mark.skipif(_server_missing() is not None, reason=f"no Triton server here: {_server_missing()}")
 # a longer batching window than the default, so that 8 clients on a busy 2-core machine still meet
 BATCHING = TritonConfig(backend="python", max_queue_delay_us=2000, intra_op_threads=1)
 
@@ -65,8 +56,8 @@ def per_task_artifact(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(artifact):
-    if _server_missing():
-        pytest.skip(_server_missing())
+    if server_missing():
+        pytest.skip(server_missing())
     s = TritonServer(artifact, _config()).start()
     yield s
     s.stop()
