@@ -15,6 +15,7 @@ a target) are not built yet.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -63,7 +64,16 @@ def task_budgets(spec: Spec, budget: float) -> np.ndarray:
 def loss_costs(spec: Spec, budget: float, device: torch.device | str = "cpu"
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cost-aware squeeze's tensors, in MFLOPs: hidden-edge costs (N, N), read-in costs (N,),
-    read-out costs (N,) and each task's budget for its blocks (K,). Raises as `task_budgets`."""
+    read-out costs (N,) and each task's budget for its blocks (K,), made once per (spec, budget,
+    device): every search step asks for them. Read-only. Raises as `task_budgets`."""
+    try:
+        return _loss_costs(spec, budget, str(device))
+    except TypeError:  # a spec built by hand with a list field is not hashable: build uncached
+        return _loss_costs.__wrapped__(spec, budget, str(device))
+
+
+@functools.lru_cache(maxsize=8)
+def _loss_costs(spec: Spec, budget: float, device: str) -> tuple[torch.Tensor, ...]:
     g, a, b = block_flops(spec)
     out = (g, a, b, task_budgets(spec, budget))
     return tuple(torch.as_tensor(x / MFLOPS, dtype=torch.float32, device=device) for x in out)
