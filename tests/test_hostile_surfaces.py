@@ -149,6 +149,8 @@ OPTIONS = [
     ("train --out {out} --budget 2ms", "latency budgets need a measured cost table"),
     ("train --out {out} --budget 30MFLOPs --target-sparsity 0.5", "drop --target-sparsity"),
     ("train --out {out} --budget 1e400MFLOPs", "positive and finite"),
+    ("train --out {out} --select-weight -1", "select_weight must be a number >= 0"),
+    ("train --out {out} --select-weight nan", "select_weight must be a number >= 0"),
 ]
 
 

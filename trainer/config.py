@@ -64,6 +64,8 @@ class TrainConfig:
     lr_schedule: str | None = None
     squeeze_weight: float = 0.05
     kappa: float | None = None
+    # λ of `dagc.trainer.losses.select_loss` in the search (0: the paper's Eq. 8 only).
+    select_weight: float = 0.0
     dense_loss: str = "l2"
     reduction: str = "fbr"
     target_sparsity: float | None = None
@@ -229,6 +231,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
         if not (math.isfinite(self.squeeze_weight) and self.squeeze_weight >= 0):
             raise ConfigError(f"squeeze_weight must be >= 0, got {self.squeeze_weight!r}")
+        if isinstance(self.select_weight, bool) or not isinstance(self.select_weight, (int, float)) or not (
+                math.isfinite(self.select_weight) and self.select_weight >= 0):
+            raise ConfigError(f"select_weight must be a number >= 0, got {self.select_weight!r}")
         if self.kappa is not None:
             # Eq. 9: κ bounds Σ σ(γ_ij) over a task's searchable hidden edges, each σ < 1, so a
             # budget above their number never binds (the no-squeeze ablation says that plainly).

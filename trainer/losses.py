@@ -83,3 +83,15 @@ def squeeze_loss(arch_gamma: Tensor, band: Tensor, kappa: float | Tensor,
         alpha, alpha_costs, beta, beta_costs = read
         per_task = per_task + (torch.sigmoid(alpha) * alpha_costs).sum(dim=1) + (torch.sigmoid(beta) * beta_costs).sum(dim=1)
     return torch.clamp(per_task - kappa, min=0).sum()
+
+
+def select_loss(arch_alpha: Tensor, arch_beta: Tensor) -> Tensor:
+    """The one-read-in, one-read-out squeeze: Σ_k max(Σ_i σ(α^k_i) − 1, 0) + max(Σ_i σ(β^k_i) − 1, 0).
+
+    Takes the read-in and read-out logits (K, N) each; returns a scalar. Not in the paper: Algorithm 1
+    deploys argmax A and argmax B only, but nothing in Eq. 8 stops several read-outs saturating
+    together (runner-up σ(B) 0.99+ on every seed, RESULTS "Search decisiveness"), which leaves the
+    argmax a tie. This term prices every read-in and read-out beyond the one that is deployed."""
+    over_a = torch.clamp(torch.sigmoid(arch_alpha).sum(dim=1) - 1.0, min=0)
+    over_b = torch.clamp(torch.sigmoid(arch_beta).sum(dim=1) - 1.0, min=0)
+    return (over_a + over_b).sum()

@@ -21,7 +21,7 @@ from dagc.errors import ConfigError
 from dagc.trainer.baselines import full_masks
 from dagc.trainer.budget import fits as budget_fits
 from dagc.trainer.kinds import task_loss
-from dagc.trainer.losses import squeeze_loss
+from dagc.trainer.losses import select_loss, squeeze_loss
 from dagc.trainer.network import CentralNetwork
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
@@ -129,8 +129,10 @@ def warmup_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
 def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
                 targets: Mapping[str, Tensor], squeeze_weight: float, kappa: float,
                 dense_loss: str = "l2", *, model: Callable | None = None,
-                precision: Precision | None = None, costs: tuple[Tensor, ...] | None = None) -> dict[str, float]:
-    """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together.
+                precision: Precision | None = None, costs: tuple[Tensor, ...] | None = None,
+                select_weight: float = 0.0) -> dict[str, float]:
+    """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together, plus
+    ``select_weight`` times `select_loss` (0: the paper's).
     ``model`` / ``precision`` as in `total_task_loss`; ``costs`` (`dagc.trainer.budget.loss_costs`)
     makes L_sq the cost-aware squeeze of a budget instead of Eq. 9 with ``kappa``. Returns the losses."""
     net.train()
@@ -143,9 +145,14 @@ def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
         g_cost, a_cost, b_cost, budgets = costs
         sq = squeeze_loss(net.arch_gamma, g_cost, budgets, (net.arch_alpha, a_cost, net.arch_beta, b_cost))
     total = loss + squeeze_weight * sq
+    extra = {}
+    if select_weight:
+        sel = select_loss(net.arch_alpha, net.arch_beta)
+        total = total + select_weight * sel
+        extra["select"] = float(sel.detach())
     opt.zero_grad(set_to_none=True)
     (precision or Precision()).backward_step(total, opt)
-    return {"loss": float(total.detach()), "squeeze": float(sq.detach()), **parts}
+    return {"loss": float(total.detach()), "squeeze": float(sq.detach()), **extra, **parts}
 
 
 finetune_step = warmup_step  # same update; the network is in hard mode by then
