@@ -69,7 +69,7 @@ def load_graph(ckpt_path: str | Path):
 
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
                      fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
-                     device: str | None = None, bf16: bool = False, precisions: str | Sequence[str] = ("fp32",),
+                     device: str | None = None, bf16: bool = False, precisions: str | Sequence[str] = (REFERENCE,),
                      data_root: str | None = None, calibration_batches: int | None = None,
                      calibration_seed: int | None = None, max_metric_drop: float | None = None) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back

@@ -331,7 +331,7 @@ def accuracy_table(accuracy: Accuracy) -> str:
     ref = accuracy.precisions[REFERENCE].models
     lines = [f"accuracy on the tasks ({accuracy.dataset}, {accuracy.split} split; allowed drop "
              f"{accuracy.max_metric_drop:.1%} relative)",
-             f"{'precision':<15}{'model':<28}{'task':<14}{'metric':<12}{'fp32':>9}{'value':>9}{'drop':>8}  fallback"]
+             f"{'precision':<15}{'model':<28}{'task':<14}{'metric':<12}{REFERENCE:>9}{'value':>9}{'drop':>8}  fallback"]
     for p, check in accuracy.reduced().items():
         for name, c in check.models.items():
             for t, d in c.drop.items():

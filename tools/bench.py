@@ -85,16 +85,10 @@ from dagc.tools.bench_system import Memory, latency_stats, machine
 from dagc.tools.naive_export import NaiveRunner, naive_export
 from dagc.trainer.network import CentralNetwork, load_network_tensors, network_from_checkpoint
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")  # the built-in ones (`engine_backends`)
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")  # built in; `bench_precision.engine_backends`
 NAIVE_RTOL = 1e-4
 
 __all__ = ["BenchError", "benchmark", "format_table", "plot", "write_json", "naive_export", "BACKENDS"]
-
-
-def engine_backends() -> tuple[str, ...]:
-    """The backends whose engines are benchmarked: every runtime backend but those timed beside
-    the engines (OpenVINO: `dagc.tools.bench_precision`), registered ones included."""
-    return tuple(b for b in backends.known() if b not in backends.REGISTRY or not backends.REGISTRY[b].beside)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -143,7 +137,7 @@ def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
     Raises BenchError (see the module docstring), the engine's ArtifactError for a missing or
     tampered artifact, CheckpointError for an unreadable checkpoint.
     """
-    engines = engine_backends()
+    engines = bench_precision.engine_backends()
     if backend not in engines:
         raise BenchError(f"unknown backend {backend!r}; choose one of {list(engines)}")
     if device not in ("cpu", "cuda"):

@@ -25,7 +25,13 @@ from dagc.precisions import PRECISIONS, REDUCED, REFERENCE, check_loadable
 from dagc.runners import Runner
 from dagc.runtime import Engine, backends, load
 
-__all__ = ["check_requested", "variants", "ratios", "metric_deltas", "table_lines"]
+__all__ = ["engine_backends", "check_requested", "variants", "ratios", "metric_deltas", "table_lines"]
+
+
+def engine_backends() -> tuple[str, ...]:
+    """The backends whose engines are benchmarked: every runtime backend but those timed beside
+    the engines (OpenVINO: `dagc.tools.bench_precision`), registered ones included."""
+    return tuple(b for b in backends.known() if b not in backends.REGISTRY or not backends.REGISTRY[b].beside)
 
 
 def _candidates(host: backends.Backend) -> dict[str, tuple[str, str]]:
@@ -121,7 +127,7 @@ def metric_deltas(manifest: Manifest) -> dict[str, Any]:
         if shared not in check.models:
             continue
         c = check.models[shared]
-        out[p] = {t: {"metric": acc.primary[t][0], "fp32": ref[t][acc.primary[t][0]],
+        out[p] = {t: {"metric": acc.primary[t][0], REFERENCE: ref[t][acc.primary[t][0]],
                       "value": c.metrics[t][acc.primary[t][0]], "drop": c.drop[t], "fallback": c.fallback}
                   for t in c.drop}
     return out
@@ -139,9 +145,9 @@ def table_lines(result: dict[str, Any], ratios_of_batch: dict[str, Any] | None =
     if not deltas:
         return []
     lines = ["", "task metrics of the shared model (held-out split, from the compile's accuracy check)",
-             f"  {'precision':<15}{'task':<14}{'metric':<12}{'fp32':>10}{'value':>10}{'drop':>9}"]
+             f"  {'precision':<15}{'task':<14}{'metric':<12}{REFERENCE:>10}{'value':>10}{'drop':>9}"]
     for p, tasks in deltas.items():
         for t, row in tasks.items():
-            lines.append(f"  {p:<15}{t:<14}{row['metric']:<12}{row['fp32']:>10.4f}{row['value']:>10.4f}"
+            lines.append(f"  {p:<15}{t:<14}{row['metric']:<12}{row[REFERENCE]:>10.4f}{row['value']:>10.4f}"
                          f"{row['drop']:>+9.2%}")
     return lines
