@@ -73,7 +73,7 @@ def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise CompileError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
                            f"{list(PRECISIONS)}")
-    return tuple(p for p in PRECISIONS if p == REFERENCE or p in names)
+    return tuple(p for p in PRECISIONS if TABLE[p].reference or p in names)
 
 
 def check_options(precisions: Sequence[str], *, calibration_batches: int | None = None,
