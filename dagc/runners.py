@@ -18,8 +18,8 @@ them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -84,16 +84,21 @@ def ort_providers(device: str = "auto") -> list[str]:
 class OrtRunner:
     """An ONNX model in an ONNX Runtime session: the only place dagc creates one.
 
-    Takes the serialized model, the intra-op thread count (None: ONNX Runtime's default) and the
-    device (`ort_providers`). With ``auto`` a GPU provider that fails to initialise falls back to
+    Takes the serialized model, the intra-op thread count (None: ONNX Runtime's default), the
+    device (`ort_providers`) and optionally ``configure(session_options)``, which changes dagc's
+    `session_options` before the session is made (another configuration of the same runtime: a
+    runtime backend record made with it, `dagc.runtime.backends.Backend`). With ``auto`` a GPU provider that fails to initialise falls back to
     the CPU; with ``cuda`` or ``cpu`` a failure is raised (ONNX Runtime's own exception, as for an
     unreadable model). `run` is thread-safe (``InferenceSession.run`` is).
     """
 
-    def __init__(self, model: bytes, *, threads: int | None = None, device: str = "auto") -> None:
+    def __init__(self, model: bytes, *, threads: int | None = None, device: str = "auto",
+                 configure: Callable[[Any], None] | None = None) -> None:
         import onnxruntime as ort
 
         opts = session_options(threads)
+        if configure is not None:
+            configure(opts)
         providers = ort_providers(device)
         try:
             self.session = ort.InferenceSession(model, opts, providers=providers)
