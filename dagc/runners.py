@@ -86,10 +86,10 @@ class OrtRunner:
 
     Takes the serialized model, the intra-op thread count (None: ONNX Runtime's default), the
     device (`ort_providers`) and optionally ``configure(session_options)``, which changes dagc's
-    `session_options` before the session is made (another configuration of the same runtime: a
-    runtime backend record made with it, `dagc.runtime.backends.Backend`). With ``auto`` a GPU provider that fails to initialise falls back to
-    the CPU; with ``cuda`` or ``cpu`` a failure is raised (ONNX Runtime's own exception, as for an
-    unreadable model). `run` is thread-safe (``InferenceSession.run`` is).
+    `session_options` before the session is made (another configuration of the same runtime, for
+    a runtime backend record: `dagc.runtime.backends.Backend`). With ``auto`` a GPU provider that
+    fails to initialise falls back to the CPU; with ``cuda`` or ``cpu`` a failure is raised (ONNX
+    Runtime's own exception, as for an unreadable model). `run` is thread-safe (``InferenceSession.run`` is).
     """
 
     def __init__(self, model: bytes, *, threads: int | None = None, device: str = "auto",

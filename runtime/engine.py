@@ -69,8 +69,8 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
          check_values: bool = True, max_batch: int | None = None, precision: str = REFERENCE) -> Engine:
     """Open a compiled artifact for inference.
 
-    Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS` or a registered one)
-    and optionally the number of intra-op threads (ONNX Runtime sessions; for ``torch`` it sets
+    Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS`, or
+    one added with `dagc.runtime.backends.register`) and optionally the number of intra-op threads (ONNX Runtime sessions; for ``torch`` it sets
     ``torch.set_num_threads``, which is process-wide). ``check_values=False`` skips the scan of
     every input value (NaN/inf, far out of the preprocessed range) that `Engine.run` does by
     default; shape, dtype and task checks stay. The scan costs a pass over the batch, which is
