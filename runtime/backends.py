@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dagc.errors import ArtifactError, InputError, RunnerError
-from dagc.precision_table import BF16, FP16, INT8, REFERENCE
+from dagc.precision_table import BF16, FP16, INT8, REFERENCE, TABLE
 from dagc.runners import (
     ORT_DEVICES,
     OrtRunner,
@@ -106,12 +106,12 @@ _RECORDS = (
             missing="backend 'tensorrt' needs TensorRT plans and {dir} has none (compiled with --target onnx); "
                     "recompile with --target tensorrt on a GPU machine or use backend 'onnxruntime'",
             label="TensorRT"),
-    # the reference interpreter of the emitted ONNX, in PyTorch
-    Backend("torch", ("onnx",), _FILES, ("cpu",), lambda precision: None,
+    # the reference interpreter runs the emitted operators only (no Q/DQ, no Cast): fp32
+    Backend("torch", ("onnx",), (REFERENCE,), ("cpu",), lambda precision: None,
             lambda data, name, info, threads, precision: TorchRunner(data, name), setup=_torch_threads,
             label="PyTorch"),
-    # OpenVINO on the CPU: the fp32 files at f32 or bf16 inference precision, the int8 QDQ files
-    Backend("openvino", ("onnx",), (REFERENCE, INT8, BF16), ("cpu",), openvino_unavailable, _openvino,
+    # OpenVINO on the CPU: the fp32 files at f32 or bf16 inference precision, the int8 / fp16 files at f32
+    Backend("openvino", ("onnx",), (REFERENCE, INT8, BF16, FP16), ("cpu",), openvino_unavailable, _openvino,
             label="OpenVINO", beside=True),
 )
 REGISTRY: dict[str, Backend] = {b.name: b for b in _RECORDS}
@@ -161,15 +161,18 @@ def _problem(record: Backend, formats: set[str], artifact_dir: Path, precision: 
     """Why ``record`` cannot run an artifact whose models have ``formats`` here, or None."""
     if not set(record.formats) & formats:
         return record.missing.format(dir=artifact_dir)
+    if precision in TABLE and precision not in record.precisions:
+        on = " or ".join(repr(b.name) for b in REGISTRY.values() if precision in b.precisions)
+        return f"precision {precision!r} runs on backend {on}, not {record.name!r}"
     return record.unavailable(precision)
 
 
 def resolve_backend(name: str, formats, artifact_dir: Path, precision: str = REFERENCE) -> Backend:
     """The backend record to use for ``name`` (`known`) with an artifact whose model files have
-    ``formats`` (``onnx``, ``tensorrt``, ...): ``auto`` is the first of `AUTO_ORDER` that can run
-    the artifact here (its last when none can: its refusal is the one raised). Raises
-    ArtifactError when the backend cannot run here or the artifact has no models for it,
-    InputError for an unknown name."""
+    ``formats`` (``onnx``, ``tensorrt``, ...) at ``precision``: ``auto`` is the first of
+    `AUTO_ORDER` that can run the artifact here (its last when none can: its refusal is the one
+    raised). Raises ArtifactError when the backend cannot run here, does not run that precision or
+    the artifact has no models for it, InputError for an unknown name."""
     formats = set(formats)
     chosen = candidates(name)
     usable = [b for b in chosen if _problem(b, formats, artifact_dir, precision) is None]

@@ -10,7 +10,7 @@ from compiler_cases import random_reduced_net
 from dagc.checkpoint import save_checkpoint
 from dagc.compiler.compile import compile_checkpoint
 from dagc.errors import InputError
-from dagc.precision_table import FP16, INT8, REFERENCE
+from dagc.precision_table import BF16, FP16, INT8, REFERENCE
 from dagc.runners import OrtRunner, relative_error
 from dagc.runtime import ArtifactError, backends, load
 from dagc.spec import TaskSpec, preset
@@ -98,3 +98,10 @@ def test_registered_names_are_checked(run, noopt):
             load(run / "art", backend="plans-only")
     finally:
         backends.unregister("plans-only")
+
+
+def test_a_backend_runs_only_the_precisions_its_record_declares(run, noopt):
+    with pytest.raises(ArtifactError, match="precision 'int8' runs on backend 'onnxruntime' or .*, not 'torch'"):
+        load(run / "art", backend="torch", precision=INT8)
+    with pytest.raises(ArtifactError, match=f"precision '{BF16}' runs on backend 'openvino', not '{NAME}'"):
+        load(run / "art", backend=NAME, precision=BF16)
