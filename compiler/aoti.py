@@ -40,14 +40,14 @@ from dagc import manifest_parts
 from dagc.compiler.ir import CompileError, Graph
 from dagc.compiler.lower import lower
 from dagc.compiler.runners import AotiRunner, SupernetRunner, load_package
+from dagc.precision_table import REFERENCE, TABLE, tolerances
 from dagc.runners import Runner, compare
 
-AOTI_RTOL = 1e-4
 DEVICES = manifest_parts.DEVICES  # one list: what the manifest accepts is what can be built
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-# Measured on random reduced tiny/vgg16 networks in eager mode on the CPU (fp16 up to 7e-4, bf16 up to
-# 6e-3 relative to the output scale); about 10x that, as the fp32 tolerance is 10x float32 noise.
-RTOL = {"fp32": AOTI_RTOL, "fp16": 1e-2, "bf16": 5e-2}
+# The precisions packages are built at and their tolerances (`dagc.precision_table`: measured).
+RTOL = tolerances("aoti")
+AOTI_RTOL = RTOL[REFERENCE]
+DTYPES = {p: getattr(torch, TABLE[p].torch_dtype) for p in RTOL}
 # Batch sizes of the verification inputs: 1 and odd sizes catch a batch dimension specialised by export.
 VERIFY_BATCHES = (1, 2, 3)
 MAX_BATCH = 65536
@@ -104,10 +104,10 @@ class _Float32IO(torch.nn.Module):
         return tuple(y.float() for y in self.module(*(x.to(self.dtype) for x in inputs)))
 
 
-def package_name(model_file: Callable[..., str], task: str | None, precision: str = "fp32") -> str:
+def package_name(model_file: Callable[..., str], task: str | None, precision: str = REFERENCE) -> str:
     """The file name of a package: ``model.pt2`` / ``task_<t>.pt2`` for fp32, with the precision
     before the extension otherwise (``model.fp16.pt2``)."""
-    return model_file(task, "pt2" if precision == "fp32" else f"{precision}.pt2")
+    return model_file(task, "pt2" if TABLE[precision].reference else f"{precision}.pt2")
 
 
 @contextlib.contextmanager
@@ -123,7 +123,7 @@ def exact_cuda() -> Iterator[None]:
 
 
 def build_package(graph: Graph, tasks: Sequence[str] | None = None, *, device: str = "cpu",
-                  precision: str = "fp32") -> tuple[bytes, list[str], list[str]]:
+                  precision: str = REFERENCE) -> tuple[bytes, list[str], list[str]]:
     """Compile the graph's model for ``tasks`` (default: all, the shared model) into a ``.pt2``.
 
     Takes the optimised IR, the task subset, the device to compile for (`DEVICES`) and the
@@ -134,7 +134,7 @@ def build_package(graph: Graph, tasks: Sequence[str] | None = None, *, device: s
     first line of the cause).
     """
     lowered = lower(graph, tasks)
-    module = lowered if precision == "fp32" else _Float32IO(lowered, DTYPES[precision])
+    module = lowered if DTYPES[precision] is torch.float32 else _Float32IO(lowered, DTYPES[precision])
     module = module.to(device).eval()
     spec = graph.spec
     shape = (spec.in_channels, *spec.input_size)
@@ -188,7 +188,7 @@ def _on_device(reference: Runner, device: str) -> Runner:
 
 def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], graph: Graph, reference: Runner,
                  model_file: Callable[..., str], *, device: str = "cpu",
-                 precisions: Sequence[str] = ("fp32",)) -> None:
+                 precisions: Sequence[str] = (REFERENCE,)) -> None:
     """Build and verify one package per ONNX model (shared, then per task) and precision and add
     them to ``files`` and ``models``.
 
@@ -213,7 +213,7 @@ def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], gra
             files[name] = data
             entry = {k: v for k, v in models[onnx_name].items() if k != "opset"}
             extra = {"device": device} if device != "cpu" else {}
-            extra.update({"precision": precision} if precision != "fp32" else {})
+            extra.update({} if TABLE[precision].reference else {"precision": precision})
             models[name] = {**entry, "format": "aoti", "inputs": inputs, "outputs": outputs,
                             "verified_max_rel_error": max(errors.values()), "torch_version": torch.__version__,
                             "batch": {"min": 1, "max": MAX_BATCH}, "built_from": onnx_name, **extra}

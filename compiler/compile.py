@@ -3,8 +3,8 @@
 Every emitted model is verified against the masked supernet (PyTorch, eval mode) before anything
 is written; a model that disagrees aborts the compile and leaves no artifact behind.
 
-Targets are registered in one place, `REGISTRY` (``--target`` name -> `Target`: its availability
-check and the models it adds to the ONNX ones). The typed manifest (`dagc.manifest.Manifest`) is
+Targets are records, registered in one place (`dagc.compiler.targets.REGISTRY`: ``--target`` name
+-> `Target`, what it emits at which precisions and tolerances). The typed manifest (`dagc.manifest.Manifest`) is
 built here, with the task-subset routes computed once from the compiled models
 (`dagc.routes.compute_routes`); every reader uses the recorded routes.
 """
@@ -12,8 +12,8 @@ built here, with the task-subset routes computed once from the compiled models
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +23,15 @@ import dagc
 from dagc import manifest as mf
 from dagc.artifact import check_out_dir
 from dagc.checkpoint import load_checkpoint
-from dagc.compiler import aoti, onnx_export, precision, report, tensorrt, verify
+from dagc.compiler import onnx_export, precision, report, targets, verify
 from dagc.compiler.artifact import write_artifact
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
-from dagc.compiler.quantize import for_tensorrt
+from dagc.compiler.targets import REGISTRY, Build, Target, model_file
 from dagc.errors import CheckpointError, DataError, SpecError
 from dagc.modelcheck import verify_artifact
+from dagc.precision_table import REFERENCE
 from dagc.precisions import routable
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
@@ -38,62 +39,7 @@ from dagc.trainer.budget import parse_budget
 from dagc.trainer.network import network_from_checkpoint
 
 SHARED_MODEL = "model.onnx"
-ONNX_RTOL = 1e-4
-
-
-@dataclass
-class _Build:
-    """What a compile has produced so far; a target's ``add`` puts its models into files/models."""
-
-    files: dict[str, bytes]
-    models: dict[str, dict[str, Any]]
-    graph: Graph
-    reference: verify.Reference
-    batches: Sequence[int]
-    fp16: bool
-    device: str = "cpu"
-    bf16: bool = False
-
-
-@dataclass(frozen=True)
-class Target:
-    """A compile target. ``unavailable(device)``: why it cannot build for ``device`` here, or
-    None; ``add(build)``: add its model files beyond the ONNX models every target writes;
-    ``devices``: the ``--device`` values it takes (its first is the default); ``records_tensorrt``:
-    the manifest records the TensorRT settings; ``aoti_rtol``: the manifest records this tolerance."""
-
-    name: str
-    unavailable: Callable[[str], str | None]
-    add: Callable[[_Build], None]
-    devices: tuple[str, ...] = ("cpu",)
-    records_tensorrt: bool = False
-    aoti_rtol: float | None = None
-
-
-def model_file(task: str | None, ext: str = "onnx") -> str:
-    """File name of the shared model (task None) or of a task's model."""
-    return f"model.{ext}" if task is None else f"task_{task}.{ext}"
-
-
-def _add_plans(b: _Build) -> None:
-    _tensorrt_plans(b.files, b.models, b.graph, b.graph.spec, b.batches, b.fp16)
-
-
-def _add_packages(b: _Build) -> None:
-    files, models, graph, reference = b.files, b.models, b.graph, b.reference
-    precisions = ("fp32", *(["fp16"] if b.fp16 else []), *(["bf16"] if b.bf16 else []))
-    aoti.add_packages(files, models, graph, reference, model_file, device=b.device, precisions=precisions)
-
-
-# The registry: a target's name (``--target``) -> what it needs and adds. The manifest's model
-# formats (`dagc.manifest.MODEL_FORMATS`) are the formats these targets write.
-REGISTRY: dict[str, Target] = {t.name: t for t in (
-    Target("onnx", lambda device: None, lambda b: None),
-    Target("tensorrt", lambda device: tensorrt.unavailable_reason(), _add_plans, devices=("cuda",),
-           records_tensorrt=True),
-    Target("aoti", aoti.unavailable_reason, _add_packages, devices=aoti.DEVICES, aoti_rtol=aoti.AOTI_RTOL),
-)}
-TARGETS = tuple(REGISTRY)
+ONNX_RTOL = REGISTRY["onnx"].tolerances[REFERENCE]
 
 
 def load_graph(ckpt_path: str | Path):
@@ -121,34 +67,9 @@ def load_graph(ckpt_path: str | Path):
     return ck, net, raw, optimize(raw)
 
 
-def _target(name: str, device: str | None, fp16: bool, bf16: bool) -> tuple[Target, str]:
-    """The registered target ``name`` and the device it builds for (``device``, None: the
-    target's default); CompileError if the target is unknown, does not take that device or
-    precision flag, or cannot build here."""
-    if name not in REGISTRY:
-        raise CompileError(f"unknown target {name!r}; choose one of {list(TARGETS)}")
-    target = REGISTRY[name]
-    device = target.devices[0] if device is None else device
-    if device not in target.devices:
-        raise CompileError(f"--target {name} builds for {' or '.join(target.devices)}, not --device {device!r}"
-                           + ("; --device is an option of --target aoti" if name != "aoti" else ""))
-    if fp16 and name == "onnx":  # the onnx target has no fp16 form of its own: it would be ignored
-        raise CompileError("--fp16 makes TensorRT fp16 plans (--target tensorrt) or fp16 AOTInductor packages "
-                           "(--target aoti --device cuda); for fp16 ONNX models use --precision fp32,fp16")
-    if bf16 and name != "aoti":
-        raise CompileError("--bf16 adds bf16 AOTInductor packages; use it with --target aoti --device cuda")
-    if name == "aoti" and (fp16 or bf16) and device != "cuda":
-        raise CompileError("fp16/bf16 AOTInductor packages are built for the GPU; add --device cuda (or drop "
-                           "--fp16/--bf16)")
-    reason = target.unavailable(device)
-    if reason:
-        raise CompileError(reason)
-    return target, device
-
-
 def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str = "onnx", force: bool = False,
                      fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
-                     device: str | None = None, bf16: bool = False, precisions: str | Sequence[str] = ("fp32",),
+                     device: str | None = None, bf16: bool = False, precisions: str | Sequence[str] = (REFERENCE,),
                      data_root: str | None = None, calibration_batches: int | None = None,
                      calibration_seed: int | None = None, max_metric_drop: float | None = None) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
@@ -173,19 +94,19 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     CheckpointError (missing, truncated, foreign or unknown-version file, invalid preprocessing
     record). Nothing is written unless everything verified.
     """
-    chosen, device = _target(target, device, fp16, bf16)
+    asked = targets.requested(fp16, bf16)
+    chosen, device = targets.choose(target, device, asked)
     precisions = precision.parse_precisions(precisions)
     settings, max_metric_drop = precision.check_options(precisions, calibration_batches=calibration_batches,
                                                         calibration_seed=calibration_seed,
                                                         max_metric_drop=max_metric_drop)
-    if chosen.name == "tensorrt":  # TensorRT imports only signed symmetric Q/DQ
-        settings = for_tensorrt(settings)
+    settings = chosen.calibration(settings)  # e.g. TensorRT imports only signed symmetric Q/DQ
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
     out = check_out_dir(out_dir, force=force, inputs=[ckpt_path])  # before any work
     t0 = time.perf_counter()
     ck, net, raw, graph = load_graph(ckpt_path)
-    build = _Build({}, {}, graph, verify.supernet_reference(net), batches, fp16, device, bf16)
+    build = Build({}, {}, graph, verify.supernet_reference(net), batches, asked, device)
     _onnx_models(build, opset)
     accuracy = precision.check_precisions(build.files, build.models, ck, graph, precisions, data_root=data_root,
                                           settings=settings, max_drop=max_metric_drop)
@@ -208,7 +129,7 @@ def compile_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, target: st
                             opset=opset, device=device, bf16=bf16, **precision_options).to_dict()
 
 
-def _onnx_models(b: _Build, opset: int) -> None:
+def _onnx_models(b: Build, opset: int) -> None:
     """The shared and per-task ONNX models, each verified against the reference, into ``b``."""
     graph = b.graph
     spec = graph.spec
@@ -236,26 +157,6 @@ def _task_masks(ck, spec, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return tuple(m[k] for m in masks_of(ck.tensors, spec))
 
 
-def _tensorrt_plans(files, models, graph, spec, batches, fp16) -> None:
-    """Build one strongly typed plan per ONNX model (fp16: from its fp16 conversion; a model with
-    Q/DQ nodes: int8) and verify it against ONNX Runtime running the model it was built from
-    (`tensorrt.prepare`, `tensorrt.verify_plan`)."""
-    shape = (spec.in_channels, *spec.input_size)
-    for name in [n for n in list(files) if n.endswith(".onnx")]:
-        info = models[name]
-        if info.get("precision") == "fp16":
-            continue  # --precision fp16's files: --fp16 builds fp16 plans from its own conversion
-        precision = "int8" if tensorrt.has_qdq(files[name]) else "fp16" if fp16 else "fp32"
-        source = tensorrt.prepare(files[name], precision)
-        plan = tensorrt.build_plan(source, {i: shape for i in info["inputs"]}, batches)
-        errors = tensorrt.verify_plan(plan, source, name, batches, precision=precision, shape=shape)
-        plan_name = name[: -len(".onnx")] + ".plan"
-        files[plan_name] = plan
-        models[plan_name] = {**info, "format": "tensorrt", "precision": precision,
-                             "batches": list(batches), "verified_max_rel_error": max(errors.values()),
-                             "built_from": name}
-
-
 def _preprocessing(ck) -> Preprocessing | None:
     """The checkpoint's preprocessing record, either form (`Preprocessing.from_record`), with one
     mean and std per input channel (or one for all)."""
@@ -279,7 +180,7 @@ def _tasks(ck, graph: Graph) -> dict[str, mf.TaskInfo]:
             for k, t in enumerate(spec.tasks)}
 
 
-def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target | None,
+def _manifest(ck, raw: Graph, graph: Graph, build: Build | None, target: Target | None,
               accuracy: mf.Accuracy | None = None) -> mf.Manifest:
     """The manifest of a compile of ``target`` (None, with no build: the preview of
     `inspect_checkpoint`, no models), with the routes computed here, once, from the models."""
@@ -287,9 +188,7 @@ def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target
     models = {} if build is None else build.models
     typed = {n: mf.ModelInfo.from_dict(n, m, source="compiled models") for n, m in models.items()}
     tasks = _tasks(ck, graph)
-    trt = None
-    if build is not None and target is not None and target.records_tensorrt:
-        trt = mf.TensorRTSettings(tuple(int(b) for b in build.batches), "fp16" if build.fp16 else "fp32")
+    recorded = {} if build is None or target is None else target.records(build)
     return mf.Manifest(
         dagc_version=dagc.__version__, target=mf.PREVIEW if target is None else target.name, spec=spec,
         input=mf.InputInfo(tuple(graph.inputs), (spec.in_channels, *spec.input_size), "float32", _preprocessing(ck)),
@@ -302,8 +201,8 @@ def _manifest(ck, raw: Graph, graph: Graph, build: _Build | None, target: Target
         topology={t: mf.Topology(**m) for t, m in report.task_topology(ck.tensors, spec).items()},
         verification=mf.Verification("masked supernet, PyTorch eval mode, float32",
                                      "max |model - reference| / max(1, max |reference|)", ONNX_RTOL,
-                                     None if target is None else target.aoti_rtol),
-        tensorrt=trt, accuracy=accuracy)
+                                     recorded.get("aoti_rtol")),
+        tensorrt=recorded.get("tensorrt"), accuracy=accuracy)
 
 
 def inspect_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ held-out split and scored with the project's metrics (`dagc.trainer.evaluation.s
 
 ``int8``  QDQ ONNX files (`dagc.compiler.quantize`), calibrated on the run's training data; if a
           task's primary metric drops by more than ``max_drop`` (relative), the fallbacks
-          (`dagc.compiler.quantize.FALLBACKS`: keep the first convs, then the heads' last convs,
+          (`PrecisionSpec.fallbacks`: keep the first convs, then the heads' last convs,
           then both in fp32) are tried in order and the first that passes is kept and recorded.
 ``bf16``  no files: OpenVINO running the fp32 ONNX files with bf16 inference precision.
 ``fp16``  fp16 ONNX files (onnxconverter-common, float32 inputs and outputs), for TensorRT / CUDA;
@@ -15,6 +15,9 @@ held-out split and scored with the project's metrics (`dagc.trainer.evaluation.s
 
 When OpenVINO is installed the int8 files are also scored on it (``int8-openvino``); that check
 is recorded only if it passes, and the runtime runs int8 on OpenVINO only then.
+
+Each precision is one record of `dagc.precision_table` (how its files are made, which backend
+checks it, its fallbacks) and one function checks them all (`check_precision`).
 
 A precision that fails every attempt stops the compile with a CompileError naming the task, the
 metric and the drop, before anything is written. The checks become the manifest's ``accuracy``
@@ -24,17 +27,15 @@ metric and the drop, before anything is written. The checks become the manifest'
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 
 from dagc.compiler.quantize import (
-    FALLBACKS,
     INT8,
-    Int8Settings,
     calibration_feeds,
     excluded_nodes,
     load_run_data,
@@ -43,14 +44,15 @@ from dagc.compiler.quantize import (
 )
 from dagc.compiler.tensorrt import fp16_model
 from dagc.errors import CompileError, DataError, RunnerError
+from dagc.precision_table import TABLE, Files, PrecisionSpec, spec_of
 from dagc.precisions import (
-    OPENVINO,
     PRECISIONS,
     REFERENCE,
     Accuracy,
     Calibration,
     ModelCheck,
     PrecisionCheck,
+    check_name,
     relative_drop,
     variant_file,
 )
@@ -71,23 +73,25 @@ def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
     if unknown:
         raise CompileError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
                            f"{list(PRECISIONS)}")
-    return tuple(p for p in PRECISIONS if p == REFERENCE or p in names)
+    return tuple(p for p in PRECISIONS if TABLE[p].reference or p in names)
 
 
 def check_options(precisions: Sequence[str], *, calibration_batches: int | None = None,
                   calibration_seed: int | None = None, max_metric_drop: float | None = None,
-                  settings: Int8Settings = INT8) -> tuple[Int8Settings, float]:
+                  settings: Calibration = INT8) -> tuple[Calibration, float]:
     """The int8 settings (``settings`` with the calibration batches and seed given) and the
     allowed drop for a compile of ``precisions`` (`parse_precisions`); None: the default. Checked
     before any work: raises CompileError for a value out of range or of the wrong type, and for
     an option that configures a precision not asked for (it would be ignored without a word)."""
-    reduced = [p for p in precisions if p != REFERENCE]
+    reduced = [p for p in precisions if not TABLE[p].reference]
     calibrating = {k: v for k, v in (("--calibration-batches", calibration_batches),
                                      ("--calibration-seed", calibration_seed)) if v is not None}
-    if calibrating and "int8" not in precisions:
+    quantized = [p.name for p in TABLE.values() if p.files is Files.QUANTIZED]
+    if calibrating and not set(quantized) & set(precisions):
         verb, them = ("configure", "them") if len(calibrating) > 1 else ("configures", "it")
-        raise CompileError(f"{' and '.join(calibrating)} {verb} the int8 calibration; add int8 to --precision "
-                           f"(e.g. --precision fp32,int8) or drop {them}")
+        q = quantized[0]
+        raise CompileError(f"{' and '.join(calibrating)} {verb} the {q} calibration; add {q} to --precision "
+                           f"(e.g. --precision {REFERENCE},{q}) or drop {them}")
     if max_metric_drop is not None and not reduced:
         raise CompileError("--max-metric-drop bounds the accuracy check of reduced precisions; add one to "
                            "--precision (e.g. --precision fp32,int8) or drop it")
@@ -102,7 +106,7 @@ def check_options(precisions: Sequence[str], *, calibration_batches: int | None 
     return settings, float(drop)
 
 
-def check_calibration(settings: Int8Settings, data, task_inputs: Mapping[str, str]) -> None:
+def check_calibration(settings: Calibration, data, task_inputs: Mapping[str, str]) -> None:
     """Refuse (DataError) more calibration batches than the training split fills, before any is
     drawn: each batch is a copy of its samples, so an unbounded count only exhausts memory. Up to
     the default count is always allowed (a small split then repeats samples across batches)."""
@@ -150,8 +154,73 @@ def _worst(drop: Mapping[str, float]) -> tuple[str, float]:
     return max(drop.items(), key=lambda kv: kv[1]) if drop else ("", -math.inf)
 
 
+# How each kind of files is made (`dagc.precision_table.Files`): (check, fp32 model file) -> the
+# attempts, in order, each (model bytes, fallback name or None); the first that passes is kept.
+def _quantized(c: _Check, name: str) -> Iterator[tuple[bytes, str | None]]:
+    proto = onnx.load_from_string(c.files[name])
+    seen: set[tuple[str, ...]] = set()
+    for fallback in c.spec.fallbacks:
+        exclude = tuple(excluded_nodes(proto, fallback))
+        if exclude not in seen:  # e.g. a model whose first convs are its heads' last convs
+            seen.add(exclude)
+            yield quantize_int8(c.files[name], c.feeds(), settings=c.settings, exclude=exclude), fallback
+
+
+def _converted(c: _Check, name: str) -> Iterator[tuple[bytes, str | None]]:
+    yield fp16_model(c.files[name]), None
+
+
+def _shared(c: _Check, name: str) -> Iterator[tuple[bytes, str | None]]:
+    yield c.files[name], None
+
+
+_MAKE = {Files.QUANTIZED: _quantized, Files.CONVERTED: _converted, Files.SHARED: _shared}
+# The backends a precision is checked on (`PrecisionSpec.checked_on`): why not here, its runner of
+# a model file at a precision, and its name in messages. The runtime's backends are not importable
+# from the compiler (layers); these are the same runners, on the CPU.
+_CHECK_RUNNERS = {
+    "onnxruntime": (lambda p: None, lambda data, p: OrtRunner(data, device="cpu"), "ONNX Runtime, CPU"),
+    "openvino": (openvino_unavailable, lambda data, p: OvRunner(data, precision=p), "OpenVINO"),
+}
+
+
+@dataclass
+class _Check:
+    """What one precision's check reads: the fp32 files and entries, their runners and metrics."""
+
+    spec: PrecisionSpec
+    files: dict[str, bytes]
+    models: dict[str, dict[str, Any]]
+    runners: dict[str, Runner]
+    ref: dict[str, dict[str, dict[str, float]]]
+    data: Any
+    graph: Any
+    settings: Calibration
+    max_drop: float
+    primary: dict[str, tuple[str, bool]]
+    _feeds: list | None = None
+
+    def feeds(self) -> list:
+        """The calibration feeds, drawn once (`calibration_feeds`)."""
+        if self._feeds is None:
+            g = self.graph
+            self._feeds = calibration_feeds(self.data, list(g.inputs), {t: g.task_input(t) for t in g.spec.task_names},
+                                            self.settings)
+        return self._feeds
+
+    def score(self, data: bytes, backend: str, name: str) -> tuple[_Scored, dict[str, float]]:
+        """Model bytes ``data`` (a form of fp32 file ``name``) run on ``backend`` over the held-out
+        split: (scored, each task's drop against the fp32 file)."""
+        try:
+            runner = _CHECK_RUNNERS[backend][1](data, self.spec.name)
+        except RunnerError as e:
+            raise CompileError(f"{self.spec.name}: {name}: {e}") from None
+        scored = _Scored(self.graph.spec, self.data.test, runner, self.models[name]["tasks"], self.runners[name])
+        return scored, _drops(scored.metrics, self.ref[name], self.primary)
+
+
 def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]], ck, graph,
-                     precisions: Sequence[str], *, data_root: str | None = None, settings: Int8Settings = INT8,
+                     precisions: Sequence[str], *, data_root: str | None = None, settings: Calibration = INT8,
                      max_drop: float = MAX_METRIC_DROP) -> Accuracy | None:
     """Add the reduced-precision forms of the fp32 ONNX models in ``files`` / ``models`` (model
     file -> manifest entry, JSON form) and return the accuracy record (None when only fp32 is
@@ -159,38 +228,37 @@ def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]],
 
     Takes the checkpoint (its recorded configuration names the data; ``data_root`` replaces the
     recorded root of an on-disk dataset), the optimised IR, the precisions (`parse_precisions`),
-    the int8 settings and the allowed relative drop of each task's primary metric. Raises
-    CompileError when a precision fails its check (after the int8 fallbacks) or cannot run here,
+    the int8 settings and the allowed relative drop of each task's primary metric. Every precision
+    is checked the same way, by its record (`dagc.precision_table`, `check_precision`). Raises
+    CompileError when a precision fails its check (after its fallbacks) or cannot run here,
     ConfigError / DataError when the data cannot be read.
     """
-    wanted = [p for p in parse_precisions(precisions) if p != REFERENCE]
+    wanted = [TABLE[p] for p in parse_precisions(precisions) if not TABLE[p].reference]
     if not wanted:
         return None
-    settings, max_drop = check_options(wanted, max_metric_drop=max_drop, settings=settings)
-    if "bf16" in wanted:
-        reason = openvino_unavailable("bf16")
+    settings, max_drop = check_options([s.name for s in wanted], max_metric_drop=max_drop, settings=settings)
+    for s in wanted:
+        reason = _CHECK_RUNNERS[s.checked_on][0](s.name)
         if reason:
-            raise CompileError(f"--precision bf16: {reason}")
+            raise CompileError(f"--precision {s.name}: {reason}")
     data = load_run_data(ck, data_root)
-    if "int8" in wanted:
+    if any(s.files is Files.QUANTIZED for s in wanted):
         check_calibration(settings, data, {t: graph.task_input(t) for t in ck.spec.task_names})
     spec = ck.spec
     split = data.test
     primary = {t.name: primary_metric(t.kind) for t in spec.tasks}
-    fp32_names = [n for n, m in models.items() if m["format"] == "onnx"]
+    fp32_names = [n for n, m in models.items() if spec_of(m.get("precision")).reference]
     runners = {n: OrtRunner(files[n], device="cpu") for n in fp32_names}
     ref = {n: _Scored(spec, split, runners[n], models[n]["tasks"]).metrics for n in fp32_names}
-    checks = {REFERENCE: PrecisionCheck("onnxruntime", {n: ModelCheck(n, ref[n], {}) for n in fp32_names})}
-    for p in wanted:
-        if p == "int8":
-            checks[p] = _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_drop, primary)
-            on_ov = _on_openvino(files, models, checks[p], runners, ref, split, spec, max_drop, primary)
-            if on_ov is not None:
-                checks[p + OPENVINO] = on_ov
-        elif p == "bf16":
-            checks[p] = _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary)
-        else:
-            checks[p] = _fp16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary)
+    checks = {REFERENCE: PrecisionCheck(TABLE[REFERENCE].checked_on,
+                                        {n: ModelCheck(n, ref[n], {}) for n in fp32_names})}
+    for s in wanted:
+        c = _Check(s, files, models, runners, ref, data, graph, settings, max_drop, primary)
+        checks[s.name] = check_precision(c, fp32_names)
+        for backend in s.also_checked_on:
+            also = _check_also(c, checks[s.name], backend)
+            if also is not None:
+                checks[check_name(s.name, backend)] = also
     return Accuracy(data.name, "test", {t: split.size(t) for t in spec.task_names}, primary, float(max_drop), checks)
 
 
@@ -211,83 +279,50 @@ def _add(files, models, name: str, p: str, data: bytes, err: float) -> str:
     return out
 
 
-def _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_drop, primary) -> PrecisionCheck:
-    spec = graph.spec
-    feeds = calibration_feeds(data, list(graph.inputs), {t: graph.task_input(t) for t in spec.task_names}, settings)
+def check_precision(c: _Check, fp32_names: Sequence[str]) -> PrecisionCheck:
+    """The check of one precision (its record ``c.spec``) on every fp32 model: each attempt its
+    files' kind makes (`_MAKE`; the fallbacks, in order, for int8) is scored on the record's
+    backend, the first within the allowed drop is kept (its files added to ``c.files`` /
+    ``c.models`` when the precision has files of its own). Raises CompileError naming the task, the
+    metric and the drop of the best attempt when none passes."""
+    s = c.spec
     out = {}
     for name in fp32_names:
-        proto = onnx.load_from_string(files[name])
         best = None
         tried: list[str] = []
-        seen: set[tuple[str, ...]] = set()
-        for fallback in FALLBACKS:
-            exclude = tuple(excluded_nodes(proto, fallback))
-            if exclude in seen:
-                continue  # e.g. a model whose first convs are its heads' last convs
-            seen.add(exclude)
-            tried.append(fallback)
-            q = quantize_int8(files[name], feeds, settings=settings, exclude=exclude)
-            scored = _Scored(spec, data.test, OrtRunner(q, device="cpu"), models[name]["tasks"], runners[name])
-            drop = _drops(scored.metrics, ref[name], primary)
+        for data, fallback in _MAKE[s.files](c, name):
+            tried += [fallback] if fallback else []
+            scored, drop = c.score(data, s.checked_on, name)
             if best is None or _worst(drop)[1] < _worst(best[2])[1]:
-                best = (q, scored, drop, fallback)
-            if _worst(drop)[1] <= max_drop:
+                best = (data, scored, drop, fallback)
+            if _worst(drop)[1] <= c.max_drop:
                 break
-        q, scored, drop, fallback = best
-        if _worst(drop)[1] > max_drop:
-            raise _refuse("int8", name, scored.metrics, ref, drop, primary, max_drop,
-                          f" with every fallback ({', '.join(tried)}; best: {fallback})")
-        file = _add(files, models, name, "int8", q, scored.max_rel_error)
+        data, scored, drop, fallback = best
+        if _worst(drop)[1] > c.max_drop:
+            how = (f" with every fallback ({', '.join(tried)}; best: {fallback})" if s.fallbacks
+                   else f" ({_CHECK_RUNNERS[s.checked_on][2]})")
+            raise _refuse(s.name, name, scored.metrics, c.ref, drop, c.primary, c.max_drop, how)
+        file = _add(c.files, c.models, name, s.name, data, scored.max_rel_error) if s.own_files else name
         out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, fallback)
-    return PrecisionCheck("onnxruntime", out, Calibration(**asdict(settings)))
+    return PrecisionCheck(s.checked_on, out, c.settings if s.files is Files.QUANTIZED else None)
 
 
-def _on_openvino(files, models, check: PrecisionCheck, runners, ref, split, spec, max_drop,
-                 primary) -> PrecisionCheck | None:
-    """``check``'s files scored on OpenVINO (f32 inference precision); None when OpenVINO is not
-    installed or a task's metric drops too much there (the runtime then refuses that pairing)."""
-    if openvino_unavailable() is not None:
+def _check_also(c: _Check, check: PrecisionCheck, backend: str) -> PrecisionCheck | None:
+    """``check``'s files scored on another ``backend`` (`PrecisionSpec.also_checked_on`); None when
+    it is not installed or a task's metric drops too much there (the runtime then refuses that
+    pairing)."""
+    if _CHECK_RUNNERS[backend][0](c.spec.name) is not None:
         return None
     out = {}
-    for name, c in check.models.items():
+    for name, m in check.models.items():
         try:
-            runner = OvRunner(files[c.file])
-        except RunnerError:
+            scored, drop = c.score(c.files[m.file], backend, name)
+        except CompileError:
             return None
-        scored = _Scored(spec, split, runner, models[name]["tasks"], runners[name])
-        drop = _drops(scored.metrics, ref[name], primary)
-        if _worst(drop)[1] > max_drop:
+        if _worst(drop)[1] > c.max_drop:
             return None
-        out[name] = ModelCheck(c.file, scored.metrics, drop, scored.max_rel_error, c.fallback)
-    return PrecisionCheck("openvino", out, check.calibration)
-
-
-def _bf16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary) -> PrecisionCheck:
-    out = {}
-    for name in fp32_names:
-        try:
-            runner = OvRunner(files[name], precision="bf16")
-        except RunnerError as e:
-            raise CompileError(f"bf16: {name}: {e}") from None
-        scored = _Scored(spec, split, runner, models[name]["tasks"], runners[name])
-        drop = _drops(scored.metrics, ref[name], primary)
-        if _worst(drop)[1] > max_drop:
-            raise _refuse("bf16", name, scored.metrics, ref, drop, primary, max_drop, " (OpenVINO bf16)")
-        out[name] = ModelCheck(name, scored.metrics, drop, scored.max_rel_error)
-    return PrecisionCheck("openvino", out)
-
-
-def _fp16(files, models, fp32_names, runners, ref, split, spec, max_drop, primary) -> PrecisionCheck:
-    out = {}
-    for name in fp32_names:
-        half = fp16_model(files[name])
-        scored = _Scored(spec, split, OrtRunner(half, device="cpu"), models[name]["tasks"], runners[name])
-        drop = _drops(scored.metrics, ref[name], primary)
-        if _worst(drop)[1] > max_drop:
-            raise _refuse("fp16", name, scored.metrics, ref, drop, primary, max_drop, " (ONNX Runtime, CPU)")
-        file = _add(files, models, name, "fp16", half, scored.max_rel_error)
-        out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error)
-    return PrecisionCheck("onnxruntime", out)
+        out[name] = ModelCheck(m.file, scored.metrics, drop, scored.max_rel_error, m.fallback)
+    return PrecisionCheck(backend, out, check.calibration)
 
 
 def accuracy_table(accuracy: Accuracy) -> str:
@@ -296,10 +331,8 @@ def accuracy_table(accuracy: Accuracy) -> str:
     ref = accuracy.precisions[REFERENCE].models
     lines = [f"accuracy on the tasks ({accuracy.dataset}, {accuracy.split} split; allowed drop "
              f"{accuracy.max_metric_drop:.1%} relative)",
-             f"{'precision':<15}{'model':<28}{'task':<14}{'metric':<12}{'fp32':>9}{'value':>9}{'drop':>8}  fallback"]
-    for p, check in accuracy.precisions.items():
-        if p == REFERENCE:
-            continue
+             f"{'precision':<15}{'model':<28}{'task':<14}{'metric':<12}{REFERENCE:>9}{'value':>9}{'drop':>8}  fallback"]
+    for p, check in accuracy.reduced().items():
         for name, c in check.models.items():
             for t, d in c.drop.items():
                 key = accuracy.primary[t][0]

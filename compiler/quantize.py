@@ -71,7 +71,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +79,16 @@ import onnx
 
 from dagc.compiler.tensorrt import TRT_QDQ_OPTIONS
 from dagc.errors import CheckpointError, CompileError, DataError
+from dagc.precision_table import INT8 as INT8_NAME
+from dagc.precision_table import TABLE
+from dagc.precisions import Calibration
 from dagc.trainer.batches import run_data
 
 __all__ = ["INT8", "FALLBACKS", "Int8Settings", "calibration_feeds", "excluded_nodes", "fold_pools", "merge_sums",
            "narrow_read_ins", "quantize_int8",
            "load_run_data", "for_tensorrt"]
 
-FALLBACKS = ("none", "first-conv", "heads", "first-conv+heads")
+FALLBACKS = TABLE[INT8_NAME].fallbacks
 # Speed rules for ONNX Runtime's CPU int8 kernels, measured (module docstring): a read-in conv
 # with at most this many output channels stays fp32; a pool folds into a 1x1 conv with at most
 # this many output channels (the folded conv does that many MACs per pooled input element).
@@ -94,25 +97,8 @@ FOLD_MAX_OUT = 64
 _WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
-@dataclass(frozen=True)
-class Int8Settings:
-    """How int8 models are quantized: activation type, calibration method, pre-processing, whether
-    in TensorRT's form (``symmetric``: signed int8 activations and weights with zero points 0, no
-    int32 biases, `dagc.compiler.tensorrt.TRT_QDQ_OPTIONS`), and the calibration data
-    (``batches`` batches of ``batch_size`` training samples, drawn with ``seed``)."""
-
-    activations: str = "QUInt8"
-    weights: str = "QInt8"
-    method: str = "MinMax"
-    per_channel: bool = True
-    preprocess: bool = False
-    batches: int = 8
-    batch_size: int = 16
-    seed: int = 0
-    symmetric: bool = False
-
-
-INT8 = Int8Settings()
+Int8Settings = Calibration  # the former name of the one settings type (`dagc.precisions.Calibration`)
+INT8 = Calibration()
 
 
 def load_run_data(ck, data_root: str | None = None):
@@ -126,7 +112,7 @@ def load_run_data(ck, data_root: str | None = None):
 
 
 def calibration_feeds(data, inputs: Sequence[str], task_inputs: Mapping[str, str],
-                      settings: Int8Settings = INT8) -> list[dict[str, np.ndarray]]:
+                      settings: Calibration = INT8) -> list[dict[str, np.ndarray]]:
     """``settings.batches`` feed dicts (input name -> float32 (batch, C, H, W)) of training samples
     drawn with ``settings.seed``, for the model inputs ``inputs``; ``task_inputs`` maps each task
     to its input (datasets with one input per task draw from that task's images)."""
@@ -325,7 +311,7 @@ class _Reader:
         return next(self._it, None)
 
 
-def quantize_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, settings: Int8Settings = INT8,
+def quantize_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, settings: Calibration = INT8,
                   exclude: Sequence[str] = ()) -> bytes:
     """The int8 QDQ form of an fp32 ONNX model (serialized), calibrated on ``feeds`` (dicts holding
     at least the model's inputs), with the nodes ``exclude`` kept in fp32. Deterministic: the same
@@ -372,7 +358,7 @@ def _strip_metadata(model: onnx.ModelProto) -> None:
     model.producer_version = ""
 
 
-def for_tensorrt(settings: Int8Settings) -> Int8Settings:
+def for_tensorrt(settings: Calibration) -> Calibration:
     """``settings`` in the form TensorRT imports (signed symmetric activations; ONNX Runtime's CPU
     kernels run it slower than the default uint8 form, measured above)."""
     return replace(settings, activations="QInt8", weights="QInt8", symmetric=True)

@@ -16,6 +16,7 @@ import numpy as np
 from dagc.compiler.flops import supernet_costs
 from dagc.compiler.ir import READOUT, Graph, masks_of
 from dagc.manifest import FORMAT, FORMAT_VERSION, Cost, Manifest
+from dagc.precision_table import REFERENCE
 from dagc.spec import Spec
 from dagc.trainer.topology import flow_band, topology_metrics
 
@@ -242,11 +243,11 @@ def report_markdown(manifest: Manifest) -> str:
         lines += ["## Reduced precisions, checked on the tasks", "",
                   f"Primary metric of each task on the {acc.dataset} {acc.split} split, against the fp32 compiled "
                   f"model (drop relative; refused above {acc.max_metric_drop:.1%}).", ""]
-        ref = acc.precisions["fp32"].models
-        lines += _table(["precision", "file", "task", "metric", "fp32", "value", "drop", "fallback"],
+        ref = acc.precisions[REFERENCE].models
+        lines += _table(["precision", "file", "task", "metric", REFERENCE, "value", "drop", "fallback"],
                         [[p, f"`{c.file}`", t, acc.primary[t][0], f"{ref[n].metrics[t][acc.primary[t][0]]:.4f}",
                           f"{c.metrics[t][acc.primary[t][0]]:.4f}", f"{d:+.2%}", c.fallback or "-"]
-                         for p, check in acc.precisions.items() if p != "fp32"
+                         for p, check in acc.reduced().items()
                          for n, c in check.models.items() for t, d in c.drop.items()])
     pictures = [t for t in tasks if picture_file(t) in manifest.files]
     if pictures:

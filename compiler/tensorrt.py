@@ -35,17 +35,17 @@ import numpy as np
 import onnx
 
 from dagc.errors import CompileError, RunnerError
+from dagc.precision_table import FP16, INT8, REFERENCE, TABLE, Files, tolerances
 from dagc.runners import TENSORRT_MAJORS, OrtRunner, TrtRunner, compare, tensorrt_major
 from dagc.runners import tensorrt_unavailable as unavailable_reason
 
 __all__ = ["PRECISIONS", "TOLERANCE", "unavailable_reason", "creation_flags", "fp16_model", "has_qdq",
            "qdq_problem", "TRT_QDQ_OPTIONS", "plan_precision", "prepare", "build_plan", "verify_plan"]
 
-PRECISIONS = ("fp32", "fp16", "int8")
 # Relative to the output scale, as in the ONNX verification, against ONNX Runtime running the very
-# model the plan was built from. TensorRT may run fp32 convolutions in TF32 on Ampere and newer;
-# int8 kernels may round scales differently from ONNX Runtime's reference Q/DQ (one step apart).
-TOLERANCE = {"fp32": 1e-2, "fp16": 5e-2, "int8": 1e-1}
+# model the plan was built from (`dagc.precision_table`: TF32 convolutions, int8 scale rounding).
+TOLERANCE = tolerances("tensorrt")
+PRECISIONS = tuple(TOLERANCE)
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 _SIGNED_ZERO_POINTS = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.FLOAT8E4M3FN})
 # quantize_static's extra options for TensorRT: symmetric scales, float biases, a Q/DQ pair on each
@@ -171,10 +171,10 @@ def plan_precision(model: bytes) -> str:
     ``fp16`` when it holds fp16 weights, else ``fp32``."""
     proto = onnx.load_from_string(model)
     if has_qdq(proto):
-        return "int8"
+        return INT8
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer):
-        return "fp16"
-    return "fp32"
+        return FP16
+    return REFERENCE
 
 
 def prepare(model: bytes | str | os.PathLike, precision: str) -> bytes:
@@ -187,13 +187,14 @@ def prepare(model: bytes | str | os.PathLike, precision: str) -> bytes:
         raise CompileError(f"unknown TensorRT precision {precision!r}; choose one of {list(PRECISIONS)}")
     data = _load(model)
     qdq = has_qdq(data)
-    if precision == "int8" and not qdq:
-        raise CompileError("int8 plans are built from ONNX models with QuantizeLinear/DequantizeLinear nodes and "
-                           f"this one has none; {SYMMETRIC_HINT}")
+    made = TABLE[precision].files
+    if made is Files.QUANTIZED and not qdq:
+        raise CompileError(f"{precision} plans are built from ONNX models with QuantizeLinear/DequantizeLinear nodes "
+                           f"and this one has none; {SYMMETRIC_HINT}")
     problem = qdq_problem(data) if qdq else None
     if problem:
         raise CompileError(f"TensorRT cannot build this Q/DQ model: {problem}; {SYMMETRIC_HINT}")
-    if precision == "fp16" and not qdq:
+    if made is Files.CONVERTED and not qdq:
         return fp16_model(data)
     return data
 
@@ -234,7 +235,7 @@ def build_plan(model: bytes | str | os.PathLike, input_shapes: Mapping[str, Sequ
     return bytes(plan)
 
 
-def verify_plan(plan: bytes, onnx_bytes: bytes, name: str, batches: Sequence[int], *, precision: str = "fp32",
+def verify_plan(plan: bytes, onnx_bytes: bytes, name: str, batches: Sequence[int], *, precision: str = REFERENCE,
                 shape: Sequence[int], seed: int = 0) -> dict[str, float]:
     """Check a plan against ONNX Runtime (CPU) running the ONNX model it was built from (the
     output of `prepare`).

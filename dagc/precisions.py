@@ -24,22 +24,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from types import MappingProxyType
 from typing import Any, Protocol
 
 from dagc.errors import ArtifactError
 from dagc.jsonfields import Fields
+from dagc.precision_table import CHECKED_ON, REFERENCE, TABLE, spec_of
 
 __all__ = ["PRECISIONS", "REFERENCE", "FILE_PRECISIONS", "OPENVINO", "CHECKS", "Calibration", "ModelCheck", "PrecisionCheck", "Accuracy",
-           "precision_of", "unchecked_file", "is_variant", "routable", "variant", "variant_file", "runs_at", "at_precision", "relative_drop"]
+           "precision_of", "REDUCED", "check_name", "unchecked_file", "is_variant", "routable", "variant", "variant_file", "runs_at", "at_precision", "relative_drop"]
 
-PRECISIONS = ("fp32", "int8", "bf16", "fp16")
-REFERENCE = "fp32"  # the precision every other one is checked against
-FILE_PRECISIONS = ("int8", "fp16")  # precisions with their own model files (bf16 runs the fp32 files)
+PRECISIONS = tuple(TABLE)  # the records: `dagc.precision_table`
+REDUCED = tuple(p for p in PRECISIONS if p != REFERENCE)
+FILE_PRECISIONS = tuple(p.name for p in TABLE.values() if p.own_files)  # bf16 runs the fp32 files
+RUNNERS = tuple(CHECKED_ON)
 OPENVINO = "-openvino"  # suffix of the check of a precision's files run on OpenVINO: "int8-openvino"
-CHECKS = (*PRECISIONS, *(p + OPENVINO for p in FILE_PRECISIONS))
-RUNNERS = ("onnxruntime", "openvino")
+CHECKS = (*PRECISIONS, *(f"{p}-{b}" for b in RUNNERS for p in FILE_PRECISIONS if b != TABLE[p].checked_on))
+
+
+def check_name(precision: str, backend: str) -> str:
+    """The accuracy record's key of ``precision``'s check on ``backend``: the precision itself on
+    the backend its record checks it on, ``<precision>-<backend>`` on another (``int8-openvino``)."""
+    return precision if backend == TABLE[precision].checked_on else f"{precision}-{backend}"
 
 
 class _Model(Protocol):
@@ -62,8 +69,8 @@ def routable(models: Iterable[_Model]) -> list:
     ``load(..., precision=)``, never what a task subset runs by default."""
     typed = {m.name: m for m in models}
     kept = [m for m in typed.values() if not is_variant(typed, m.name)]
-    full = {m.format for m in kept if m.precision in (None, "fp32")}
-    return [m for m in kept if m.format not in full or m.precision in (None, "fp32")]
+    full = {m.format for m in kept if spec_of(m.precision).reference}
+    return [m for m in kept if m.format not in full or spec_of(m.precision).reference]
 
 
 def is_variant(models: Mapping[str, _Model], name: str) -> bool:
@@ -106,12 +113,14 @@ def variant(models: Mapping[str, _Model], name: str, precision: str) -> str:
 
 def runs_at(model: _Model, precision: str) -> bool:
     """Whether ``model`` is a file that runs at ``precision`` (bf16 runs the fp32 files)."""
-    return precision_of(model) == (REFERENCE if precision == "bf16" else precision)
+    return precision_of(model) == (precision if TABLE[precision].own_files else REFERENCE)
 
 
 def at_precision(models: Mapping[str, _Model], names, precision: str) -> tuple[str, ...]:
     """The files that compute what the fp32 models ``names`` compute, at ``precision``."""
-    return tuple(names) if precision in (REFERENCE, "bf16") else tuple(variant(models, n, precision) for n in names)
+    if not TABLE[precision].own_files:
+        return tuple(names)
+    return tuple(variant(models, n, precision) for n in names)
 
 
 def variant_file(name: str, precision: str) -> str:
@@ -143,30 +152,39 @@ def _bool(o: Fields, key: str) -> bool:
 
 @dataclass(frozen=True)
 class Calibration:
-    """How int8 activation ranges were calibrated: ONNX Runtime's settings and the data drawn."""
+    """How int8 models are quantized, the one settings type of the compiler (`dagc.compiler.quantize`)
+    and of the manifest's record: ONNX Runtime's activation and weight types, calibration method,
+    per-channel weights, pre-processing, whether in TensorRT's form (``symmetric``: signed int8
+    activations and weights with zero points 0, no int32 biases), and the calibration data
+    (``batches`` batches of ``batch_size`` training samples, drawn with ``seed``). The defaults are
+    the measured choice (`dagc.compiler.quantize`'s docstring). A field added later takes
+    ``metadata={"optional": True}``: manifests written before it then read with its default."""
 
-    activations: str
-    weights: str
-    method: str
-    per_channel: bool
-    preprocess: bool
-    batches: int
-    batch_size: int
-    seed: int
-    symmetric: bool = False  # TensorRT's form: signed activations, zero points 0, no int32 biases
+    activations: str = "QUInt8"
+    weights: str = "QInt8"
+    method: str = "MinMax"
+    per_channel: bool = True
+    preprocess: bool = False
+    batches: int = field(default=8, metadata={"low": 1})
+    batch_size: int = field(default=16, metadata={"low": 1})
+    seed: int = 0
+    symmetric: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"activations": self.activations, "weights": self.weights, "method": self.method,
-                "per_channel": self.per_channel, "preprocess": self.preprocess, "batches": self.batches,
-                "batch_size": self.batch_size, "seed": self.seed, "symmetric": self.symmetric}
+        return asdict(self)
 
     @classmethod
     def read(cls, o: Fields) -> Calibration:
-        o.only("activations", "weights", "method", "per_channel", "preprocess", "batches", "batch_size", "seed",
-               "symmetric")
-        return cls(o.string("activations"), o.string("weights"), o.string("method"), _bool(o, "per_channel"),
-                   _bool(o, "preprocess"), o.integer("batches", 1), o.integer("batch_size", 1), o.integer("seed"),
-                   _bool(o, "symmetric"))
+        every = fields(cls)
+        o.only(*(f.name for f in every))
+        kw: dict[str, Any] = {}
+        for f in every:
+            if f.metadata.get("optional") and o.get(f.name) is None:
+                continue
+            kind = type(getattr(cls(), f.name))
+            kw[f.name] = (_bool(o, f.name) if kind is bool else o.string(f.name) if kind is str
+                          else o.integer(f.name, f.metadata.get("low", 0)))
+        return cls(**kw)
 
 
 @dataclass(frozen=True)
@@ -307,6 +325,10 @@ class Accuracy:
                   for p, c in self.precisions.items()}
         return replace(self, samples=order(self.samples), primary=order(self.primary), precisions=checks)
 
+    def reduced(self) -> dict[str, PrecisionCheck]:
+        """The checks of the reduced precisions (every one but the reference's), in order."""
+        return {p: c for p, c in self.precisions.items() if p != REFERENCE}
+
     def passed(self, precision: str) -> bool:
         """Whether ``precision`` was checked (a compile records only the checks that passed)."""
         return precision in self.precisions
@@ -333,24 +355,28 @@ def read_accuracy(o: Fields, key: str) -> Accuracy | None:
 def check_loadable(accuracy: Accuracy | None, models: Mapping[str, _Model], precision: str, backend: str,
                    where: str) -> str:
     """Refuse (ArtifactError, one sentence) a ``precision`` the artifact cannot run on ``backend``:
-    an unknown one, int8/fp16 without such files, bf16 off OpenVINO or without a passed check,
-    int8/fp16 on OpenVINO without a passed check there. Returns ``precision``."""
+    an unknown one, one with files of its own (int8, fp16) without such files, or on a backend
+    that checks it (`RUNNERS`) without a passed check there, one run at an inference precision
+    (bf16) off its backends (`PrecisionSpec.runs_on`) or without a passed check. Returns ``precision``."""
     if precision not in PRECISIONS:
         raise ArtifactError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     have = sorted({REFERENCE, *(precision_of(m) for m in models.values()),
                    *(p for p in (accuracy.precisions if accuracy is not None else ()) if p in PRECISIONS)})
-    if precision == "bf16":
-        if backend != "openvino":
-            raise ArtifactError(f"precision 'bf16' runs on backend 'openvino' (OpenVINO's bf16 inference "
-                                f"precision), not {backend!r}")
-        if accuracy is None or not accuracy.passed("bf16"):
-            raise ArtifactError(f"{where} records no passed bf16 accuracy check (precisions {have}); recompile "
-                                "it with dagc compile --precision fp32,bf16")
-    elif precision != REFERENCE and not any(precision_of(m) == precision for m in models.values()):
+    spec = TABLE[precision]
+    if spec.runs_on is not None and backend not in spec.runs_on:
+        on = " or ".join(repr(b) for b in spec.runs_on)
+        raise ArtifactError(f"precision {precision!r} runs on backend {on} (its inference precision there), not "
+                            f"{backend!r}")
+    if spec.reference:
+        return precision
+    if not spec.own_files:
+        if accuracy is None or not accuracy.passed(precision):
+            raise ArtifactError(f"{where} records no passed {precision} accuracy check (precisions {have}); "
+                                f"recompile it with dagc compile --precision {REFERENCE},{precision}")
+    elif not any(precision_of(m) == precision for m in models.values()):
         raise ArtifactError(f"{where} has no {precision} models (precisions {have}); recompile it with "
-                            f"dagc compile --precision fp32,{precision}")
-    elif precision != REFERENCE and backend == "openvino" and (accuracy is None
-                                                               or not accuracy.passed(precision + OPENVINO)):
-        raise ArtifactError(f"{where} records no passed accuracy check of its {precision} models on OpenVINO "
-                            f"(a compile checks them when openvino is installed); use backend 'onnxruntime'")
+                            f"dagc compile --precision {REFERENCE},{precision}")
+    elif backend in RUNNERS and backend != spec.checked_on and (accuracy is None or not accuracy.passed(check_name(precision, backend))):
+        raise ArtifactError(f"{where} records no passed accuracy check of its {precision} models on "
+                            f"{CHECKED_ON[backend]} (a compile checks them when {backend} is installed); use backend {spec.checked_on!r}")
     return precision

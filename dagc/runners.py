@@ -18,12 +18,13 @@ them.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from dagc.errors import CompileError, DagcError, RunnerError
+from dagc.precision_table import REFERENCE, TABLE
 
 __all__ = ["Runner", "OrtRunner", "OvRunner", "TrtRunner", "openvino_unavailable", "compare", "relative_error",
            "ort_providers", "session_options", "tensorrt_unavailable", "tensorrt_major", "TENSORRT_MAJORS"]
@@ -83,16 +84,21 @@ def ort_providers(device: str = "auto") -> list[str]:
 class OrtRunner:
     """An ONNX model in an ONNX Runtime session: the only place dagc creates one.
 
-    Takes the serialized model, the intra-op thread count (None: ONNX Runtime's default) and the
-    device (`ort_providers`). With ``auto`` a GPU provider that fails to initialise falls back to
-    the CPU; with ``cuda`` or ``cpu`` a failure is raised (ONNX Runtime's own exception, as for an
-    unreadable model). `run` is thread-safe (``InferenceSession.run`` is).
+    Takes the serialized model, the intra-op thread count (None: ONNX Runtime's default), the
+    device (`ort_providers`) and optionally ``configure(session_options)``, which changes dagc's
+    `session_options` before the session is made (another configuration of the same runtime, for
+    a runtime backend record: `dagc.runtime.backends.Backend`). With ``auto`` a GPU provider that
+    fails to initialise falls back to the CPU; with ``cuda`` or ``cpu`` a failure is raised (ONNX
+    Runtime's own exception, as for an unreadable model). `run` is thread-safe (``InferenceSession.run`` is).
     """
 
-    def __init__(self, model: bytes, *, threads: int | None = None, device: str = "auto") -> None:
+    def __init__(self, model: bytes, *, threads: int | None = None, device: str = "auto",
+                 configure: Callable[[Any], None] | None = None) -> None:
         import onnxruntime as ort
 
         opts = session_options(threads)
+        if configure is not None:
+            configure(opts)
         providers = ort_providers(device)
         try:
             self.session = ort.InferenceSession(model, opts, providers=providers)
@@ -113,18 +119,27 @@ class OrtRunner:
 # ---------------------------------------------------------------------------------------------------
 # OpenVINO
 
-OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # dagc precision -> OpenVINO INFERENCE_PRECISION_HINT
+# dagc precision -> OpenVINO INFERENCE_PRECISION_HINT (`dagc.precision_table`); the precisions
+# with files of their own (int8 QDQ, fp16) run at the reference's
+OV_PRECISIONS = {p.name: p.openvino[0] for p in TABLE.values() if p.openvino is not None}
 
 
-def openvino_unavailable(precision: str = "fp32") -> str | None:
-    """None when OpenVINO can run ``precision`` (fp32, or bf16 where the CPU has bf16 support)
-    here; otherwise why not, in one sentence."""
+def _ov_inference(precision: str) -> tuple[str, str | None]:
+    spec = TABLE[precision]
+    return spec.openvino or TABLE[REFERENCE].openvino
+
+
+def openvino_unavailable(precision: str = REFERENCE) -> str | None:
+    """None when OpenVINO can run ``precision`` (bf16 only where the CPU has bf16 support) here;
+    otherwise why not, in one sentence."""
     try:
         import openvino as ov
     except ImportError:
         return "backend 'openvino' needs the openvino package; install dagc[cpu] (or pip install openvino)"
-    if precision == "bf16" and "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
-        return "this CPU has no bf16 support in OpenVINO (no AVX512-BF16 / AMX); use precision 'fp32'"
+    need = _ov_inference(precision)[1] if precision in TABLE else None
+    if need is not None and need not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+        return (f"this CPU has no {precision} support in OpenVINO (no {need} capability: AVX512-BF16 / AMX); use "
+                f"precision {REFERENCE!r}")
     return None
 
 
@@ -132,19 +147,20 @@ class OvRunner:
     """An ONNX model compiled by OpenVINO Runtime for the CPU.
 
     Takes the serialized ONNX model, the intra-op thread count (None: OpenVINO's default) and the
-    precision: ``fp32`` (INFERENCE_PRECISION_HINT f32, OpenVINO's own default on bf16-capable CPUs
-    being bf16) or ``bf16``. Each calling thread gets its own infer request, so `run` is
+    precision (`dagc.precision_table`): ``fp32`` (INFERENCE_PRECISION_HINT f32, OpenVINO's own
+    default on bf16-capable CPUs being bf16), ``bf16``, or one with files of its own (int8 QDQ,
+    fp16), whose files run at f32. Each calling thread gets its own infer request, so `run` is
     thread-safe. Raises RunnerError if OpenVINO cannot read or compile the model.
     """
 
-    def __init__(self, model: bytes, *, threads: int | None = None, precision: str = "fp32") -> None:
+    def __init__(self, model: bytes, *, threads: int | None = None, precision: str = REFERENCE) -> None:
         import io
 
         import openvino as ov
 
-        if precision not in OV_PRECISIONS:
-            raise RunnerError(f"OpenVINO runs precisions {list(OV_PRECISIONS)}, not {precision!r}")
-        config = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision]}
+        if precision not in TABLE:
+            raise RunnerError(f"OpenVINO runs precisions {list(TABLE)}, not {precision!r}")
+        config = {"INFERENCE_PRECISION_HINT": _ov_inference(precision)[0]}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         try:

@@ -1,7 +1,7 @@
 """Load a compiled artifact and run any subset of its tasks: `load(artifact_dir) -> Engine`.
 
-Backends (`BACKENDS`; each runs a model file through a `dagc.runners.Runner`, made by
-`dagc.runtime.backends.make_runner`):
+Backends (`BACKENDS`, and any added with `dagc.runtime.backends.register`; each runs a model
+file through a `dagc.runners.Runner` its record makes):
 
 ``onnxruntime``
     ONNX Runtime sessions of the artifact's ``.onnx`` files: CPUExecutionProvider, with
@@ -59,7 +59,7 @@ from dagc.modelcheck import check_io, load_checked
 from dagc.precisions import PRECISIONS, REFERENCE, at_precision, check_loadable, runs_at
 from dagc.preprocessing import FORMULA
 from dagc.runners import Runner
-from dagc.runtime.backends import BACKENDS, make_runner, resolve_backend
+from dagc.runtime.backends import BACKENDS, known, make_runner, resolve_backend
 from dagc.runtime.chunks import default_max_batch
 
 __all__ = ["load", "Engine", "ArtifactError", "InputError", "BACKENDS"]
@@ -69,8 +69,8 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
          check_values: bool = True, max_batch: int | None = None, precision: str = REFERENCE) -> Engine:
     """Open a compiled artifact for inference.
 
-    Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS`)
-    and optionally the number of intra-op threads (ONNX Runtime sessions; for ``torch`` it sets
+    Takes the artifact directory (written by ``dagc compile``), the backend (one of `BACKENDS`, or
+    one added with `dagc.runtime.backends.register`) and optionally the number of intra-op threads (ONNX Runtime sessions; for ``torch`` it sets
     ``torch.set_num_threads``, which is process-wide). ``check_values=False`` skips the scan of
     every input value (NaN/inf, far out of the preprocessed range) that `Engine.run` does by
     default; shape, dtype and task checks stay. The scan costs a pass over the batch, which is
@@ -86,8 +86,8 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
     without plans in the artifact, a precision the artifact lacks) and InputError (not a path,
     unknown backend or precision name, bad ``threads`` or ``max_batch``).
     """
-    if backend not in BACKENDS:
-        raise InputError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend not in known():
+        raise InputError(f"unknown backend {backend!r}; choose one of {list(known())}")
     if precision not in PRECISIONS:
         raise InputError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
     for name, value in (("threads", threads), ("max_batch", max_batch)):
@@ -157,8 +157,10 @@ class Engine:
                            "task_inputs": manifest.task_inputs()}
         self.shared_input = len(inp.names) == 1
         models = {name: _Model(entry) for name, entry in manifest.models.items()}
-        self.backend = self._resolve(backend, models)
-        self._format = "tensorrt" if self.backend == "tensorrt" else "onnx"
+        self._backend = resolve_backend(backend, {m.info.get("format") for m in models.values()}, artifact_dir,
+                                        precision)
+        self.backend = self._backend.name
+        self._format = self._backend.format
         self._models = {n: m for n, m in models.items() if m.info["format"] == self._format}
         self.precision = check_loadable(manifest.accuracy, {n: manifest.models[n] for n in self._models},
                                         precision, self.backend, f"{artifact_dir} ({self._format} models)")
@@ -170,17 +172,11 @@ class Engine:
         self._plans: dict[frozenset, tuple[_Model, ...]] = {}
         self._limits = self._value_limits()
         self.max_batch = default_max_batch(manifest)
-        if self.backend == "torch" and threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        if self._backend.setup is not None:
+            self._backend.setup(threads)
 
     def __repr__(self) -> str:
         return f"Engine({str(self.artifact_dir)!r}, backend={self.backend!r}, tasks={list(self.tasks)})"
-
-    # ------------------------------------------------------------------ backend choice
-    def _resolve(self, backend: str, models: Mapping[str, _Model]) -> str:
-        return resolve_backend(backend, {m.info.get("format") for m in models.values()}, self.artifact_dir)
 
     # ------------------------------------------------------------------ model choice
     def models_for(self, tasks: Iterable[str] | None = None) -> tuple[str, ...]:
@@ -222,8 +218,7 @@ class Engine:
                 r = self._runners.get(model.name)
                 if r is None:
                     data = self.read_verified(model.name)
-                    r = make_runner(self.backend, data, model.name, model.info, self._threads,
-                                    bf16=self.precision == "bf16")
+                    r = make_runner(self._backend, data, model.name, model.info, self._threads, self.precision)
                     check_io(self.manifest, model.name, r.inputs, r.outputs)  # a plan's own names
                     self._runners[model.name] = r
         return r

@@ -20,6 +20,7 @@ import numpy as np
 from dagc.manifest import Manifest
 from dagc.outputs import check_not_input, check_writable_dir
 from dagc.pictures import MAX_PIXELS, PictureError, PictureTooLarge, decode_picture
+from dagc.precision_table import REFERENCE
 from dagc.preprocessing import Preprocessing, resize_chw
 from dagc.runtime.engine import ArtifactError, InputError, load
 from dagc.writing import check_name_fits, write_atomic, write_failed
@@ -281,7 +282,7 @@ class NoPreprocessingWarning(UserWarning):
 
 
 def run_images(artifact_dir: str | os.PathLike, paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-               tasks: Iterable[str] | str | None = None, backend: str = "auto", precision: str = "fp32") -> list[Path]:
+               tasks: Iterable[str] | str | None = None, backend: str = "auto", precision: str = REFERENCE) -> list[Path]:
     """``dagc run``: run an artifact on image files and write every output; returns the paths written.
 
     Takes the artifact directory, the image files (PNG/JPEG/.npy; see `read_image`), the output

@@ -36,9 +36,109 @@ def _pads(attrs, node) -> tuple[int, int]:
     return pads[0], pads[1]
 
 
-# One branch per operator, in one function: each needs torch, which is imported only once a torch
-# runner is created (importing the runtime must not load it), so a dispatch table of builders would
-# repeat that import in every entry.
+# Each builder takes (torch, torch.nn.functional, op, attributes, node name, unsupported) and
+# returns the node's function: torch is imported once, by `_compile_node`, when a torch runner is
+# created (importing the runtime must not load it).
+def _conv(torch, F, op, attrs, name, unsupported):
+    ph, pw = _pads(attrs, name)
+    stride = _ints(attrs.get("strides")) or [1, 1]
+    dil = _ints(attrs.get("dilations")) or [1, 1]
+    group = int(attrs.get("group", 1))
+    return lambda x, w, b=None: F.conv2d(x, w, b, stride, (ph, pw), dil, group)
+
+
+def _batch_norm(torch, F, op, attrs, name, unsupported):
+    if attrs.get("training_mode", 0):
+        raise unsupported("training mode")
+    eps = float(attrs.get("epsilon", 1e-5))
+    return lambda x, s, b, m, v: F.batch_norm(x, m, v, s, b, False, 0.0, eps)
+
+
+def _max_pool(torch, F, op, attrs, name, unsupported):
+    ph, pw = _pads(attrs, name)
+    k, stride = _ints(attrs["kernel_shape"]), _ints(attrs.get("strides")) or [1, 1]
+    ceil = bool(attrs.get("ceil_mode", 0))
+    dil = _ints(attrs.get("dilations")) or [1, 1]
+    return lambda x: F.max_pool2d(x, k, stride, (ph, pw), dil, ceil)
+
+
+def _average_pool(torch, F, op, attrs, name, unsupported):
+    ph, pw = _pads(attrs, name)
+    k, stride = _ints(attrs["kernel_shape"]), _ints(attrs.get("strides")) or [1, 1]
+    ceil, include = bool(attrs.get("ceil_mode", 0)), bool(attrs.get("count_include_pad", 0))
+    return lambda x: F.avg_pool2d(x, k, stride, (ph, pw), ceil, include)
+
+
+def _flatten(torch, F, op, attrs, name, unsupported):
+    axis = int(attrs.get("axis", 1))
+
+    def flatten(x):
+        a = axis if axis >= 0 else axis + x.dim()
+        return x.reshape(int(np.prod(x.shape[:a])), -1)
+
+    return flatten
+
+
+def _gemm(torch, F, op, attrs, name, unsupported):
+    alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+    ta, tb = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
+
+    def gemm(a, b, c=None):
+        a = a.t() if ta else a
+        if tb and alpha == 1.0 and beta == 1.0:
+            return F.linear(a, b, c)
+        y = alpha * (a @ (b.t() if tb else b))
+        return y if c is None else y + beta * c
+
+    return gemm
+
+
+def _reduce_l2(torch, F, op, attrs, name, unsupported):
+    keep = bool(attrs.get("keepdims", 1))
+    axes_attr = attrs.get("axes")
+
+    def reduce_l2(x, axes=None):
+        dims = axes_attr if axes is None else axes.tolist()
+        dims = tuple(int(d) for d in dims) if dims is not None and len(dims) else tuple(range(x.dim()))
+        return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keep)
+
+    return reduce_l2
+
+
+def _resize(torch, F, op, attrs, name, unsupported):
+    if attrs.get("mode", "nearest") != "linear":
+        raise unsupported(f"mode {attrs.get('mode', 'nearest')!r}")
+    ctm = attrs.get("coordinate_transformation_mode", "half_pixel")
+    if ctm not in ("half_pixel", "pytorch_half_pixel"):
+        raise unsupported(f"coordinate_transformation_mode {ctm!r}")
+    if attrs.get("antialias", 0):
+        raise unsupported("antialias")
+
+    def resize(x, roi=None, scales=None, sizes=None):
+        if sizes is not None and sizes.numel():
+            return F.interpolate(x, size=[int(s) for s in sizes.tolist()[2:]], mode="bilinear", align_corners=False)
+        s = [float(v) for v in scales.tolist()]
+        if s[:2] != [1.0, 1.0]:
+            raise DagcError(f"Resize node {name!r}: scaling batch or channels is not supported")
+        return F.interpolate(x, scale_factor=s[2:], mode="bilinear", align_corners=False)
+
+    return resize
+
+
+def _elementwise(torch, F, op, attrs, name, unsupported):
+    return {"Relu": F.relu, "Mul": torch.mul, "Div": torch.div, "Sub": torch.sub, "Identity": lambda x: x,
+            "GlobalAveragePool": lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+            "Sum": lambda *xs: functools.reduce(torch.add, xs), "Add": lambda *xs: functools.reduce(torch.add, xs),
+            "Max": lambda *xs: functools.reduce(torch.maximum, xs),
+            "Min": lambda *xs: functools.reduce(torch.minimum, xs)}[op]
+
+
+_BUILDERS = {"Conv": _conv, "BatchNormalization": _batch_norm, "MaxPool": _max_pool, "AveragePool": _average_pool,
+             "Flatten": _flatten, "Gemm": _gemm, "ReduceL2": _reduce_l2, "Resize": _resize,
+             **dict.fromkeys(("Relu", "Mul", "Div", "Sub", "Identity", "GlobalAveragePool", "Sum", "Add", "Max",
+                              "Min"), _elementwise)}
+
+
 def _compile_node(node):
     """(function of the input tensors) for one ONNX node; raises ArtifactError if unsupported."""
     import torch
@@ -55,95 +155,9 @@ def _compile_node(node):
         return ArtifactError(f"the torch backend does not support {op} node {name!r} ({why}); use backend "
                              "'onnxruntime'")
 
-    if op == "Conv":
-        ph, pw = _pads(attrs, name)
-        stride = _ints(attrs.get("strides")) or [1, 1]
-        dil = _ints(attrs.get("dilations")) or [1, 1]
-        group = int(attrs.get("group", 1))
-        return lambda x, w, b=None: F.conv2d(x, w, b, stride, (ph, pw), dil, group)
-    if op == "BatchNormalization":
-        if attrs.get("training_mode", 0):
-            raise unsupported("training mode")
-        eps = float(attrs.get("epsilon", 1e-5))
-        return lambda x, s, b, m, v: F.batch_norm(x, m, v, s, b, False, 0.0, eps)
-    if op == "Relu":
-        return F.relu
-    if op in ("MaxPool", "AveragePool"):
-        ph, pw = _pads(attrs, name)
-        k = _ints(attrs["kernel_shape"])
-        stride = _ints(attrs.get("strides")) or [1, 1]
-        ceil = bool(attrs.get("ceil_mode", 0))
-        if op == "MaxPool":
-            dil = _ints(attrs.get("dilations")) or [1, 1]
-            return lambda x: F.max_pool2d(x, k, stride, (ph, pw), dil, ceil)
-        include = bool(attrs.get("count_include_pad", 0))
-        return lambda x: F.avg_pool2d(x, k, stride, (ph, pw), ceil, include)
-    if op == "GlobalAveragePool":
-        return lambda x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
-    if op == "Flatten":
-        axis = int(attrs.get("axis", 1))
-
-        def flatten(x):
-            a = axis if axis >= 0 else axis + x.dim()
-            return x.reshape(int(np.prod(x.shape[:a])), -1)
-
-        return flatten
-    if op == "Gemm":
-        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
-        ta, tb = int(attrs.get("transA", 0)), int(attrs.get("transB", 0))
-
-        def gemm(a, b, c=None):
-            a = a.t() if ta else a
-            if tb and alpha == 1.0 and beta == 1.0:
-                return F.linear(a, b, c)
-            y = alpha * (a @ (b.t() if tb else b))
-            return y if c is None else y + beta * c
-
-        return gemm
-    if op in ("Sum", "Add"):
-        return lambda *xs: functools.reduce(torch.add, xs)
-    if op == "Max":
-        return lambda *xs: functools.reduce(torch.maximum, xs)
-    if op == "Min":
-        return lambda *xs: functools.reduce(torch.minimum, xs)
-    if op == "Mul":
-        return torch.mul
-    if op == "Div":
-        return torch.div
-    if op == "Sub":
-        return torch.sub
-    if op == "Identity":
-        return lambda x: x
-    if op == "ReduceL2":
-        keep = bool(attrs.get("keepdims", 1))
-        axes_attr = attrs.get("axes")
-
-        def reduce_l2(x, axes=None):
-            dims = axes_attr if axes is None else axes.tolist()
-            dims = tuple(int(d) for d in dims) if dims is not None and len(dims) else tuple(range(x.dim()))
-            return torch.linalg.vector_norm(x, 2, dim=dims, keepdim=keep)
-
-        return reduce_l2
-    if op == "Resize":
-        if attrs.get("mode", "nearest") != "linear":
-            raise unsupported(f"mode {attrs.get('mode', 'nearest')!r}")
-        ctm = attrs.get("coordinate_transformation_mode", "half_pixel")
-        if ctm not in ("half_pixel", "pytorch_half_pixel"):
-            raise unsupported(f"coordinate_transformation_mode {ctm!r}")
-        if attrs.get("antialias", 0):
-            raise unsupported("antialias")
-
-        def resize(x, roi=None, scales=None, sizes=None):
-            if sizes is not None and sizes.numel():
-                return F.interpolate(x, size=[int(s) for s in sizes.tolist()[2:]], mode="bilinear",
-                                     align_corners=False)
-            s = [float(v) for v in scales.tolist()]
-            if s[:2] != [1.0, 1.0]:
-                raise DagcError(f"Resize node {name!r}: scaling batch or channels is not supported")
-            return F.interpolate(x, scale_factor=s[2:], mode="bilinear", align_corners=False)
-
-        return resize
-    raise unsupported("operator not in the set dagc emits")
+    if op not in _BUILDERS:
+        raise unsupported("operator not in the set dagc emits")
+    return _BUILDERS[op](torch, F, op, attrs, name, unsupported)
 
 
 def _device(torch, device: str):

@@ -78,14 +78,14 @@ from dagc.compiler.runners import SupernetRunner
 from dagc.errors import BenchError, DagcError
 from dagc.manifest import Manifest, TaskMasks
 from dagc.runners import OrtRunner, Runner, compare
-from dagc.runtime import Engine, load
+from dagc.runtime import Engine, backends, load
 from dagc.tools import bench_precision
 from dagc.tools.bench_report import format_table, plot, write_json
 from dagc.tools.bench_system import Memory, latency_stats, machine
 from dagc.tools.naive_export import NaiveRunner, naive_export
 from dagc.trainer.network import CentralNetwork, load_network_tensors, network_from_checkpoint
 
-BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")
+BACKENDS = ("auto", "onnxruntime", "torch", "tensorrt")  # built in; `bench_precision.engine_backends`
 NAIVE_RTOL = 1e-4
 
 __all__ = ["BenchError", "benchmark", "format_table", "plot", "write_json", "naive_export", "BACKENDS"]
@@ -137,8 +137,9 @@ def benchmark(artifact_dir: str | os.PathLike, checkpoint: str | os.PathLike, *,
     Raises BenchError (see the module docstring), the engine's ArtifactError for a missing or
     tampered artifact, CheckpointError for an unreadable checkpoint.
     """
-    if backend not in BACKENDS:
-        raise BenchError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    engines = bench_precision.engine_backends()
+    if backend not in engines:
+        raise BenchError(f"unknown backend {backend!r}; choose one of {list(engines)}")
     if device not in ("cpu", "cuda"):
         raise BenchError(f"unknown device {device!r}; choose cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
@@ -235,7 +236,7 @@ class _Bench:
         for t in self.tasks:
             self.add(f"task:{t}", f"(e) compiled {t} model, runtime", self._engine(t), costs.per_task[t].to_dict())
         bench_precision.add_variants(self, _EngineRunner, costs.shared.to_dict(), precisions)  # int8, OpenVINO...
-        if bare and self.engines[None].backend == "onnxruntime":
+        if bare and backends.backend(self.engines[None].backend).bench_host:
             self.add("bare:shared", "compiled shared model, bare ONNX Runtime session", self._bare(None),
                      costs.shared.to_dict())
             for t in self.tasks:

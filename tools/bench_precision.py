@@ -20,59 +20,68 @@ from typing import Any
 
 from dagc.errors import ArtifactError, BenchError
 from dagc.manifest import Manifest
-from dagc.precisions import FILE_PRECISIONS, OPENVINO, PRECISIONS, REFERENCE, check_loadable, precision_of
-from dagc.runners import Runner, openvino_unavailable
-from dagc.runtime import Engine, load
+from dagc.precision_table import TABLE
+from dagc.precisions import PRECISIONS, REDUCED, REFERENCE, check_loadable
+from dagc.runners import Runner
+from dagc.runtime import Engine, backends, load
 
-__all__ = ["check_requested", "variants", "ratios", "metric_deltas", "table_lines"]
+__all__ = ["engine_backends", "check_requested", "variants", "ratios", "metric_deltas", "table_lines"]
 
-# variant key -> (backend, precision)
-_VARIANTS = {"shared:int8": ("onnxruntime", "int8"), "shared:fp16": ("onnxruntime", "fp16"),
-             "openvino": ("openvino", "fp32"), "openvino:int8": ("openvino", "int8"),
-             "openvino:bf16": ("openvino", "bf16")}
+
+def engine_backends() -> tuple[str, ...]:
+    """The backends whose engines are benchmarked: every runtime backend but those timed beside
+    the engines (OpenVINO: `dagc.tools.bench_precision`), registered ones included."""
+    return tuple(b for b in backends.known() if b not in backends.REGISTRY or not backends.REGISTRY[b].beside)
+
+
+def _candidates(host: backends.Backend) -> dict[str, tuple[str, str]]:
+    """Every variant beside engines of backend ``host``: key -> (backend, precision): the host's
+    own reduced precisions (``shared:int8``) and each ``beside`` backend's precisions
+    (``openvino``, ``openvino:bf16``)."""
+    out = {f"shared:{p}": (host.name, p) for p in host.precisions if not TABLE[p].reference}
+    for b in backends.REGISTRY.values():
+        if b.beside:
+            out.update({b.name if TABLE[p].reference else f"{b.name}:{p}": (b.name, p) for p in b.precisions})
+    return out
+
+
+def _runs(manifest: Manifest, backend: str, precision: str) -> str | None:
+    """Why ``backend`` cannot run the artifact's models at ``precision`` here, or None."""
+    try:
+        check_loadable(manifest.accuracy, manifest.models, precision, backend, "the artifact")
+    except ArtifactError as e:
+        return str(e)
+    return backends.REGISTRY[backend].unavailable(precision)
 
 
 def variants(manifest: Manifest, resolved_backend: str) -> dict[str, tuple[str, str]]:
     """The variants this artifact and machine can run: key -> (backend, precision)."""
-    if resolved_backend != "onnxruntime":
+    host = backends.backend(resolved_backend)
+    if not host.bench_host:
         return {}
-    have = {precision_of(m) for m in manifest.models.values() if m.format == "onnx"}
-    acc = manifest.accuracy
-    if acc is not None and acc.passed("bf16"):
-        have.add("bf16")
-    out = {}
-    for key, (backend, p) in _VARIANTS.items():
-        if p not in have or (backend == "onnxruntime" and p == "bf16"):
-            continue
-        if backend == "openvino" and p in FILE_PRECISIONS and (acc is None or not acc.passed(p + OPENVINO)):
-            continue
-        if backend == "openvino" and openvino_unavailable(p) is not None:
-            continue
-        out[key] = (backend, p)
-    return out
+    return {k: v for k, v in _candidates(host).items() if _runs(manifest, *v) is None}
 
 
 def check_requested(manifest: Manifest, precisions: Sequence[str] | None, backend: str, where: Any) -> None:
     """Refuse (BenchError, before anything is timed) a precision asked for by name that this
     benchmark would not time: an unknown one, one the artifact has no models or passed check of
     (`dagc.precisions.check_loadable`), or any reduced one when the engines' ``backend`` (``auto``
-    before it is resolved) is not ONNX Runtime (the variants run beside its engine only)."""
+    before it is resolved: any it may resolve to) times no variants beside it."""
     unknown = sorted(set(precisions or ()) - set(PRECISIONS))
     if unknown:
         raise BenchError(f"unknown precision {unknown[0]!r}; --precision takes a comma-separated list of "
                          f"{list(PRECISIONS)}")
-    reduced = [p for p in precisions or () if p != REFERENCE]
-    if reduced and backend not in ("auto", "onnxruntime"):
-        raise BenchError(f"--precision {','.join(reduced)} is timed beside the onnxruntime engines, not backend "
-                         f"{backend!r}; use --backend onnxruntime (or drop --precision)")
+    reduced = [p for p in precisions or () if p in REDUCED]
+    hosts = [b for b in backends.candidates(backend) if b.bench_host]
+    if reduced and not hosts:
+        named = " or ".join(b.name for b in backends.REGISTRY.values() if b.bench_host)
+        raise BenchError(f"--precision {','.join(reduced)} is timed beside the {named} engines, not backend "
+                         f"{backend!r}; use --backend {named} (or drop --precision)")
     for p in reduced:
-        try:
-            check_loadable(manifest.accuracy, manifest.models, p, "openvino" if p == "bf16" else "onnxruntime",
-                           f"artifact {where}")
-        except ArtifactError as e:
-            raise BenchError(f"--precision {p}: {e}") from None
-        if p == "bf16" and openvino_unavailable(p) is not None:
-            raise BenchError(f"--precision bf16: {openvino_unavailable(p)}")
+        on = [v for v in _candidates(hosts[0]).values() if v[1] == p]
+        why = [_runs(manifest, *v) for v in on]
+        if on and all(why):
+            raise BenchError(f"--precision {p}: {why[0].replace('the artifact', f'artifact {where}', 1)}")
 
 
 def add_variants(bench: Any, engine_runner: Callable[[Engine, None], Runner], costs: dict[str, Any],
@@ -80,8 +89,9 @@ def add_variants(bench: Any, engine_runner: Callable[[Engine, None], Runner], co
     """Add the variants to a running `dagc.tools.bench` benchmark (``bench.add``, like the other
     variants); ``engine_runner(engine, None)`` wraps an engine as the runner of all its tasks.
     ``precisions``: only the variants of these (None: all). Raises BenchError for an unknown one."""
-    check_requested(bench.manifest, precisions, bench.engines[None].backend, bench.artifact_dir)
-    found = variants(bench.manifest, bench.engines[None].backend)
+    host = bench.engines[None].backend
+    check_requested(bench.manifest, precisions, host, bench.artifact_dir)
+    found = variants(bench.manifest, host)
     for key, (backend, p) in found.items():
         if precisions is not None and p not in precisions:
             continue
@@ -90,14 +100,15 @@ def add_variants(bench: Any, engine_runner: Callable[[Engine, None], Runner], co
             entry = bench.manifest.models.get(eng.model_for(None))
             return engine_runner(eng, None), 0 if entry is None else entry.cost.params
 
-        label = f"compiled shared model, {p}, {'OpenVINO' if backend == 'openvino' else 'runtime'}"
-        bench.add(key, label, build, costs)
+        where = "runtime" if backend == host else backends.REGISTRY[backend].label
+        bench.add(key, f"compiled shared model, {p}, {where}", build, costs)
 
 
 def ratios(stats: dict[str, dict]) -> dict[str, Any]:
     """``{"precisions": key -> {"speedup_vs_fp32"}}`` for the variants present in ``stats``."""
     d = stats["shared"]["p50_ms"]
-    found = {k: {"speedup_vs_fp32": d / stats[k]["p50_ms"]} for k in _VARIANTS if k in stats}
+    keys = {k for host in backends.REGISTRY.values() if host.bench_host for k in _candidates(host)}
+    found = {k: {"speedup_vs_fp32": d / stats[k]["p50_ms"]} for k in stats if k in keys}
     return {"precisions": found} if found else {}
 
 
@@ -108,15 +119,15 @@ def metric_deltas(manifest: Manifest) -> dict[str, Any]:
     acc = manifest.accuracy
     if acc is None:
         return {}
-    shared = next(n for n, m in manifest.models.items() if m.format == "onnx" and precision_of(m) == REFERENCE
-                  and set(m.tasks) == set(manifest.spec.task_names) and n in acc.precisions[REFERENCE].models)
+    shared = next(n for n, m in manifest.models.items() if n in acc.precisions[REFERENCE].models
+                  and set(m.tasks) == set(manifest.spec.task_names))
     ref = acc.precisions[REFERENCE].models[shared].metrics
     out: dict[str, Any] = {}
-    for p, check in acc.precisions.items():
-        if p == REFERENCE or shared not in check.models:
+    for p, check in acc.reduced().items():
+        if shared not in check.models:
             continue
         c = check.models[shared]
-        out[p] = {t: {"metric": acc.primary[t][0], "fp32": ref[t][acc.primary[t][0]],
+        out[p] = {t: {"metric": acc.primary[t][0], REFERENCE: ref[t][acc.primary[t][0]],
                       "value": c.metrics[t][acc.primary[t][0]], "drop": c.drop[t], "fallback": c.fallback}
                   for t in c.drop}
     return out
@@ -134,9 +145,9 @@ def table_lines(result: dict[str, Any], ratios_of_batch: dict[str, Any] | None =
     if not deltas:
         return []
     lines = ["", "task metrics of the shared model (held-out split, from the compile's accuracy check)",
-             f"  {'precision':<15}{'task':<14}{'metric':<12}{'fp32':>10}{'value':>10}{'drop':>9}"]
+             f"  {'precision':<15}{'task':<14}{'metric':<12}{REFERENCE:>10}{'value':>10}{'drop':>9}"]
     for p, tasks in deltas.items():
         for t, row in tasks.items():
-            lines.append(f"  {p:<15}{t:<14}{row['metric']:<12}{row['fp32']:>10.4f}{row['value']:>10.4f}"
+            lines.append(f"  {p:<15}{t:<14}{row['metric']:<12}{row[REFERENCE]:>10.4f}{row['value']:>10.4f}"
                          f"{row['drop']:>+9.2%}")
     return lines

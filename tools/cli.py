@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from dagc.errors import DagcError
+from dagc.precision_table import REFERENCE
 from dagc.tools.cli_train import int_list, recalibrate, train
 from dagc.writing import fault_line
 
@@ -39,7 +40,7 @@ cli.add_command(recalibrate)
 @click.option("--device", default=None, help="aoti: compile the packages for cpu (default) or cuda.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True,
               help="TensorRT: batch sizes the optimisation profile covers.")
-@click.option("--precision", "precision", default="fp32", show_default=True,
+@click.option("--precision", "precision", default=REFERENCE, show_default=True,
               help="Comma-separated precisions: fp32 (always built, the reference), int8 (QDQ ONNX), bf16 "
                    "(OpenVINO), fp16 (ONNX for TensorRT/CUDA); each checked on the tasks' held-out metrics.")
 @click.option("--calibration-batches", "calibration_batches", type=int, default=None,
@@ -160,7 +161,7 @@ def serve(artifact, host, http_port, grpc_port, metrics_port, no_metrics, name, 
 @click.option("--tasks", default=None, help="Comma-separated tasks (default: all).")
 @click.option("--backend", default="auto", show_default=True,
               help="auto, onnxruntime, tensorrt, torch or openvino.")
-@click.option("--precision", default="fp32", show_default=True,
+@click.option("--precision", default=REFERENCE, show_default=True,
               help="Models' precision: fp32, int8, fp16 (files the artifact holds) or bf16 (backend openvino).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for the outputs (.npy, pictures, top-k JSON).")

@@ -17,6 +17,7 @@ from typing import Any
 
 from dagc.artifact import load_manifest
 from dagc.errors import DagcError
+from dagc.precision_table import REFERENCE
 
 __all__ = ["summary", "main"]
 
@@ -27,10 +28,10 @@ def summary(run_dir: Path, artifact_dir: Path, bench: dict[str, Any]) -> str:
     lines = [f"run {run_dir} -> artifact {artifact_dir}", ""]
     acc = manifest.accuracy
     if acc is not None:
-        ref = acc.precisions["fp32"].models["model.onnx"].metrics
+        ref = acc.precisions[REFERENCE].models["model.onnx"].metrics
         lines.append(f"task metrics, shared model, {acc.dataset} held-out split ({min(acc.samples.values())} samples):")
-        others = [p for p in acc.precisions if p != "fp32"]
-        lines.append(f"  {'task':<14}{'metric':<12}{'fp32':>9}" + "".join(f"{p:>{max(9, len(p) + 1)}}{'drop':>8}"
+        others = list(acc.reduced())
+        lines.append(f"  {'task':<14}{'metric':<12}{REFERENCE:>9}" + "".join(f"{p:>{max(9, len(p) + 1)}}{'drop':>8}"
                                                                        for p in others))
         for t, (key, higher) in acc.primary.items():  # spec order
             row = f"  {t:<14}{key + (' ↑' if higher else ' ↓'):<12}{ref[t][key]:>9.4f}"

@@ -57,7 +57,23 @@ __all__ = ["TritonConfig", "export_triton", "ROUTING", "DEFAULT_MAX_BATCH", "BAC
 
 ROUTING = "routing.json"
 DEFAULT_MAX_BATCH = 32
-PLATFORMS = {"onnx": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How Triton serves one model format of the artifact: its platform, the file name in the
+    model's version folder, the suffix of its model names, and whether it is a plan (fixed batch
+    sizes, on the GPU, not runnable by the Python backend)."""
+
+    platform: str
+    file: str
+    suffix: str = ""
+    plan: bool = False
+
+
+FORMATS = {"onnx": _Format("onnxruntime_onnx", "model.onnx"),
+           "tensorrt": _Format("tensorrt_plan", "model.plan", "_trt", plan=True)}
+PLATFORMS = {f: (r.platform, r.file) for f, r in FORMATS.items()}
 # model formats dagc writes that no standard Triton backend loads as they are (AOTInductor packages
 # are for C++ embedding); they are left out of the repository, and listed in routing.json
 SKIPPED_FORMATS = ("aoti",)
@@ -184,14 +200,15 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
     dtype = DATA_TYPES[manifest.input.dtype]
     in_dims = list(manifest.input.shape)
     out_dims = {t: list(info.output_shape) for t, info in manifest.tasks.items()}
-    by_format: dict[str, dict[str, ModelInfo]] = {"onnx": {}, "tensorrt": {}}
+    by_format: dict[str, dict[str, ModelInfo]] = {f: {} for f in FORMATS}
     skipped = []
     # Triton names a model by its tasks, so only the files the manifest's routes run are exported:
     # a reduced-precision variant (never routed) or, with one task, the task's model beside the
     # shared one would clash with the routed model's name
     routed = {n for by_subset in manifest.routes.values() for r in by_subset.values() for n in r}
     for fname, info in manifest.models.items():
-        if (info.format in SKIPPED_FORMATS or (config.backend == "python" and info.format == "tensorrt")
+        if (info.format in SKIPPED_FORMATS or (config.backend == "python" and info.format in FORMATS
+                                               and FORMATS[info.format].plan)
                 or fname not in routed):
             skipped.append(fname)
         elif info.format not in PLATFORMS:
@@ -199,7 +216,8 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
                                 f"know (it takes {sorted(PLATFORMS)}); update dagc or recompile the artifact")
         else:
             by_format[info.format][fname] = info
-    plan_batches = sorted({b for info in by_format["tensorrt"].values() for b in info.batches})
+    plan_batches = sorted({b for f, infos in by_format.items() if FORMATS[f].plan for info in infos.values()
+                           for b in info.batches})
     onnx_max = config.max_batch_size or (max(plan_batches) if plan_batches else DEFAULT_MAX_BATCH)
 
     models: dict[str, dict[str, Any]] = {}
@@ -208,7 +226,7 @@ def _plan(manifest: Manifest, config: TritonConfig) -> dict[str, Any]:
         for fname, info in sorted(infos.items()):
             model_tasks = [t for t in tasks if t in info.tasks]
             name = _model_name(config.name, model_tasks, tasks, fmt)
-            if fmt == "tensorrt":
+            if FORMATS[fmt].plan:
                 max_batch, kind, batches = max(info.batches), "KIND_GPU", list(info.batches)
                 preferred = sorted({b for b in batches if 1 < b <= max_batch})
             else:
@@ -274,7 +292,7 @@ def _routes(manifest: Manifest, config: TritonConfig, fmt: str, models: dict[str
 def _model_name(prefix: str, model_tasks: Sequence[str], all_tasks: Sequence[str], fmt: str) -> str:
     # '.' cannot occur in task names (letters, digits, '_', '-'), so a joined subset is unambiguous
     base = prefix if list(model_tasks) == list(all_tasks) else f"{prefix}_{'.'.join(model_tasks)}"
-    return base + ("_trt" if fmt == "tensorrt" else "")
+    return base + FORMATS[fmt].suffix
 
 
 def _add(models: dict[str, dict[str, Any]], name: str, model: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from dagc.errors import ConfigError, SpecError
 from dagc.network_file import Network
+from dagc.precision_table import FP16
 from dagc.spec import PRESETS, preset_network
 from dagc.trainer import datasets
 from dagc.trainer.baselines import ABLATIONS, BASELINES
@@ -263,7 +264,7 @@ class TrainConfig:
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
         if self.amp not in AMP_MODES:
             raise ConfigError(f"amp must be one of {list(AMP_MODES)}, got {self.amp!r}")
-        if self.amp == "fp16" and not self.device.startswith("cuda"):
+        if self.amp == FP16 and not self.device.startswith("cuda"):
             raise ConfigError("amp 'fp16' needs a CUDA GPU (it trains with gradient scaling); "
                               "use --amp bf16 on CPU, or --device cuda")
         for name in ("channels_last", "compile"):

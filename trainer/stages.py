@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dagc.errors import ConfigError
+from dagc.precision_table import BF16, FP16
 from dagc.trainer.baselines import full_masks
 from dagc.trainer.budget import fits as budget_fits
 from dagc.trainer.kinds import task_loss
@@ -34,7 +35,7 @@ _REDUCE = {
     "random": lambda g, a, b, seed, target, fits: random_reduction(g, a, b, seed=seed, target_sparsity=target, fits=fits),
 }
 REDUCTIONS = tuple(_REDUCE)
-AMP_MODES = ("none", "bf16", "fp16")
+AMP_MODES = ("none", BF16, FP16)  # autocast dtypes, named as the precisions are
 
 
 @dataclass
@@ -72,7 +73,7 @@ def make_precision(amp: str, device: torch.device) -> Precision:
         raise ConfigError(f"amp must be one of {list(AMP_MODES)}, got {amp!r}")
     if amp == "none":
         return Precision()
-    if amp == "fp16":
+    if amp == FP16:
         if device.type != "cuda":
             raise ConfigError("amp 'fp16' needs a CUDA device (gradient scaling)")
         return Precision(torch.float16, "cuda", torch.amp.GradScaler("cuda"))
