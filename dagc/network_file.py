@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from dagc.errors import SpecError
+from dagc.errors import ConfigError, SpecError
 
 # The presets, each shipped as a network file in the package (dagc/networks/<name>.json).
 PRESETS = ("tiny", "tiny-v2", "omniglot", "vgg16")
@@ -207,6 +207,20 @@ class Network:
         _check_network(_Fields(kw), prefix)
         kw["head_dropout"] = float(kw["head_dropout"])  # 0 and 0.0 are one network: one spelling in a spec's JSON
         return cls(**kw, source=source)
+
+    @classmethod
+    def read(cls, given: Any, *, stored: str) -> Network:
+        """A configuration's ``network`` field as a `Network`: the network file at a path, or a
+        network's JSON data (a stored configuration's, named ``stored`` in messages). Raises
+        ConfigError naming the file (or the configuration) and the field."""
+        try:
+            if isinstance(given, dict):
+                return cls.from_dict(given, source=stored)
+            if isinstance(given, (str, os.PathLike)):
+                return cls.load(given)
+        except SpecError as e:
+            raise ConfigError(str(e)) from None
+        raise ConfigError(f"network must be the path of a network file, got {given!r}")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Network:

@@ -11,7 +11,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from dagc.errors import ConfigError, SpecError
+from dagc.errors import ConfigError
 from dagc.network_file import Network
 from dagc.precision_table import FP16
 from dagc.spec import PRESETS, preset_network
@@ -65,8 +65,7 @@ class TrainConfig:
     lr_schedule: str | None = None
     squeeze_weight: float = 0.05
     kappa: float | None = None
-    # λ of `dagc.trainer.losses.select_loss` in the search (0: the paper's Eq. 8 only).
-    select_weight: float = 0.0
+    select_weight: float = 0.0  # λ of `dagc.trainer.losses.select_loss` in the search (0: the paper's)
     dense_loss: str = "l2"
     reduction: str = "fbr"
     target_sparsity: float | None = None
@@ -135,7 +134,7 @@ class TrainConfig:
         if isinstance(self.data_root, os.PathLike):  # stored as text: the config is JSON metadata
             object.__setattr__(self, "data_root", os.fspath(self.data_root))
         if self.network is not None and not isinstance(self.network, Network):
-            object.__setattr__(self, "network", _read_network(self.network))
+            object.__setattr__(self, "network", Network.read(self.network, stored=STORED_NETWORK))
         if self.preset is None and self.network is None and self.dataset in datasets.registry():
             ds = datasets.REGISTRY[self.dataset]
             chosen = ds.preset
@@ -230,11 +229,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{name} must be a positive number, got {v!r}")
-        if not (math.isfinite(self.squeeze_weight) and self.squeeze_weight >= 0):
-            raise ConfigError(f"squeeze_weight must be >= 0, got {self.squeeze_weight!r}")
-        if isinstance(self.select_weight, bool) or not isinstance(self.select_weight, (int, float)) or not (
-                math.isfinite(self.select_weight) and self.select_weight >= 0):
-            raise ConfigError(f"select_weight must be a number >= 0, got {self.select_weight!r}")
+        for name in ("squeeze_weight", "select_weight"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
         if self.kappa is not None:
             # Eq. 9: κ bounds Σ σ(γ_ij) over a task's searchable hidden edges, each σ < 1, so a
             # budget above their number never binds (the no-squeeze ablation says that plainly).
@@ -387,17 +385,3 @@ class TrainConfig:
 # training sample was trained on; before recipes, every schedule field was explicit and the rates
 # constant.
 STORED_DEFAULTS: dict[str, Any] = {"val_fraction": 0.0, "recipe": "paper", "lr_schedule": "constant"}
-
-
-def _read_network(given: Any) -> Network:
-    """A configuration's ``network`` as a `Network`: the network file at a path, or a network's
-    JSON data (a stored configuration's). Raises ConfigError naming the file (or the
-    configuration) and the field."""
-    try:
-        if isinstance(given, dict):
-            return Network.from_dict(given, source=STORED_NETWORK)
-        if isinstance(given, (str, os.PathLike)):
-            return Network.load(given)
-    except SpecError as e:
-        raise ConfigError(str(e)) from None
-    raise ConfigError(f"network must be the path of a network file, got {given!r}")
