@@ -151,6 +151,7 @@ OPTIONS = [
     ("train --out {out} --budget 1e400MFLOPs", "positive and finite"),
     ("train --out {out} --select-weight -1", "select_weight must be a number >= 0"),
     ("train --out {out} --select-weight nan", "select_weight must be a number >= 0"),
+    ("train --out {out} --select-after 1", "select_after must be a fraction of the search"),
 ]
 
 

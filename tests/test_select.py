@@ -14,25 +14,27 @@ from dagc.trainer.train import TrainConfig
 SPEC = preset("tiny", (TaskSpec("seg", "segmentation", 3), TaskSpec("cls", "classification", 4)), in_channels=1)
 
 
-def test_one_saturated_read_in_and_read_out_per_task_is_free_and_each_extra_one_costs_one():
+def test_only_the_leading_read_in_and_read_out_of_each_task_are_free():
     n = 6
     one = torch.full((2, n), -30.0)
     one[:, 2] = 30.0
     assert float(select_loss(one, one)) == pytest.approx(0.0, abs=1e-6)
     two = one.clone()
-    two[0, 4] = 30.0  # task 0 saturates a second read-out
+    two[0, 4] = 30.0  # task 0 saturates a second read-out: it costs one
     assert float(select_loss(one, two)) == pytest.approx(1.0, abs=1e-6)
-    assert float(select_loss(two, two)) == pytest.approx(2.0, abs=1e-6)
+    half = one.clone()
+    half[1, 0] = 0.0  # task 1: a runner-up at σ = 0.5 costs 0.5, the leader nothing
+    assert float(select_loss(half, two)) == pytest.approx(1.5, abs=1e-6)
 
 
-def test_the_gradient_lowers_every_read_out_of_a_task_over_one_and_none_of_a_task_within():
+def test_the_gradient_lowers_every_runner_up_and_leaves_the_leader_to_the_task():
     alpha = torch.full((2, 6), -30.0, requires_grad=True)
     beta = torch.zeros(2, 6)
-    beta[1] = -30.0
-    beta[1, 0] = 0.0  # task 1: Σσ(β) = 0.5, within one
+    beta[:, 3] = 1.0  # the leader of each task
     beta.requires_grad_(True)
     select_loss(alpha, beta).backward()
-    assert (beta.grad[0] > 0).all() and (beta.grad[1] == 0).all()
+    runners_up = [i for i in range(6) if i != 3]
+    assert (beta.grad[:, runners_up] > 0).all() and (beta.grad[:, 3] == 0).all()
 
 
 def _net():
@@ -59,3 +61,14 @@ def test_a_search_step_with_the_select_weight_moves_the_read_outs_down_where_the
 def test_a_bad_select_weight_is_refused(value):
     with pytest.raises(ConfigError, match="select_weight must be a number >= 0"):
         TrainConfig(select_weight=value)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, float("nan"), True])
+def test_a_bad_select_start_is_refused(value):
+    with pytest.raises(ConfigError, match="select_after must be a fraction of the search in"):
+        TrainConfig(select_after=value)
+
+
+def test_the_select_squeeze_starts_after_its_fraction_of_the_search():
+    cfg = TrainConfig(select_weight=0.2, select_after=0.5, warmup_iters=1, search_iters=10, finetune_iters=1)
+    assert [cfg.search_select_weight(s) for s in range(10)] == [0.0] * 5 + [0.2] * 5

@@ -62,6 +62,8 @@ def int_list(option: str, text: str) -> tuple[int, ...]:
 @click.option("--squeeze-weight", type=float, default=None, help="λ_sq of the squeeze loss.")
 @click.option("--select-weight", "select_weight", type=float, default=None,
               help="λ of the one-read-in, one-read-out squeeze in the search (default 0: the paper's loss).")
+@click.option("--select-after", "select_after", type=float, default=None,
+              help="Fraction of the search before that squeeze starts (default 1/3).")
 @click.option("--kappa", type=float, default=None, help="Squeeze budget κ (default: N, the number of states).")
 @click.option("--dense-loss", type=str, default=None, help="l2 (default) or l1 for dense regression tasks.")
 @click.option("--save-every", type=int, default=None, help="Write resumable state every N iterations.")

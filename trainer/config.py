@@ -65,7 +65,11 @@ class TrainConfig:
     lr_schedule: str | None = None
     squeeze_weight: float = 0.05
     kappa: float | None = None
-    select_weight: float = 0.0  # λ of `dagc.trainer.losses.select_loss` in the search (0: the paper's)
+    # λ of `dagc.trainer.losses.select_loss` in the search (0: the paper's), from this fraction of the
+    # search on: before it the task alone orders the gates, so the leader is not whichever of equal
+    # logits comes first (from the start, seed 0 chose read-in v_1 for every task).
+    select_weight: float = 0.0
+    select_after: float = 1 / 3
     dense_loss: str = "l2"
     reduction: str = "fbr"
     target_sparsity: float | None = None
@@ -233,6 +237,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and v >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {v!r}")
+        if isinstance(self.select_after, bool) or not isinstance(self.select_after, (int, float)) or not (
+                0 <= self.select_after < 1):
+            raise ConfigError(f"select_after must be a fraction of the search in [0, 1), got {self.select_after!r}")
         if self.kappa is not None:
             # Eq. 9: κ bounds Σ σ(γ_ij) over a task's searchable hidden edges, each σ < 1, so a
             # budget above their number never binds (the no-squeeze ablation says that plainly).
@@ -348,6 +355,10 @@ class TrainConfig:
     def frozen_logits(self) -> tuple[str, ...]:
         """Architecture logits kept out of the search (A and B under ``no-read-in-out``)."""
         return ("arch_alpha", "arch_beta") if "no-read-in-out" in self.ablations else ()
+
+    def search_select_weight(self, step: int) -> float:
+        """λ of the select squeeze at search iteration ``step`` (0 before `select_after`)."""
+        return self.select_weight if step >= self.select_after * self.iters("search") else 0.0
 
     @property
     def search_squeeze_weight(self) -> float:

@@ -112,7 +112,7 @@ def stage_step(run: Run, model: Callable, x: Tensor, targets: dict[str, Tensor])
         kappa = cfg.squeeze_budget(run.spec.n_states)
         costs = None if cfg.budget is None else loss_costs(run.spec, cfg.budget_flops, x.device)  # cached
         losses = search_step(run.net, run.opt, x, targets, cfg.search_squeeze_weight, kappa, cfg.dense_loss, costs=costs,
-                             select_weight=cfg.select_weight, **kw)
+                             select_weight=cfg.search_select_weight(run.step), **kw)
     elif stage == "warmup":
         losses = warmup_step(run.net, run.opt, x, targets, cfg.dense_loss, **kw)
     else:
