@@ -11,12 +11,13 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from dagc.cost_table import FLOPS, LATENCY_TARGETS
 from dagc.errors import ConfigError, SpecError
 from dagc.network_file import Network
 from dagc.spec import PRESETS, preset_network
 from dagc.trainer import datasets
 from dagc.trainer.baselines import ABLATIONS, BASELINES
-from dagc.trainer.budget import parse_budget
+from dagc.trainer.budget import check_budget, read_budget
 from dagc.trainer.losses import DENSE_LOSSES
 from dagc.trainer.recipes import LR_SCHEDULES, RECIPES
 from dagc.trainer.stages import AMP_MODES, REDUCTIONS
@@ -67,9 +68,12 @@ class TrainConfig:
     dense_loss: str = "l2"
     reduction: str = "fbr"
     target_sparsity: float | None = None
-    # A deployment budget per task model, "30MFLOPs" (dagc.trainer.budget): the cost-aware squeeze
-    # in place of Eq. 9, and Algorithm 1 stops once a task fits. None: the paper's.
+    # A budget per task model, "30MFLOPs" or "2ms" (dagc.trainer.budget), priced on cost_target
+    # (dagc.cost_table; a latency at cost_batch samples a call, cost_threads threads: 1 unless given).
     budget: str | None = None
+    cost_target: str = FLOPS
+    cost_batch: int | None = None
+    cost_threads: int | None = None
     seed: int = 0
     device: str = "cpu"
     save_every: int = 100
@@ -133,6 +137,8 @@ class TrainConfig:
             object.__setattr__(self, "data_root", os.fspath(self.data_root))
         if self.network is not None and not isinstance(self.network, Network):
             object.__setattr__(self, "network", _read_network(self.network))
+        for name in ("cost_batch", "cost_threads") if self.cost_target in LATENCY_TARGETS else ():  # 1 unless given
+            object.__setattr__(self, name, 1 if getattr(self, name) is None else getattr(self, name))
         if self.preset is None and self.network is None and self.dataset in datasets.registry():
             ds = datasets.REGISTRY[self.dataset]
             chosen = ds.preset
@@ -247,11 +253,8 @@ class TrainConfig:
             raise ConfigError(f"reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity <= 1:
             raise ConfigError(f"target_sparsity must be in (0, 1], got {self.target_sparsity!r}")
-        if self.budget is not None:
-            parse_budget(self.budget)
-            if self.target_sparsity is not None or self.baseline is not None or "no-fbr" in self.ablations:
-                raise ConfigError("--budget sets where the reduction stops; drop --target-sparsity, --baseline or "
-                                  "the no-fbr ablation")
+        check_budget(self.budget, self.cost_target, self.cost_batch, self.cost_threads,
+                     alone=self.target_sparsity is None and self.baseline is None and "no-fbr" not in self.ablations)
 
     def _validate_speed(self) -> None:
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -327,9 +330,9 @@ class TrainConfig:
         return getattr(self, f"{stage}_iters")
 
     @property
-    def budget_flops(self) -> float | None:
-        """The budget in FLOPs per task model, or None."""
-        return None if self.budget is None else parse_budget(self.budget)
+    def budget_value(self) -> float | None:
+        """The budget per task model in its cost table's unit (FLOPs, or ms a call), or None."""
+        return None if self.budget is None else read_budget(self.budget).value
 
     def squeeze_budget(self, n_states: int) -> float:
         """κ of the squeeze loss for a network of ``n_states`` hidden states (default: N)."""
