@@ -25,6 +25,7 @@ from dagc.artifact import check_out_dir
 from dagc.checkpoint import load_checkpoint
 from dagc.compiler import onnx_export, precision, report, targets, verify
 from dagc.compiler.artifact import write_artifact
+from dagc.compiler.budget_report import BudgetReport, budget_lines
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
 from dagc.compiler.passes import optimize
@@ -219,15 +220,17 @@ def preview_manifest(ckpt_path: str | Path) -> mf.Manifest:
 
 
 def run_budget(ckpt_path: str | Path) -> float | None:
-    """The FLOPs budget the checkpoint's run searched for (`dagc.trainer.budget`), or None (no
-    budget, or a checkpoint without a run configuration). Raises like `load_checkpoint`."""
+    """The budget the checkpoint's run searched for (`dagc.trainer.budget`: FLOPs, or ms for a
+    latency), or None (no budget, or a checkpoint without a run configuration); `dagc.compiler.
+    budget_report.budget_report` has its unit, table and predictions. Raises like `load_checkpoint`."""
     config = load_checkpoint(ckpt_path).json("config") or {}
     return parse_budget(config["budget"]) if isinstance(config, dict) and config.get("budget") else None
 
 
-def summary(manifest: mf.Manifest, budget: float | None = None) -> str:
+def summary(manifest: mf.Manifest, budget: float | BudgetReport | None = None) -> str:
     """A one-screen text summary of a manifest: per-task FLOPs against the supernet (and against
-    ``budget``, FLOPs per task model, when the run had one), topology, models and sharing."""
+    ``budget`` when the run had one: FLOPs per task model, or a `BudgetReport`, the cost table's
+    prediction of each model against the budget in its unit), topology, models and sharing."""
     costs = manifest.costs
     sup = costs.supernet.flops
     lines = [f"{'task':<14}{'MFLOPs':>10}{'vs supernet':>13}{'params':>11}   D  W      S"]
@@ -238,7 +241,9 @@ def summary(manifest: mf.Manifest, budget: float | None = None) -> str:
     sh, un = costs.shared, costs.unshared
     lines += ["", f"shared model: {sh.flops / 1e6:.2f} MFLOPs ({sh.flops / sup:.1%} of the unpruned supernet's "
               f"{sup / 1e6:.2f}; {un.flops / 1e6:.2f} without cross-task sharing), {sh.params:,} parameters"]
-    if budget is not None:
+    if isinstance(budget, BudgetReport):
+        lines += budget_lines(budget)
+    elif budget is not None:
         fit = [f"{t} {c.flops / 1e6:.2f} ({'fits' if c.flops <= budget else f'{c.flops / budget - 1:+.0%} over'})"
                for t, c in costs.per_task.items()]
         lines.append(f"budget: {budget / 1e6:g} MFLOPs per task model: {', '.join(fit)}")

@@ -32,7 +32,7 @@ from dagc.compiler.ir import INPUT_PREFIX, CompileError, Edge, Graph, check_grap
 
 PRODUCER = "dagc"
 
-__all__ = ["to_onnx", "check", "conv_macs", "sanitize"]
+__all__ = ["to_onnx", "part_to_onnx", "part_inputs", "CALL", "check", "conv_macs", "sanitize"]
 
 
 def sanitize(name: str) -> str:
@@ -232,6 +232,62 @@ def to_onnx(graph: Graph, tasks: Sequence[str] | None = None, *, opset: int = 17
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER)
     model.ir_version = min(model.ir_version, _IR_VERSION.get(opset, model.ir_version))
     model.doc_string = f"dagc compiled model: tasks {', '.join(chosen)}"
+    return model
+
+
+CALL = "call"  # `part_to_onnx`'s empty model: what one call costs without any block
+HEAD_PREFIX = "head."
+
+
+def part_inputs(graph: Graph, part: str) -> dict[str, tuple[int, int, int]]:
+    """The inputs of `part_to_onnx`'s model of ``part``, name -> (C, H, W) of one sample."""
+    spec = graph.spec
+    h, w = spec.input_size
+    image = {"image": (spec.in_channels, h, w)}
+    if part == CALL:
+        return image
+    if part.startswith(HEAD_PREFIX):
+        hd = head(spec, part[len(HEAD_PREFIX):])
+        return {"x": (hd.cin, *hd.feature_hw), **(image if hd.refine else {})}
+    blk = graph.block(part)
+    return {"x": (blk.cin, h // blk.from_stride, w // blk.from_stride)}
+
+
+def part_to_onnx(graph: Graph, part: str, *, opset: int = 17) -> onnx.ModelProto:
+    """One part of ``graph.spec``'s network alone, emitted as `to_onnx` emits it in a compiled model
+    (what a cost table times, `dagc.compiler.measure`): a block by name (``"edges.2_4"``), folded,
+    with conv weight and bias ``fold.<block>.weight/bias`` from ``graph.params``, reading ``x`` at
+    its source's resolution; ``"head.<task>"``, the task's head on ``x`` (the read-out state, and
+    ``image`` for a refining head) with the head's own parameter names; or `CALL`, an Identity of
+    ``image``. Inputs are `part_inputs` with a dynamic batch; the output is ``y``. Raises
+    CompileError for an unknown part or a missing parameter."""
+    b = _Builder(graph, opset)
+    ins = part_inputs(graph, part)
+    b.names.update([*ins, "y"])
+    if part == CALL:
+        b.op("Identity", ["image"], "call", output="y")
+        out_shape: list = ["batch", *ins["image"]]
+    elif part.startswith(HEAD_PREFIX):
+        hd = head(graph.spec, part[len(HEAD_PREFIX):])
+        if hd.kind == "aspp":
+            b.aspp("x", hd, "y", "image")
+            out_shape = ["batch", hd.out, *hd.size]
+        else:
+            b.linear("x", hd, "y")
+            out_shape = ["batch", hd.out]
+    else:
+        y = b.edge("x", Edge(part, INPUT_PREFIX + "x", 1.0, folded=part), sanitize(part))
+        b.op("Identity", [y], "out", output="y")
+        blk = graph.block(part)
+        h, w = graph.spec.input_size
+        s = blk.to_stride * blk.pool
+        out_shape = ["batch", blk.cout, h // s, w // s]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", *shape]) for n, shape in ins.items()]
+    g = helper.make_graph(b.nodes, f"dagc_{sanitize(part)}", inputs,
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+                          initializer=[b.inits[k] for k in sorted(b.inits)])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name=PRODUCER)
+    model.ir_version = min(model.ir_version, _IR_VERSION.get(opset, model.ir_version))
     return model
 
 

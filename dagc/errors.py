@@ -51,6 +51,12 @@ class ServeError(DagcError):
     quotes its log)."""
 
 
+class CostTableError(DagcError):
+    """A cost table (`dagc.cost_table`) cannot be used: its file is unreadable, not valid JSON or not
+    a valid table, or it prices another network, target, batch or thread count; or a latency target
+    cannot be measured here (no GPU for torch-cuda, no OpenVINO)."""
+
+
 class RunnerError(DagcError):
     """An execution back end cannot load or run a model: a TensorRT plan built for another GPU or
     TensorRT version, a failed TensorRT execution. The runtime reports a plan it cannot load as an

@@ -53,12 +53,13 @@ cli.add_command(recalibrate)
               help="Directory of the run's on-disk dataset (for calibration and the accuracy check).")
 def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precision_options) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
-    from dagc.compiler.compile import compile_artifact, run_budget, summary
+    from dagc.compiler.budget_report import budget_report
+    from dagc.compiler.compile import compile_artifact, summary
 
     manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16, bf16=bf16, device=device,
                                 batches=int_list("--batch", batch), precisions=precision_options.pop("precision"),
                                 **precision_options)
-    click.echo(summary(manifest, run_budget(checkpoint)))
+    click.echo(summary(manifest, budget_report(checkpoint)))
     click.echo(f"\nwrote {out} (compiled and verified in {manifest.compile_seconds:.1f} s)")
 
 
@@ -68,23 +69,38 @@ def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precisi
 @click.option("--tasks", help="With --network: comma-separated [NAME=]KIND[:CLASSES] (default: one depth task).")
 @click.option("--input-size", "input_sizes", multiple=True, help="With --network: HxW (repeatable; default: the file's).")
 @click.option("--in-channels", "in_channels", type=int, default=3, show_default=True, help="With --network.")
-def inspect(path, network, tasks, input_sizes, in_channels) -> None:
+@click.option("--costs", "costs", default=None,
+              help="Show the cost table of the checkpoint's network on a target: flops, onnxruntime-cpu or "
+                   "openvino-cpu (measured and cached on a miss).")
+@click.option("--cost-batch", "cost_batch", type=int, default=None, help="With --costs: samples per call (default: the run's, else 1).")
+@click.option("--cost-threads", "cost_threads", type=int, default=None, help="With --costs: intra-op threads (default: the run's, else 1).")
+@click.option("--remeasure", is_flag=True, help="With --costs: measure the table again and replace the cached one.")
+def inspect(path, network, tasks, input_sizes, in_channels, costs, cost_batch, cost_threads, remeasure) -> None:
     """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory; with
-    --network, a network file's states, edges, parameters and FLOPs before any training."""
-    from dagc.compiler.compile import preview_manifest, run_budget, summary
+    --network, a network file's states, edges, parameters and FLOPs before any training; with
+    --costs, the cost table of a checkpoint's network on a target."""
+    from dagc.compiler.budget_report import budget_report
+    from dagc.compiler.compile import preview_manifest, summary
     from dagc.modelcheck import verify_artifact
+    from dagc.tools.costs import inspect_costs
     from dagc.tools.evaluate import checkpoint_stages
     from dagc.tools.network_info import describe_network, parse_tasks
 
     if (path is None) == (network is None):
         raise DagcError("give a checkpoint or artifact PATH, or --network FILE (not both)")
-    if network is not None:
+    if costs is None and (cost_batch is not None or cost_threads is not None or remeasure):
+        raise DagcError("--cost-batch, --cost-threads and --remeasure say how --costs TARGET is measured; add --costs")
+    if costs is not None:
+        if path is None:
+            raise DagcError("--costs prices a checkpoint's network; give the checkpoint as PATH")
+        click.echo(inspect_costs(path, costs, cost_batch, cost_threads, remeasure))
+    elif network is not None:
         sizes = [int_list("--input-size", s.lower().replace("x", ",")) for s in input_sizes]
         click.echo(describe_network(network, parse_tasks(tasks), sizes, in_channels))
     elif tasks is not None or input_sizes or in_channels != 3:
         raise DagcError("--tasks, --input-size and --in-channels describe a --network file; drop them for PATH")
     else:
-        click.echo(summary(verify_artifact(path)) if path.is_dir() else summary(preview_manifest(path), run_budget(path)) + checkpoint_stages(path))
+        click.echo(summary(verify_artifact(path)) if path.is_dir() else summary(preview_manifest(path), budget_report(path)) + checkpoint_stages(path))
 
 
 @cli.group()
@@ -200,6 +216,7 @@ def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path, p
     from dagc.errors import BenchError
     from dagc.outputs import check_not_input, check_writable_file
     from dagc.tools import bench as runtime_bench
+    from dagc.tools.costs import bench_budget, bench_budget_lines
 
     if threads is not None and threads < 1:
         raise DagcError(f"--threads must be a positive integer, got {threads}")
@@ -211,6 +228,9 @@ def bench(artifact, checkpoint, batch, backend, threads, json_path, plot_path, p
     result = runtime_bench.benchmark(artifact, checkpoint, batches=int_list("--batch", batch), backend=backend,
                                      threads=threads, precisions=precisions)
     click.echo(runtime_bench.format_table(result))
+    result["budget"] = bench_budget(result, checkpoint)  # the compiled models against the run's budget
+    for line in bench_budget_lines(result["budget"]):
+        click.echo(line)
     if json_path is not None:
         runtime_bench.write_json(result, json_path)
     if plot_path is not None:

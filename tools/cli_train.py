@@ -82,7 +82,14 @@ def int_list(option: str, text: str) -> tuple[int, ...]:
 @click.option("--reduction", type=str, default=None,
               help="Reduction after the search: fbr (default, Algorithm 1), threshold or random.")
 @click.option("--target-sparsity", "target_sparsity", type=float, default=None, help="Stop the reduction at sparsity S in (0, 1].")
-@click.option("--budget", type=str, default=None, help="FLOPs per task model, e.g. 30MFLOPs: priced search, reduction stops once it fits.")
+@click.option("--budget", type=str, default=None,
+              help="Per task model: FLOPs (30MFLOPs) or a latency (2ms, with a latency --cost-target): priced search, "
+                   "reduction stops once it fits.")
+@click.option("--cost-target", "cost_target", type=str, default=None,
+              help="What prices the blocks: flops (default, counted) or a latency measured on onnxruntime-cpu, "
+                   "openvino-cpu (a cost table, cached).")
+@click.option("--cost-batch", "cost_batch", type=int, default=None, help="Latency target: samples per call (default 1).")
+@click.option("--cost-threads", "cost_threads", type=int, default=None, help="Latency target: intra-op threads (default 1).")
 @click.option("--stats-batches", "stats_batches", type=int, default=None,
               help="Training batches each task's batch-norm statistics are re-estimated on at the end (default 32; "
                    "0: keep fine-tuning's running averages).")
@@ -100,6 +107,7 @@ def train(out, resume, quiet, **options) -> None:
 
     Several processes: torchrun --nproc-per-node N -m dagc train ... (one DDP replica per process,
     --batch-size per process; rank 0 writes RUN_DIR)."""
+    from dagc.compiler.measure import measure_table
     from dagc.tools.evaluate import train_summary
     from dagc.trainer import distributed
     from dagc.trainer.init_weights import report_lines
@@ -122,7 +130,8 @@ def train(out, resume, quiet, **options) -> None:
             given["tasks"] = tuple(t.strip() for t in given["tasks"].split(",") if t.strip())
         if "input_size" in given:
             given["input_size"] = int_list("--input-size", given["input_size"].lower().replace("x", ","))
-        metrics = run_training(TrainConfig(**given), out, progress=not quiet, announce=announce)
+        metrics = run_training(TrainConfig(**given), out, progress=not quiet, announce=announce,
+                               measure_costs=measure_table)
     if distributed.is_main():  # under torchrun every rank returns the metrics; one summary
         for line in report_lines(metrics["init"]) if metrics.get("init") else ():
             click.echo(line)

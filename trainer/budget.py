@@ -1,16 +1,19 @@
-"""A deployment budget for the search (issue 21): what a task's deployed model may cost, in FLOPs.
+"""A deployment budget for the search (issue 21): what a task's deployed model may cost, in FLOPs or
+as a latency on a target.
 
-``--budget 30MFLOPs`` prices every block by its FLOPs (`dagc.costs.block_flops`) and
+``--budget 30MFLOPs`` prices every block by its FLOPs (`dagc.cost_table.flops_table`, from
+`dagc.costs`); ``--budget 2ms --cost-target onnxruntime-cpu [--cost-batch B --cost-threads T]`` by
+its latency measured on that target (a cost table, `dagc.cost_table`, measured by the compiler and
+cached). Either way the budget
 
 * replaces Eq. 9's edge count by the cost-aware squeeze (`dagc.trainer.losses.squeeze_loss` with
-  costs): per task, max(Σ c σ(γ) + Σ c σ(α) + Σ c σ(β) − (budget − head), 0), in MFLOPs, so read-ins
-  and read-outs cost what they cost;
-* lets Algorithm 1 stop once the task's sub-network (its closed masks, head included) fits the
-  budget, instead of only at the first disconnecting removal (`fits`).
+  costs): per task, max(Σ c σ(γ) + Σ c σ(α) + Σ c σ(β) − (budget − head − call), 0), in the loss
+  units of `loss_scale`, so read-ins and read-outs cost what they cost;
+* lets Algorithm 1 stop once the task's sub-network (its closed masks, head and one call included)
+  fits the budget, instead of only at the first disconnecting removal (`fits`).
 
 A budget is per task (each task's own model, its head included); the shared model computes states
-that several tasks share once and costs at most the sum. Latency budgets (a cost table measured on
-a target) are not built yet.
+that several tasks share once and costs at most the sum.
 """
 
 from __future__ import annotations
@@ -19,74 +22,163 @@ import functools
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from dagc.costs import block_flops, head_costs
+from dagc.cost_table import FLOPS, LATENCY_TARGETS, TARGETS, CostTable, Measure, cached_table, flops_table
 from dagc.errors import ConfigError
 from dagc.spec import Spec
 from dagc.trainer.topology import close_masks
 
-UNITS = {"flops": 1.0, "kflops": 1e3, "mflops": 1e6, "gflops": 1e9}
-MFLOPS = 1e6  # the loss's unit: about one edge of a small network, so λ_sq keeps its scale
+UNITS = {"flops": 1.0, "kflops": 1e3, "mflops": 1e6, "gflops": 1e9}  # -> FLOPs
+TIME_UNITS = {"s": 1e3, "ms": 1.0, "us": 1e-3, "µs": 1e-3}  # -> ms
+MFLOPS = 1e6  # the loss's unit of a FLOPs budget: about one edge of a small network, so λ_sq keeps its scale
+# The loss's unit of a latency budget: 10 µs per sample (a table's ms per call / batch / 0.01). A CPU
+# core spends about that on 1 MFLOP of these convs (tiny's 9.4-MFLOP edges take 0.09 ms at batch 1 and
+# 0.75 ms at batch 8 with ONNX Runtime, one thread), so a latency-priced edge weighs in the squeeze
+# about what its FLOPs-priced twin does, at any batch, and λ_sq keeps its scale. A much faster target
+# (a GPU) makes the terms smaller: raise λ_sq there.
+LATENCY_LOSS_UNIT = 0.01
 
-__all__ = ["UNITS", "parse_budget", "task_budgets", "loss_costs", "fits"]
+__all__ = ["UNITS", "TIME_UNITS", "MFLOPS", "LATENCY_LOSS_UNIT", "Budget", "read_budget", "parse_budget",
+           "check_budget", "loss_scale", "cost_table_for", "task_budgets", "loss_costs", "fits"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed budget: ``value`` in FLOPs (``unit`` "FLOPs") or ms (``unit`` "ms")."""
+
+    value: float
+    unit: str
+
+    @property
+    def latency(self) -> bool:
+        return self.unit == "ms"
+
+    def show(self, x: float | None = None) -> str:
+        """``x`` (default: the budget) in the budget's display unit: ``30 MFLOPs``, ``2 ms``."""
+        x = self.value if x is None else x
+        return f"{x:.4g} ms" if self.latency else f"{x / MFLOPS:.4g} MFLOPs"
+
+
+def read_budget(text: str) -> Budget:
+    """A budget written as a number and a unit: FLOPs (``30MFLOPs``, ``1.5 GFLOPs``; FLOPs, KFLOPs,
+    MFLOPs, GFLOPs) or a latency (``2ms``, ``500us``, ``0.01s``), any case. Raises ConfigError for
+    anything else."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-zµ]+)\s*", text) if isinstance(text, str) else None
+    unit = m.group(2).lower() if m else None
+    if m is None or (unit not in UNITS and unit not in TIME_UNITS):
+        raise ConfigError(f"budget must be a number and a unit of {['FLOPs', 'KFLOPs', 'MFLOPs', 'GFLOPs']} (counted) "
+                          f"or {['s', 'ms', 'us']} (a latency, with a latency --cost-target), e.g. 30MFLOPs or 2ms; "
+                          f"got {text!r}")
+    flops = unit in UNITS
+    value = float(m.group(1)) * (UNITS[unit] if flops else TIME_UNITS[unit])
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"budget must be positive and finite, got {text!r}")
+    return Budget(value, "FLOPs" if flops else "ms")
+
+
+def check_budget(budget: str | None, target: object, batch: object, threads: object, alone: bool = True) -> None:
+    """Raise ConfigError (naming the option) unless a run's budget, cost target, cost batch and
+    threads agree: a known target; batch and threads positive integers for a latency target, None
+    for flops; a latency target only with a budget; a latency budget with a latency target, FLOPs
+    with flops; and a budget only ``alone`` (no other rule decides where the reduction stops)."""
+    if target not in TARGETS:
+        raise ConfigError(f"unknown cost target {target!r}; choose one of {list(TARGETS)}")
+    latency = target in LATENCY_TARGETS
+    if not latency and (batch is not None or threads is not None):
+        raise ConfigError("--cost-batch and --cost-threads say how a latency --cost-target is measured; FLOPs are "
+                          f"counted per sample: drop them or add --cost-target {LATENCY_TARGETS[0]}")
+    for name, v in (("cost_batch", batch), ("cost_threads", threads)) if latency else ():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+    if budget is None:
+        if latency:
+            raise ConfigError(f"--cost-target {target} prices a --budget; add one, e.g. --budget 2ms")
+        return
+    parsed = read_budget(budget)
+    if not alone:
+        raise ConfigError("--budget sets where the reduction stops; drop --target-sparsity, --baseline or the no-fbr "
+                          "ablation")
+    if parsed.latency and not latency:
+        raise ConfigError(f"--budget {budget} is a latency: it needs a latency --cost-target "
+                          f"({', '.join(LATENCY_TARGETS)}), e.g. --cost-target {LATENCY_TARGETS[0]}")
+    if latency and not parsed.latency:
+        raise ConfigError(f"--budget {budget} counts FLOPs, --cost-target {target} measures a latency: give the "
+                          "budget as a latency (e.g. 2ms) or drop --cost-target")
 
 
 def parse_budget(text: str) -> float:
-    """FLOPs of a budget written as a number and a unit, ``30MFLOPs`` or ``1.5 GFLOPs`` (units:
-    FLOPs, KFLOPs, MFLOPs, GFLOPs, any case). Raises ConfigError for anything else."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]+)\s*", text) if isinstance(text, str) else None
-    unit = m.group(2).lower() if m else None
-    if m is None or unit not in UNITS:
-        hint = " (latency budgets need a measured cost table, not built yet)" if unit in ("ms", "us", "s") else ""
-        raise ConfigError(f"budget must be a number and a unit of {['FLOPs', 'KFLOPs', 'MFLOPs', 'GFLOPs']}, "
-                          f"e.g. 30MFLOPs; got {text!r}{hint}")
-    value = float(m.group(1)) * UNITS[unit]
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"budget must be positive and finite, got {text!r}")
-    return value
+    """The value of a budget (`read_budget`): FLOPs, or ms for a latency."""
+    return read_budget(text).value
 
 
-def task_budgets(spec: Spec, budget: float) -> np.ndarray:
-    """What each task's blocks may cost (K,), in FLOPs: the budget less the task's head. Raises
-    ConfigError when a head alone exceeds the budget."""
-    heads = np.array([head_costs(spec, t)["flops"] for t in spec.task_names], dtype=np.float64)
-    over = [(t, h) for t, h in zip(spec.task_names, heads) if h >= budget]
+def loss_scale(table: CostTable) -> float:
+    """What one unit of ``table`` is in the squeeze loss's units: 1/MFLOPS for FLOPs, and for a
+    latency table 1 / (batch · `LATENCY_LOSS_UNIT`) (ms per call -> 10 µs per sample)."""
+    return 1.0 / MFLOPS if table.target == FLOPS else 1.0 / (table.batch * LATENCY_LOSS_UNIT)
+
+
+def cost_table_for(spec: Spec, target: str, batch: int | None, threads: int | None,
+                   measure: Measure | None = None) -> CostTable:
+    """The table a budget on ``target`` prices ``spec`` with: counted FLOPs, or a latency table from
+    the cache (`dagc.cost_table.cached_table`), measured with ``measure`` on a miss. Raises
+    CostTableError as `cached_table`."""
+    if target == FLOPS:
+        return flops_table(spec)
+    return cached_table(spec, target, batch, threads, measure=measure)
+
+
+def task_budgets(spec: Spec, budget: float, table: CostTable | None = None) -> np.ndarray:
+    """What each task's blocks may cost (K,), in the table's unit (default table: FLOPs): the budget
+    less the task's head and one call. Raises ConfigError when a head (and a call) alone exceed the
+    budget."""
+    table = flops_table(spec) if table is None else table
+    fixed = np.array([table.fixed(t) for t in spec.task_names], dtype=np.float64)
+    over = [(t, h) for t, h in zip(spec.task_names, fixed) if h >= budget]
     if over:
         t, h = over[0]
-        raise ConfigError(f"the budget of {budget / MFLOPS:g} MFLOPs is below task {t!r}'s head alone "
-                          f"({h / MFLOPS:g} MFLOPs); raise --budget")
-    return budget - heads
+        b = Budget(budget, "FLOPs" if table.target == FLOPS else "ms")
+        what = "head alone" if table.target == FLOPS else f"head and one call alone on {table.key}"
+        raise ConfigError(f"the budget of {b.show()} is below task {t!r}'s {what} ({b.show(h)}); raise --budget")
+    return budget - fixed
 
 
-def loss_costs(spec: Spec, budget: float, device: torch.device | str = "cpu"
+def loss_costs(spec: Spec, budget: float, device: torch.device | str = "cpu", table: CostTable | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cost-aware squeeze's tensors, in MFLOPs: hidden-edge costs (N, N), read-in costs (N,),
-    read-out costs (N,) and each task's budget for its blocks (K,), made once per (spec, budget,
-    device): every search step asks for them. Read-only. Raises as `task_budgets`."""
+    """The cost-aware squeeze's tensors in the loss's units (`loss_scale`): hidden-edge costs (N, N),
+    read-in costs (N,), read-out costs (N,) and each task's budget for its blocks (K,), made once
+    per (spec, budget, device, table): every search step asks for them. Read-only. ``table``
+    (default: FLOPs) prices the blocks, ``budget`` is in its unit. Raises as `task_budgets`."""
+    table = flops_table(spec) if table is None else table
     try:
-        return _loss_costs(spec, budget, str(device))
+        return _loss_costs(spec, budget, str(device), table)
     except TypeError:  # a spec built by hand with a list field is not hashable: build uncached
-        return _loss_costs.__wrapped__(spec, budget, str(device))
+        return _loss_costs.__wrapped__(spec, budget, str(device), table)
 
 
 @functools.lru_cache(maxsize=8)
-def _loss_costs(spec: Spec, budget: float, device: str) -> tuple[torch.Tensor, ...]:
-    g, a, b = block_flops(spec)
-    out = (g, a, b, task_budgets(spec, budget))
-    return tuple(torch.as_tensor(x / MFLOPS, dtype=torch.float32, device=device) for x in out)
+def _loss_costs(spec: Spec, budget: float, device: str, table: CostTable) -> tuple[torch.Tensor, ...]:
+    g, a, b = table.mask_layout(spec)
+    scale = loss_scale(table)
+    out = (g, a, b, task_budgets(spec, budget, table))
+    return tuple(torch.as_tensor(x * scale, dtype=torch.float32, device=device) for x in out)
 
 
-def fits(spec: Spec, task: str, budget: float) -> Callable[[np.ndarray, np.ndarray, np.ndarray], bool]:
+def fits(spec: Spec, task: str, budget: float, table: CostTable | None = None
+         ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], bool]:
     """Whether a task's binary masks (gamma (N, N), alpha (N,), beta (N,)), once closed, cost no
-    more than ``budget`` FLOPs with the task's head. Raises SpecError for an unknown task."""
-    g_cost, a_cost, b_cost = block_flops(spec)
-    head = head_costs(spec, task)["flops"]
+    more than ``budget`` (in the table's unit; default table: FLOPs) with the task's head and one
+    call. Raises SpecError for an unknown task."""
+    spec.task(task)
+    table = flops_table(spec) if table is None else table
+    g_cost, a_cost, b_cost = table.mask_layout(spec)
+    fixed = table.fixed(task)
 
     def check(g: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
         g, a, b = close_masks(g, a, b)
-        return float((g * g_cost).sum() + (a * a_cost).sum() + (b * b_cost).sum()) + head <= budget
+        return float((g * g_cost).sum() + (a * a_cost).sum() + (b * b_cost).sum()) + fixed <= budget
 
     return check

@@ -11,13 +11,14 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from dagc.cost_table import FLOPS, LATENCY_TARGETS
 from dagc.errors import ConfigError
 from dagc.network_file import Network
 from dagc.precision_table import FP16
 from dagc.spec import PRESETS, preset_network
 from dagc.trainer import datasets
 from dagc.trainer.baselines import ABLATIONS, BASELINES
-from dagc.trainer.budget import parse_budget
+from dagc.trainer.budget import check_budget, read_budget
 from dagc.trainer.losses import DENSE_LOSSES
 from dagc.trainer.recipes import LR_SCHEDULES, RECIPES
 from dagc.trainer.stages import AMP_MODES, REDUCTIONS
@@ -65,17 +66,19 @@ class TrainConfig:
     lr_schedule: str | None = None
     squeeze_weight: float = 0.05
     kappa: float | None = None
-    # λ of `dagc.trainer.losses.select_loss` in the search (0: the paper's), from this fraction of the
-    # search on: before it the task alone orders the gates, so the leader is not whichever of equal
-    # logits comes first (from the start, seed 0 chose read-in v_1 for every task).
+    # λ of `dagc.trainer.losses.select_loss` (0: the paper's), from this fraction of the search on, so the
+    # task, not the order of equal logits, names the leader (from the start: read-in v_1 for every task).
     select_weight: float = 0.0
     select_after: float = 1 / 3
     dense_loss: str = "l2"
     reduction: str = "fbr"
     target_sparsity: float | None = None
-    # A deployment budget per task model, "30MFLOPs" (dagc.trainer.budget): the cost-aware squeeze
-    # in place of Eq. 9, and Algorithm 1 stops once a task fits. None: the paper's.
+    # A budget per task model, "30MFLOPs" or "2ms" (dagc.trainer.budget), priced on cost_target
+    # (dagc.cost_table; a latency at cost_batch samples a call, cost_threads threads: 1 unless given).
     budget: str | None = None
+    cost_target: str = FLOPS
+    cost_batch: int | None = None
+    cost_threads: int | None = None
     seed: int = 0
     device: str = "cpu"
     save_every: int = 100
@@ -139,6 +142,8 @@ class TrainConfig:
             object.__setattr__(self, "data_root", os.fspath(self.data_root))
         if self.network is not None and not isinstance(self.network, Network):
             object.__setattr__(self, "network", Network.read(self.network, stored=STORED_NETWORK))
+        for name in ("cost_batch", "cost_threads") if self.cost_target in LATENCY_TARGETS else ():  # 1 unless given
+            object.__setattr__(self, name, 1 if getattr(self, name) is None else getattr(self, name))
         if self.preset is None and self.network is None and self.dataset in datasets.registry():
             ds = datasets.REGISTRY[self.dataset]
             chosen = ds.preset
@@ -258,11 +263,8 @@ class TrainConfig:
             raise ConfigError(f"reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
         if self.target_sparsity is not None and not 0 < self.target_sparsity <= 1:
             raise ConfigError(f"target_sparsity must be in (0, 1], got {self.target_sparsity!r}")
-        if self.budget is not None:
-            parse_budget(self.budget)
-            if self.target_sparsity is not None or self.baseline is not None or "no-fbr" in self.ablations:
-                raise ConfigError("--budget sets where the reduction stops; drop --target-sparsity, --baseline or "
-                                  "the no-fbr ablation")
+        check_budget(self.budget, self.cost_target, self.cost_batch, self.cost_threads,
+                     alone=self.target_sparsity is None and self.baseline is None and "no-fbr" not in self.ablations)
 
     def _validate_speed(self) -> None:
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -338,9 +340,9 @@ class TrainConfig:
         return getattr(self, f"{stage}_iters")
 
     @property
-    def budget_flops(self) -> float | None:
-        """The budget in FLOPs per task model, or None."""
-        return None if self.budget is None else parse_budget(self.budget)
+    def budget_value(self) -> float | None:
+        """The budget per task model in its cost table's unit (FLOPs, or ms a call), or None."""
+        return None if self.budget is None else read_budget(self.budget).value
 
     def squeeze_budget(self, n_states: int) -> float:
         """κ of the squeeze loss for a network of ``n_states`` hidden states (default: N)."""

@@ -110,7 +110,7 @@ def stage_step(run: Run, model: Callable, x: Tensor, targets: dict[str, Tensor])
     kw = {"model": model, "precision": run.precision}
     if stage == "search":
         kappa = cfg.squeeze_budget(run.spec.n_states)
-        costs = None if cfg.budget is None else loss_costs(run.spec, cfg.budget_flops, x.device)  # cached
+        costs = None if cfg.budget is None else loss_costs(run.spec, cfg.budget_value, x.device, run.cost_table)  # cached
         losses = search_step(run.net, run.opt, x, targets, cfg.search_squeeze_weight, kappa, cfg.dense_loss, costs=costs,
                              select_weight=cfg.search_select_weight(run.step), **kw)
     elif stage == "warmup":

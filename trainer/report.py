@@ -74,6 +74,10 @@ def run_metrics(run: Run, data: MultiTaskData, final: Scores, constant: Scores) 
         extra["distributed"] = {"world_size": distributed.world_size(), "backend": distributed.backend(),
                                 "global_batch_size": run.cfg.batch_size * distributed.world_size(),
                                 "replica_digests": run.replica_digests, "resynced": run.resynced}
+    if run.cost_table is not None:  # what the budget priced blocks with (the checkpoint holds the table)
+        t = run.cost_table
+        extra["cost_table"] = {"target": t.target, "batch": t.batch, "threads": t.threads, "unit": t.unit,
+                               "network": t.network, "sha256": t.digest}
     decisiveness = None if run.cfg.baseline is not None else network_decisiveness(net)
     return metrics(run.cfg, spec.to_dict(), spec.tasks, final, constant, run.topology, parameters, run.seconds,
                    decisiveness, **extra)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dagc.cost_table import CostTable
 from dagc.errors import ConfigError
 from dagc.precision_table import BF16, FP16
 from dagc.trainer.baselines import full_masks
@@ -160,10 +161,12 @@ finetune_step = warmup_step  # same update; the network is in hard mode by then
 
 
 def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
-                   target_sparsity: float | None = None, budget: float | None = None) -> dict[str, dict[str, float]]:
+                   target_sparsity: float | None = None, budget: float | None = None,
+                   table: CostTable | None = None) -> dict[str, dict[str, float]]:
     """Discretise every task's σ(Γ, A, B) (Algorithm 1, threshold or random reduction, or ``none``:
-    keep every edge), close the masks, and switch the network to hard mode; with ``budget``
-    (FLOPs per task model) a reduction stops as soon as the task's sub-network fits it. Returns
+    keep every edge), close the masks, and switch the network to hard mode; with ``budget`` (per task
+    model, in the unit of ``table``, `dagc.cost_table`; default FLOPs) a reduction stops as soon as
+    the task's sub-network fits it. Returns
     the topology (D, W, S) of each task's sub-network. The random reduction of task k draws from ``seed + k``.
     Raises ConfigError for an unknown method or target."""
     if method not in (*REDUCTIONS, "none"):
@@ -179,7 +182,7 @@ def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
         if method == "none":  # the no-fbr ablation: every edge stays
             g, a, b = (m[k] for m in keep_all)
         else:
-            fit = None if budget is None else budget_fits(net.spec, task.name, budget)
+            fit = None if budget is None else budget_fits(net.spec, task.name, budget, table)
             g, a, b = _REDUCE[method](gam[k], alp[k], bet[k], seed + k, target_sparsity, fit)
         g, a, b = close_masks(g, a, b)
         masks.append((g, a, b))

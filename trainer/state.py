@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from dagc.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from dagc.errors import CheckpointError, ConfigError
+from dagc.cost_table import CostTable
+from dagc.errors import CheckpointError, ConfigError, CostTableError
 from dagc.outputs import check_writable_dir
 from dagc.spec import Spec
 from dagc.trainer import distributed
@@ -63,6 +64,9 @@ class Run:
     precision: Precision = field(default_factory=Precision)  # autocast and fp16 gradient scaler
     init_report: dict[str, Any] | None = None  # what --init loaded (`init_weights.apply_init`), kept in the state
     validation: Validation = field(default_factory=Validation)
+    # What a budget prices blocks with (`dagc.cost_table`): set when a budgeted run starts, saved with
+    # the state so a resumed run prices with the same measurement. None: no budget.
+    cost_table: CostTable | None = None
     # Under torchrun: each rank's digest at the last stage end, and the stages whose end found
     # the ranks' parameters different (repaired from rank 0). Not saved: they describe this process.
     replica_digests: list[str] | None = None
@@ -133,7 +137,7 @@ def reduce_and_rewind(run: Run, on_reduced: Callable[[Run], None] | None = None)
     ranks get the same masks."""
     cfg = run.cfg
     run.topology = reduce_network(run.net, cfg.reduction_method, seed=cfg.seed, target_sparsity=cfg.target_sparsity,
-                                  budget=cfg.budget_flops)
+                                  budget=cfg.budget_value, table=run.cost_table)
     if on_reduced is not None:
         on_reduced(run)
     rewind(run.net, run.rewind_theta)
@@ -215,6 +219,8 @@ def save_state(run: Run, out: Path) -> None:
         meta["topology"] = run.topology
     if run.init_report is not None:
         meta["init"] = run.init_report
+    if run.cost_table is not None:
+        meta["cost_table"] = run.cost_table.to_dict()
     if run.precision.scaler is not None:
         meta["grad_scaler"] = run.precision.scaler.state_dict()
     save_checkpoint(out / STATE_FILE, tensors, run.spec, run.completed, then=resume_hint(out), **meta)
@@ -296,6 +302,28 @@ def _read_rewind(path: Path, ck: Checkpoint, net: CentralNetwork, stage: str) ->
     return snap
 
 
+def _read_cost_table(path: Path, ck: Checkpoint, cfg: TrainConfig) -> CostTable | None:
+    """The cost table a budgeted run prices with (None without a budget, or for a FLOPs budget saved
+    before tables were: the FLOPs are counted again), checked against the run; CheckpointError if it
+    is malformed, missing for a latency budget or for another network or target."""
+    data = ck.json("cost_table")
+    if cfg.budget is None:
+        return None
+    if data is None:
+        if cfg.cost_target == "flops":
+            return None
+        raise CheckpointError(f"{path}: a run with a latency budget needs its cost table (metadata 'cost_table'), "
+                              "which the state lacks; the state is corrupted")
+    source = f"{path}: metadata 'cost_table'"
+    try:
+        table = CostTable.from_dict(data, source=source, then="the state is corrupted")
+        table.check(ck.spec, cfg.cost_target, 1 if cfg.cost_batch is None else cfg.cost_batch, cfg.cost_threads,
+                    source=source)
+    except CostTableError as e:
+        raise CheckpointError(str(e)) from None
+    return table
+
+
 def resume_run(run_dir: Path, device: str | None = None) -> Run:
     """Rebuild a run from ``run_dir/state.safetensors``, on its own device or on ``device``.
     Raises CheckpointError if the state is missing, truncated, foreign, or not a training state;
@@ -330,4 +358,4 @@ def resume_run(run_dir: Path, device: str | None = None) -> Run:
             load_optimizer(opt, optim_t, ck.json("optimizer", {}), source=str(path))
     return Run(cfg=cfg, spec=ck.spec, net=net, stage=stage, step=step, opt=opt, rewind_theta=rewind_theta,
                history=history, topology=topology, seconds=seconds, precision=precision, init_report=ck.json("init"),
-               validation=_read_validation(path, ck))
+               validation=_read_validation(path, ck), cost_table=_read_cost_table(path, ck, cfg))

@@ -44,10 +44,11 @@ from typing import Any
 import torch
 
 from dagc.checkpoint import save_checkpoint
+from dagc.cost_table import CostTable, Measure
 from dagc.errors import CheckpointError, ConfigError
 from dagc.trainer import distributed, single_task
 from dagc.trainer.batches import build_spec, load_data, split_validation, training_size
-from dagc.trainer.budget import task_budgets
+from dagc.trainer.budget import cost_table_for, task_budgets
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData, Split
 from dagc.trainer.estimate import estimate_seconds, format_estimate
@@ -75,10 +76,24 @@ __all__ = ["TrainConfig", "train"]
 log = logging.getLogger("dagc.train")
 
 
+def _log_start(run: Run, resume: bool) -> None:
+    cfg = run.cfg
+    log.info("run %s: %s", "resumed" if resume else "started", json.dumps(cfg.to_dict()))
+    if run.cost_table is not None:
+        log.info("budget %s priced on %s (cost table sha256 %s)", cfg.budget, run.cost_table.key,
+                 run.cost_table.digest[:16])
+    if run.init_report is not None and not resume:
+        for line in report_lines(run.init_report):
+            log.info("%s", line)
+    if distributed.world_size() > 1:
+        log.info("distributed: %d processes, backend %s, batch_size %d per process",
+                 distributed.world_size(), distributed.backend(), cfg.batch_size)
+
+
 # Long on purpose: the whole run, stage by stage, in the order it happens, like a training script.
 def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool = False,
           progress: bool = True, on_step: Callable[[Run], None] | None = None,
-          announce: Callable[[str], None] | None = None) -> dict[str, Any]:
+          announce: Callable[[str], None] | None = None, measure_costs: Measure | None = None) -> dict[str, Any]:
     """Run (or resume) the three-stage search and write the run directory.
 
     Takes: the configuration (when resuming, only its device is used: the run's own configuration
@@ -86,8 +101,12 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     for progress bars, an optional callback after every iteration (tests use it to interrupt), and
     ``announce``, which (when given) first times a few iterations of every stage on a copy of the
     network (`dagc.trainer.estimate`) and is called with the expected wall time, one line.
+    ``measure_costs`` measures a cost table (`dagc.cost_table.Measure`; the compiler's
+    `dagc.compiler.measure.measure_table`, which the trainer does not import) when a latency budget
+    finds none in the cache (`dagc.cost_table.cached_table`); without it such a run needs a cached table.
     Returns the metrics written to metrics.json.
-    Raises ConfigError (bad configuration or unwritable directory), DataError, CheckpointError.
+    Raises ConfigError (bad configuration or unwritable directory), DataError, CheckpointError,
+    CostTableError (a latency budget's table cannot be had).
 
     Under torchrun (more than one process; `dagc.trainer.distributed`) every rank calls this with
     the same arguments: it joins the process group unless already joined (`distributed.init`),
@@ -103,7 +122,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     if single_task.applies(cfg, out, resume):  # one run per task, each trained by this function
         return single_task.train_each_task(cfg, out, resume=resume,
                                            train_run=partial(train, progress=progress, on_step=on_step,
-                                                             announce=announce))
+                                                             announce=announce, measure_costs=measure_costs))
 
     # The configuration: a new run's, or the interrupted run's own (only the device may change).
     run: Run | None = None
@@ -119,24 +138,23 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     if run is None:  # the recipe's epochs become iterations for this (reduced) training split
         cfg = cfg.resolved(training_size(data))
     spec = build_spec(cfg, data)
-    if cfg.budget is not None:  # before anything is written: a head alone may not fit
-        task_budgets(spec, cfg.budget_flops)
+    table = None
+    if cfg.budget is not None and run is None:  # before anything is written: the table, and a head alone may not fit
+        table = cost_table_for(spec, cfg.cost_target, cfg.cost_batch, cfg.cost_threads, measure_costs)
+        task_budgets(spec, cfg.budget_value, table)
     if run is None:  # before anything is written: --init may refuse its file
         run = new_run(cfg, spec, device)
+        run.cost_table = table
     elif run.spec != spec:
         raise CheckpointError(f"{out}/{STATE_FILE} does not match its own configuration's spec")
     if main:  # on one filesystem, two probes would race
         writable_dir(out)
 
     distributed.init(device)
+    if run.cost_table is not None and distributed.world_size() > 1:  # every rank prices with rank 0's measurement
+        run.cost_table = CostTable.from_dict(distributed.broadcast_json(run.cost_table.to_dict()))
     with _train_log(out, main):
-        log.info("run %s: %s", "resumed" if resume else "started", json.dumps(cfg.to_dict()))
-        if run.init_report is not None and not resume:
-            for line in report_lines(run.init_report):
-                log.info("%s", line)
-        if distributed.world_size() > 1:
-            log.info("distributed: %d processes, backend %s, batch_size %d per process",
-                     distributed.world_size(), distributed.backend(), cfg.batch_size)
+        _log_start(run, resume)
         save = partial(save_state, out=out) if main else None
         if announce is not None:
             line = format_estimate(estimate_seconds(run, data, device), run)
@@ -159,7 +177,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
                 score_stage(run, val, run.stage, device)
             if main and run.stage != "finetune":
                 save_checkpoint(out / f"{run.stage}.safetensors", network_tensors(run.net), run.spec, run.stage,
-                                then=resume_hint(out), config=cfg.to_dict())
+                                then=resume_hint(out), config=cfg.to_dict(), **_table_meta(run))
             advance(run)
             if save is not None:
                 save(run)
@@ -211,6 +229,11 @@ def _train_log(out: Path, main: bool) -> Iterator[None]:
             handler.close()
 
 
+def _table_meta(run: Run) -> dict[str, Any]:
+    """A checkpoint's ``cost_table`` metadata: the table a budget priced blocks with (none without)."""
+    return {} if run.cost_table is None else {"cost_table": run.cost_table.to_dict()}
+
+
 def _finish(run: Run, data: MultiTaskData, val: Split | None, out: Path, device: torch.device) -> dict[str, Any]:
     """Evaluate the fine-tuned model on the test split (the one place that reads it), write
     checkpoint.safetensors and metrics.json (rank 0) and return the metrics (rank 0's, on every
@@ -228,6 +251,6 @@ def _finish(run: Run, data: MultiTaskData, val: Split | None, out: Path, device:
     save_checkpoint(out / "checkpoint.safetensors", network_tensors(run.net), run.spec, "finetune",
                     then=resume_hint(out), config=run.cfg.to_dict(), metrics={"final": final, "topology": run.topology, "statistics_check": check,
                                                        "validation": validation["validation"]},
-                    preprocessing=data.preprocessing)
+                    preprocessing=data.preprocessing, **_table_meta(run))
     write_json(out / METRICS_FILE, metrics, then=resume_hint(out))
     return distributed.broadcast_json(metrics)
