@@ -6,9 +6,9 @@ held-out split and scored with the project's metrics (`dagc.trainer.evaluation.s
 `dagc train` evaluates with) next to the fp32 model on ONNX Runtime:
 
 ``int8``  QDQ ONNX files (`dagc.compiler.quantize`), calibrated on the run's training data; if a
-          task's primary metric drops by more than ``max_drop`` (relative), the fallbacks
-          (`dagc.compiler.quantize.FALLBACKS`: keep the first convs, then the heads' last convs,
-          then both in fp32) are tried in order and the first that passes is kept and recorded.
+          task's primary metric drops by more than ``max_drop`` (relative), the fewest of the
+          most sensitive convs are kept in fp32 (`dagc.compiler.mixed_precision`), then the fixed
+          fallbacks (`dagc.compiler.quantize.FALLBACKS`); the first that passes is kept and recorded.
 ``bf16``  no files: OpenVINO running the fp32 ONNX files with bf16 inference precision.
 ``fp16``  fp16 ONNX files (onnxconverter-common, float32 inputs and outputs), for TensorRT / CUDA;
           checked with ONNX Runtime on the CPU.
@@ -31,14 +31,13 @@ from typing import Any
 import numpy as np
 import onnx
 
+from dagc.compiler.mixed_precision import choose_int8
 from dagc.compiler.quantize import (
-    FALLBACKS,
+    CALIBRATIONS,
     INT8,
     Int8Settings,
     calibration_feeds,
-    excluded_nodes,
     load_run_data,
-    quantize_int8,
     with_settings,
 )
 from dagc.compiler.tensorrt import fp16_model
@@ -76,14 +75,15 @@ def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
 
 def check_options(precisions: Sequence[str], *, calibration_batches: int | None = None,
                   calibration_seed: int | None = None, max_metric_drop: float | None = None,
-                  settings: Int8Settings = INT8) -> tuple[Int8Settings, float]:
+                  settings: Int8Settings = INT8, calibration: str | None = None) -> tuple[Int8Settings, float]:
     """The int8 settings (``settings`` with the calibration batches and seed given) and the
     allowed drop for a compile of ``precisions`` (`parse_precisions`); None: the default. Checked
     before any work: raises CompileError for a value out of range or of the wrong type, and for
     an option that configures a precision not asked for (it would be ignored without a word)."""
     reduced = [p for p in precisions if p != REFERENCE]
     calibrating = {k: v for k, v in (("--calibration-batches", calibration_batches),
-                                     ("--calibration-seed", calibration_seed)) if v is not None}
+                                     ("--calibration-seed", calibration_seed), ("--calibration", calibration))
+                   if v is not None}
     if calibrating and "int8" not in precisions:
         verb, them = ("configure", "them") if len(calibrating) > 1 else ("configures", "it")
         raise CompileError(f"{' and '.join(calibrating)} {verb} the int8 calibration; add int8 to --precision "
@@ -96,7 +96,10 @@ def check_options(precisions: Sequence[str], *, calibration_batches: int | None 
         raise CompileError(f"--max-metric-drop must be a fraction in [0, 1), got {drop!r}")
     try:
         settings = with_settings(settings, **({} if calibration_batches is None else {"batches": calibration_batches}),
-                                 **({} if calibration_seed is None else {"seed": calibration_seed}))
+                                 **({} if calibration_seed is None else {"seed": calibration_seed}),
+                                 **({} if calibration is None else
+                                    {"method": CALIBRATIONS.get(calibration, calibration) if isinstance(calibration, str)
+                                     else calibration}))
     except DataError as e:
         raise CompileError(str(e)) from None
     return settings, float(drop)
@@ -216,29 +219,17 @@ def _int8(files, models, fp32_names, runners, ref, data, graph, settings, max_dr
     feeds = calibration_feeds(data, list(graph.inputs), {t: graph.task_input(t) for t in spec.task_names}, settings)
     out = {}
     for name in fp32_names:
-        proto = onnx.load_from_string(files[name])
-        best = None
-        tried: list[str] = []
-        seen: set[tuple[str, ...]] = set()
-        for fallback in FALLBACKS:
-            exclude = tuple(excluded_nodes(proto, fallback))
-            if exclude in seen:
-                continue  # e.g. a model whose first convs are its heads' last convs
-            seen.add(exclude)
-            tried.append(fallback)
-            q = quantize_int8(files[name], feeds, settings=settings, exclude=exclude)
+        def check(q: bytes, name=name):
             scored = _Scored(spec, data.test, OrtRunner(q, device="cpu"), models[name]["tasks"], runners[name])
-            drop = _drops(scored.metrics, ref[name], primary)
-            if best is None or _worst(drop)[1] < _worst(best[2])[1]:
-                best = (q, scored, drop, fallback)
-            if _worst(drop)[1] <= max_drop:
-                break
-        q, scored, drop, fallback = best
+            return scored, _drops(scored.metrics, ref[name], primary)
+
+        best, tried = choose_int8(files[name], feeds, settings, check, max_drop)
+        scored, drop = best.scored, dict(best.drop)
         if _worst(drop)[1] > max_drop:
             raise _refuse("int8", name, scored.metrics, ref, drop, primary, max_drop,
-                          f" with every fallback ({', '.join(tried)}; best: {fallback})")
-        file = _add(files, models, name, "int8", q, scored.max_rel_error)
-        out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, fallback)
+                          f" with every fallback ({', '.join(tried)}; best: {best.fallback})")
+        file = _add(files, models, name, "int8", best.model, scored.max_rel_error)
+        out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, best.fallback, best.fp32_nodes)
     return PrecisionCheck("onnxruntime", out, Calibration(**asdict(settings)))
 
 
@@ -258,7 +249,7 @@ def _on_openvino(files, models, check: PrecisionCheck, runners, ref, split, spec
         drop = _drops(scored.metrics, ref[name], primary)
         if _worst(drop)[1] > max_drop:
             return None
-        out[name] = ModelCheck(c.file, scored.metrics, drop, scored.max_rel_error, c.fallback)
+        out[name] = ModelCheck(c.file, scored.metrics, drop, scored.max_rel_error, c.fallback, c.fp32_nodes)
     return PrecisionCheck("openvino", out, check.calibration)
 
 
