@@ -4,17 +4,18 @@ of a model within ``--max-metric-drop`` (issue 22, part 4).
 `choose_int8` quantizes a model whole first (``none``: only `dagc.compiler.quantize`'s speed
 rules keep nodes in fp32). When a task's primary metric drops too much it
 
-1. ranks the quantized weight ops by *sensitivity* (`sensitivities`): the error each one's int8
-   form adds on its own, measured on the calibration batches. One ONNX Runtime run of a probe
-   model computes, next to every fp32 conv output, the same conv fed through the int8 model's own
-   Q/DQ of its input and its int8 weights (and bias), with the fp32 input; the sensitivity is the
-   output's relative noise energy sum((int8 - fp32)^2) / sum(fp32^2). Local error, not its effect
-   through the rest of the network: the ranking only orders the candidates, the task metrics
-   decide (step 2);
+1. ranks the quantized weight ops that the failing tasks' outputs depend on (`upstream`: in the
+   shared model a node only other tasks read cannot help) by *sensitivity* (`sensitivities`):
+   the error each one's int8 form adds on its own, measured on the calibration batches. One ONNX
+   Runtime run of a probe model computes, next to every fp32 conv output, the same conv fed
+   through the int8 model's own Q/DQ of its input and its int8 weights (and bias), with the fp32
+   input; the sensitivity is the output's relative noise energy sum((int8 - fp32)^2) /
+   sum(fp32^2). Local error, not its effect through the rest of the network: the ranking only
+   orders the candidates, the task metrics decide (step 2);
 2. keeps the top k of that ranking in fp32 (``mixed``) for the fewest k whose held-out metrics
    pass, searched by doubling k from 1 and then bisecting (`keep_fewest`): at most
-   `MAX_EVALUATIONS` accuracy checks per model, and at most `MAX_FP32_SHARE` of the quantized
-   convs in fp32 (beyond that the int8 model would be little faster than fp32);
+   `MAX_EVALUATIONS` accuracy checks per model, and at most `MAX_FP32_SHARE` of the model's
+   quantized convs in fp32 (beyond that the int8 model would be little faster than fp32);
 3. then tries the fixed fallbacks (`dagc.compiler.quantize.FALLBACKS`) as before.
 
 The nodes kept in fp32 for accuracy (by the search or a fallback; not those of the speed rules)
@@ -43,7 +44,8 @@ from dagc.compiler.quantize import (
 )
 from dagc.runners import OrtRunner
 
-__all__ = ["MIXED", "MAX_EVALUATIONS", "MAX_FP32_SHARE", "Attempt", "sensitivities", "ranked_nodes", "keep_fewest",
+__all__ = ["MIXED", "MAX_EVALUATIONS", "MAX_FP32_SHARE", "Attempt", "sensitivities", "upstream", "ranked_nodes",
+           "keep_fewest",
            "choose_int8", "fp32_nodes_text"]
 
 MIXED = "mixed"  # the fallback name recorded for a searched set of fp32 nodes
@@ -135,6 +137,20 @@ def sensitivities(model: bytes, qdq: bytes, feeds: Sequence[Mapping[str, np.ndar
     return {n: noise[n] / max(signal[n], 1e-30) for n in pairs}
 
 
+def upstream(model: onnx.ModelProto, outputs: Sequence[str]) -> set[str]:
+    """The nodes that ``outputs`` (graph output names; dagc names each model output after its task)
+    depend on: only these can bring a failing task back within the allowance."""
+    prod = {o: n for n in model.graph.node for o in n.output}
+    found: set[str] = set()
+    stack = [t for t in outputs if t in prod]
+    while stack:
+        node = prod.get(stack.pop())
+        if node is not None and node.name not in found:
+            found.add(node.name)
+            stack.extend(t for t in node.input if t)
+    return found
+
+
 def ranked_nodes(scores: Mapping[str, float]) -> list[str]:
     """The nodes, most sensitive first (ties by name, so the order is deterministic)."""
     return sorted(scores, key=lambda n: (-scores[n], n))
@@ -183,10 +199,13 @@ def choose_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], setting
     tried = [FALLBACKS[0]]
     if made[0].worst <= max_drop:
         return made[0], tried
-    ranked = ranked_nodes(sensitivities(model, made[0].model, feeds, settings))
+    failing = [t for t, d in made[0].drop.items() if d > max_drop]
+    near = upstream(onnx.load_from_string(model), failing)
+    scores = sensitivities(model, made[0].model, feeds, settings)
+    ranked = ranked_nodes({n: s for n, s in scores.items() if n in near or not near})
     if ranked:
         found, searched = keep_fewest(ranked, lambda ex: attempt(MIXED, ex), max_drop,
-                                      max(1, int(len(ranked) * MAX_FP32_SHARE)))
+                                      max(1, int(len(scores) * MAX_FP32_SHARE)))
         tried.append(f"{MIXED} ({len(searched)} checks up to {max(len(a.fp32_nodes) for a in searched)} of "
                      f"{len(ranked)} convs in fp32)")
         if found is not None:

@@ -20,6 +20,7 @@ from dagc.compiler.mixed_precision import (
     keep_fewest,
     ranked_nodes,
     sensitivities,
+    upstream,
 )
 from dagc.compiler.precision import check_options
 from dagc.compiler.quantize import CALIBRATIONS, INT8, narrow_read_ins, quantize_int8
@@ -78,6 +79,8 @@ def test_a_tight_budget_keeps_the_fewest_sensitive_convs_in_fp32(trained, whole,
             assert c.fallback != "none" and c.fp32_nodes
     for name, c in mixed.items():
         fp32 = onnx.load(str(out / name))
+        failing = [t for t, d in checks[name].drop.items() if d > budget]
+        assert set(c.fp32_nodes) <= upstream(fp32, failing)  # only nodes the failing tasks read
         q = onnx.load(str(out / c.file))
         kept = _fp32_convs(q)
         assert set(c.fp32_nodes) <= kept  # recorded nodes are fp32 convs of the int8 file
@@ -111,6 +114,15 @@ def _feeds(model: onnx.ModelProto, n: int = 2) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     shape = [d.dim_value or 4 for d in model.graph.input[0].type.tensor_type.shape.dim]
     return [{i.name: rng.standard_normal(shape).astype(np.float32) for i in model.graph.input} for _ in range(n)]
+
+
+def test_upstream_is_what_a_task_output_reads(whole):
+    model = onnx.load(str(whole / "model.onnx"))
+    normal, depth = upstream(model, ["normal"]), upstream(model, ["depth"])
+    assert upstream(model, ["normal", "depth"]) == normal | depth
+    assert any(n.startswith("heads.normal.") for n in normal) and not any(n.startswith("heads.depth.") for n in normal)
+    assert upstream(model, [o.name for o in model.graph.output]) == {n.name for n in model.graph.node}
+    assert upstream(model, ["nope"]) == set()
 
 
 def test_sensitivities_cover_the_quantized_convs_and_are_deterministic(whole):
