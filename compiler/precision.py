@@ -76,7 +76,7 @@ def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
 def check_options(precisions: Sequence[str], *, calibration_batches: int | None = None,
                   calibration_seed: int | None = None, max_metric_drop: float | None = None,
                   settings: Int8Settings = INT8, calibration: str | None = None) -> tuple[Int8Settings, float]:
-    """The int8 settings (``settings`` with the calibration batches and seed given) and the
+    """The int8 settings (``settings`` with the calibration batches, seed and method given) and the
     allowed drop for a compile of ``precisions`` (`parse_precisions`); None: the default. Checked
     before any work: raises CompileError for a value out of range or of the wrong type, and for
     an option that configures a precision not asked for (it would be ignored without a word)."""
