@@ -5,13 +5,11 @@ of a model within ``--max-metric-drop`` (issue 22, part 4).
 rules keep nodes in fp32). When a task's primary metric drops too much it
 
 1. ranks the quantized weight ops that the failing tasks' outputs depend on (`upstream`: in the
-   shared model a node only other tasks read cannot help) by *sensitivity* (`sensitivities`):
-   the error each one's int8 form adds on its own, measured on the calibration batches. One ONNX
-   Runtime run of a probe model computes, next to every fp32 conv output, the same conv fed
-   through the int8 model's own Q/DQ of its input and its int8 weights (and bias), with the fp32
-   input; the sensitivity is the output's relative noise energy sum((int8 - fp32)^2) /
-   sum(fp32^2). Local error, not its effect through the rest of the network: the ranking only
-   orders the candidates, the task metrics decide (step 2);
+   shared model a node only other tasks read cannot help) by *sensitivity* (`sensitivities`): for
+   each, the int8 model with that op alone back in fp32 (`_reverted`) runs on the calibration
+   batches, and the relative error of the failing tasks' outputs against the fp32 model is what
+   is left; the op leaving the least comes first. One op at a time, not their combinations: the
+   ranking only orders the candidates, the task metrics decide (step 2);
 2. keeps the top k of that ranking in fp32 (``mixed``) for the fewest k whose held-out metrics
    pass, searched by doubling k from 1 and then bisecting (`keep_fewest`): at most
    `MAX_EVALUATIONS` accuracy checks per model, and at most `MAX_FP32_SHARE` of the model's
@@ -71,70 +69,66 @@ class Attempt:
         return max(self.drop.values(), default=-math.inf)
 
 
-def _probe(base: onnx.ModelProto, qdq: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, tuple[str, str]]]:
-    """``base`` (the fp32 graph that was quantized) with, for every weight op of ``qdq`` whose inputs
-    all come through DequantizeLinear (quantized activations and weights), a copy of that op and its
-    Q/DQ nodes reading the fp32 tensors; returns the model and node -> (fp32 output, probe output)."""
+def _reverted(qdq: onnx.ModelProto, name: str, base: onnx.ModelProto) -> onnx.ModelProto | None:
+    """``qdq`` with weight op ``name`` in fp32, as ``nodes_to_exclude`` would leave it: reading the
+    float tensor its input QuantizeLinear reads and ``base``'s (the fp32 graph's) weights and bias;
+    its output keeps its Q/DQ for the quantized ops after it. None when it is not quantized."""
     prod = {o: n for n in qdq.graph.node for o in n.output}
-    init = {i.name: i for i in qdq.graph.initializer}
-    known = {i.name for i in base.graph.input} | {o for n in base.graph.node for o in n.output}
-    base_init = {i.name for i in base.graph.initializer}
-    base_nodes = {n.name: n for n in base.graph.node}
-    added, extra, probes = [], {}, {}
-    for op in qdq.graph.node:
-        if op.op_type not in _WEIGHT_OPS or op.name not in base_nodes:
+    base_init = {i.name: i for i in base.graph.initializer}
+    op = next(n for n in qdq.graph.node if n.name == name)
+    fp32 = next(n for n in base.graph.node if n.name == name)
+    inputs, weights = list(op.input), []
+    for k, t in enumerate(op.input):
+        dq = prod.get(t)
+        if dq is None or dq.op_type != "DequantizeLinear":
             continue
-        copies = []
-        for t in filter(None, op.input):
-            dq = prod.get(t)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                break
-            if dq.input[0] not in init:  # an activation: its QuantizeLinear must read an fp32 tensor
-                q = prod.get(dq.input[0])
-                if q is None or q.op_type != "QuantizeLinear" or q.input[0] not in known:
-                    break
-                copies.append(q)
-            copies.append(dq)
-        else:
-            tag = f"probe/{op.name}/"
-            rename = {o: tag + o for n in (*copies, op) for o in n.output}
-            for n in (*copies, op):
-                c = onnx.NodeProto()
-                c.CopyFrom(n)
-                c.name = tag + n.name
-                c.input[:] = [rename.get(t, t) for t in n.input]
-                c.output[:] = [rename[o] for o in n.output]
-                added.append(c)
-                extra.update({t: init[t] for t in n.input if t in init and t not in base_init})
-            probes[op.name] = (base_nodes[op.name].output[0], rename[op.output[0]])
+        q = prod.get(dq.input[0])
+        if q is not None and q.op_type == "QuantizeLinear":
+            inputs[k] = q.input[0]
+        elif fp32.input[k] in base_init:  # renamed: the int8 graph's DequantizeLinear may output that name
+            w = onnx.TensorProto()
+            w.CopyFrom(base_init[fp32.input[k]])
+            w.name = inputs[k] = f"{w.name}/fp32"
+            weights.append(w)
+    if inputs == list(op.input):
+        return None
     model = onnx.ModelProto()
-    model.CopyFrom(base)
-    model.graph.node.extend(added)
-    model.graph.initializer.extend(extra.values())
-    have = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
-                              for pair in probes.values() for t in pair if t not in have)
-    return model, probes
+    model.CopyFrom(qdq)
+    next(n for n in model.graph.node if n.name == name).input[:] = inputs
+    model.graph.initializer.extend(weights)
+    return model
 
 
-def sensitivities(model: bytes, qdq: bytes, feeds: Sequence[Mapping[str, np.ndarray]],
-                  settings: Int8Settings = INT8) -> dict[str, float]:
-    """Each quantized weight op of ``qdq`` (`quantize_int8` of fp32 ``model`` with ``settings``) ->
-    the relative noise energy its int8 form adds to its output on ``feeds`` (module docstring)."""
+def _relative_error(runner: OrtRunner, feeds, outputs: Sequence[str], refs: Sequence[Mapping]) -> float:
+    """Sum over ``outputs`` of sum((y - ref)^2) / sum(ref^2) on ``feeds`` (each output weighs alike)."""
+    noise, signal = dict.fromkeys(outputs, 0.0), dict.fromkeys(outputs, 0.0)
+    for feed, ref in zip(feeds, refs):
+        out = runner.run({i: feed[i] for i in runner.inputs}, list(outputs))
+        for t in outputs:
+            r = ref[t].astype(np.float64)
+            noise[t] += float(np.sum((out[t] - r) ** 2))
+            signal[t] += float(np.sum(r ** 2))
+    return sum(noise[t] / max(signal[t], 1e-30) for t in outputs)
+
+
+def sensitivities(model: bytes, qdq: bytes, feeds: Sequence[Mapping[str, np.ndarray]], outputs: Sequence[str],
+                  settings: Int8Settings = INT8, candidates: Sequence[str] | None = None) -> dict[str, float]:
+    """Each quantized weight op of ``qdq`` (`quantize_int8` of fp32 ``model`` with ``settings``;
+    only those in ``candidates`` when given) -> the relative error of ``outputs`` against the fp32
+    model on ``feeds`` that is left when that op alone runs in fp32 (`_reverted`): the lower, the
+    more keeping it in fp32 recovers. One ONNX Runtime session and pass over ``feeds`` per op."""
     base, _ = prepared(model, settings)
-    probe, pairs = _probe(base, onnx.load_from_string(qdq))
-    if not pairs:
-        return {}
-    runner = OrtRunner(probe.SerializeToString(), threads=1, device="cpu")
-    names = sorted({t for pair in pairs.values() for t in pair})
-    noise, signal = dict.fromkeys(pairs, 0.0), dict.fromkeys(pairs, 0.0)
-    for feed in feeds:
-        out = runner.run({i: feed[i] for i in runner.inputs}, names)
-        for node, (ref, got) in pairs.items():
-            r = out[ref].astype(np.float64)
-            noise[node] += float(np.sum((out[got] - r) ** 2))
-            signal[node] += float(np.sum(r ** 2))
-    return {n: noise[n] / max(signal[n], 1e-30) for n in pairs}
+    q = onnx.load_from_string(qdq)
+    fp32 = OrtRunner(model, threads=1, device="cpu")
+    refs = [fp32.run({i: f[i] for i in fp32.inputs}, list(outputs)) for f in feeds]
+    names = [n.name for n in q.graph.node if n.op_type in _WEIGHT_OPS and (candidates is None or n.name in candidates)]
+    scores = {}
+    for name in names:
+        reverted = _reverted(q, name, base)
+        if reverted is not None:
+            runner = OrtRunner(reverted.SerializeToString(), threads=1, device="cpu")
+            scores[name] = _relative_error(runner, feeds, outputs, refs)
+    return scores
 
 
 def upstream(model: onnx.ModelProto, outputs: Sequence[str]) -> set[str]:
@@ -152,8 +146,8 @@ def upstream(model: onnx.ModelProto, outputs: Sequence[str]) -> set[str]:
 
 
 def ranked_nodes(scores: Mapping[str, float]) -> list[str]:
-    """The nodes, most sensitive first (ties by name, so the order is deterministic)."""
-    return sorted(scores, key=lambda n: (-scores[n], n))
+    """The nodes whose fp32 form leaves the least error first (ties by name: a deterministic order)."""
+    return sorted(scores, key=lambda n: (scores[n], n))
 
 
 def keep_fewest(ranked: Sequence[str], attempt: Callable[[tuple[str, ...]], Attempt], max_drop: float,
@@ -199,19 +193,21 @@ def choose_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], setting
     tried = [FALLBACKS[0]]
     if made[0].worst <= max_drop:
         return made[0], tried
-    failing = [t for t, d in made[0].drop.items() if d > max_drop]
-    near = upstream(onnx.load_from_string(model), failing)
-    scores = sensitivities(model, made[0].model, feeds, settings)
-    ranked = ranked_nodes({n: s for n, s in scores.items() if n in near or not near})
+    proto = onnx.load_from_string(model)
+    failing = [t for t, d in made[0].drop.items() if d > max_drop and t in {o.name for o in proto.graph.output}]
+    failing = failing or [o.name for o in proto.graph.output]
+    ranked = ranked_nodes(sensitivities(model, made[0].model, feeds, failing, settings, upstream(proto, failing)))
+    q = onnx.load_from_string(made[0].model)
+    weights = {i.name for i in q.graph.initializer}  # a quantized op reads DequantizeLinear's output
+    quantized = [n for n in q.graph.node if n.op_type in _WEIGHT_OPS and n.input[1] not in weights]
     if ranked:
         found, searched = keep_fewest(ranked, lambda ex: attempt(MIXED, ex), max_drop,
-                                      max(1, int(len(scores) * MAX_FP32_SHARE)))
-        tried.append(f"{MIXED} ({len(searched)} checks up to {max(len(a.fp32_nodes) for a in searched)} of "
-                     f"{len(ranked)} convs in fp32)")
+                                      max(1, int(len(quantized) * MAX_FP32_SHARE)), MAX_EVALUATIONS)
+        most = max((len(a.fp32_nodes) for a in searched), default=0)
+        tried.append(f"{MIXED} ({len(searched)} checks up to {most} of {len(ranked)} convs in fp32)")
         if found is not None:
             return found, tried
         made += searched
-    proto = onnx.load_from_string(model)
     seen = {()}
     for fallback in FALLBACKS[1:]:
         exclude = tuple(excluded_nodes(proto, fallback))
