@@ -43,8 +43,7 @@ from dagc.compiler.quantize import (
 from dagc.runners import OrtRunner
 
 __all__ = ["MIXED", "MAX_EVALUATIONS", "MAX_FP32_SHARE", "Attempt", "sensitivities", "upstream", "ranked_nodes",
-           "keep_fewest",
-           "choose_int8", "fp32_nodes_text"]
+           "keep_fewest", "choose_int8", "fp32_nodes_text"]
 
 MIXED = "mixed"  # the fallback name recorded for a searched set of fp32 nodes
 # Bounds of the search per model: doubling then bisecting over k needs about 2*log2(k) checks, so
