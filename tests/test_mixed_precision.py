@@ -6,12 +6,14 @@ mixed model against fp32 is benchmarks/mixed_precision.py's."""
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnx
 import pytest
 
 from dagc.artifact import load_manifest, read_manifest
+from dagc.compiler.calibration import ENTROPY_BINS, kl_threshold
 from dagc.compiler.compile import compile_artifact
 from dagc.compiler.mixed_precision import (
     MAX_EVALUATIONS,
@@ -169,6 +171,26 @@ def test_keep_fewest_finds_the_smallest_passing_prefix_within_its_evaluations(ne
     assert best is None or best.fp32_nodes == tuple(ranked[:found])
     assert len(calls) == len(set(calls)) == len(made) <= MAX_EVALUATIONS
     assert max(calls) <= most
+
+
+def test_kl_threshold_clips_outliers_and_keeps_a_range_without_them():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(100_000), [40.0, -40.0]]).astype(np.float32)
+    lo, hi = kl_threshold(*np.histogram(x, ENTROPY_BINS, range=(-40, 40)))
+    assert -8 < lo < -3 and 3 < hi < 8  # the two outliers clipped, the bulk of the normal kept
+    u = rng.uniform(-1, 1, 100_000).astype(np.float32)
+    lo, hi = kl_threshold(*np.histogram(u, ENTROPY_BINS, range=(-1, 1)))
+    assert lo < -0.99 and hi > 0.99  # nothing to clip
+
+
+def test_entropy_calibration_is_its_own_and_deterministic(whole):
+    data = (whole / "task_depth.onnx").read_bytes()
+    feeds = _feeds(onnx.load_from_string(data))
+    entropy = replace(INT8, method="Entropy")
+    q = quantize_int8(data, feeds, settings=entropy)
+    assert q == quantize_int8(data, feeds, settings=entropy)
+    assert q != quantize_int8(data, feeds)  # not min-max's ranges (what quantize_static's defaults give)
+    assert _error(q, data, feeds, "depth") < 1
 
 
 def test_calibration_methods_are_recorded_and_a_bad_one_is_refused(trained, whole, tmp_path, capsys):
