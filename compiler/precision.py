@@ -287,8 +287,8 @@ def check_precision(c: _Check, fp32_names: Sequence[str]) -> PrecisionCheck:
     """The check of one precision (its record ``c.spec``) on every fp32 model: the attempts its
     files' kind makes (`_MAKE`; for int8 whole-model, the mixed-precision search, then the
     fallbacks) are scored on the record's backend, the first within the allowed drop is kept (its
-    files added to ``c.files`` / ``c.models`` when the precision has files of its own). Raises CompileError naming the task, the
-    metric and the drop of the best attempt when none passes."""
+    files added to ``c.files`` / ``c.models`` when the precision has files of its own). Raises
+    CompileError naming the task, the metric and the drop of the best attempt when none passes."""
     s = c.spec
     out = {}
     for name in fp32_names:
