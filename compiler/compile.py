@@ -28,6 +28,7 @@ from dagc.compiler.artifact import write_artifact
 from dagc.compiler.budget_report import BudgetReport, budget_lines
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
+from dagc.compiler.mixed_precision import fp32_nodes_text
 from dagc.compiler.passes import optimize
 from dagc.compiler.targets import REGISTRY, Build, Target, model_file
 from dagc.errors import CheckpointError, DataError, SpecError
@@ -72,7 +73,8 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
                      fp16: bool = False, batches: Sequence[int] = (1, 8, 32), opset: int = 17,
                      device: str | None = None, bf16: bool = False, precisions: str | Sequence[str] = (REFERENCE,),
                      data_root: str | None = None, calibration_batches: int | None = None,
-                     calibration_seed: int | None = None, max_metric_drop: float | None = None) -> mf.Manifest:
+                     calibration_seed: int | None = None, max_metric_drop: float | None = None,
+                     calibration: str | None = None) -> mf.Manifest:
     """Compile a reduced checkpoint into an artifact directory; returns its `Manifest`, read back
     from the directory (`dagc.modelcheck.verify_artifact`, so every file is checked once more).
 
@@ -85,7 +87,8 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     precision options configure): a precision whose primary metric drops by more than
     ``max_metric_drop`` (relative; None: `precision.MAX_METRIC_DROP`) on a task, after the int8
     fallbacks, is refused (CompileError). ``calibration_batches`` / ``calibration_seed`` (None: 8
-    and 0) configure int8 and are refused without it (`precision.check_options`).
+    and 0) and ``calibration`` (minmax, entropy or percentile; None: minmax) configure int8 and are
+    refused without it (`precision.check_options`).
 
 
     Raises CompileError (unknown target, a device or precision the target does not take, no GPU
@@ -100,7 +103,7 @@ def compile_artifact(ckpt_path: str | Path, out_dir: str | Path, *, target: str 
     precisions = precision.parse_precisions(precisions)
     settings, max_metric_drop = precision.check_options(precisions, calibration_batches=calibration_batches,
                                                         calibration_seed=calibration_seed,
-                                                        max_metric_drop=max_metric_drop)
+                                                        max_metric_drop=max_metric_drop, calibration=calibration)
     settings = chosen.calibration(settings)  # e.g. TensorRT imports only signed symmetric Q/DQ
     if not batches or any(b < 1 for b in batches):
         raise CompileError(f"batch sizes must be positive integers, got {list(batches)}")
@@ -258,4 +261,6 @@ def summary(manifest: mf.Manifest, budget: float | BudgetReport | None = None) -
             lines.append(f"{name:<{width}}{m.flops / 1e6:>10.2f}{m.verified_max_rel_error:>13.1e}")
     if manifest.accuracy is not None:
         lines += ["", precision.accuracy_table(manifest.accuracy)]
+        kept = fp32_nodes_text(manifest.accuracy)
+        lines += [kept] if kept else []
     return "\n".join(lines)

@@ -6,9 +6,9 @@ held-out split and scored with the project's metrics (`dagc.trainer.evaluation.s
 `dagc train` evaluates with) next to the fp32 model on ONNX Runtime:
 
 ``int8``  QDQ ONNX files (`dagc.compiler.quantize`), calibrated on the run's training data; if a
-          task's primary metric drops by more than ``max_drop`` (relative), the fallbacks
-          (`PrecisionSpec.fallbacks`: keep the first convs, then the heads' last convs,
-          then both in fp32) are tried in order and the first that passes is kept and recorded.
+          task's primary metric drops by more than ``max_drop`` (relative), the fewest of the
+          most sensitive convs are kept in fp32 (`dagc.compiler.mixed_precision`), then the fixed
+          fallbacks (`PrecisionSpec.fallbacks`); the first that passes is kept and recorded.
 ``bf16``  no files: OpenVINO running the fp32 ONNX files with bf16 inference precision.
 ``fp16``  fp16 ONNX files (onnxconverter-common, float32 inputs and outputs), for TensorRT / CUDA;
           checked with ONNX Runtime on the CPU.
@@ -27,19 +27,19 @@ metric and the drop, before anything is written. The checks become the manifest'
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 
+from dagc.compiler.mixed_precision import Attempt, choose_int8
 from dagc.compiler.quantize import (
+    CALIBRATIONS,
     INT8,
     calibration_feeds,
-    excluded_nodes,
     load_run_data,
-    quantize_int8,
     with_settings,
 )
 from dagc.compiler.tensorrt import fp16_model
@@ -78,14 +78,15 @@ def parse_precisions(text: str | Sequence[str]) -> tuple[str, ...]:
 
 def check_options(precisions: Sequence[str], *, calibration_batches: int | None = None,
                   calibration_seed: int | None = None, max_metric_drop: float | None = None,
-                  settings: Calibration = INT8) -> tuple[Calibration, float]:
-    """The int8 settings (``settings`` with the calibration batches and seed given) and the
+                  settings: Calibration = INT8, calibration: str | None = None) -> tuple[Calibration, float]:
+    """The int8 settings (``settings`` with the calibration batches, seed and method given) and the
     allowed drop for a compile of ``precisions`` (`parse_precisions`); None: the default. Checked
     before any work: raises CompileError for a value out of range or of the wrong type, and for
     an option that configures a precision not asked for (it would be ignored without a word)."""
     reduced = [p for p in precisions if not TABLE[p].reference]
     calibrating = {k: v for k, v in (("--calibration-batches", calibration_batches),
-                                     ("--calibration-seed", calibration_seed)) if v is not None}
+                                     ("--calibration-seed", calibration_seed), ("--calibration", calibration))
+                   if v is not None}
     quantized = [p.name for p in TABLE.values() if p.files is Files.QUANTIZED]
     if calibrating and not set(quantized) & set(precisions):
         verb, them = ("configure", "them") if len(calibrating) > 1 else ("configures", "it")
@@ -100,7 +101,10 @@ def check_options(precisions: Sequence[str], *, calibration_batches: int | None 
         raise CompileError(f"--max-metric-drop must be a fraction in [0, 1), got {drop!r}")
     try:
         settings = with_settings(settings, **({} if calibration_batches is None else {"batches": calibration_batches}),
-                                 **({} if calibration_seed is None else {"seed": calibration_seed}))
+                                 **({} if calibration_seed is None else {"seed": calibration_seed}),
+                                 **({} if calibration is None else
+                                    {"method": CALIBRATIONS.get(calibration, calibration) if isinstance(calibration, str)
+                                     else calibration}))
     except DataError as e:
         raise CompileError(str(e)) from None
     return settings, float(drop)
@@ -154,24 +158,24 @@ def _worst(drop: Mapping[str, float]) -> tuple[str, float]:
     return max(drop.items(), key=lambda kv: kv[1]) if drop else ("", -math.inf)
 
 
-# How each kind of files is made (`dagc.precision_table.Files`): (check, fp32 model file) -> the
-# attempts, in order, each (model bytes, fallback name or None); the first that passes is kept.
-def _quantized(c: _Check, name: str) -> Iterator[tuple[bytes, str | None]]:
-    proto = onnx.load_from_string(c.files[name])
-    seen: set[tuple[str, ...]] = set()
-    for fallback in c.spec.fallbacks:
-        exclude = tuple(excluded_nodes(proto, fallback))
-        if exclude not in seen:  # e.g. a model whose first convs are its heads' last convs
-            seen.add(exclude)
-            yield quantize_int8(c.files[name], c.feeds(), settings=c.settings, exclude=exclude), fallback
+# How each kind of files is made (`dagc.precision_table.Files`): (check, fp32 model file, score) ->
+# the attempt to keep (the first that passes, else the best: the caller refuses it) and the names
+# of the fallbacks tried. ``score`` runs model bytes on the record's backend: (scored, drops).
+def _quantized(c: _Check, name: str, score: Callable) -> tuple[Attempt, list[str]]:
+    return choose_int8(c.files[name], c.feeds(), c.settings, score, c.max_drop)
 
 
-def _converted(c: _Check, name: str) -> Iterator[tuple[bytes, str | None]]:
-    yield fp16_model(c.files[name]), None
+def _converted(c: _Check, name: str, score: Callable) -> tuple[Attempt, list[str]]:
+    return _once(fp16_model(c.files[name]), score), []
 
 
-def _shared(c: _Check, name: str) -> Iterator[tuple[bytes, str | None]]:
-    yield c.files[name], None
+def _shared(c: _Check, name: str, score: Callable) -> tuple[Attempt, list[str]]:
+    return _once(c.files[name], score), []
+
+
+def _once(data: bytes, score: Callable) -> Attempt:
+    scored, drop = score(data)
+    return Attempt(data, scored, dict(drop), None)
 
 
 _MAKE = {Files.QUANTIZED: _quantized, Files.CONVERTED: _converted, Files.SHARED: _shared}
@@ -280,30 +284,22 @@ def _add(files, models, name: str, p: str, data: bytes, err: float) -> str:
 
 
 def check_precision(c: _Check, fp32_names: Sequence[str]) -> PrecisionCheck:
-    """The check of one precision (its record ``c.spec``) on every fp32 model: each attempt its
-    files' kind makes (`_MAKE`; the fallbacks, in order, for int8) is scored on the record's
-    backend, the first within the allowed drop is kept (its files added to ``c.files`` /
-    ``c.models`` when the precision has files of its own). Raises CompileError naming the task, the
-    metric and the drop of the best attempt when none passes."""
+    """The check of one precision (its record ``c.spec``) on every fp32 model: the attempts its
+    files' kind makes (`_MAKE`; for int8 whole-model, the mixed-precision search, then the
+    fallbacks) are scored on the record's backend, the first within the allowed drop is kept (its
+    files added to ``c.files`` / ``c.models`` when the precision has files of its own). Raises
+    CompileError naming the task, the metric and the drop of the best attempt when none passes."""
     s = c.spec
     out = {}
     for name in fp32_names:
-        best = None
-        tried: list[str] = []
-        for data, fallback in _MAKE[s.files](c, name):
-            tried += [fallback] if fallback else []
-            scored, drop = c.score(data, s.checked_on, name)
-            if best is None or _worst(drop)[1] < _worst(best[2])[1]:
-                best = (data, scored, drop, fallback)
-            if _worst(drop)[1] <= c.max_drop:
-                break
-        data, scored, drop, fallback = best
-        if _worst(drop)[1] > c.max_drop:
-            how = (f" with every fallback ({', '.join(tried)}; best: {fallback})" if s.fallbacks
+        best, tried = _MAKE[s.files](c, name, lambda data, name=name: c.score(data, s.checked_on, name))
+        scored, drop = best.scored, dict(best.drop)
+        if best.worst > c.max_drop:
+            how = (f" with every fallback ({', '.join(tried)}; best: {best.fallback})" if s.fallbacks
                    else f" ({_CHECK_RUNNERS[s.checked_on][2]})")
             raise _refuse(s.name, name, scored.metrics, c.ref, drop, c.primary, c.max_drop, how)
-        file = _add(c.files, c.models, name, s.name, data, scored.max_rel_error) if s.own_files else name
-        out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, fallback)
+        file = _add(c.files, c.models, name, s.name, best.model, scored.max_rel_error) if s.own_files else name
+        out[name] = ModelCheck(file, scored.metrics, drop, scored.max_rel_error, best.fallback, best.fp32_nodes)
     return PrecisionCheck(s.checked_on, out, c.settings if s.files is Files.QUANTIZED else None)
 
 
@@ -321,7 +317,7 @@ def _check_also(c: _Check, check: PrecisionCheck, backend: str) -> PrecisionChec
             return None
         if _worst(drop)[1] > c.max_drop:
             return None
-        out[name] = ModelCheck(m.file, scored.metrics, drop, scored.max_rel_error, m.fallback)
+        out[name] = ModelCheck(m.file, scored.metrics, drop, scored.max_rel_error, m.fallback, m.fp32_nodes)
     return PrecisionCheck(backend, out, check.calibration)
 
 

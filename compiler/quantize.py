@@ -20,11 +20,10 @@ held-out scenes; 2026-12-01; machine shared with other jobs, so the times are +-
 
 - activations QUInt8: u8 activations x s8 weights is the fast path of ONNX Runtime's x86 int8
   kernels; QInt8 activations run slower than fp32 here.
-- calibration MinMax: Entropy and Percentile were no better on the task metrics and calibrate
-  about twice as long (the speed differences between them are within the noise).
-- no `quant_pre_process` (symbolic shape inference + ORT optimisation): no change in speed or
-  metrics on these already folded graphs, and without it the node names stay those of the
-  emitted graph, which the fallbacks name.
+- calibration MinMax (``--calibration``'s default, `CALIBRATIONS`): Percentile was no better on the
+  task metrics and calibrates twice as long; Entropy: `dagc.compiler.calibration`.
+- no `quant_pre_process` (shape inference + ORT optimisation): no change in speed or metrics on
+  these folded graphs, and the node names stay those of the emitted graph, which fallbacks name.
 
 Then the graph around the convs, measured on the same machine nearly idle (load average 0.4-0.6;
 Intel Xeon, AVX512-VNNI, AMX) on 2026-12-02, same model and settings, each variant timed
@@ -45,8 +44,7 @@ per-op times below are from ONNX Runtime's profiler):
 - read-in convs in fp32 (`narrow_read_ins`): a 3-channel input into 16 channels makes a poor int8
   GEMM (K = 27, N = 16) plus a transpose to NHWC: 0.27 ms int8 against 0.11 ms fp32 each. Wide
   ones stay int8: on the vgg16 run (read-ins 3->64 and 3->256) fp32 read-ins cost 1.75x -> 1.63x.
-- `fold_pools`: ONNX Runtime's QLinearAveragePool took 0.27 ms of the 2.9 ms call (fp32 pool
-  0.02 ms); the folded conv is exact and costs about nothing.
+- `fold_pools`: QLinearAveragePool took 0.27 ms of the 2.9 ms call (fp32 pool 0.02 ms); folded: ~0.
 - `merge_sums`: each of the 16 head outputs became QLinearConv + NHWC->NCHW Transpose +
   DequantizeLinear before the Sum, 0.03 ms per 3- or 5-channel transpose at 2 threads.
 - 2 threads stay below 1.5x: the int8 model runs as fast on 1 thread as on 2 (2.60 / 2.61 ms),
@@ -60,23 +58,25 @@ unsigned zero points; the accuracy check then runs on that form.
 Before quantizing, `quantize_int8` applies the speed rules above: `narrow_read_ins` (read-in
 convs with at most `NARROW_READ_IN` output channels) stay fp32 (ONNX Runtime's form only), and
 `fold_pools` / `merge_sums` rewrite the graph into the same function with fewer, cheaper int8
-ops. Fallbacks (`FALLBACKS`, tried in order by `dagc.compiler.precision` when a task's metric
-drops too much): ``none`` adds nothing to those rules; ``first-conv`` keeps every conv that reads
-a model input (the read-in edges) in fp32; ``heads`` keeps each head's last convs (those that
-produce an output with no other conv after them) in fp32; ``first-conv+heads`` both.
+ops. When a task's metric drops too much, `dagc.compiler.mixed_precision` keeps nodes in fp32, by
+measured sensitivity, then by `FALLBACKS`: ``first-conv`` (every conv reading a model input),
+``heads`` (convs with no other conv between them and an output), ``first-conv+heads``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from dagc.compiler.calibration import Reader, entropy_ranges
 from dagc.compiler.tensorrt import TRT_QDQ_OPTIONS
 from dagc.errors import CheckpointError, CompileError, DataError
 from dagc.precision_table import INT8 as INT8_NAME
@@ -84,11 +84,11 @@ from dagc.precision_table import TABLE
 from dagc.precisions import Calibration
 from dagc.trainer.batches import run_data
 
-__all__ = ["INT8", "FALLBACKS", "Int8Settings", "calibration_feeds", "excluded_nodes", "fold_pools", "merge_sums",
-           "narrow_read_ins", "quantize_int8",
-           "load_run_data", "for_tensorrt"]
+__all__ = ["INT8", "FALLBACKS", "CALIBRATIONS", "prepared", "Int8Settings", "calibration_feeds", "excluded_nodes",
+           "fold_pools", "merge_sums", "narrow_read_ins", "quantize_int8", "load_run_data", "for_tensorrt"]
 
 FALLBACKS = TABLE[INT8_NAME].fallbacks
+CALIBRATIONS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}  # -> CalibrationMethod
 # Speed rules for ONNX Runtime's CPU int8 kernels, measured (module docstring): a read-in conv
 # with at most this many output channels stays fp32; a pool folds into a 1x1 conv with at most
 # this many output channels (the folded conv does that many MACs per pooled input element).
@@ -301,14 +301,15 @@ def excluded_nodes(model: onnx.ModelProto, fallback: str) -> list[str]:
     return sorted(out)
 
 
-class _Reader:
-    """The feeds as ONNX Runtime's CalibrationDataReader wants them (``get_next`` until None)."""
-
-    def __init__(self, feeds: Sequence[Mapping[str, np.ndarray]], inputs: Sequence[str]) -> None:
-        self._it: Iterator = iter([{i: f[i] for i in inputs} for f in feeds])
-
-    def get_next(self):
-        return next(self._it, None)
+def prepared(model: bytes, settings: Calibration = INT8, exclude: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[str]]:
+    """The fp32 graph `quantize_int8` quantizes (the speed rules applied: pools folded, sums merged;
+    node names kept) and every node it keeps in fp32 (``exclude`` and the narrow read-ins)."""
+    proto = onnx.load_from_string(model)
+    if not settings.symmetric:  # TensorRT's form: its own kernels, not measured here
+        exclude = sorted({*exclude, *narrow_read_ins(proto)})
+    fold_pools(proto)
+    merge_sums(proto, keep=exclude)
+    return proto, sorted(exclude)
 
 
 def quantize_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, settings: Calibration = INT8,
@@ -319,28 +320,28 @@ def quantize_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, se
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    proto = onnx.load_from_string(model)
+    proto, exclude = prepared(model, settings, exclude)
     inputs = [i.name for i in proto.graph.input]
-    if not settings.symmetric:  # TensorRT's form: its own kernels, not measured here
-        exclude = sorted({*exclude, *narrow_read_ins(proto)})
-    fold_pools(proto)
-    merge_sums(proto, keep=exclude)
     with tempfile.TemporaryDirectory(prefix="dagc-int8-") as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         if settings.preprocess:
             quant_pre_process(proto, str(src), skip_symbolic_shape=False)
         else:
             onnx.save(proto, str(src))
-        # ONNX Runtime's quantizer logs advice through the root logger (which would print it on
-        # stderr, under dagc's one-line errors); dagc records its choices in the manifest instead.
+        # ONNX Runtime's quantizer logs advice through the root logger (stderr, under dagc's one-line
+        # errors) and its histogram calibrators print progress (stdout, in the compile summary);
+        # dagc records its choices in the manifest instead.
         logging.disable(logging.WARNING)
         try:
-            quantize_static(str(src), str(dst), _Reader(feeds, inputs), quant_format=QuantFormat.QDQ,
-                            per_channel=settings.per_channel, activation_type=getattr(QuantType, settings.activations),
-                            weight_type=getattr(QuantType, settings.weights), nodes_to_exclude=list(exclude),
-                            op_types_to_quantize=None, calibrate_method=getattr(CalibrationMethod, settings.method),
-                            calibration_providers=["CPUExecutionProvider"],
-                            extra_options=dict(TRT_QDQ_OPTIONS) if settings.symmetric else {})
+            with contextlib.redirect_stdout(io.StringIO()):
+                cache = entropy_ranges(src, Reader(feeds, inputs), Path(tmp)) if settings.method == "Entropy" else None
+                quantize_static(str(src), str(dst), Reader(feeds, inputs), quant_format=QuantFormat.QDQ,
+                                per_channel=settings.per_channel, activation_type=getattr(QuantType, settings.activations),
+                                weight_type=getattr(QuantType, settings.weights), nodes_to_exclude=list(exclude),
+                                op_types_to_quantize=None, calibrate_method=getattr(CalibrationMethod, settings.method),
+                                calibration_providers=["CPUExecutionProvider"],
+                                extra_options=dict(TRT_QDQ_OPTIONS) if settings.symmetric else {},
+                                calibration_cache_path=cache)
         except (ValueError, RuntimeError) as e:
             raise CompileError(f"int8 quantization failed: {e}") from None
         finally:
@@ -351,8 +352,7 @@ def quantize_int8(model: bytes, feeds: Sequence[Mapping[str, np.ndarray]], *, se
 
 
 def _strip_metadata(model: onnx.ModelProto) -> None:
-    """Drop what would make the bytes depend on where or when they were made (none expected, but
-    quantization tools have added producer fields and paths before)."""
+    """Drop what would make the bytes depend on where or when they were made (tools have added paths)."""
     del model.metadata_props[:]
     model.producer_name = "dagc"
     model.producer_version = ""
@@ -364,10 +364,12 @@ def for_tensorrt(settings: Calibration) -> Calibration:
     return replace(settings, activations="QInt8", weights="QInt8", symmetric=True)
 
 
-def with_settings(settings: Int8Settings, **changes) -> Int8Settings:
+def with_settings(settings: Calibration, **changes) -> Calibration:
     """``settings`` with ``changes`` (batches, seed...). Raises DataError for a count that is not a
     positive integer or a seed that is not a non-negative integer."""
     new = replace(settings, **changes)
+    if new.method not in CALIBRATIONS.values():
+        raise DataError(f"--calibration must be one of {list(CALIBRATIONS)}, got {new.method!r}")
     for option, value, low in (("--calibration-batches", new.batches, 1), ("--calibration-seed", new.seed, 0),
                                ("the calibration batch size", new.batch_size, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:

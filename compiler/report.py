@@ -15,6 +15,7 @@ import numpy as np
 
 from dagc.compiler.flops import supernet_costs
 from dagc.compiler.ir import READOUT, Graph, masks_of
+from dagc.compiler.mixed_precision import fp32_nodes_text
 from dagc.manifest import FORMAT, FORMAT_VERSION, Cost, Manifest
 from dagc.precision_table import REFERENCE
 from dagc.spec import Spec
@@ -249,6 +250,8 @@ def report_markdown(manifest: Manifest) -> str:
                           f"{c.metrics[t][acc.primary[t][0]]:.4f}", f"{d:+.2%}", c.fallback or "-"]
                          for p, check in acc.reduced().items()
                          for n, c in check.models.items() for t, d in c.drop.items()])
+        kept = fp32_nodes_text(acc)
+        lines += [f"Nodes kept in fp32 for accuracy: {kept.replace(chr(10), '; ')}", ""] if kept else []
     pictures = [t for t in tasks if picture_file(t) in manifest.files]
     if pictures:
         lines += ["## Sub-networks", ""]

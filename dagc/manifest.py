@@ -1,8 +1,9 @@
 """The artifact manifest (``manifest.json``) as typed, validated data, like `dagc.spec.Spec`.
 
-`Manifest.from_dict` / `from_json` read it (version 2, and version 1 as written before routes and
-numeric preprocessing existed), validating every field: an ArtifactError names the field.
-`Manifest.to_dict` / `to_json` write version 2. FORMAT.md ("Artifact directory") lists every key;
+`Manifest.from_dict` / `from_json` read it (version 3; version 2, written before the int8 checks
+recorded their ``fp32_nodes``; and version 1 as written before routes and numeric preprocessing
+existed), validating every field: an ArtifactError names the field. `Manifest.to_dict` /
+`to_json` write version 3. FORMAT.md ("Artifact directory") lists every key;
 in short::
 
     format, format_version, dagc_version, target ("onnx" | "tensorrt" | "aoti"; "none" for the
@@ -55,8 +56,8 @@ __all__ = ["Manifest", "FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "MODEL_F
            "Topology", "Verification", "Routes"]
 
 FORMAT = "dagc.artifact"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 3: accuracy's int8 checks record fp32_nodes
+READABLE_VERSIONS = (1, 2, 3)
 MODEL_FORMATS = ("onnx", "tensorrt", "aoti")
 HINT = "; recompile the artifact"
 _KEYS = ("format", "format_version", "dagc_version", "target", "spec", "input", "tasks", "models", "routes",
@@ -200,7 +201,7 @@ class Manifest:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        """The version-2 JSON form (module docstring); `from_dict` reads it back."""
+        """The version-3 JSON form (module docstring); `from_dict` reads it back."""
         d: dict[str, Any] = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "dagc_version": self.dagc_version,
             "target": self.target, "spec": json.loads(json.dumps(self.spec.to_dict())), "input": self.input.to_dict(),

@@ -17,7 +17,8 @@ OpenVINO executes QDQ graphs with its own kernels, so its metrics are checked, n
     precisions  precision -> {runner, calibration (int8: `Calibration`) or null,
                 models: fp32 model file -> {file, fallback, metrics {task: {metric: value}},
                                             drop {task: relative drop of the primary metric},
-                                            max_rel_error (against the fp32 file, held-out inputs)}}
+                                            max_rel_error (against the fp32 file, held-out inputs),
+                                            fp32_nodes [node kept in fp32 for accuracy] (version 3)}}
 """
 
 from __future__ import annotations
@@ -191,28 +192,34 @@ class Calibration:
 class ModelCheck:
     """One model's check: the ``file`` that ran, the ``fallback`` used (int8; None otherwise), its
     held-out ``metrics`` (task -> metric -> value), the relative ``drop`` of each task's primary
-    metric against the fp32 file (empty for fp32 itself) and its ``max_rel_error`` against it."""
+    metric against the fp32 file (empty for fp32 itself), its ``max_rel_error`` against it, and
+    the nodes the file keeps in fp32 for accuracy (int8: `dagc.compiler.mixed_precision`; format
+    version 3, empty when read from an older manifest)."""
 
     file: str
     metrics: Mapping[str, Mapping[str, float]]
     drop: Mapping[str, float]
     max_rel_error: float = 0.0
     fallback: str | None = None
+    fp32_nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "metrics", _frozen({t: _frozen(m) for t, m in self.metrics.items()}))
         object.__setattr__(self, "drop", _frozen(self.drop))
+        object.__setattr__(self, "fp32_nodes", tuple(self.fp32_nodes))
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "fallback": self.fallback, "max_rel_error": self.max_rel_error,
-                "metrics": {t: dict(m) for t, m in self.metrics.items()}, "drop": dict(self.drop)}
+                "metrics": {t: dict(m) for t, m in self.metrics.items()}, "drop": dict(self.drop),
+                "fp32_nodes": list(self.fp32_nodes)}
 
     @classmethod
     def read(cls, o: Fields) -> ModelCheck:
-        o.only("file", "fallback", "metrics", "drop", "max_rel_error")
+        o.only("file", "fallback", "metrics", "drop", "max_rel_error", "fp32_nodes")
         drop = o.child("drop")
         return cls(o.string("file"), _metrics(o, "metrics"), {t: drop.number(t) for t in drop.d},
-                   o.number("max_rel_error"), o.optional("fallback", o.string))
+                   o.number("max_rel_error"), o.optional("fallback", o.string),
+                   o.optional("fp32_nodes", o.strings) or ())
 
 
 @dataclass(frozen=True)

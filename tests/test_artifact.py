@@ -71,7 +71,7 @@ def test_write_and_read(case, tmp_path):
     assert _listing(tmp_path) == ["art"]  # no temporary left next to it
     assert _listing(out) == sorted([*files, "manifest.json", "report.md"])
     m = read_manifest(out)
-    assert m["format"] == "dagc.artifact" and m["format_version"] == FORMAT_VERSION == 2
+    assert m["format"] == "dagc.artifact" and m["format_version"] == FORMAT_VERSION == 3
     for name, data in files.items():
         assert (out / name).read_bytes() == data
         assert m["files"][name] == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}

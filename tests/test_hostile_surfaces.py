@@ -87,6 +87,8 @@ OPTIONS = [
     ("compile {ckpt} --out {out} --precision int8 --calibration-batches 9", "more than the training split of"),
     ("compile {ckpt} --out {out} --calibration-batches 2", "add int8 to --precision"),
     ("compile {ckpt} --out {out} --precision fp16 --calibration-seed 3", "add int8 to --precision"),
+    ("compile {ckpt} --out {out} --precision int8 --calibration kl", "--calibration must be one of ['minmax',"),
+    ("compile {ckpt} --out {out} --calibration entropy", "add int8 to --precision"),
     ("compile {ckpt} --out {out} --max-metric-drop 0.5", "--max-metric-drop bounds the accuracy check"),
     ("compile {ckpt} --out {out} --precision int8 --max-metric-drop 1", "a fraction in [0, 1)"),
     ("compile {ckpt} --out {out} --precision int8 --max-metric-drop nan", "a fraction in [0, 1)"),

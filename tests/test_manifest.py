@@ -66,7 +66,7 @@ def test_manifest_round_trips_and_records_routes_and_numeric_preprocessing(artif
     m = load_manifest(artifact)
     text = (artifact / "manifest.json").read_text()
     assert m.to_json() == text and Manifest.from_json(text) == m
-    assert json.loads(text)["format_version"] == FORMAT_VERSION == 2
+    assert json.loads(text)["format_version"] == FORMAT_VERSION == 3
     assert m.routes["onnx"][("seg",)] == ("task_seg.onnx",) and m.routes["onnx"][SPEC.task_names] == ("model.onnx",)
     assert len(m.routes["onnx"]) == 2 ** 3 - 1
     assert m.input.preprocessing == Preprocessing((0.0, 1.0), (0.4, 0.5, 0.3), (0.2, 0.25, 0.15),

@@ -10,6 +10,7 @@ import pytest
 
 from dagc.artifact import load_manifest, read_manifest
 from dagc.checkpoint import save_checkpoint
+from dagc.compiler import mixed_precision
 from dagc.compiler.compile import compile_artifact
 from dagc.compiler.ir import CompileError
 from dagc.compiler.quantize import FALLBACKS, excluded_nodes, fold_pools, merge_sums
@@ -95,7 +96,10 @@ def test_calibration_is_deterministic(trained, tmp_path):
     assert shas[0] != shas[2]  # another seed draws other batches, so other activation ranges
 
 
-def test_refusal_exits_2_and_writes_nothing(trained, tmp_path, capsys):
+def test_refusal_exits_2_and_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    # No allowance at all; with the mixed-precision search off (no checks allowed) the fixed
+    # fallbacks cannot meet it here (the search can: tests/test_mixed_precision.py).
+    monkeypatch.setattr(mixed_precision, "MAX_EVALUATIONS", 0)
     out = tmp_path / "refused"
     code, cap = _cli(capsys, "compile", trained, "--out", out, "--precision", "fp32,int8", "--max-metric-drop", "0",
                      "--calibration-batches", "2")

@@ -47,6 +47,8 @@ cli.add_command(recalibrate)
               help="int8: batches of the run's training data that calibrate the activation ranges (default 8).")
 @click.option("--calibration-seed", "calibration_seed", type=int, default=None,
               help="int8: seed that draws the calibration batches (default 0).")
+@click.option("--calibration", "calibration", type=str, default=None,
+              help="int8: how activation ranges are calibrated: minmax (default), entropy or percentile.")
 @click.option("--max-metric-drop", "max_metric_drop", type=float, default=None,
               help="Refuse a precision whose primary metric drops by more than this (relative) on a task (default 0.01).")
 @click.option("--data-root", "data_root", type=str, default=None,

@@ -27,7 +27,8 @@ namespace dagc {
 namespace {
 
 constexpr const char* kFormat = "dagc.artifact";
-constexpr int kFormatVersion = 2;
+constexpr int kFormatVersion = 3;  // 3 adds accuracy fields this library does not read
+constexpr int kOldestVersion = 2;   // the first with task-subset routes
 constexpr const char* kManifest = "manifest.json";
 constexpr const char* kPackageFormat = "aoti";
 
@@ -143,13 +144,14 @@ Status Artifact::Load(const std::string& dir, std::unique_ptr<Artifact>* out) {
     if (m.contains("format_version") && m["format_version"] == 1) {
       // Version 1 records no task-subset routes, and this library does not recompute them.
       return Status::Error(manifest_path.string() + ": artifact format version 1 records no task-subset routes "
-                           "(this library reads version 2); recompile it with: dagc compile CHECKPOINT --target "
+                           "(this library reads versions 2 and 3); recompile it with: dagc compile CHECKPOINT --target "
                            "aoti --out DIR");
     }
-    if (!m.contains("format_version") || m["format_version"] != kFormatVersion) {
+    if (!m.contains("format_version") || !m["format_version"].is_number_integer() ||
+        m["format_version"].get<int>() < kOldestVersion || m["format_version"].get<int>() > kFormatVersion) {
       return Status::Error(manifest_path.string() + ": artifact format version " +
                            (m.contains("format_version") ? m["format_version"].dump() : std::string("(none)")) +
-                           " is not supported (this library reads version 2); recompile the checkpoint with a "
+                           " is not supported (this library reads versions 2 and 3); recompile the checkpoint with a "
                            "matching dagc");
     }
 

@@ -51,7 +51,7 @@ struct ModelInfo {
 
 class Artifact {
  public:
-  // Loads the artifact directory `dir`: reads manifest.json (format "dagc.artifact", version 2;
+  // Loads the artifact directory `dir`: reads manifest.json (format "dagc.artifact", version 2 or 3;
   // version 1 records no task-subset routes and is refused with the command to recompile), checks
   // the sha256 and size of every file it lists, checks that the packages were compiled with this
   // LibTorch's torch version, reads the packages' routes, and loads every AOTInductor package
