@@ -31,15 +31,9 @@ from dagc.tools.bench_precision import metric_deltas, variants
 from dagc.tools.bench_system import machine
 
 
-def measure(art: Path, batch: int, threads: int, blocks: int, calls: int) -> dict:
-    """One artifact: per variant the median ms per call, and the median per-round ratio to fp32."""
-    manifest = load_manifest(art)
-    engines = {"shared": load(art, "onnxruntime", threads=threads)}
-    for key, (backend, p) in variants(manifest, "onnxruntime").items():
-        engines[key] = load(art, backend, threads=threads, precision=p)
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((batch, *manifest.input.shape)).astype(np.float32)
-    feed = x if len(manifest.input.names) == 1 else {n: x for n in manifest.input.names}
+def time_side_by_side(engines: dict, feed, blocks: int, calls: int, reference: str) -> dict:
+    """Median ms per call of each engine, timed in alternating order block by block, and the
+    median per-block ratio of ``reference``'s time to each engine's."""
     for e in engines.values():  # sessions are created on first use; then warm up
         for _ in range(3):
             e.run(feed)
@@ -51,12 +45,24 @@ def measure(art: Path, batch: int, threads: int, blocks: int, calls: int) -> dic
             for _ in range(calls):
                 engines[k].run(feed)
             per_call[k].append((time.perf_counter() - t0) / calls * 1e3)
-    ref = np.asarray(per_call["shared"])
+    ref = np.asarray(per_call[reference])
+    return {"p50_ms": {k: float(np.median(v)) for k, v in per_call.items()},
+            "speedup_vs_fp32": {k: float(np.median(ref / np.asarray(v))) for k, v in per_call.items()}}
+
+
+def measure(art: Path, batch: int, threads: int, blocks: int, calls: int) -> dict:
+    """One artifact: per variant the median ms per call, and the median per-round ratio to fp32."""
+    manifest = load_manifest(art)
+    engines = {"shared": load(art, "onnxruntime", threads=threads)}
+    for key, (backend, p) in variants(manifest, "onnxruntime").items():
+        engines[key] = load(art, backend, threads=threads, precision=p)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *manifest.input.shape)).astype(np.float32)
+    feed = x if len(manifest.input.names) == 1 else {n: x for n in manifest.input.names}
+    timing = time_side_by_side(engines, feed, blocks, calls, reference="shared")
     return {"artifact": str(art), "preset": manifest.spec.preset, "input": list(manifest.input.shape),
             "flops_per_image": manifest.costs.shared.flops, "models": {k: e.model_for() for k, e in engines.items()},
-            "p50_ms": {k: float(np.median(v)) for k, v in per_call.items()},
-            "speedup_vs_fp32": {k: float(np.median(ref / np.asarray(v))) for k, v in per_call.items()},
-            "metrics": metric_deltas(manifest)}
+            **timing, "metrics": metric_deltas(manifest)}
 
 
 def main() -> None:

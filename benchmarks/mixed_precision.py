@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dagc.artifact import load_manifest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_precision import time_side_by_side  # noqa: E402
+
+from dagc.artifact import load_manifest  # noqa: E402
 from dagc.compiler.compile import compile_artifact
 from dagc.runtime import load
 from dagc.tools.bench_system import machine
@@ -47,23 +50,6 @@ def int8_record(art: Path) -> dict:
     checks = load_manifest(art).accuracy.precisions["int8"].models
     return {n: {"fallback": c.fallback, "fp32_nodes": list(c.fp32_nodes), "drop": dict(c.drop)}
             for n, c in checks.items()}
-
-
-def time_side_by_side(engines: dict, feed, blocks: int, calls: int) -> dict:
-    for e in engines.values():  # sessions are created on first use; then warm up
-        for _ in range(3):
-            e.run(feed)
-    keys = list(engines)
-    per_call: dict[str, list[float]] = {k: [] for k in keys}
-    for r in range(blocks):
-        for k in keys if r % 2 == 0 else keys[::-1]:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                engines[k].run(feed)
-            per_call[k].append((time.perf_counter() - t0) / calls * 1e3)
-    ref = np.asarray(per_call["fp32"])
-    return {"p50_ms": {k: float(np.median(v)) for k, v in per_call.items()},
-            "speedup_vs_fp32": {k: float(np.median(ref / np.asarray(v))) for k, v in per_call.items()}}
 
 
 def main() -> None:
@@ -99,7 +85,7 @@ def main() -> None:
                    "int8 mixed": load(tmp / "mixed", "onnxruntime", threads=a.threads, precision="int8")}
         x = np.random.default_rng(0).standard_normal((a.batch, *manifest.input.shape)).astype(np.float32)
         feed = x if len(manifest.input.names) == 1 else {n: x for n in manifest.input.names}
-        timing = time_side_by_side(engines, feed, a.blocks, a.calls)
+        timing = time_side_by_side(engines, feed, a.blocks, a.calls, reference="fp32")
     result = {"machine": machine(), "checkpoint": str(a.checkpoint or "short default run"), "batch": a.batch,
               "threads": a.threads, "blocks": a.blocks, "calls": a.calls, "max_metric_drop": budget,
               "compile_seconds": {"whole": round(whole_s, 1), "mixed": round(mixed_s, 1)},

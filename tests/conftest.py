@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+from dagc.trainer.train import TrainConfig, train
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -21,3 +23,13 @@ def _cache_dir(tmp_path_factory):
     mp.setenv("DAGC_CACHE_DIR", str(tmp_path_factory.mktemp("dagc_cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(scope="session")
+def short_checkpoint(tmp_path_factory):
+    """A few iterations of the default synthetic run (not accurate: a reduced network and its data
+    for the precision checks). Read-only: a test that changes it copies it first."""
+    run = tmp_path_factory.mktemp("short_run")
+    train(TrainConfig(warmup_iters=3, search_iters=6, finetune_iters=3, batch_size=4, n_train=32, n_test=8),
+          run, progress=False)
+    return run / "checkpoint.safetensors"

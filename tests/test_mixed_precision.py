@@ -30,15 +30,11 @@ from dagc.errors import CompileError
 from dagc.manifest import Manifest
 from dagc.runners import OrtRunner
 from dagc.tools.cli import main
-from dagc.trainer.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    train(TrainConfig(warmup_iters=3, search_iters=6, finetune_iters=3, batch_size=4, n_train=32, n_test=8),
-          run, progress=False)
-    return run / "checkpoint.safetensors"
+def trained(short_checkpoint):
+    return short_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -22,18 +22,15 @@ from dagc.runtime import InputError, load
 from dagc.spec import TaskSpec, preset
 from dagc.tools.cli import main
 from dagc.trainer.network import network_tensors
-from dagc.trainer.train import TrainConfig, train
+from dagc.trainer.train import TrainConfig
 from tests.compiler_cases import random_reduced_net
 
 TASKS = ("segmentation", "depth", "normal", "edge")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    run = tmp_path_factory.mktemp("run")
-    train(TrainConfig(warmup_iters=3, search_iters=6, finetune_iters=3, batch_size=4, n_train=32, n_test=8),
-          run, progress=False)
-    return run / "checkpoint.safetensors"
+def trained(short_checkpoint):
+    return short_checkpoint
 
 
 @pytest.fixture(scope="module")
