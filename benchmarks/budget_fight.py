@@ -137,8 +137,7 @@ def plot(doc: dict, path: Path) -> None:
                 label="shared-bottom" if i == 0 else None)
         ax.plot(rows["single-task"]["latency_ms"], 0.0, "^", color="C2", label="single-task" if i == 0 else None)
     ax.axhline(0, color="0.8", lw=0.8)
-    ax.set_xlabel(f"measured latency of the compiled model(s), ms (ONNX Runtime CPU, batch {doc['batch']}, "
-                  f"{doc['threads']} thread)")
+    ax.set_xlabel(f"compiled model(s), measured ms (ORT CPU, batch {doc['batch']}, {doc['threads']} thread)")
     ax.set_ylabel("Δ_T vs single-task (equal total), %")
     ax.set_title(f"{doc['dataset']}: equal total training iterations, seeds {','.join(doc['seeds'])}")
     ax.legend()
