@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from dagc.compiler.half import fp16_model
 from dagc.compiler.mixed_precision import Attempt, choose_int8
 from dagc.compiler.quantize import (
     CALIBRATIONS,
@@ -42,7 +43,6 @@ from dagc.compiler.quantize import (
     load_run_data,
     with_settings,
 )
-from dagc.compiler.tensorrt import fp16_model
 from dagc.errors import CompileError, DataError, RunnerError
 from dagc.precision_table import TABLE, Files, PrecisionSpec, spec_of
 from dagc.precisions import (

@@ -10,7 +10,7 @@ with explicit Q/DQ nodes); on TensorRT 10 strong typing is opted into with
 So a precision is a property of the ONNX model the plan is built from:
 
 ``fp32``  the emitted model as it is;
-``fp16``  the emitted model converted by onnxconverter-common (`fp16_model`: weights and
+``fp16``  the emitted model converted by onnxconverter-common (`dagc.compiler.half.fp16_model`: weights and
           activations fp16, float32 inputs and outputs kept);
 ``int8``  a model with QuantizeLinear/DequantizeLinear nodes (`has_qdq`), such as ONNX Runtime's
           ``quantize_static`` writes: TensorRT runs explicit quantisation. TensorRT takes only
@@ -22,24 +22,24 @@ So a precision is a property of the ONNX model the plan is built from:
 
 GPU only: without CUDA or the ``tensorrt`` package (whose libraries come only from NVIDIA's own
 package index) every entry point that builds or runs a plan raises CompileError saying so; the
-ONNX-side helpers (`fp16_model`, `has_qdq`, `plan_precision`, `creation_flags`) run anywhere.
+ONNX-side helpers (`has_qdq`, `plan_precision`, `creation_flags`) run anywhere.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx
 
+from dagc.compiler.half import fp16_model, read_model
 from dagc.errors import CompileError, RunnerError
 from dagc.precision_table import FP16, INT8, REFERENCE, TABLE, Files, tolerances
 from dagc.runners import TENSORRT_MAJORS, OrtRunner, TrtRunner, compare, tensorrt_major
 from dagc.runners import tensorrt_unavailable as unavailable_reason
 
-__all__ = ["PRECISIONS", "TOLERANCE", "unavailable_reason", "creation_flags", "fp16_model", "has_qdq",
+__all__ = ["PRECISIONS", "TOLERANCE", "unavailable_reason", "creation_flags", "has_qdq",
            "qdq_problem", "TRT_QDQ_OPTIONS", "plan_precision", "prepare", "build_plan", "verify_plan"]
 
 # Relative to the output scale, as in the ONNX verification, against ONNX Runtime running the very
@@ -83,15 +83,6 @@ def creation_flags(version: str, strongly_typed_bit: int | None) -> int:
     return 1 << int(strongly_typed_bit)
 
 
-def _load(model: bytes | str | os.PathLike) -> bytes:
-    if isinstance(model, (bytes, bytearray)):
-        return bytes(model)
-    try:
-        return Path(model).read_bytes()
-    except OSError as e:
-        raise CompileError(f"cannot read the ONNX model {model}: {e.strerror}") from None
-
-
 def has_qdq(model: bytes | onnx.ModelProto) -> bool:
     """Whether an ONNX model (bytes or proto) holds QuantizeLinear/DequantizeLinear nodes."""
     proto = onnx.load_from_string(model) if isinstance(model, (bytes, bytearray)) else model
@@ -124,48 +115,6 @@ def qdq_problem(model: bytes | onnx.ModelProto) -> str | None:
     return None
 
 
-def _float_outputs(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
-    """Give ``converted`` the float32 outputs of ``original`` where the converter left an output
-    in fp16 (onnxconverter-common does so when a node on its op block list, such as Resize,
-    produces the output): the fp16 value is renamed and cast back to float32 under the output's
-    name."""
-    want = {o.name: o.type.tensor_type.elem_type for o in original.graph.output}
-    g = converted.graph
-    for out in g.output:
-        tt = out.type.tensor_type
-        if want.get(out.name) != onnx.TensorProto.FLOAT or tt.elem_type == onnx.TensorProto.FLOAT:
-            continue
-        inner = f"{out.name}/fp16"
-        for node in g.node:
-            node.output[:] = [inner if o == out.name else o for o in node.output]
-        for vi in [v for v in g.value_info if v.name == out.name]:
-            g.value_info.remove(vi)
-        g.node.append(onnx.helper.make_node("Cast", [inner], [out.name], to=onnx.TensorProto.FLOAT,
-                                            name=f"{out.name}/to_float32"))
-        tt.elem_type = onnx.TensorProto.FLOAT
-
-
-def fp16_model(model: bytes | str | os.PathLike) -> bytes:
-    """The fp16 version of a float32 ONNX model (bytes or file): onnxconverter-common's
-    ``convert_float_to_float16(model, keep_io_types=True)``, so inputs and outputs stay float32
-    (every output is made float32 even where the converter leaves one in fp16), then checked
-    with ``onnx.checker``. Returns the model's bytes. Raises CompileError without
-    onnxconverter-common or for a model that does not convert."""
-    try:
-        from onnxconverter_common import float16
-    except ImportError:
-        raise CompileError("fp16 models need the onnxconverter-common package; install dagc[gpu] (or "
-                           "pip install onnxconverter-common)") from None
-    original = onnx.load_from_string(_load(model))
-    try:
-        converted = float16.convert_float_to_float16(original, keep_io_types=True)
-        _float_outputs(original, converted)
-        onnx.checker.check_model(converted)
-    except Exception as e:  # noqa: BLE001 - the converter and checker raise many types; report in one line
-        raise CompileError(f"the ONNX model could not be converted to fp16: {str(e).strip().splitlines()[0]}") from None
-    return converted.SerializeToString()
-
-
 def plan_precision(model: bytes) -> str:
     """The precision a strongly typed plan of this ONNX model runs in: ``int8`` with Q/DQ nodes,
     ``fp16`` when it holds fp16 weights, else ``fp32``."""
@@ -185,7 +134,7 @@ def prepare(model: bytes | str | os.PathLike, precision: str) -> bytes:
     take (`qdq_problem`)."""
     if precision not in PRECISIONS:
         raise CompileError(f"unknown TensorRT precision {precision!r}; choose one of {list(PRECISIONS)}")
-    data = _load(model)
+    data = read_model(model)
     qdq = has_qdq(data)
     made = TABLE[precision].files
     if made is Files.QUANTIZED and not qdq:
@@ -211,7 +160,7 @@ def build_plan(model: bytes | str | os.PathLike, input_shapes: Mapping[str, Sequ
     _require()
     import tensorrt as trt
 
-    data = _load(model)
+    data = read_model(model)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     bit = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
