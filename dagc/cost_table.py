@@ -44,8 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from dagc.blocks import HIDDEN, READ_IN, blocks, parse_key
-from dagc.costs import head_costs
+from dagc.blocks import blocks, parse_key
+from dagc.costs import head_costs, mask_layout
 from dagc.errors import CostTableError, SpecError
 from dagc.spec import Spec
 from dagc.writing import write_atomic
@@ -197,19 +197,8 @@ class CostTable:
 
     # ------------------------------------------------------------------ using
     def mask_layout(self, spec: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The block costs laid out as a task's masks: hidden edges (N, N) (zero off the flow band),
-        read-ins (N,), read-outs (N,), float64 (as `dagc.costs.block_flops`)."""
-        n = spec.n_states
-        g, a, b = np.zeros((n, n)), np.zeros(n), np.zeros(n)
-        for blk in blocks(spec):
-            c = self.blocks[blk.key]
-            if blk.kind == HIDDEN:
-                g[blk.src, blk.dst] = c
-            elif blk.kind == READ_IN:
-                a[blk.dst] = c
-            else:
-                b[blk.src] = c
-        return g, a, b
+        """The block costs laid out as a task's masks (`dagc.costs.mask_layout`)."""
+        return mask_layout(spec, lambda blk: self.blocks[blk.key])
 
     def fixed(self, task: str) -> float:
         """What a task's model costs besides its blocks: its head and one call."""

@@ -24,7 +24,7 @@ Conventions:
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
 
@@ -88,17 +88,21 @@ def masked_parameters(spec: Spec, gamma, alpha, beta) -> int:
 
 
 def block_flops(spec: Spec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """FLOPs of every block of ``spec`` laid out as a task's masks: hidden edges (N, N) (zero off
-    the flow band), read-ins (N,) and read-outs (N,), float64. A sub-network's blocks cost the sum
-    of these under its masks (its head comes on top: `head_costs`)."""
+    """FLOPs of every block of ``spec`` laid out as a task's masks (`mask_layout`). A sub-network's
+    blocks cost the sum of these under its masks (its head comes on top: `head_costs`)."""
+    return mask_layout(spec, lambda blk: 2 * blk.macs)
+
+
+def mask_layout(spec: Spec, cost: Callable[[BlockDef], float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``cost`` of every block of ``spec`` laid out as a task's masks: hidden edges (N, N) (zero off
+    the flow band), read-ins (N,) and read-outs (N,), float64."""
     n = spec.n_states
     g, a, b = np.zeros((n, n)), np.zeros(n), np.zeros(n)
     for blk in blocks(spec):
-        flops = 2 * blk.macs
         if blk.kind == HIDDEN:
-            g[blk.src, blk.dst] = flops
+            g[blk.src, blk.dst] = cost(blk)
         elif blk.kind == READ_IN:
-            a[blk.dst] = flops
+            a[blk.dst] = cost(blk)
         else:
-            b[blk.src] = flops
+            b[blk.src] = cost(blk)
     return g, a, b
