@@ -22,14 +22,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 import dagc
 from dagc import manifest as mf
 from dagc.artifact import check_name
-from dagc.checkpoint import load_checkpoint
+from dagc.checkpoint import Checkpoint, load_checkpoint
 from dagc.compiler import onnx_export, precision, report, verify
 from dagc.compiler.flops import graph_costs, supernet_costs
 from dagc.compiler.ir import CompileError, Graph, build_graph, masks_of
@@ -41,7 +40,8 @@ from dagc.precision_table import REFERENCE
 from dagc.precisions import routable
 from dagc.preprocessing import Preprocessing
 from dagc.routes import compute_routes
-from dagc.trainer.network import network_from_checkpoint
+from dagc.spec import Spec
+from dagc.trainer.network import CentralNetwork, network_from_checkpoint
 
 __all__ = ["Source", "State", "Stage", "STAGES", "ONNX_RTOL", "read_source", "run_stages", "problem", "manifest_of"]
 
@@ -55,8 +55,8 @@ class Source:
     record (None: none recorded) and ``data_root`` (with the checkpoint's recorded configuration:
     where the run's data is; None: the recorded root)."""
 
-    ck: Any
-    net: Any
+    ck: Checkpoint
+    net: CentralNetwork
     raw: Graph
     graph: Graph
     masks: tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -64,7 +64,7 @@ class Source:
     data_root: str | None = None
 
     @property
-    def spec(self):
+    def spec(self) -> Spec:
         return self.ck.spec
 
     def task_masks(self, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
