@@ -175,3 +175,14 @@ def test_precision_fp16_asks_the_target_for_its_own_fp16_files(short_checkpoint,
     assert "model.fp16.onnx" in checked["models"] and checked["accuracy"]["precisions"][FP16]
     assert "model.fp16.onnx" not in read_manifest(tmp_path / "f")["models"]
     assert targets.requested(True, False) == (FP16,)
+
+
+def test_a_stage_that_loses_a_checked_file_is_named(short_checkpoint):
+    """The accuracy record names the fp16 files it checked: a later stage that drops one is caught."""
+    def lose(state: State) -> None:
+        for n in [n for n in state.build.models if state.build.models[n].precision == FP16]:
+            del state.build.files[n], state.build.models[n]
+
+    state = State.start(read_source(short_checkpoint), CompileOptions(precisions="fp32,fp16"))
+    with pytest.raises(CompileError, match=r"stage 'loses fp16' .*the fp16 accuracy check records \['model.fp16.onnx'"):
+        run_stages(state, (*STAGES[:2], Stage("loses fp16", lose), *STAGES[2:]))
