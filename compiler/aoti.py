@@ -30,8 +30,8 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from dagc import manifest_parts
 from dagc.compiler.ir import CompileError, Graph
 from dagc.compiler.lower import lower
 from dagc.compiler.runners import AotiRunner, SupernetRunner, load_package
+from dagc.manifest import ModelInfo
 from dagc.precision_table import REFERENCE, TABLE, tolerances
 from dagc.runners import Runner, compare
 
@@ -186,7 +187,7 @@ def _on_device(reference: Runner, device: str) -> Runner:
     return SupernetRunner(copy.deepcopy(reference.net).to(device), reference.outputs)
 
 
-def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], graph: Graph, reference: Runner,
+def add_packages(files: dict[str, bytes], models: dict[str, ModelInfo], graph: Graph, reference: Runner,
                  model_file: Callable[..., str], *, device: str = "cpu",
                  precisions: Sequence[str] = (REFERENCE,)) -> None:
     """Build and verify one package per ONNX model (shared, then per task) and precision and add
@@ -211,9 +212,8 @@ def add_packages(files: dict[str, bytes], models: dict[str, dict[str, Any]], gra
             errors = verify_package(data, inputs, outputs, reference, graph, rtol=RTOL[precision], device=device,
                                     what=f"{precision} AOTInductor package {name}")
             files[name] = data
-            entry = {k: v for k, v in models[onnx_name].items() if k != "opset"}
-            extra = {"device": device} if device != "cpu" else {}
-            extra.update({} if TABLE[precision].reference else {"precision": precision})
-            models[name] = {**entry, "format": "aoti", "inputs": inputs, "outputs": outputs,
-                            "verified_max_rel_error": max(errors.values()), "torch_version": torch.__version__,
-                            "batch": {"min": 1, "max": MAX_BATCH}, "built_from": onnx_name, **extra}
+            models[name] = replace(models[onnx_name], name=name, format="aoti", inputs=tuple(inputs),
+                                   outputs=tuple(outputs), verified_max_rel_error=max(errors.values()), opset=None,
+                                   torch_version=torch.__version__, batch_range=(1, MAX_BATCH), built_from=onnx_name,
+                                   device=None if device == "cpu" else device,
+                                   precision=None if TABLE[precision].reference else precision)

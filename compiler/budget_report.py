@@ -11,7 +11,7 @@ manifest's FLOPs (`dagc.compiler.flops.graph_costs`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from dagc.cost_table import FLOPS, CostTable, flops_table
 from dagc.errors import CheckpointError, CostTableError
 from dagc.trainer.budget import Budget, read_budget
 
-__all__ = ["BudgetReport", "predicted_costs", "budget_report", "budget_lines", "run_cost_table"]
+__all__ = ["BudgetReport", "predicted_costs", "budget_report", "budget_of", "budget_lines", "run_cost_table"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,13 @@ def budget_report(ckpt_path: str | Path) -> BudgetReport | None:
     CheckpointError (unreadable checkpoint, bad recorded table or budget), CompileError (not
     reduced)."""
     ck = load_checkpoint(ckpt_path)
+    return budget_of(ck, lambda: optimize(build_graph(ck.spec, ck.tensors)))
+
+
+def budget_of(ck, graph: Graph | Callable[[], Graph]) -> BudgetReport | None:
+    """`budget_report` of a checkpoint already read and its optimised IR (or how to build it,
+    called only when the run had a budget): a compile passes what it read
+    (`dagc.compiler.pipeline.Source`). Raises as `budget_report`."""
     table = run_cost_table(ck)
     if table is None:
         return None
@@ -82,7 +89,7 @@ def budget_report(ckpt_path: str | Path) -> BudgetReport | None:
         budget = read_budget(text)
     except Exception as e:  # noqa: BLE001 - a ConfigError from an edited configuration
         raise CheckpointError(f"{ck.source}: its configuration's budget: {e}") from None
-    graph = optimize(build_graph(ck.spec, ck.tensors))
+    graph = graph() if callable(graph) else graph
     return BudgetReport(text, budget, table, predicted_costs(graph, table))
 
 

@@ -172,15 +172,16 @@ def masks_of(tensors: Mapping[str, object], spec: Spec) -> tuple[np.ndarray, np.
     return tuple(np.asarray(tensors[f"mask.{n}"], dtype=np.int64) for n in ("gamma", "alpha", "beta"))
 
 
-def build_graph(spec: Spec, tensors: Mapping[str, object]) -> Graph:
+def build_graph(spec: Spec, tensors: Mapping[str, object], *,
+                masks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Graph:
     """The unoptimised IR of a reduced checkpoint: one instance of every state per task that has
     an active incoming edge, one read-out instance per task. Nothing is shared or folded yet.
 
     Takes the spec and the checkpoint tensors (torch or numpy). Raises CompileError if the
     checkpoint is not reduced, its masks set an edge outside the flow band, or a task has no
-    active read-out.
+    active read-out. ``masks``: the tensors' `masks_of`, when the caller has them already.
     """
-    masks = masks_of(tensors, spec)
+    masks = masks_of(tensors, spec) if masks is None else masks
     used = sum(int(np.count_nonzero(b.mask(*masks))) for b in blocks(spec))
     if used != sum(int(np.count_nonzero(m)) for m in masks):
         raise CompileError("the checkpoint's masks set an edge outside the flow-restricted band")

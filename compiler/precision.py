@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from dagc.compiler.quantize import (
     with_settings,
 )
 from dagc.errors import CompileError, DataError, RunnerError
+from dagc.manifest import ModelInfo
 from dagc.precision_table import TABLE, Files, PrecisionSpec, spec_of
 from dagc.precisions import (
     PRECISIONS,
@@ -194,7 +195,7 @@ class _Check:
 
     spec: PrecisionSpec
     files: dict[str, bytes]
-    models: dict[str, dict[str, Any]]
+    models: dict[str, ModelInfo]
     runners: dict[str, Runner]
     ref: dict[str, dict[str, dict[str, float]]]
     data: Any
@@ -219,15 +220,15 @@ class _Check:
             runner = _CHECK_RUNNERS[backend][1](data, self.spec.name)
         except RunnerError as e:
             raise CompileError(f"{self.spec.name}: {name}: {e}") from None
-        scored = _Scored(self.graph.spec, self.data.test, runner, self.models[name]["tasks"], self.runners[name])
+        scored = _Scored(self.graph.spec, self.data.test, runner, self.models[name].tasks, self.runners[name])
         return scored, _drops(scored.metrics, self.ref[name], self.primary)
 
 
-def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]], ck, graph,
+def check_precisions(files: dict[str, bytes], models: dict[str, ModelInfo], ck, graph,
                      precisions: Sequence[str], *, data_root: str | None = None, settings: Calibration = INT8,
                      max_drop: float = MAX_METRIC_DROP) -> Accuracy | None:
     """Add the reduced-precision forms of the fp32 ONNX models in ``files`` / ``models`` (model
-    file -> manifest entry, JSON form) and return the accuracy record (None when only fp32 is
+    file -> `ModelInfo`) and return the accuracy record (None when only fp32 is
     asked for: no data is read then).
 
     Takes the checkpoint (its recorded configuration names the data; ``data_root`` replaces the
@@ -251,9 +252,9 @@ def check_precisions(files: dict[str, bytes], models: dict[str, dict[str, Any]],
     spec = ck.spec
     split = data.test
     primary = {t.name: primary_metric(t.kind) for t in spec.tasks}
-    fp32_names = [n for n, m in models.items() if spec_of(m.get("precision")).reference]
+    fp32_names = [n for n, m in models.items() if spec_of(m.precision).reference]
     runners = {n: OrtRunner(files[n], device="cpu") for n in fp32_names}
-    ref = {n: _Scored(spec, split, runners[n], models[n]["tasks"]).metrics for n in fp32_names}
+    ref = {n: _Scored(spec, split, runners[n], models[n].tasks).metrics for n in fp32_names}
     checks = {REFERENCE: PrecisionCheck(TABLE[REFERENCE].checked_on,
                                         {n: ModelCheck(n, ref[n], {}) for n in fp32_names})}
     for s in wanted:
@@ -277,9 +278,9 @@ def _refuse(p: str, name: str, metrics, ref, drop, primary, max_drop: float, tri
 def _add(files, models, name: str, p: str, data: bytes, err: float) -> str:
     out = variant_file(name, p)
     opset = next((o.version for o in onnx.load_from_string(data).opset_import if o.domain in ("", "ai.onnx")),
-                 models[name].get("opset"))
+                 models[name].opset)
     files[out] = data
-    models[out] = {**models[name], "precision": p, "built_from": name, "verified_max_rel_error": err, "opset": opset}
+    models[out] = replace(models[name], name=out, precision=p, built_from=name, verified_max_rel_error=err, opset=opset)
     return out
 
 

@@ -1,14 +1,14 @@
 """The compile targets, declared as records (`Target`): the model format each emits beside the
 ONNX models every compile writes, the devices it builds for, the reduced precisions its own files
-are built at on request (``--fp16`` / ``--bf16``) and their tolerances (`dagc.precision_table`),
-the form of int8 files it reads, and what the manifest records of its build. `choose` checks a
+are built at on request (those listed in ``--precision``, or ``--fp16`` / ``--bf16``:
+`dagc.compiler.options`) and their tolerances (`dagc.precision_table`), the form of int8 files it reads, and what the manifest records of its build. `choose` checks a
 request against the records; adding a target is adding a record to `REGISTRY`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dagc import manifest as mf
@@ -29,10 +29,10 @@ def model_file(task: str | None, ext: str = "onnx") -> str:
 @dataclass
 class Build:
     """What a compile has produced so far; a target's ``add`` puts its models into files/models.
-    ``precisions``: the reduced precisions asked of the target's own files (``--fp16``)."""
+    ``precisions``: the reduced precisions asked of the target's own files (`CompileOptions.own`)."""
 
     files: dict[str, bytes]
-    models: dict[str, dict[str, Any]]
+    models: dict[str, mf.ModelInfo]
     graph: Graph
     reference: verify.Reference
     batches: Sequence[int]
@@ -69,24 +69,24 @@ class Target:
 
 
 def _plans(b: Build) -> None:
-    """One strongly typed plan per ONNX model (``--fp16``: from its fp16 conversion; a model with
+    """One strongly typed plan per ONNX model (fp16 asked: from its fp16 conversion; a model with
     Q/DQ nodes: int8), verified against ONNX Runtime running the model it was built from
     (`tensorrt.prepare`, `tensorrt.verify_plan`)."""
     spec = b.graph.spec
     shape = (spec.in_channels, *spec.input_size)
     for name in [n for n in list(b.files) if n.endswith(".onnx")]:
         info = b.models[name]
-        if spec_of(info.get("precision")).files is Files.CONVERTED:
-            continue  # --precision fp16's files: --fp16 builds fp16 plans from its own conversion
+        if spec_of(info.precision).files is Files.CONVERTED:
+            continue  # the checked fp16 ONNX files: fp16 plans are built from the fp32 files' own conversion
         precision = INT8 if tensorrt.has_qdq(b.files[name]) else (*b.precisions, REFERENCE)[0]
         source = tensorrt.prepare(b.files[name], precision)
-        plan = tensorrt.build_plan(source, {i: shape for i in info["inputs"]}, b.batches)
+        plan = tensorrt.build_plan(source, {i: shape for i in info.inputs}, b.batches)
         errors = tensorrt.verify_plan(plan, source, name, b.batches, precision=precision, shape=shape)
         plan_name = name[: -len(".onnx")] + ".plan"
         b.files[plan_name] = plan
-        b.models[plan_name] = {**info, "format": "tensorrt", "precision": precision,
-                               "batches": list(b.batches), "verified_max_rel_error": max(errors.values()),
-                               "built_from": name}
+        b.models[plan_name] = replace(info, name=plan_name, format="tensorrt", precision=precision,
+                                      batches=tuple(b.batches), verified_max_rel_error=max(errors.values()),
+                                      built_from=name)
 
 
 def _packages(b: Build) -> None:

@@ -6,12 +6,12 @@ these records (see `dagc.runtime.engine` for what each built-in backend is)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dagc.errors import ArtifactError, InputError, RunnerError
+from dagc.manifest import ModelInfo
 from dagc.precision_table import BF16, FP16, INT8, REFERENCE, TABLE
 from dagc.runners import (
     ORT_DEVICES,
@@ -38,7 +38,7 @@ class Backend:
     loads); ``precisions``: those it runs (`dagc.precision_table`); ``devices``: where;
     ``unavailable(precision)``: why it cannot run that precision here, or None; ``make(data, name,
     info, threads, precision)``: the runner of model file ``name`` (its verified bytes and its
-    manifest entry in JSON form), raising RunnerError for a model it cannot load; ``missing``: what
+    manifest entry, `dagc.manifest.ModelInfo`), raising RunnerError for a model it cannot load; ``missing``: what
     to say (``{dir}``: the artifact) when the artifact has no models of its formats; ``setup(threads)``:
     process-wide settings made once at load; ``label``: its name in reports. ``dagc bench`` times bare
     sessions and the ``beside`` backends' precisions next to the engines of a ``bench_host``.
@@ -49,7 +49,7 @@ class Backend:
     precisions: tuple[str, ...]
     devices: tuple[str, ...]
     unavailable: Callable[[str], str | None]
-    make: Callable[[bytes, str, Mapping[str, Any], int | None, str], Runner]
+    make: Callable[[bytes, str, ModelInfo, int | None, str], Runner]
     missing: str = "{dir} has no ONNX models; recompile it with dagc compile"
     setup: Callable[[int | None], None] | None = None
     label: str = ""
@@ -74,14 +74,14 @@ def _tensorrt_unavailable(precision: str) -> str | None:
     return unavailable()
 
 
-def _plan(data: bytes, name: str, info: Mapping[str, Any], threads: int | None, precision: str) -> Runner:
+def _plan(data: bytes, name: str, info: ModelInfo, threads: int | None, precision: str) -> Runner:
     try:
-        return TrtRunner(data, info.get("batches") or [1])
+        return TrtRunner(data, info.batches or [1])
     except RunnerError as e:
         raise ArtifactError(f"{name}: {e}; recompile the artifact on this machine") from None
 
 
-def _openvino(data: bytes, name: str, info: Mapping[str, Any], threads: int | None, precision: str) -> Runner:
+def _openvino(data: bytes, name: str, info: ModelInfo, threads: int | None, precision: str) -> Runner:
     try:
         return OvRunner(data, threads=threads, precision=precision)
     except RunnerError as e:
@@ -183,7 +183,7 @@ def resolve_backend(name: str, formats, artifact_dir: Path, precision: str = REF
     return record
 
 
-def make_runner(record: Backend, data: bytes, name: str, info: Mapping[str, Any], threads: int | None,
+def make_runner(record: Backend, data: bytes, name: str, info: ModelInfo, threads: int | None,
                 precision: str = REFERENCE) -> Runner:
     """The runner of model file ``name`` (its verified bytes ``data`` and manifest entry ``info``)
     on a resolved backend ``record`` at ``precision``. Raises ArtifactError for a model the backend

@@ -109,13 +109,13 @@ def load(artifact_dir: str | Path, backend: str = "auto", *, threads: int | None
 
 class _Model:
     """One model file of the artifact as the manifest describes it; ``info`` is its manifest entry
-    in JSON form (what the runners read: ``format``, ``batches``)."""
+    (what the runners read: ``format``, ``batches``)."""
 
     __slots__ = ("name", "tasks", "inputs", "outputs", "flops", "info")
 
     def __init__(self, entry: ModelInfo) -> None:
         self.name = entry.name
-        self.info = entry.to_dict()
+        self.info = entry
         self.tasks = frozenset(entry.tasks)
         self.inputs = entry.inputs
         self.outputs = entry.outputs
@@ -157,11 +157,11 @@ class Engine:
                            "task_inputs": manifest.task_inputs()}
         self.shared_input = len(inp.names) == 1
         models = {name: _Model(entry) for name, entry in manifest.models.items()}
-        self._backend = resolve_backend(backend, {m.info.get("format") for m in models.values()}, artifact_dir,
+        self._backend = resolve_backend(backend, {m.info.format for m in models.values()}, artifact_dir,
                                         precision)
         self.backend = self._backend.name
         self._format = self._backend.format
-        self._models = {n: m for n, m in models.items() if m.info["format"] == self._format}
+        self._models = {n: m for n, m in models.items() if m.info.format == self._format}
         self.precision = check_loadable(manifest.accuracy, {n: manifest.models[n] for n in self._models},
                                         precision, self.backend, f"{artifact_dir} ({self._format} models)")
         # the verified bytes of the models this backend runs (at this precision), from the snapshot

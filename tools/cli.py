@@ -34,15 +34,18 @@ cli.add_command(recalibrate)
               "needs a C++ compiler).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out.")
-@click.option("--fp16", is_flag=True, help="TensorRT: fp16 plans (from the fp16-converted ONNX models); aoti with "
-              "--device cuda: fp16 packages beside the fp32 ones.")
-@click.option("--bf16", is_flag=True, help="aoti with --device cuda: bf16 packages beside the fp32 ones.")
+@click.option("--fp16", is_flag=True, help="Alias of the target files of --precision fp32,fp16 (TensorRT fp16 plans; aoti "
+              "with --device cuda: fp16 packages beside the fp32 ones), without its checked fp16 ONNX models.")
+@click.option("--bf16", is_flag=True, help="Alias of the target files of --precision fp32,bf16 (aoti with --device cuda: "
+              "bf16 packages beside the fp32 ones), without its OpenVINO bf16 check.")
 @click.option("--device", default=None, help="aoti: compile the packages for cpu (default) or cuda.")
 @click.option("--batch", "batch", default="1,8,32", show_default=True,
               help="TensorRT: batch sizes the optimisation profile covers.")
 @click.option("--precision", "precision", default=REFERENCE, show_default=True,
               help="Comma-separated precisions: fp32 (always built, the reference), int8 (QDQ ONNX), bf16 "
-                   "(OpenVINO), fp16 (ONNX for TensorRT/CUDA); each checked on the tasks' held-out metrics.")
+                   "(OpenVINO), fp16 (ONNX for TensorRT/CUDA); each checked on the tasks' held-out metrics. The "
+                   "target's own files follow: fp16 makes TensorRT fp16 plans, and with aoti --device cuda fp16 / "
+                   "bf16 add fp16 / bf16 packages.")
 @click.option("--calibration-batches", "calibration_batches", type=int, default=None,
               help="int8: batches of the run's training data that calibrate the activation ranges (default 8).")
 @click.option("--calibration-seed", "calibration_seed", type=int, default=None,
@@ -55,13 +58,13 @@ cli.add_command(recalibrate)
               help="Directory of the run's on-disk dataset (for calibration and the accuracy check).")
 def compile(checkpoint, target, out, force, fp16, bf16, device, batch, **precision_options) -> None:
     """Compile a reduced checkpoint into verified models in an artifact directory."""
-    from dagc.compiler.budget_report import budget_report
-    from dagc.compiler.compile import compile_artifact, summary
+    from dagc.compiler.compile import CompileOptions, compile_summary
 
-    manifest = compile_artifact(checkpoint, out, target=target, force=force, fp16=fp16, bf16=bf16, device=device,
-                                batches=int_list("--batch", batch), precisions=precision_options.pop("precision"),
-                                **precision_options)
-    click.echo(summary(manifest, budget_report(checkpoint)))
+    options = CompileOptions(target=target, force=force, fp16=fp16, bf16=bf16, device=device,
+                             batches=tuple(int_list("--batch", batch)), precisions=precision_options.pop("precision"),
+                             **precision_options)
+    manifest, text = compile_summary(checkpoint, out, options)
+    click.echo(text)
     click.echo(f"\nwrote {out} (compiled and verified in {manifest.compile_seconds:.1f} s)")
 
 
@@ -81,8 +84,7 @@ def inspect(path, network, tasks, input_sizes, in_channels, costs, cost_batch, c
     """Show per-task topology, sharing and FLOPs of a checkpoint or an artifact directory; with
     --network, a network file's states, edges, parameters and FLOPs before any training; with
     --costs, the cost table of a checkpoint's network on a target."""
-    from dagc.compiler.budget_report import budget_report
-    from dagc.compiler.compile import preview_manifest, summary
+    from dagc.compiler.compile import inspect_summary, summary
     from dagc.modelcheck import verify_artifact
     from dagc.tools.costs import inspect_costs
     from dagc.tools.evaluate import checkpoint_stages
@@ -102,7 +104,7 @@ def inspect(path, network, tasks, input_sizes, in_channels, costs, cost_batch, c
     elif tasks is not None or input_sizes or in_channels != 3:
         raise DagcError("--tasks, --input-size and --in-channels describe a --network file; drop them for PATH")
     else:
-        click.echo(summary(verify_artifact(path)) if path.is_dir() else summary(preview_manifest(path), budget_report(path)) + checkpoint_stages(path))
+        click.echo(summary(verify_artifact(path)) if path.is_dir() else inspect_summary(path) + checkpoint_stages(path))
 
 
 @cli.group()
