@@ -156,6 +156,23 @@ def test_write_folder_refuses_a_non_empty_root(tmp_path):
     assert (tmp_path / "x" / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupted_write_folder_leaves_no_half_dataset(tmp_path, existing):
+    from dataclasses import replace
+
+    opts = LoadOptions(root=None, tasks=("normal",), seed=0, size=(16, 16), n_train=3, n_test=2)
+    raw = synthetic.load_raw(opts)
+    # the test split's normals lose their channel axis: the train split is on disk when writing fails
+    broken = replace(raw, test=replace(raw.test, targets={"normal": raw.test.targets["normal"][:, 0]}))
+    if existing:
+        (tmp_path / "x").mkdir()
+    with pytest.raises(ValueError):
+        write_folder(broken, tmp_path / "x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["x"] if existing else [])
+    assert not existing or not any((tmp_path / "x").iterdir())
+    assert (write_folder(raw, tmp_path / "x") / "train" / "images").is_dir()
+
+
 # ------------------------------------------------------------------------------ hostile files
 def _png(path, array):
     Image.fromarray(np.asarray(array)).save(path)

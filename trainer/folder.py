@@ -25,6 +25,8 @@ import csv
 import json
 import os
 import re
+import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -324,7 +326,21 @@ def write_folder(data: MultiTaskData, root: str | os.PathLike, *, images: str = 
         raise DataError("write_folder writes datasets with one shared input, as .npy or .png images")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"{out}: exists and is not an empty folder; write the dataset to a new one")
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside, then renamed into place (rename(2) replaces an empty folder): an interrupted
+    # write leaves no half dataset that a later `dagc train --data` would read as whole.
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        _write_into(data, tmp, images)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_into(data: MultiTaskData, out: Path, images: str) -> None:
     tasks = [{"name": t.name, "kind": t.kind, **({"classes": t.classes} if t.labelled else {})} for t in data.tasks]
     (out / DESCRIPTION).write_text(json.dumps({"name": data.name, "tasks": tasks}, indent=2) + "\n", encoding="utf-8")
     for split_name in SPLITS:
@@ -354,7 +370,6 @@ def write_folder(data: MultiTaskData, root: str | os.PathLike, *, images: str = 
                 writer = csv.writer(f)
                 writer.writerow(["id", *classified])
                 writer.writerows([key, *(int(split.targets[t][i]) for t in classified)] for i, key in enumerate(ids))
-    return out
 
 
 DATASET = Dataset("folder", load, preset="tiny", on_disk=True, find_tasks=_task_names, choose_preset=choose_preset)
