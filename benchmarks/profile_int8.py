@@ -32,7 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from dagc.artifact import load_manifest
-from dagc.checkpoint import write_atomic
+from dagc.writing import write_atomic
 from dagc.precision_table import INT8, REFERENCE
 from dagc.runners import session_options
 from dagc.tools.bench_system import machine
@@ -163,7 +163,8 @@ def main() -> None:
     if a.out is not None:
         doc = {"machine": machine(), "artifact": str(a.artifact), "batch": a.batch, "calls": a.calls,
                "rounds": a.rounds, "date": time.strftime("%Y-%m-%d"), "results": results}
-        write_atomic(a.out, json.dumps(doc, indent=1).encode())
+        text = json.dumps(doc, indent=1) + "\n"
+        write_atomic(a.out, lambda tmp: Path(tmp).write_text(text))
 
 
 if __name__ == "__main__":
