@@ -32,10 +32,10 @@ import numpy as np
 import onnxruntime as ort
 
 from dagc.artifact import load_manifest
-from dagc.writing import write_atomic
 from dagc.precision_table import INT8, REFERENCE
 from dagc.runners import session_options
 from dagc.tools.bench_system import machine
+from dagc.writing import write_atomic
 
 MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "spinning": ort.ExecutionMode.ORT_SEQUENTIAL,
          "parallel": ort.ExecutionMode.ORT_PARALLEL}
