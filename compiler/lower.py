@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from dagc.blocks import head
 from dagc.compiler.ir import INPUT_PREFIX, READOUT, Edge, Graph, check_graph, edge_tensors, slice_of
+from dagc.trainer.block import LiveConv2d
 from dagc.trainer.network import make_head, resize
 
 
@@ -65,7 +66,7 @@ class LoweredModel(nn.Module):
             w, bias = tensors
         else:
             w, bias = tensors[0], None
-        conv = nn.Conv2d(b.cin, b.cout, b.conv.kernel, padding=b.conv.padding, bias=bias is not None)
+        conv = LiveConv2d(b.cin, b.cout, b.conv.kernel, padding=b.conv.padding, bias=bias is not None)
         with torch.no_grad():
             conv.weight.copy_(w)
             if bias is not None:

@@ -15,6 +15,9 @@ an instance is the Sum of its edges, and a head reads its task's read-out instan
                 summed; Resize linear half_pixel to the input size; normals L2-normalised
     linear      GlobalAveragePool -> Flatten -> Gemm
 
+Every conv computes its live taps only (`dagc.blocks.Conv.live`): an ASPP rate at least the
+read-out's size leaves its 3x3 conv a 1x1 one with the centre weights (``<weight>.live1x1``).
+
 Output is deterministic: the same graph gives byte-identical ``SerializeToString()``. Names come from
 the IR (instance ids, block names, parameter keys), with ':' and '+' replaced by '_'.
 """
@@ -84,6 +87,24 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=node_name, **attrs))
         return out
 
+    def conv(self, x: str, c: Conv, weight: str, bias: str | None, name: str) -> str:
+        """Emit conv ``c`` with the parameters ``weight`` (and ``bias``) over its live taps only
+        (`Conv.live`: on a map smaller than its reach a dilated conv's outer taps read padding alone);
+        returns the output."""
+        rh, rw = c.live
+        k = c.kernel // 2
+        if (rh, rw) == (k, k):
+            w = self.param(weight)
+        elif weight not in self.graph.params:
+            raise CompileError(f"the graph lacks parameter {weight!r}")
+        else:
+            cut = np.asarray(self.graph.params[weight], dtype=np.float32)[:, :, k - rh:k + rh + 1, k - rw:k + rw + 1]
+            w = self.const(f"{weight}.live{2 * rh + 1}x{2 * rw + 1}", np.ascontiguousarray(cut))
+        # A 1x1 conv needs neither padding nor dilation.
+        spatial = {"pads": [c.dilation * rh, c.dilation * rw] * 2, "dilations": [c.dilation] * 2} if rh or rw else {}
+        inputs = [x, w] if bias is None else [x, w, self.param(bias)]
+        return self.op("Conv", inputs, name, kernel_shape=[2 * rh + 1, 2 * rw + 1], **spatial)
+
     # ------------------------------------------------------------------ blocks
     def resize(self, x: str, factor: int, name: str, output: str | None = None) -> str:
         """Bilinear upsampling by an integer factor, as F.interpolate(align_corners=False)."""
@@ -100,13 +121,12 @@ class _Builder:
         if blk.downsample > 1:
             f = blk.downsample
             x = self.op("AveragePool", [x], f"{pre}/avgpool", kernel_shape=[f] * 2, strides=[f] * 2)
-        conv = dict(kernel_shape=[blk.conv.kernel] * 2, pads=[blk.conv.padding] * 4)
-        params = [self.param(k) for k in edge_tensors(self.graph, edge)]
+        keys = edge_tensors(self.graph, edge)
         if edge.folded is not None:
-            x = self.op("Conv", [x, *params], f"{pre}/conv", **conv)
+            x = self.conv(x, blk.conv, keys[0], keys[1], f"{pre}/conv")
         else:
-            x = self.op("Conv", [x, params[0]], f"{pre}/conv", **conv)
-            x = self.op("BatchNormalization", [x, *params[1:]], f"{pre}/bn", epsilon=blk.bn_eps)
+            x = self.conv(x, blk.conv, keys[0], None, f"{pre}/conv")
+            x = self.op("BatchNormalization", [x, *map(self.param, keys[1:])], f"{pre}/bn", epsilon=blk.bn_eps)
         x = self.op("Relu", [x], f"{pre}/relu")
         if blk.pool > 1:
             x = self.op("MaxPool", [x], f"{pre}/maxpool", kernel_shape=[blk.pool] * 2, strides=[blk.pool] * 2)
@@ -127,10 +147,7 @@ class _Builder:
         for op in layout:  # dropout is the identity at inference
             if op == "conv":
                 c, node = next(todo)
-                # A 1x1 conv needs neither padding nor dilation.
-                spatial = {"pads": [c.padding] * 4, "dilations": [c.dilation] * 2} if c.kernel > 1 else {}
-                x = self.op("Conv", [x, self.param(c.weight), self.param(c.bias)], f"{prefix}/{node}",
-                            kernel_shape=[c.kernel] * 2, **spatial)
+                x = self.conv(x, c, c.weight, c.bias, f"{prefix}/{node}")
             elif op == "relu":
                 relus += 1
                 x = self.op("Relu", [x], f"{prefix}/relu{relus}")

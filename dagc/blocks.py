@@ -57,7 +57,7 @@ REFINE_CONVS = tuple(p for p, op in enumerate(REFINE) if op == "conv")
 __all__ = [
     "BN_EPS", "NORM_EPS", "READ_IN", "HIDDEN", "READ_OUT", "BLOCK_KINDS", "BN_PARAMETERS", "BN_BUFFERS",
     "ASPP_BRANCH", "ASPP_CONVS", "REFINE", "REFINE_CONVS", "BlockKey", "Conv", "Linear", "BlockDef", "HeadDef",
-    "parse_key", "blocks", "block", "head", "heads",
+    "parse_key", "blocks", "block", "head", "heads", "live_reach",
 ]
 
 
@@ -109,9 +109,24 @@ def parse_key(key: str) -> BlockKey:
     return parsed
 
 
+def live_reach(kernel: int, dilation: int, size: int) -> int:
+    """How many taps either side of the centre of a stride-1, 'same'-padded conv (odd ``kernel``,
+    ``dilation``) read data on a map ``size`` pixels long: tap offsets d·t with |d·t| >= size read
+    only padding, for every output pixel. A conv with its weights cut to the live taps (and padding
+    d·reach) computes exactly what the full one does, without the products with zero padding."""
+    return min(kernel // 2, (size - 1) // dilation)
+
+
 @dataclass(frozen=True)
 class Conv:
-    """One stride-1 convolution with 'same' padding: input and output are ``hw`` large."""
+    """One stride-1 convolution with 'same' padding: input and output are ``hw`` large.
+
+    On a map smaller than its reach only the live taps (`live_reach`) read data: DeepLab's ASPP
+    rates 6-24 on a 4x4 read-out (the vgg16 preset at 64x64) leave a 3x3 conv its centre tap alone.
+    Every model dagc builds, trains or emits computes the live taps only (``live``), and ``macs``
+    counts those. Measured on a vgg16 64x64 run's shared model (1 thread, batch 8; RESULTS "int8
+    speed"): its eight dilated ASPP convs took 20 of 44 ms in fp32 and 25 of 33 ms in int8 with all taps.
+    """
 
     name: str  # parameter prefix: ``<name>.weight`` and, with a bias, ``<name>.bias``
     cin: int
@@ -126,6 +141,11 @@ class Conv:
         return self.dilation * (self.kernel // 2)
 
     @property
+    def live(self) -> tuple[int, int]:
+        """The live reach (`live_reach`) along height and width on ``hw``."""
+        return tuple(live_reach(self.kernel, self.dilation, n) for n in self.hw)
+
+    @property
     def weight(self) -> str:
         return f"{self.name}.weight"
 
@@ -135,7 +155,8 @@ class Conv:
 
     @property
     def macs(self) -> int:
-        return self.cout * self.cin * self.kernel * self.kernel * self.hw[0] * self.hw[1]
+        rh, rw = self.live
+        return self.cout * self.cin * (2 * rh + 1) * (2 * rw + 1) * self.hw[0] * self.hw[1]
 
     @property
     def n_params(self) -> int:

@@ -124,3 +124,33 @@ def test_network_costs_count_each_stored_tensor_once():
     alpha, beta = np.array([[1, 0, 0], [0, 0, 0]]), np.array([[1, 0, 0], [0, 0, 0]])
     assert masked_parameters(HAND, gamma, alpha, beta) == (
         block(HAND, "read_in.0").n_params() + block(HAND, "read_out.0").n_params() + with_heads["params"])
+
+
+@pytest.mark.parametrize("hw, kernel, dilation, reach", [
+    ((4, 4), 3, 6, (0, 0)), ((4, 4), 3, 4, (0, 0)), ((4, 4), 3, 3, (1, 1)), ((1, 5), 3, 1, (0, 1)),
+    ((2, 7), 5, 2, (0, 2)), ((8, 8), 3, 1, (1, 1)), ((4, 4), 1, 1, (0, 0)),
+])
+def test_live_taps_compute_the_full_conv_and_its_gradients(hw, kernel, dilation, reach):
+    import torch.nn.functional as F
+
+    from dagc.blocks import Conv, live_reach
+    from dagc.trainer.block import LiveConv2d
+
+    conv = Conv("c", 3, 4, kernel, hw, dilation)
+    assert conv.live == reach == tuple(live_reach(kernel, dilation, n) for n in hw)
+    assert conv.macs == 4 * 3 * (2 * reach[0] + 1) * (2 * reach[1] + 1) * hw[0] * hw[1]
+    torch.manual_seed(0)
+    live = LiveConv2d(3, 4, kernel, padding=conv.padding, dilation=dilation)
+    full = nn.Conv2d(3, 4, kernel, padding=conv.padding, dilation=dilation)
+    full.load_state_dict(live.state_dict())
+    x = torch.randn(2, 3, *hw)
+    ya, yb = live(x), full(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    (ya * yb.detach()).sum().backward()
+    (yb * yb.detach()).sum().backward()
+    torch.testing.assert_close(live.weight.grad, full.weight.grad, rtol=1e-4, atol=1e-4)
+    c = kernel // 2
+    dead = torch.ones_like(full.weight.grad, dtype=torch.bool)
+    dead[:, :, c - reach[0]:c + reach[0] + 1, c - reach[1]:c + reach[1] + 1] = False
+    assert not live.weight.grad[dead].any()  # what only padding reads learns nothing either way
+    assert F.conv2d(x, live.weight, live.bias, padding=conv.padding, dilation=dilation).shape == ya.shape

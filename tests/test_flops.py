@@ -41,15 +41,17 @@ def test_hand_computed_costs():
     # MACs = C_out * C_in * k * k * H_out * W_out (conv output before pooling):
     #   read_in.0  2*1*9*16 = 288      read_in.1  4*1*9*4 = 144     edges.0_1 4*2*9*16 = 1152
     #   read_out.0 3*2*1*4  = 24       read_out.1 3*4*1*4 = 48      linear    3*2 = 6
-    #   ASPP per rate: 5*3*9*4 + 5*5*4 + 1*5*4 = 540 + 100 + 20 = 660; two rates: 1320
+    #   ASPP rate 1: 5*3*9*4 + 5*5*4 + 1*5*4 = 540 + 100 + 20 = 660; rate 2 on the 2x2 read-out: its
+    #   taps at offset ±2 read only padding, so its 3x3 conv is its centre tap (Conv.live):
+    #   5*3*1*4 + 100 + 20 = 180; both: 840
     # Params (conv weight + BN weight/bias unfolded): read_in.0 18+4, read_in.1 36+8, edges.0_1 72+8,
     #   read_out.0 6+6, read_out.1 12+6; linear 6+2; ASPP per rate (135+5)+(25+5)+(5+1) = 176, x2 = 352.
     assert graph_costs(g, ["c"]) == {"macs": 1662, "flops": 3324, "params": 184}
-    assert graph_costs(g, ["d"]) == {"macs": 1512, "flops": 3024, "params": 414}
+    assert graph_costs(g, ["d"]) == {"macs": 1032, "flops": 2064, "params": 414}
     # Both: MACs of every edge computed (read_in.1 and read_out.1 twice), parameters once.
-    assert graph_costs(g) == {"macs": 3174, "flops": 6348, "params": 22 + 44 + 80 + 12 + 18 + 8 + 352}
+    assert graph_costs(g) == {"macs": 2694, "flops": 5388, "params": 22 + 44 + 80 + 12 + 18 + 8 + 352}
     assert head_costs(HAND, "c") == {"macs": 6, "flops": 12, "params": 8}
-    assert head_costs(HAND, "d") == {"macs": 1320, "flops": 2640, "params": 352}
+    assert head_costs(HAND, "d") == {"macs": 840, "flops": 1680, "params": 352}
 
 
 def test_hand_folded_costs():
@@ -63,7 +65,7 @@ def test_hand_folded_costs():
 def test_supernet_hand():
     # Trunk: read-ins 288 + 144, edge 0_1 1152, read-outs 24 + 48 = 1656 MACs per task.
     s = supernet_costs(HAND)
-    assert s["macs"] == 2 * 1656 + 6 + 1320
+    assert s["macs"] == 2 * 1656 + 6 + 840  # the depth head as in test_hand_computed_costs
     assert s["params"] == 22 + 44 + 80 + 12 + 18 + 8 + 352
     assert supernet_costs(HAND, ["c"])["macs"] == 1656 + 6
 

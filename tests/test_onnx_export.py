@@ -8,6 +8,7 @@ what the masked supernet computes, through ONNX Runtime.
 from __future__ import annotations
 
 import importlib
+import re
 
 import numpy as np
 import onnx
@@ -212,8 +213,10 @@ def test_bytes_are_deterministic_and_names_are_clean():
     inits = [i.name for i in model.graph.initializer]
     assert len(set(inits)) == len(inits)
     assert all(i.data_type == onnx.TensorProto.FLOAT for i in model.graph.initializer if not i.name.startswith("const."))
-    # Initializers are the IR's parameters under their own keys; node names follow the IR's ids.
-    assert set(inits) - {i for i in inits if i.startswith("const.")} <= set(graph.params)
+    # Initializers are the IR's parameters under their own keys (a conv's live taps, `Conv.live`,
+    # under its weight's key and ".liveHxW"); node names follow the IR's ids.
+    keys = {re.sub(r"\.live\d+x\d+$", "", i) for i in inits if not i.startswith("const.")}
+    assert keys <= set(graph.params)
     first = graph.nodes[0]
     assert any(n.startswith(f"{first.id.replace(':', '_').replace('+', '_')}/{first.edges[0].block}/conv")
                for n in names)
@@ -262,11 +265,12 @@ def test_conv_macs_on_a_hand_built_graph():
     edge_0_1 = 4 * 2 * 9 * 16        # 3x3, 2 -> 4 at 4x4, then max-pooled
     read_out_0 = 3 * 2 * 1 * 4       # avg-pooled to 2x2, 1x1, 2 -> 3
     read_out_1 = 3 * 4 * 1 * 4       # 1x1, 4 -> 3 at 2x2
-    aspp = 2 * (5 * 3 * 9 * 4 + 5 * 5 * 4 + 1 * 5 * 4)  # two rates, at 2x2
+    # two rates at 2x2: rate 2's 3x3 conv reads data at its centre tap only (Conv.live)
+    aspp = (5 * 3 * 9 * 4 + 5 * 5 * 4 + 1 * 5 * 4) + (5 * 3 * 1 * 4 + 5 * 5 * 4 + 1 * 5 * 4)
     gemm = 3 * 3                     # 3 features -> 3 classes
     d = read_in_0 + read_in_1 + edge_0_1 + read_out_0 + read_out_1 + aspp
     c = read_in_0 + read_out_0 + gemm
-    assert conv_macs(to_onnx(graph, ["d"]), (4, 4)) == d == 2976
+    assert conv_macs(to_onnx(graph, ["d"]), (4, 4)) == d == 2496
     assert conv_macs(to_onnx(graph, ["c"]), (4, 4)) == c == 321
     model = to_onnx(graph)
     assert conv_macs(model, (4, 4)) == d + c
@@ -333,3 +337,20 @@ def test_random_specs_and_masks_match_the_supernet_through_onnx_runtime(kinds, m
     model = to_onnx(graph, [last])
     check(model)
     verify(model, ref, graph, n_inputs=1)
+
+
+def test_a_rate_beyond_the_read_out_emits_its_centre_tap_only():
+    from dataclasses import replace
+
+    spec = replace(preset("tiny", DENSE, input_size=(16, 16)), aspp_rates=(1, 12))
+    net, graph = _checkpoint(spec, seed=3)
+    model = to_onnx(graph)
+    check(model)
+    kernels = {n.name: [list(a.ints) for a in n.attribute if a.name == "kernel_shape"][0]
+               for n in model.graph.node if n.op_type == "Conv" and "conv3x3" in n.name}
+    assert kernels and all(k == ([3, 3] if "branches.0/" in name else [1, 1]) for name, k in kernels.items())
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    centre = inits["heads.seg.branches.1.0.weight.live1x1"]
+    np.testing.assert_array_equal(centre, graph.params["heads.seg.branches.1.0.weight"][:, :, 1:2, 1:2])
+    assert "heads.seg.branches.1.0.weight" not in inits  # the full 3x3 weight is not carried along
+    assert max(verify(model, supernet_reference(net), graph).values()) < 1e-5

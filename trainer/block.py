@@ -8,10 +8,29 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dagc.blocks import BlockDef
+from dagc.blocks import BlockDef, live_reach
 from dagc.trainer.batchnorm import TaskBatchNorm
 
-__all__ = ["Block", "resize"]
+__all__ = ["Block", "LiveConv2d", "live_conv2d", "resize"]
+
+
+def live_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, dilation: int = 1, groups: int = 1) -> Tensor:
+    """A stride-1, 'same'-padded conv of ``x`` (odd square kernel) over the taps that read data on
+    ``x``'s map (`dagc.blocks.live_reach`): the full conv's result without its products with padding."""
+    k = weight.shape[-1]
+    c = k // 2
+    rh, rw = (live_reach(k, dilation, int(n)) for n in x.shape[-2:])
+    if (rh, rw) != (c, c):
+        weight = weight[:, :, c - rh:c + rh + 1, c - rw:c + rw + 1]
+    return F.conv2d(x, weight, bias, padding=(dilation * rh, dilation * rw), dilation=dilation, groups=groups)
+
+
+class LiveConv2d(nn.Conv2d):
+    """`nn.Conv2d` (stride 1, 'same' padding) that computes only the live taps (`live_conv2d`);
+    parameters, names and initialisation are nn.Conv2d's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return live_conv2d(x, self.weight, self.bias, self.dilation[0], self.groups)
 
 
 class Block(nn.Module):
@@ -22,7 +41,7 @@ class Block(nn.Module):
     def __init__(self, defn: BlockDef, tasks: int = 1) -> None:
         super().__init__()
         self.defn = defn
-        self.conv = nn.Conv2d(defn.cin, defn.cout, defn.conv.kernel, padding=defn.conv.padding, bias=False)
+        self.conv = LiveConv2d(defn.cin, defn.cout, defn.conv.kernel, padding=defn.conv.padding, bias=False)
         self.bn = TaskBatchNorm(defn.cout, tasks, eps=defn.bn_eps)
         self.pool = defn.pool
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from dagc.blocks import ASPP_BRANCH, ASPP_CONVS, REFINE, Conv, HeadDef, head
 from dagc.spec import Spec, TaskSpec
+from dagc.trainer.block import LiveConv2d, live_conv2d
 
 __all__ = ["ASPPHead", "LinearHead", "make_head", "aspp_stacked"]
 
@@ -23,7 +24,7 @@ def _branch(convs: Sequence[Conv], dropout: float, layout: Sequence[str] = ASPP_
     for op in layout:
         if op == "conv":
             c = next(todo)
-            layers.append(nn.Conv2d(c.cin, c.cout, c.kernel, padding=c.padding, dilation=c.dilation))
+            layers.append(LiveConv2d(c.cin, c.cout, c.kernel, padding=c.padding, dilation=c.dilation))
         else:
             layers.append(nn.ReLU() if op == "relu" else nn.Dropout(dropout))
     return nn.Sequential(*layers)
@@ -111,8 +112,8 @@ def aspp_stacked(heads: Sequence[ASPPHead], x: Tensor, size: tuple[int, int], sh
     total = None
     for r, (first, _, _) in enumerate(defs[0].branches):
         c1, c2, c3 = ([h.branches[r][pos] for h in heads] for pos in ASPP_CONVS)
-        y = F.conv2d(x, torch.cat([c.weight for c in c1]), torch.cat([c.bias for c in c1]),
-                     padding=first.padding, dilation=first.dilation, groups=1 if shared else k)
+        y = live_conv2d(x, torch.cat([c.weight for c in c1]), torch.cat([c.bias for c in c1]), first.dilation,
+                        groups=1 if shared else k)
         y = F.dropout(F.relu(y), p, training)
         y = F.conv2d(y, torch.cat([c.weight for c in c2]), torch.cat([c.bias for c in c2]), groups=k)
         y = F.dropout(F.relu(y), p, training)
