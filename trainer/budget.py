@@ -41,8 +41,12 @@ MFLOPS = 1e6  # the loss's unit of a FLOPs budget: about one edge of a small net
 # about what its FLOPs-priced twin does, at any batch, and λ_sq keeps its scale. A much faster target
 # (a GPU) makes the terms smaller: raise λ_sq there.
 LATENCY_LOSS_UNIT = 0.01
+# What a budget prices: each task's own model (its head, one call), or the compiled shared model of
+# all tasks (states shared across tasks computed once, every head, one call).
+TASK, SHARED = "task", "shared"
+SCOPES = (TASK, SHARED)
 
-__all__ = ["UNITS", "TIME_UNITS", "MFLOPS", "LATENCY_LOSS_UNIT", "Budget", "read_budget", "parse_budget",
+__all__ = ["UNITS", "TIME_UNITS", "MFLOPS", "LATENCY_LOSS_UNIT", "TASK", "SHARED", "SCOPES", "Budget", "read_budget", "parse_budget",
            "check_budget", "loss_scale", "cost_table_for", "task_budgets", "loss_costs", "fits"]
 
 
@@ -80,11 +84,17 @@ def read_budget(text: str) -> Budget:
     return Budget(value, "FLOPs" if flops else "ms")
 
 
-def check_budget(budget: str | None, target: object, batch: object, threads: object, alone: bool = True) -> None:
-    """Raise ConfigError (naming the option) unless a run's budget, cost target, cost batch and
-    threads agree: a known target; batch and threads positive integers for a latency target, None
-    for flops; a latency target only with a budget; a latency budget with a latency target, FLOPs
-    with flops; and a budget only ``alone`` (no other rule decides where the reduction stops)."""
+def check_budget(budget: str | None, target: object, batch: object, threads: object, alone: bool = True,
+                 scope: object = TASK) -> None:
+    """Raise ConfigError (naming the option) unless a run's budget, cost target, cost batch,
+    threads and scope agree: a known target; batch and threads positive integers for a latency
+    target, None for flops; a latency target only with a budget; a latency budget with a latency
+    target, FLOPs with flops; a budget only ``alone`` (no other rule decides where the reduction
+    stops); a known scope (`SCOPES`), and ``shared`` only with a budget."""
+    if scope not in SCOPES:
+        raise ConfigError(f"budget_scope must be one of {list(SCOPES)}, got {scope!r}")
+    if scope == SHARED and budget is None:
+        raise ConfigError("--budget-scope shared says what a --budget prices; add one, e.g. --budget 4ms")
     if target not in TARGETS:
         raise ConfigError(f"unknown cost target {target!r}; choose one of {list(TARGETS)}")
     latency = target in LATENCY_TARGETS
