@@ -16,7 +16,7 @@ from dagc.spec import TaskSpec, preset
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.recalibrate import reestimate_statistics
-from dagc.trainer.topology import close_masks, flow_band, is_flow_connected, flow_matrix
+from dagc.trainer.topology import close_masks, flow_band, flow_matrix, is_flow_connected
 
 TASKS = (TaskSpec("seg", "segmentation", 3), TaskSpec("cls", "classification", 4), TaskSpec("cls2", "classification", 2))
 
