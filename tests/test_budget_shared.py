@@ -9,11 +9,13 @@ import torch
 from dagc.compiler.flops import graph_costs
 from dagc.compiler.ir import build_graph
 from dagc.compiler.passes import optimize
-from dagc.costs import head_costs
+from dagc.costs import block_flops, head_costs
 from dagc.errors import ConfigError
 from dagc.sharing import instances, shared_blocks
 from dagc.spec import TaskSpec, preset
+from dagc.trainer.budget import shared_cost
 from dagc.trainer.config import TrainConfig
+from dagc.trainer.losses import shared_squeeze_loss, squeeze_loss
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.recalibrate import reestimate_statistics
 from dagc.trainer.topology import close_masks, flow_band, flow_matrix, is_flow_connected
@@ -75,7 +77,7 @@ def test_the_shared_cost_from_masks_is_the_compilers_shared_model(seed):
     spec = _spec()
     masks = _random_masks(spec, seed)
     flops, graph = _compiled_flops(spec, masks, seed)
-    assert _predicted_flops(spec, masks) == flops
+    assert _predicted_flops(spec, masks) == flops == shared_cost(spec, *masks)  # the trainer's prediction
     inst = instances(spec, *masks)
     assert sorted((i.state if i.state >= 0 else 99, i.tasks) for i in inst) == \
         sorted((n.state if n.state >= 0 else 99, n.tasks) for n in graph.nodes)
@@ -112,3 +114,24 @@ def test_the_scope_is_validated_and_recorded():
     with pytest.raises(ConfigError, match="add one"):
         TrainConfig(budget_scope="shared")
     assert TrainConfig(budget="30MFLOPs", budget_scope="shared").to_dict()["budget_scope"] == "shared"
+
+
+def test_the_shared_squeeze_is_the_per_task_one_for_one_task_and_prices_shared_blocks_once():
+    torch.manual_seed(0)
+    spec = _spec()
+    g_c, a_c, b_c = (torch.as_tensor(x, dtype=torch.float32) for x in block_flops(spec))
+    n = spec.n_states
+    gamma, alpha, beta = torch.randn(1, n, n), torch.randn(1, n), torch.randn(1, n)
+    one = shared_squeeze_loss(gamma, g_c, 1e5, (alpha, a_c, beta, b_c))
+    assert torch.allclose(one, squeeze_loss(gamma, g_c, torch.tensor([1e5]), (alpha, a_c, beta, b_c)), rtol=1e-6)
+    # saturated logits are binary masks: with the same masks in every task the union is the exact
+    # shared cost (one model's blocks), with an input per task the sum of the task models
+    masks = tuple(np.repeat(m[:1], spec.n_tasks, axis=0) for m in _random_masks(spec, 5))
+    logits = [torch.as_tensor(np.where(m > 0, 40.0, -40.0), dtype=torch.float32) for m in masks]
+    read = (logits[1], a_c, logits[2], b_c)
+    heads = sum(head_costs(spec, t)["flops"] for t in spec.task_names)
+    assert float(shared_squeeze_loss(logits[0], g_c, 0.0, read)) == pytest.approx(
+        shared_cost(spec, *masks) - heads, rel=1e-5)
+    assert float(shared_squeeze_loss(logits[0], g_c, 0.0, read, union=False)) == pytest.approx(
+        shared_cost(_spec(False), *masks) - heads, rel=1e-5)
+    assert float(shared_squeeze_loss(logits[0], g_c, 1e12, read)) == 0  # within budget: free

@@ -12,8 +12,11 @@ cached). Either way the budget
 * lets Algorithm 1 stop once the task's sub-network (its closed masks, head and one call included)
   fits the budget, instead of only at the first disconnecting removal (`fits`).
 
-A budget is per task (each task's own model, its head included); the shared model computes states
-that several tasks share once and costs at most the sum.
+A budget is per task (each task's own model, its head included) or, with ``--budget-scope shared``,
+for the compiled shared model of all tasks: states that several tasks share computed once
+(`dagc.sharing`, the compiler's own rule), every head, one call (`shared_cost`). The shared scope
+prices the squeeze with `dagc.trainer.losses.shared_squeeze_loss` and reduces all tasks jointly
+until the shared model fits (`dagc.trainer.budget_reduction`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from dagc.cost_table import FLOPS, LATENCY_TARGETS, TARGETS, CostTable, Measure, cached_table, flops_table
 from dagc.errors import ConfigError
+from dagc.sharing import shared_blocks
 from dagc.spec import Spec
 from dagc.trainer.topology import close_masks
 
@@ -47,7 +51,8 @@ TASK, SHARED = "task", "shared"
 SCOPES = (TASK, SHARED)
 
 __all__ = ["UNITS", "TIME_UNITS", "MFLOPS", "LATENCY_LOSS_UNIT", "TASK", "SHARED", "SCOPES", "Budget", "read_budget", "parse_budget",
-           "check_budget", "loss_scale", "cost_table_for", "task_budgets", "loss_costs", "fits"]
+           "check_budget", "loss_scale", "cost_table_for", "task_budgets", "shared_budget", "shared_cost",
+           "loss_costs", "fits"]
 
 
 @dataclass(frozen=True)
@@ -156,24 +161,48 @@ def task_budgets(spec: Spec, budget: float, table: CostTable | None = None) -> n
     return budget - fixed
 
 
-def loss_costs(spec: Spec, budget: float, device: torch.device | str = "cpu", table: CostTable | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def shared_budget(spec: Spec, budget: float, table: CostTable | None = None) -> float:
+    """What the shared model's blocks may cost, in the table's unit (default table: FLOPs): the
+    budget less every head and one call. Raises ConfigError when these alone exceed the budget."""
+    table = flops_table(spec) if table is None else table
+    fixed = sum(table.heads[t] for t in spec.task_names) + table.call
+    if fixed >= budget:
+        b = Budget(budget, "FLOPs" if table.target == FLOPS else "ms")
+        raise ConfigError(f"the shared budget of {b.show()} is below the heads of all tasks and one call alone "
+                          f"({b.show(fixed)}); raise --budget")
+    return budget - fixed
+
+
+def shared_cost(spec: Spec, gamma, alpha, beta, table: CostTable | None = None) -> float:
+    """The exact cost of the compiled shared model of stacked 0/1 masks (K, N, N), (K, N), (K, N)
+    (closed here, each task's), in the table's unit (default: FLOPs): its block applications
+    (`dagc.sharing.shared_blocks`), every head and one call."""
+    table = flops_table(spec) if table is None else table
+    closed = [close_masks(g, a, b) for g, a, b in zip(gamma, alpha, beta)]
+    masks = [np.stack([c[i] for c in closed]) for i in range(3)]
+    return table.predicted(shared_blocks(spec, *masks), spec.task_names)
+
+
+def loss_costs(spec: Spec, budget: float, device: torch.device | str = "cpu", table: CostTable | None = None,
+               scope: str = TASK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cost-aware squeeze's tensors in the loss's units (`loss_scale`): hidden-edge costs (N, N),
-    read-in costs (N,), read-out costs (N,) and each task's budget for its blocks (K,), made once
-    per (spec, budget, device, table): every search step asks for them. Read-only. ``table``
-    (default: FLOPs) prices the blocks, ``budget`` is in its unit. Raises as `task_budgets`."""
+    read-in costs (N,), read-out costs (N,) and the budget for the blocks: each task's (K,), or with
+    ``scope`` shared the shared model's (1,) (`shared_budget`). Made once per (spec, budget,
+    device, table, scope): every search step asks for them. Read-only. ``table`` (default: FLOPs)
+    prices the blocks, ``budget`` is in its unit. Raises as `task_budgets` / `shared_budget`."""
     table = flops_table(spec) if table is None else table
     try:
-        return _loss_costs(spec, budget, str(device), table)
+        return _loss_costs(spec, budget, str(device), table, scope)
     except TypeError:  # a spec built by hand with a list field is not hashable: build uncached
-        return _loss_costs.__wrapped__(spec, budget, str(device), table)
+        return _loss_costs.__wrapped__(spec, budget, str(device), table, scope)
 
 
 @functools.lru_cache(maxsize=8)
-def _loss_costs(spec: Spec, budget: float, device: str, table: CostTable) -> tuple[torch.Tensor, ...]:
+def _loss_costs(spec: Spec, budget: float, device: str, table: CostTable, scope: str) -> tuple[torch.Tensor, ...]:
     g, a, b = table.mask_layout(spec)
     scale = loss_scale(table)
-    out = (g, a, b, task_budgets(spec, budget, table))
+    left = np.array([shared_budget(spec, budget, table)]) if scope == SHARED else task_budgets(spec, budget, table)
+    out = (g, a, b, left)
     return tuple(torch.as_tensor(x * scale, dtype=torch.float32, device=device) for x in out)
 
 

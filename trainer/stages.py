@@ -23,7 +23,7 @@ from dagc.precision_table import BF16, FP16
 from dagc.trainer.baselines import full_masks
 from dagc.trainer.budget import fits as budget_fits
 from dagc.trainer.kinds import task_loss
-from dagc.trainer.losses import select_loss, squeeze_loss
+from dagc.trainer.losses import select_loss, shared_squeeze_loss, squeeze_loss
 from dagc.trainer.network import CentralNetwork
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
@@ -132,11 +132,12 @@ def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
                 targets: Mapping[str, Tensor], squeeze_weight: float, kappa: float,
                 dense_loss: str = "l2", *, model: Callable | None = None,
                 precision: Precision | None = None, costs: tuple[Tensor, ...] | None = None,
-                select_weight: float = 0.0) -> dict[str, float]:
+                select_weight: float = 0.0, shared: bool = False) -> dict[str, float]:
     """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together, plus
     ``select_weight`` times `select_loss` (0: the paper's).
     ``model`` / ``precision`` as in `total_task_loss`; ``costs`` (`dagc.trainer.budget.loss_costs`)
-    makes L_sq the cost-aware squeeze of a budget instead of Eq. 9 with ``kappa``. Returns the losses."""
+    makes L_sq the cost-aware squeeze of a budget instead of Eq. 9 with ``kappa``: per task, or with
+    ``shared`` of the shared model (`dagc.trainer.losses.shared_squeeze_loss`). Returns the losses."""
     net.train()
     loss, parts = total_task_loss(net, x, targets, dense_loss, model=model, precision=precision)
     # Outside the wrapper's forward, but arch_gamma is also used inside it, so its gradient
@@ -145,7 +146,9 @@ def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
         sq = squeeze_loss(net.arch_gamma, net.band, kappa)
     else:
         g_cost, a_cost, b_cost, budgets = costs
-        sq = squeeze_loss(net.arch_gamma, g_cost, budgets, (net.arch_alpha, a_cost, net.arch_beta, b_cost))
+        read = (net.arch_alpha, a_cost, net.arch_beta, b_cost)
+        sq = shared_squeeze_loss(net.arch_gamma, g_cost, budgets, read, union=net.spec.shared_input) if shared \
+            else squeeze_loss(net.arch_gamma, g_cost, budgets, read)
     total = loss + squeeze_weight * sq
     extra = {}
     if select_weight:
