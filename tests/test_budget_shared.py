@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from dagc.checkpoint import load_checkpoint
 from dagc.compiler.flops import graph_costs
 from dagc.compiler.ir import build_graph
 from dagc.compiler.passes import optimize
@@ -13,12 +14,15 @@ from dagc.costs import block_flops, head_costs
 from dagc.errors import ConfigError
 from dagc.sharing import instances, shared_blocks
 from dagc.spec import TaskSpec, preset
-from dagc.trainer.budget import shared_cost
+from dagc.trainer.budget import budget_outcome, budget_warning, shared_cost, task_cost
+from dagc.trainer.budget_reduction import reduce_shared, reduce_task
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.losses import shared_squeeze_loss, squeeze_loss
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.recalibrate import reestimate_statistics
+from dagc.trainer.reduction import flow_based_reduction
 from dagc.trainer.topology import close_masks, flow_band, flow_matrix, is_flow_connected
+from dagc.trainer.train import train
 
 TASKS = (TaskSpec("seg", "segmentation", 3), TaskSpec("cls", "classification", 4), TaskSpec("cls2", "classification", 2))
 
@@ -135,3 +139,70 @@ def test_the_shared_squeeze_is_the_per_task_one_for_one_task_and_prices_shared_b
     assert float(shared_squeeze_loss(logits[0], g_c, 0.0, read, union=False)) == pytest.approx(
         shared_cost(_spec(False), *masks) - heads, rel=1e-5)
     assert float(shared_squeeze_loss(logits[0], g_c, 1e12, read)) == 0  # within budget: free
+
+
+def _scores(spec, seed):
+    rng = np.random.default_rng(seed)
+    band = flow_band(spec.n_states, spec.flow_constant)
+    return [(band * rng.uniform(0.05, 0.95, band.shape), rng.uniform(0.05, 0.95, spec.n_states),
+             rng.uniform(0.05, 0.95, spec.n_states)) for _ in spec.task_names]
+
+
+def _stacked(masks):
+    return tuple(np.stack([m[i] for m in masks]) for i in range(3))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_joint_reduction_stops_once_the_shared_model_fits_and_the_budget_sets_the_size(seed):
+    spec = _spec()
+    scores = _scores(spec, seed)
+    paper = [close_masks(*flow_based_reduction(*s)) for s in scores]
+    everything, top = reduce_shared(spec, scores, "fbr", 0, 1e15)
+    assert top == shared_cost(spec, *_stacked(everything)) > shared_cost(spec, *_stacked(paper))
+    lo = shared_cost(spec, *_stacked(paper))
+    sizes = []
+    for budget in np.linspace(lo, top, 5):
+        got, cost = reduce_shared(spec, scores, "fbr", 0, budget)
+        assert cost == shared_cost(spec, *_stacked(got)) <= budget  # exact, and within the budget
+        sizes.append(cost)
+    assert sizes[-1] == top and sizes[0] <= lo
+
+
+def test_a_budget_below_the_set_ups_chains_falls_back_to_cheaper_read_ins_or_says_what_it_reached():
+    spec = _spec()
+    scores = _scores(spec, 7)
+    for s in scores:  # every task prefers reading in at full resolution (state 0), the dearest read-in
+        s[1][:] = 0.1
+        s[1][0] = 0.9
+    paper = [close_masks(*flow_based_reduction(*s)) for s in scores]
+    lo = shared_cost(spec, *_stacked(paper))
+    floor, reached = reduce_shared(spec, scores, "fbr", 0, 1.0)  # nothing fits: the cheapest it reaches
+    assert reached == shared_cost(spec, *_stacked(floor)) < lo
+    got, cost = reduce_shared(spec, scores, "fbr", 0, (lo + reached) / 2)
+    assert cost <= (lo + reached) / 2 and any(m[1][0] == 0 for m in got)  # within budget: someone reads in later
+    outcome = budget_outcome(spec, "1FLOPs", "shared", _stacked(floor))
+    assert outcome["cost"] == reached and not outcome["fits"]
+    assert budget_warning(outcome).startswith("warning: no read-in/read-out choice fits the budget of 1e-06 MFLOPs")
+    assert f"{reached / 1e6:.4g} MFLOPs" in budget_warning(outcome)
+    # the per-task scope takes the same fallback
+    seg = task_cost(spec, "seg")
+    _, cheapest = reduce_task(spec, "seg", scores[0], "fbr", 0, 1.0)
+    assert cheapest < seg(*paper[0])
+    (g, a, b), c = reduce_task(spec, "seg", scores[0], "fbr", 0, (seg(*paper[0]) + cheapest) / 2)
+    assert c <= (seg(*paper[0]) + cheapest) / 2 and a[0] == 0
+
+
+def test_a_shared_budget_run_records_the_compiled_shared_models_cost(tmp_path):
+    fast = dict(warmup_iters=2, search_iters=4, finetune_iters=2, batch_size=4, n_train=16, n_test=8)
+    metrics = train(TrainConfig(budget="1000GFLOPs", budget_scope="shared", **fast), tmp_path / "r", progress=False)
+    ck = load_checkpoint(tmp_path / "r" / "checkpoint.safetensors")
+    assert ck.json("config")["budget_scope"] == "shared"
+    compiled = graph_costs(optimize(build_graph(ck.spec, ck.tensors)))["flops"]
+    assert metrics["budget"] == {"budget": "1000GFLOPs", "scope": "shared", "unit": "FLOPs", "cost": compiled,
+                                 "fits": True}
+    tight = f"{compiled * 0.6 / 1e6:.3f}MFLOPs"
+    metrics = train(TrainConfig(budget=tight, budget_scope="shared", **fast), tmp_path / "t", progress=False)
+    ck = load_checkpoint(tmp_path / "t" / "checkpoint.safetensors")
+    smaller = graph_costs(optimize(build_graph(ck.spec, ck.tensors)))["flops"]
+    assert metrics["budget"]["cost"] == smaller and metrics["budget"]["fits"] == (smaller <= compiled * 0.6 + 1e3)
+    assert smaller < compiled

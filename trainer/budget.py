@@ -52,7 +52,7 @@ SCOPES = (TASK, SHARED)
 
 __all__ = ["UNITS", "TIME_UNITS", "MFLOPS", "LATENCY_LOSS_UNIT", "TASK", "SHARED", "SCOPES", "Budget", "read_budget", "parse_budget",
            "check_budget", "loss_scale", "cost_table_for", "task_budgets", "shared_budget", "shared_cost",
-           "loss_costs", "fits"]
+           "loss_costs", "fits", "task_cost", "budget_outcome", "budget_warning"]
 
 
 @dataclass(frozen=True)
@@ -211,13 +211,54 @@ def fits(spec: Spec, task: str, budget: float, table: CostTable | None = None
     """Whether a task's binary masks (gamma (N, N), alpha (N,), beta (N,)), once closed, cost no
     more than ``budget`` (in the table's unit; default table: FLOPs) with the task's head and one
     call. Raises SpecError for an unknown task."""
+    cost = task_cost(spec, task, table)
+    return lambda g, a, b: cost(g, a, b) <= budget
+
+
+def task_cost(spec: Spec, task: str, table: CostTable | None = None
+              ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], float]:
+    """What a task's model of binary masks (gamma (N, N), alpha (N,), beta (N,)), once closed,
+    costs in the table's unit (default: FLOPs), its head and one call included. Raises SpecError
+    for an unknown task."""
     spec.task(task)
     table = flops_table(spec) if table is None else table
     g_cost, a_cost, b_cost = table.mask_layout(spec)
     fixed = table.fixed(task)
 
-    def check(g: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
+    def cost(g: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
         g, a, b = close_masks(g, a, b)
-        return float((g * g_cost).sum() + (a * a_cost).sum() + (b * b_cost).sum()) + fixed <= budget
+        return float((g * g_cost).sum() + (a * a_cost).sum() + (b * b_cost).sum()) + fixed
 
-    return check
+    return cost
+
+
+def budget_outcome(spec: Spec, text: str, scope: str, masks: tuple, table: CostTable | None = None) -> dict:
+    """metrics.json's ``budget``: the budget as given, its ``scope``, the unit, the ``cost`` of the
+    reduced masks (stacked (K, N, N), (K, N), (K, N); the shared model's, or task -> its model's)
+    and whether it ``fits``. The budgeted reduction (`dagc.trainer.budget_reduction`) ends at the
+    cheapest cost it reaches when nothing fits, so an over-budget ``cost`` is that cheapest cost."""
+    table = flops_table(spec) if table is None else table
+    value = read_budget(text).value
+    g, a, b = (np.asarray(m) for m in masks)
+    if scope == SHARED:
+        cost: float | dict[str, float] = shared_cost(spec, g, a, b, table)
+        worst = cost
+    else:
+        cost = {t: task_cost(spec, t, table)(g[k], a[k], b[k]) for k, t in enumerate(spec.task_names)}
+        worst = max(cost.values())
+    return {"budget": text, "scope": scope, "unit": read_budget(text).unit, "cost": cost, "fits": worst <= value}
+
+
+def budget_warning(outcome: dict | None) -> str | None:
+    """One line when a budgeted run's models do not fit (None when they do, or without a budget):
+    the cheapest cost reached, against the budget, and what to do."""
+    if not outcome or outcome["fits"]:
+        return None
+    b = read_budget(outcome["budget"])
+    if outcome["scope"] == SHARED:
+        what = f"the shared model's cheapest reachable cost is {b.show(outcome['cost'])}"
+    else:
+        over = {t: c for t, c in outcome["cost"].items() if c > b.value}
+        what = "the cheapest reachable task models are " + ", ".join(f"{t} {b.show(c)}" for t, c in over.items())
+    return (f"warning: no read-in/read-out choice fits the budget of {b.show()} ({outcome['scope']} scope): {what}; "
+            "raise --budget")
