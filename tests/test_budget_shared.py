@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dagc.checkpoint import load_checkpoint
+from dagc.compiler.budget_report import budget_lines, budget_report
 from dagc.compiler.flops import graph_costs
 from dagc.compiler.ir import build_graph
 from dagc.compiler.passes import optimize
@@ -14,6 +15,7 @@ from dagc.costs import block_flops, head_costs
 from dagc.errors import ConfigError
 from dagc.sharing import instances, shared_blocks
 from dagc.spec import TaskSpec, preset
+from dagc.tools.costs import bench_budget_lines
 from dagc.trainer.budget import budget_outcome, budget_warning, shared_cost, task_cost
 from dagc.trainer.budget_reduction import reduce_shared, reduce_task
 from dagc.trainer.config import TrainConfig
@@ -206,3 +208,16 @@ def test_a_shared_budget_run_records_the_compiled_shared_models_cost(tmp_path):
     smaller = graph_costs(optimize(build_graph(ck.spec, ck.tensors)))["flops"]
     assert metrics["budget"]["cost"] == smaller and metrics["budget"]["fits"] == (smaller <= compiled * 0.6 + 1e3)
     assert smaller < compiled
+    # compile / inspect judge the shared model against a shared budget
+    lines = budget_lines(budget_report(tmp_path / "r" / "checkpoint.safetensors"))
+    assert lines[0] == f"budget: 1e+06 MFLOPs for the shared model (counted, MFLOPs): shared {compiled / 1e6:.3f} (fits)"
+    assert lines[1].startswith("  task models alone: ")
+
+
+def test_bench_prints_the_shared_model_against_a_shared_budget():
+    b = {"budget": "4ms", "scope": "shared", "unit": "ms", "target": "onnxruntime-cpu", "batch": 8, "threads": 1,
+         "measured": True, "bench": {"batches": [8], "threads": 1, "backend": "onnxruntime"},
+         "models": {"shared": {"predicted_ms": 4.3, "measured_ms": 4.2, "vs_budget": 1.05, "vs_predicted": 0.98}}}
+    (line,) = bench_budget_lines(b)
+    assert line.startswith("budget 4 ms for the shared model (onnxruntime-cpu at batch 8, 1 thread)")
+    assert "shared model 4.200 ms (+5% over; table predicted 4.300)" in line
