@@ -3,7 +3,13 @@ shared-bottom and single-task trained for the same total iterations, each at its
 latency, per seed.
 
     python benchmarks/budget_fight.py --dataset synthetic [--seeds 0,1,2] [--budgets 1.5,2.25,3]
+                                      [--scope task|shared] [--train-only]
                                       [--batch 8] [--threads 1] [--work /tmp/dagc_fight]
+
+``--scope shared`` gives each budget to the compiled shared model (``--budget-scope shared``; runs
+``dagc_shared_<b>ms``) instead of to each task model; ``--train-only`` trains (and reuses) the runs
+and prints each dagc run's predicted cost against its budget, decisiveness and Δ_T, without
+compiling or timing anything (time later, on a quiet machine, without the flag).
 
 Per seed: shared-bottom and single-task train with ``baseline_protocol="total"`` (as many iterations
 as dagc's warm-up + search + fine-tune) and are compiled. dagc trains once per budget (``--budgets``,
@@ -85,15 +91,23 @@ def median_ms(parts: dict, repeats: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in time_parts(parts, repeats=repeats, max_seconds=300.0).items()}
 
 
+def run_name(scope: str, budget: float) -> str:
+    return f"dagc_{budget:g}ms" if scope == "task" else f"dagc_{scope}_{budget:g}ms"
+
+
 def one_seed(args, seed: int) -> dict:
     sb = trained(args.work, args.dataset, seed, "shared-bottom", baseline="shared-bottom", baseline_protocol="total")
     st = trained(args.work, args.dataset, seed, "single-task", baseline="single-task", baseline_protocol="total")
-    dagc = {b: trained(args.work, args.dataset, seed, f"dagc_{b:g}ms", budget=f"{b:g}ms", cost_target=TARGET,
-                       cost_batch=args.batch, cost_threads=args.threads) for b in args.budgets}
+    names = {b: run_name(args.scope, b) for b in args.budgets}
+    dagc = {b: trained(args.work, args.dataset, seed, names[b], budget=f"{b:g}ms", cost_target=TARGET,
+                       cost_batch=args.batch, cost_threads=args.threads, budget_scope=args.scope)
+            for b in args.budgets}
+    if args.train_only:
+        return {"rows": {names[b]: _trained_row(run, b, load_run(st)) for b, run in dagc.items()}}
     parts = {f"shared-bottom/{k}": v for k, v in runners(sb, args.batch, args.threads, tasks=True).items()}
     parts |= {f"single-task/{k}": v for k, v in runners(st, args.batch, args.threads, tasks=False).items()}
     for b, run in dagc.items():
-        parts |= {f"dagc_{b:g}ms/{k}": v for k, v in runners(run, args.batch, args.threads, tasks=True).items()}
+        parts |= {f"{names[b]}/{k}": v for k, v in runners(run, args.batch, args.threads, tasks=True).items()}
     ms = median_ms(parts, args.repeats)
     base = load_run(st)
 
@@ -105,11 +119,19 @@ def one_seed(args, seed: int) -> dict:
             "single-task": {"latency_ms": sum(task_ms("single-task").values()), "task_latency_ms": task_ms("single-task"),
                             **_scores(base, base)}}
     for b, run in dagc.items():
-        tasks = task_ms(f"dagc_{b:g}ms")
-        rows[f"dagc {b:g} ms"] = {"budget_ms": b, "latency_ms": ms[f"dagc_{b:g}ms/shared"], "task_latency_ms": tasks,
-                                  "worst_task_over_budget": max(tasks.values()) / b, "decided": _decided(run),
-                                  **_scores(load_run(run), base)}
+        tasks = task_ms(names[b])
+        shared = ms[f"{names[b]}/shared"]
+        rows[f"dagc {b:g} ms" if args.scope == "task" else f"dagc {args.scope} {b:g} ms"] = {
+            "budget_ms": b, "scope": args.scope, "latency_ms": shared, "task_latency_ms": tasks,
+            "worst_task_over_budget": max(tasks.values()) / b, "shared_over_budget": shared / b,
+            "decided": _decided(run), **_scores(load_run(run), base)}
     return {"rows": rows}
+
+
+def _trained_row(run: Path, budget: float, base: dict) -> dict:
+    """A trained run's row without timing: its predicted cost against the budget (metrics.json)."""
+    m = json.loads((run / "metrics.json").read_text())
+    return {"budget_ms": budget, "predicted": m.get("budget"), "decided": _decided(run), **_scores(load_run(run), base)}
 
 
 def _scores(run: dict, base: dict) -> dict:
@@ -149,8 +171,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dataset", choices=sorted(EXTRA), required=True)
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--budgets", default="1.5,2.25,3", help="Budgets per task model, ms (default: about 0.5, 0.75 and 1 "
-                    "times shared-bottom's task model on synthetic, batch 8, one thread).")
+    ap.add_argument("--budgets", default="1.5,2.25,3", help="Budgets, ms, per task model (default: about 0.5, 0.75 and "
+                    "1 times shared-bottom's task model on synthetic, batch 8, one thread) or for the shared model "
+                    "(--scope shared; shared-bottom's measures 3.9-4.1 ms there).")
+    ap.add_argument("--scope", choices=("task", "shared"), default="task",
+                    help="What each budget is for: each task model (default) or the compiled shared model.")
+    ap.add_argument("--train-only", action="store_true", help="Train the runs and print predictions; time nothing.")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=100)
@@ -167,10 +193,22 @@ def main() -> None:
                        "torch": torch.__version__},
            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "wall_seconds": round(time.perf_counter() - t0, 1)}
+    if args.train_only:
+        for seed, r in doc["seeds"].items():
+            for name, row in r["rows"].items():
+                p = row["predicted"] or {}
+                cost = p.get("cost")
+                shown = f"{cost:.3f}" if isinstance(cost, float) else json.dumps(cost)
+                print(f"seed {seed} {name:<20} predicted {shown} ms vs budget {row['budget_ms']:g} ms "
+                      f"(fits {p.get('fits')})  decided {sum(row['decided'].values())}/{len(row['decided'])}  "
+                      f"Δ_T {row['delta_t']:+6.2f}%  per task {json.dumps(row['delta'])}")
+        return
     for seed, r in doc["seeds"].items():
         print(f"seed {seed}")
         for name, row in r["rows"].items():
-            extra = (f"  budget {row['budget_ms']:.3f} ms  worst task/budget {row['worst_task_over_budget']:.2f}  "
+            ratio = (f"shared/budget {row['shared_over_budget']:.2f}" if row.get("scope") == "shared"
+                     else f"worst task/budget {row['worst_task_over_budget']:.2f}") if "budget_ms" in row else ""
+            extra = (f"  budget {row['budget_ms']:.3f} ms  {ratio}  "
                      f"decided {sum(row['decided'].values())}/{len(row['decided'])}") if "budget_ms" in row else ""
             worst = max(row["task_latency_ms"].values())
             print(f"  {name:<16} shared {row['latency_ms']:8.3f} ms  slowest task model {worst:7.3f} ms  "

@@ -1,6 +1,7 @@
 """What the compiled models cost against the budget their run searched for (issue 21): the cost
 table's prediction for each task model and for the shared model, printed by `dagc compile` and
-`dagc inspect` (`dagc.compiler.compile.summary`).
+`dagc inspect` (`dagc.compiler.compile.summary`), judged against the budget's scope: each task
+model, or (``--budget-scope shared``) the shared model.
 
 A compiled model's predicted cost is ``call + Σ its block applications + its heads`` in the
 table's unit (`dagc.cost_table.CostTable.predicted`), over the optimised graph the compiler emits
@@ -20,20 +21,22 @@ from dagc.compiler.ir import Graph, build_graph, slice_of
 from dagc.compiler.passes import optimize
 from dagc.cost_table import FLOPS, CostTable, flops_table
 from dagc.errors import CheckpointError, CostTableError
-from dagc.trainer.budget import Budget, read_budget
+from dagc.trainer.budget import SHARED, TASK, Budget, read_budget
 
 __all__ = ["BudgetReport", "predicted_costs", "budget_report", "budget_of", "budget_lines", "run_cost_table"]
 
 
 @dataclass(frozen=True)
 class BudgetReport:
-    """A run's budget (as given, and parsed), the table that priced it, and the predicted cost of
-    each compiled model: ``predicted`` maps ``"shared"`` and each task to a cost in the table's unit."""
+    """A run's budget (as given, and parsed), the table that priced it, the predicted cost of
+    each compiled model (``predicted`` maps ``"shared"`` and each task to a cost in the table's
+    unit) and what the budget was for (``scope``: each task model, or the shared model)."""
 
     text: str
     budget: Budget
     table: CostTable
     predicted: Mapping[str, float]
+    scope: str = TASK
 
 
 def predicted_costs(graph: Graph, table: CostTable) -> dict[str, float]:
@@ -90,7 +93,8 @@ def budget_of(ck, graph: Graph | Callable[[], Graph]) -> BudgetReport | None:
     except Exception as e:  # noqa: BLE001 - a ConfigError from an edited configuration
         raise CheckpointError(f"{ck.source}: its configuration's budget: {e}") from None
     graph = graph() if callable(graph) else graph
-    return BudgetReport(text, budget, table, predicted_costs(graph, table))
+    scope = ck.json("config").get("budget_scope") or TASK  # runs from before scopes were per task
+    return BudgetReport(text, budget, table, predicted_costs(graph, table), scope)
 
 
 def budget_lines(report: BudgetReport) -> list[str]:
@@ -107,5 +111,10 @@ def budget_lines(report: BudgetReport) -> list[str]:
            for t, c in report.predicted.items() if t != "shared"]
     where = "counted" if table.target == FLOPS else f"predicted by the cost table of {table.key}"
     shared = report.predicted["shared"]
+    if report.scope == SHARED:
+        tasks = ", ".join(f"{t} {show(c)}" for t, c in report.predicted.items() if t != "shared")
+        verdict = "fits" if shared <= b.value else f"{shared / b.value - 1:+.0%} over"
+        return [f"budget: {b.show()} for the shared model ({where}, {unit}): shared {show(shared)} ({verdict})",
+                f"  task models alone: {tasks}"]
     return [f"budget: {b.show()} per task model ({where}, {unit}): {', '.join(fit)}",
             f"  shared model: {show(shared)} {unit} for all tasks ({shared / b.value:.2f} x the per-task budget)"]

@@ -31,9 +31,9 @@ import numpy as np
 from dagc.blocks import HIDDEN, READ_IN, READ_OUT, BlockDef, BlockKey, blocks, head, parse_key
 from dagc.blocks import block as block_def
 from dagc.errors import CompileError, SpecError
+from dagc.sharing import READOUT
 from dagc.spec import Spec
 
-READOUT = -1
 INPUT_PREFIX = "input:"
 
 

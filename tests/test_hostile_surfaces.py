@@ -157,6 +157,9 @@ OPTIONS = [
     ("train --out {out} --budget 2ms --cost-target onnxruntime-cpu --cost-threads x", "'x' is not a valid integer"),
     ("train --out {out} --budget 30MFLOPs --cost-batch 8", "FLOPs are counted per sample"),
     ("train --out {out} --budget 1e-9ms --cost-target onnxruntime-cpu", "head and one call alone"),
+    ("train --out {out} --budget 30MFLOPs --budget-scope all", "budget_scope must be one of"),
+    ("train --out {out} --budget-scope shared", "says what a --budget prices"),
+    ("train --out {out} --budget 1KFLOPs --budget-scope shared", "heads of all tasks and one call alone"),
     # cost tables (issue 21)
     ("inspect {ckpt} --costs tpu", "unknown cost target 'tpu'"),
     ("inspect {art} --costs flops", "not the directory"),

@@ -10,6 +10,7 @@ import click
 
 from dagc.errors import DagcError
 from dagc.spec import PRESETS
+from dagc.trainer.budget import budget_warning
 from dagc.trainer.datasets import ON_DISK, REGISTRY
 from dagc.trainer.decisiveness import warning_line
 
@@ -83,8 +84,11 @@ def int_list(option: str, text: str) -> tuple[int, ...]:
               help="Reduction after the search: fbr (default, Algorithm 1), threshold or random.")
 @click.option("--target-sparsity", "target_sparsity", type=float, default=None, help="Stop the reduction at sparsity S in (0, 1].")
 @click.option("--budget", type=str, default=None,
-              help="Per task model: FLOPs (30MFLOPs) or a latency (2ms, with a latency --cost-target): priced search, "
-                   "reduction stops once it fits.")
+              help="FLOPs (30MFLOPs) or a latency (2ms, with a latency --cost-target) per task model or for the shared "
+                   "model (--budget-scope): priced search, reduction stops once it fits.")
+@click.option("--budget-scope", "budget_scope", type=str, default=None,
+              help="What --budget prices: task (default: each task's model) or shared (the compiled shared model, "
+                   "shared states once, every head, one call).")
 @click.option("--cost-target", "cost_target", type=str, default=None,
               help="What prices the blocks: flops (default, counted) or a latency measured on onnxruntime-cpu, "
                    "openvino-cpu (a cost table, cached).")
@@ -136,9 +140,9 @@ def train(out, resume, quiet, **options) -> None:
         for line in report_lines(metrics["init"]) if metrics.get("init") else ():
             click.echo(line)
         click.echo(train_summary(metrics, out))
-        warning = warning_line(metrics.get("decisiveness"))
-        if warning is not None:
-            click.echo(f"dagc: {warning}", err=True)
+        for warning in (warning_line(metrics.get("decisiveness")), budget_warning(metrics.get("budget"))):
+            if warning is not None:
+                click.echo(f"dagc: {warning}", err=True)
         for line in failed_checks(metrics.get("statistics_check") or {}):
             click.echo(f"dagc: warning: batch-norm statistics: {line}", err=True)
 

@@ -17,7 +17,7 @@ from dagc.compiler.measure import measure_table
 from dagc.compiler.passes import optimize
 from dagc.cost_table import FLOPS, LATENCY_TARGETS, cache_path, cached_table, check_target, describe
 from dagc.errors import DagcError
-from dagc.trainer.budget import read_budget
+from dagc.trainer.budget import SHARED, read_budget
 
 __all__ = ["inspect_costs", "bench_budget", "bench_budget_lines"]
 
@@ -79,8 +79,9 @@ def bench_budget(result: dict[str, Any], checkpoint: Path) -> dict[str, Any] | N
     if report is None:
         return None
     table, budget = report.table, report.budget
-    names = {**{t: t for t in report.predicted if t != "shared"}, "shared": "shared"}
-    out: dict[str, Any] = {"budget": report.text, "unit": budget.unit, "target": table.target,
+    shared_scope = report.scope == SHARED  # the budget judges the shared model alone
+    names = {"shared": "shared"} if shared_scope else {**{t: t for t in report.predicted if t != "shared"}, "shared": "shared"}
+    out: dict[str, Any] = {"budget": report.text, "scope": report.scope, "unit": budget.unit, "target": table.target,
                            "batch": table.batch, "threads": table.threads, "models": {}}
     if table.target == FLOPS:
         for model, key in names.items():
@@ -110,17 +111,18 @@ def bench_budget_lines(b: dict[str, Any] | None) -> list[str]:
     if b is None:
         return []
     budget = read_budget(b["budget"])
+    per = "for the shared model" if b.get("scope") == SHARED else "per task model"
 
     def verdict(ratio: float) -> str:
         return "fits" if ratio <= 1 else f"{ratio - 1:+.0%} over"
 
     if b["target"] == FLOPS:
         rows = [f"{m} {r['flops'] / 1e6:.2f} MFLOPs ({verdict(r['vs_budget'])})" for m, r in b["models"].items()]
-        return [f"budget {budget.show()} per task model (counted): {', '.join(rows)}"]
+        return [f"budget {budget.show()} {per} (counted): {', '.join(rows)}"]
     where = f"{b['target']} at batch {b['batch']}, {b['threads']} thread{'s' if b['threads'] != 1 else ''}"
     if not b["measured"]:
         ran = b["bench"]
-        return [f"budget {budget.show()} per task model is for {where}: this bench ran batches {ran['batches']} with "
+        return [f"budget {budget.show()} {per} is for {where}: this bench ran batches {ran['batches']} with "
                 f"{ran['threads'] or 'the default number of'} threads; rerun with --batch {b['batch']} --threads "
                 f"{b['threads']} to measure it"]
 
@@ -129,5 +131,5 @@ def bench_budget_lines(b: dict[str, Any] | None) -> list[str]:
         return (f"{'shared model' if m == 'shared' else m} {r['measured_ms']:.3f} ms ({verdict(r['vs_budget'])}; "
                 f"{bare}table predicted {r['predicted_ms']:.3f})")
 
-    return [f"budget {budget.show()} per task model ({where}), p50 measured here through the runtime (backend "
+    return [f"budget {budget.show()} {per} ({where}), p50 measured here through the runtime (backend "
             f"{b['bench']['backend']}): " + ", ".join(row(m, r) for m, r in b["models"].items())]

@@ -35,11 +35,16 @@ import numpy as np
 import torch
 
 from dagc.costs import masked_parameters
-from dagc.errors import SpecError
+from dagc.errors import ConfigError, SpecError
 from dagc.spec import Spec
 
 BASELINES = ("single-task", "shared-bottom")
 ABLATIONS = ("no-flow-restriction", "no-read-in-out", "no-fbr", "no-squeeze")
+# A baseline's iteration budget. "finetune": the paper's protocol (Sec. 4.1, "we train all
+# baselines with the same number of fine-tuning iterations"), finetune_iters; "total": as many
+# iterations as the whole search run (warmup + search + finetune), the reading that gives the
+# baseline the most training. Both are offered and metrics.json records which one ran.
+BASELINE_PROTOCOLS = ("finetune", "total")
 # σ(±30) is 1 - 1e-13 and 1e-13: read-in/out weights that are 0/1 to float32 precision.
 _SATURATED = 30.0
 
@@ -100,3 +105,30 @@ def parameter_ratio(spec: Spec, tensors: Mapping[str, object]) -> float:
         raise SpecError("parameter_ratio needs a reduced network (its checkpoint tensors have no masks)")
     masks = tuple(np.asarray(tensors[f"mask.{n}"], dtype=np.int64) for n in ("gamma", "alpha", "beta"))
     return masked_parameters(spec, *masks) / masked_parameters(spec, *chain_masks(spec))
+
+
+def check_protocol(cfg) -> None:
+    """Raise ConfigError naming the first invalid field among a `dagc.trainer.config.TrainConfig`'s
+    baseline, baseline protocol and ablations (and what they exclude)."""
+    if cfg.baseline is not None and cfg.baseline not in BASELINES:
+        raise ConfigError(f"baseline must be one of {list(BASELINES)}, got {cfg.baseline!r}")
+    if cfg.baseline_protocol not in BASELINE_PROTOCOLS:
+        raise ConfigError(f"baseline_protocol must be one of {list(BASELINE_PROTOCOLS)}, "
+                          f"got {cfg.baseline_protocol!r}")
+    if not isinstance(cfg.ablations, tuple) or not all(isinstance(a, str) for a in cfg.ablations):
+        raise ConfigError(f"ablations must be a list of names from {list(ABLATIONS)}, got {cfg.ablations!r}")
+    bad = [a for a in cfg.ablations if a not in ABLATIONS]
+    if bad:
+        raise ConfigError(f"unknown ablation(s) {bad}; choose from {list(ABLATIONS)}")
+    if len(set(cfg.ablations)) != len(cfg.ablations):
+        raise ConfigError(f"ablations: name each at most once, got {list(cfg.ablations)}")
+    if cfg.baseline is not None and cfg.ablations:
+        raise ConfigError(f"baseline {cfg.baseline!r} has no search to ablate; drop the ablations "
+                          f"{list(cfg.ablations)} or the baseline")
+    if cfg.baseline is not None and (cfg.reduction != "fbr" or cfg.target_sparsity is not None):
+        raise ConfigError(f"baseline {cfg.baseline!r} is not reduced; drop --reduction/--target-sparsity")
+    if "no-fbr" in cfg.ablations and (cfg.reduction != "fbr" or cfg.target_sparsity is not None):
+        raise ConfigError("ablation 'no-fbr' keeps every edge; drop --reduction/--target-sparsity")
+    if "no-flow-restriction" in cfg.ablations and cfg.flow_constant is not None:
+        raise ConfigError("ablation 'no-flow-restriction' searches the complete DAG (M = N - 1); "
+                          "drop --flow-constant")

@@ -12,8 +12,11 @@ cached). Either way the budget
 * lets Algorithm 1 stop once the task's sub-network (its closed masks, head and one call included)
   fits the budget, instead of only at the first disconnecting removal (`fits`).
 
-A budget is per task (each task's own model, its head included); the shared model computes states
-that several tasks share once and costs at most the sum.
+A budget is per task (each task's own model, its head included) or, with ``--budget-scope shared``,
+for the compiled shared model of all tasks: states that several tasks share computed once
+(`dagc.sharing`, the compiler's own rule), every head, one call (`shared_cost`). The shared scope
+prices the squeeze with `dagc.trainer.losses.shared_squeeze_loss` and reduces all tasks jointly
+until the shared model fits (`dagc.trainer.budget_reduction`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from dagc.cost_table import FLOPS, LATENCY_TARGETS, TARGETS, CostTable, Measure, cached_table, flops_table
 from dagc.errors import ConfigError
+from dagc.sharing import shared_blocks
 from dagc.spec import Spec
 from dagc.trainer.topology import close_masks
 
@@ -41,9 +45,14 @@ MFLOPS = 1e6  # the loss's unit of a FLOPs budget: about one edge of a small net
 # about what its FLOPs-priced twin does, at any batch, and λ_sq keeps its scale. A much faster target
 # (a GPU) makes the terms smaller: raise λ_sq there.
 LATENCY_LOSS_UNIT = 0.01
+# What a budget prices: each task's own model (its head, one call), or the compiled shared model of
+# all tasks (states shared across tasks computed once, every head, one call).
+TASK, SHARED = "task", "shared"
+SCOPES = (TASK, SHARED)
 
-__all__ = ["UNITS", "TIME_UNITS", "MFLOPS", "LATENCY_LOSS_UNIT", "Budget", "read_budget", "parse_budget",
-           "check_budget", "loss_scale", "cost_table_for", "task_budgets", "loss_costs", "fits"]
+__all__ = ["UNITS", "TIME_UNITS", "MFLOPS", "LATENCY_LOSS_UNIT", "TASK", "SHARED", "SCOPES", "Budget", "read_budget", "parse_budget",
+           "check_budget", "loss_scale", "cost_table_for", "task_budgets", "shared_budget", "shared_cost",
+           "loss_costs", "fits", "task_cost", "budget_outcome", "budget_warning"]
 
 
 @dataclass(frozen=True)
@@ -80,11 +89,17 @@ def read_budget(text: str) -> Budget:
     return Budget(value, "FLOPs" if flops else "ms")
 
 
-def check_budget(budget: str | None, target: object, batch: object, threads: object, alone: bool = True) -> None:
-    """Raise ConfigError (naming the option) unless a run's budget, cost target, cost batch and
-    threads agree: a known target; batch and threads positive integers for a latency target, None
-    for flops; a latency target only with a budget; a latency budget with a latency target, FLOPs
-    with flops; and a budget only ``alone`` (no other rule decides where the reduction stops)."""
+def check_budget(budget: str | None, target: object, batch: object, threads: object, alone: bool = True,
+                 scope: object = TASK) -> None:
+    """Raise ConfigError (naming the option) unless a run's budget, cost target, cost batch,
+    threads and scope agree: a known target; batch and threads positive integers for a latency
+    target, None for flops; a latency target only with a budget; a latency budget with a latency
+    target, FLOPs with flops; a budget only ``alone`` (no other rule decides where the reduction
+    stops); a known scope (`SCOPES`), and ``shared`` only with a budget."""
+    if scope not in SCOPES:
+        raise ConfigError(f"budget_scope must be one of {list(SCOPES)}, got {scope!r}")
+    if scope == SHARED and budget is None:
+        raise ConfigError("--budget-scope shared says what a --budget prices; add one, e.g. --budget 4ms")
     if target not in TARGETS:
         raise ConfigError(f"unknown cost target {target!r}; choose one of {list(TARGETS)}")
     latency = target in LATENCY_TARGETS
@@ -146,24 +161,48 @@ def task_budgets(spec: Spec, budget: float, table: CostTable | None = None) -> n
     return budget - fixed
 
 
-def loss_costs(spec: Spec, budget: float, device: torch.device | str = "cpu", table: CostTable | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def shared_budget(spec: Spec, budget: float, table: CostTable | None = None) -> float:
+    """What the shared model's blocks may cost, in the table's unit (default table: FLOPs): the
+    budget less every head and one call. Raises ConfigError when these alone exceed the budget."""
+    table = flops_table(spec) if table is None else table
+    fixed = sum(table.heads[t] for t in spec.task_names) + table.call
+    if fixed >= budget:
+        b = Budget(budget, "FLOPs" if table.target == FLOPS else "ms")
+        raise ConfigError(f"the shared budget of {b.show()} is below the heads of all tasks and one call alone "
+                          f"({b.show(fixed)}); raise --budget")
+    return budget - fixed
+
+
+def shared_cost(spec: Spec, gamma, alpha, beta, table: CostTable | None = None) -> float:
+    """The exact cost of the compiled shared model of stacked 0/1 masks (K, N, N), (K, N), (K, N)
+    (closed here, each task's), in the table's unit (default: FLOPs): its block applications
+    (`dagc.sharing.shared_blocks`), every head and one call."""
+    table = flops_table(spec) if table is None else table
+    closed = [close_masks(g, a, b) for g, a, b in zip(gamma, alpha, beta)]
+    masks = [np.stack([c[i] for c in closed]) for i in range(3)]
+    return table.predicted(shared_blocks(spec, *masks), spec.task_names)
+
+
+def loss_costs(spec: Spec, budget: float, device: torch.device | str = "cpu", table: CostTable | None = None,
+               scope: str = TASK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The cost-aware squeeze's tensors in the loss's units (`loss_scale`): hidden-edge costs (N, N),
-    read-in costs (N,), read-out costs (N,) and each task's budget for its blocks (K,), made once
-    per (spec, budget, device, table): every search step asks for them. Read-only. ``table``
-    (default: FLOPs) prices the blocks, ``budget`` is in its unit. Raises as `task_budgets`."""
+    read-in costs (N,), read-out costs (N,) and the budget for the blocks: each task's (K,), or with
+    ``scope`` shared the shared model's (1,) (`shared_budget`). Made once per (spec, budget,
+    device, table, scope): every search step asks for them. Read-only. ``table`` (default: FLOPs)
+    prices the blocks, ``budget`` is in its unit. Raises as `task_budgets` / `shared_budget`."""
     table = flops_table(spec) if table is None else table
     try:
-        return _loss_costs(spec, budget, str(device), table)
+        return _loss_costs(spec, budget, str(device), table, scope)
     except TypeError:  # a spec built by hand with a list field is not hashable: build uncached
-        return _loss_costs.__wrapped__(spec, budget, str(device), table)
+        return _loss_costs.__wrapped__(spec, budget, str(device), table, scope)
 
 
 @functools.lru_cache(maxsize=8)
-def _loss_costs(spec: Spec, budget: float, device: str, table: CostTable) -> tuple[torch.Tensor, ...]:
+def _loss_costs(spec: Spec, budget: float, device: str, table: CostTable, scope: str) -> tuple[torch.Tensor, ...]:
     g, a, b = table.mask_layout(spec)
     scale = loss_scale(table)
-    out = (g, a, b, task_budgets(spec, budget, table))
+    left = np.array([shared_budget(spec, budget, table)]) if scope == SHARED else task_budgets(spec, budget, table)
+    out = (g, a, b, left)
     return tuple(torch.as_tensor(x * scale, dtype=torch.float32, device=device) for x in out)
 
 
@@ -172,13 +211,54 @@ def fits(spec: Spec, task: str, budget: float, table: CostTable | None = None
     """Whether a task's binary masks (gamma (N, N), alpha (N,), beta (N,)), once closed, cost no
     more than ``budget`` (in the table's unit; default table: FLOPs) with the task's head and one
     call. Raises SpecError for an unknown task."""
+    cost = task_cost(spec, task, table)
+    return lambda g, a, b: cost(g, a, b) <= budget
+
+
+def task_cost(spec: Spec, task: str, table: CostTable | None = None
+              ) -> Callable[[np.ndarray, np.ndarray, np.ndarray], float]:
+    """What a task's model of binary masks (gamma (N, N), alpha (N,), beta (N,)), once closed,
+    costs in the table's unit (default: FLOPs), its head and one call included. Raises SpecError
+    for an unknown task."""
     spec.task(task)
     table = flops_table(spec) if table is None else table
     g_cost, a_cost, b_cost = table.mask_layout(spec)
     fixed = table.fixed(task)
 
-    def check(g: np.ndarray, a: np.ndarray, b: np.ndarray) -> bool:
+    def cost(g: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
         g, a, b = close_masks(g, a, b)
-        return float((g * g_cost).sum() + (a * a_cost).sum() + (b * b_cost).sum()) + fixed <= budget
+        return float((g * g_cost).sum() + (a * a_cost).sum() + (b * b_cost).sum()) + fixed
 
-    return check
+    return cost
+
+
+def budget_outcome(spec: Spec, text: str, scope: str, masks: tuple, table: CostTable | None = None) -> dict:
+    """metrics.json's ``budget``: the budget as given, its ``scope``, the unit, the ``cost`` of the
+    reduced masks (stacked (K, N, N), (K, N), (K, N); the shared model's, or task -> its model's)
+    and whether it ``fits``. The budgeted reduction (`dagc.trainer.budget_reduction`) ends at the
+    cheapest cost it reaches when nothing fits, so an over-budget ``cost`` is that cheapest cost."""
+    table = flops_table(spec) if table is None else table
+    value = read_budget(text).value
+    g, a, b = (np.asarray(m) for m in masks)
+    if scope == SHARED:
+        cost: float | dict[str, float] = shared_cost(spec, g, a, b, table)
+        worst = cost
+    else:
+        cost = {t: task_cost(spec, t, table)(g[k], a[k], b[k]) for k, t in enumerate(spec.task_names)}
+        worst = max(cost.values())
+    return {"budget": text, "scope": scope, "unit": read_budget(text).unit, "cost": cost, "fits": worst <= value}
+
+
+def budget_warning(outcome: dict | None) -> str | None:
+    """One line when a budgeted run's models do not fit (None when they do, or without a budget):
+    the cheapest cost reached, against the budget, and what to do."""
+    if not outcome or outcome["fits"]:
+        return None
+    b = read_budget(outcome["budget"])
+    if outcome["scope"] == SHARED:
+        what = f"the shared model's cheapest reachable cost is {b.show(outcome['cost'])}"
+    else:
+        over = {t: c for t, c in outcome["cost"].items() if c > b.value}
+        what = "the cheapest reachable task models are " + ", ".join(f"{t} {b.show(c)}" for t, c in over.items())
+    return (f"warning: no read-in/read-out choice fits the budget of {b.show()} ({outcome['scope']} scope): {what}; "
+            "raise --budget")

@@ -17,7 +17,7 @@ from dagc.network_file import Network
 from dagc.precision_table import FP16
 from dagc.spec import PRESETS, preset_network
 from dagc.trainer import datasets
-from dagc.trainer.baselines import ABLATIONS, BASELINES
+from dagc.trainer.baselines import check_protocol
 from dagc.trainer.budget import check_budget, read_budget
 from dagc.trainer.losses import DENSE_LOSSES
 from dagc.trainer.recipes import LR_SCHEDULES, RECIPES
@@ -25,11 +25,6 @@ from dagc.trainer.stages import AMP_MODES, REDUCTIONS
 
 # The stages of a run, in order (paper Sec. 3.2); reduction and rewinding open fine-tuning.
 STAGES = ("warmup", "search", "finetune")
-# A baseline's iteration budget. "finetune": the paper's protocol (Sec. 4.1, "we train all
-# baselines with the same number of fine-tuning iterations"), finetune_iters; "total": as many
-# iterations as the whole search run (warmup + search + finetune), the reading that gives the
-# baseline the most training. Both are offered and metrics.json records which one ran.
-BASELINE_PROTOCOLS = ("finetune", "total")
 # Where a stored configuration's network comes from, in messages (`Network.source`).
 STORED_NETWORK = "config.network"
 
@@ -73,9 +68,11 @@ class TrainConfig:
     dense_loss: str = "l2"
     reduction: str = "fbr"
     target_sparsity: float | None = None
-    # A budget per task model, "30MFLOPs" or "2ms" (dagc.trainer.budget), priced on cost_target
-    # (dagc.cost_table; a latency at cost_batch samples a call, cost_threads threads: 1 unless given).
+    # A budget, "30MFLOPs" or "2ms" (dagc.trainer.budget), priced on cost_target (dagc.cost_table; a
+    # latency at cost_batch samples a call, cost_threads threads: 1 unless given), for each task's
+    # model (budget_scope "task") or for the compiled shared model of all tasks ("shared").
     budget: str | None = None
+    budget_scope: str = "task"
     cost_target: str = FLOPS
     cost_batch: int | None = None
     cost_threads: int | None = None
@@ -264,7 +261,8 @@ class TrainConfig:
         if self.target_sparsity is not None and not 0 < self.target_sparsity <= 1:
             raise ConfigError(f"target_sparsity must be in (0, 1], got {self.target_sparsity!r}")
         check_budget(self.budget, self.cost_target, self.cost_batch, self.cost_threads,
-                     alone=self.target_sparsity is None and self.baseline is None and "no-fbr" not in self.ablations)
+                     alone=self.target_sparsity is None and self.baseline is None and "no-fbr" not in self.ablations,
+                     scope=self.budget_scope)
 
     def _validate_speed(self) -> None:
         if self.device != "cpu" and not self.device.startswith("cuda"):
@@ -279,28 +277,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     def _validate_protocol(self) -> None:
-        if self.baseline is not None and self.baseline not in BASELINES:
-            raise ConfigError(f"baseline must be one of {list(BASELINES)}, got {self.baseline!r}")
-        if self.baseline_protocol not in BASELINE_PROTOCOLS:
-            raise ConfigError(f"baseline_protocol must be one of {list(BASELINE_PROTOCOLS)}, "
-                              f"got {self.baseline_protocol!r}")
-        if not isinstance(self.ablations, tuple) or not all(isinstance(a, str) for a in self.ablations):
-            raise ConfigError(f"ablations must be a list of names from {list(ABLATIONS)}, got {self.ablations!r}")
-        bad = [a for a in self.ablations if a not in ABLATIONS]
-        if bad:
-            raise ConfigError(f"unknown ablation(s) {bad}; choose from {list(ABLATIONS)}")
-        if len(set(self.ablations)) != len(self.ablations):
-            raise ConfigError(f"ablations: name each at most once, got {list(self.ablations)}")
-        if self.baseline is not None and self.ablations:
-            raise ConfigError(f"baseline {self.baseline!r} has no search to ablate; drop the ablations "
-                              f"{list(self.ablations)} or the baseline")
-        if self.baseline is not None and (self.reduction != "fbr" or self.target_sparsity is not None):
-            raise ConfigError(f"baseline {self.baseline!r} is not reduced; drop --reduction/--target-sparsity")
-        if "no-fbr" in self.ablations and (self.reduction != "fbr" or self.target_sparsity is not None):
-            raise ConfigError("ablation 'no-fbr' keeps every edge; drop --reduction/--target-sparsity")
-        if "no-flow-restriction" in self.ablations and self.flow_constant is not None:
-            raise ConfigError("ablation 'no-flow-restriction' searches the complete DAG (M = N - 1); "
-                              "drop --flow-constant")
+        check_protocol(self)
 
     # ------------------------------------------------------------------ what the stages use
     def central_network(self) -> Network:
@@ -341,7 +318,8 @@ class TrainConfig:
 
     @property
     def budget_value(self) -> float | None:
-        """The budget per task model in its cost table's unit (FLOPs, or ms a call), or None."""
+        """The budget (per task model, or for the shared model: `budget_scope`) in its cost table's
+        unit (FLOPs, or ms a call), or None."""
         return None if self.budget is None else read_budget(self.budget).value
 
     def squeeze_budget(self, n_states: int) -> float:

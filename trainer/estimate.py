@@ -39,7 +39,7 @@ def estimate_seconds(run: Run, data: MultiTaskData, device: torch.device) -> dic
             continue
         if stage == "finetune" and not probe.net.hard:
             reduce_network(probe.net, cfg.reduction_method, seed=cfg.seed, target_sparsity=cfg.target_sparsity,
-                           budget=cfg.budget_value, table=run.cost_table)
+                           budget=cfg.budget_value, table=run.cost_table, scope=cfg.budget_scope)
         probe.stage, probe.step = stage, 0
         probe.opt = optimizer(cfg, probe.net, stage)
         model = training_model(probe.net, device, cfg.compile)

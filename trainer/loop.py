@@ -20,7 +20,7 @@ from tqdm import tqdm
 from dagc.errors import ConfigError
 from dagc.trainer import distributed
 from dagc.trainer.batches import batch_at
-from dagc.trainer.budget import loss_costs
+from dagc.trainer.budget import SHARED, loss_costs
 from dagc.trainer.datasets import MultiTaskData
 from dagc.trainer.network import CentralNetwork, network_tensors
 from dagc.trainer.recalibrate import reestimate_statistics, statistics_batches
@@ -110,9 +110,10 @@ def stage_step(run: Run, model: Callable, x: Tensor, targets: dict[str, Tensor])
     kw = {"model": model, "precision": run.precision}
     if stage == "search":
         kappa = cfg.squeeze_budget(run.spec.n_states)
-        costs = None if cfg.budget is None else loss_costs(run.spec, cfg.budget_value, x.device, run.cost_table)  # cached
+        costs = None if cfg.budget is None else loss_costs(run.spec, cfg.budget_value, x.device, run.cost_table,
+                                                           cfg.budget_scope)  # cached
         losses = search_step(run.net, run.opt, x, targets, cfg.search_squeeze_weight, kappa, cfg.dense_loss, costs=costs,
-                             select_weight=cfg.search_select_weight(run.step), **kw)
+                             select_weight=cfg.search_select_weight(run.step), shared=cfg.budget_scope == SHARED, **kw)
     elif stage == "warmup":
         losses = warmup_step(run.net, run.opt, x, targets, cfg.dense_loss, **kw)
     else:

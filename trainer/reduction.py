@@ -124,9 +124,10 @@ def _check_target(target_sparsity) -> float | None:
     return target
 
 
-def _initial_flow_matrix(gamma: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """Ψ restricted to the states in [N_α, N_β] (Algorithm 1, lines 2-8)."""
-    n_alpha, n_beta = state_range(alpha, beta)
+def _initial_flow_matrix(gamma: np.ndarray, alpha: np.ndarray, beta: np.ndarray,
+                         states: tuple[int, int] | None = None) -> np.ndarray:
+    """Ψ restricted to the states in [N_α, N_β] (Algorithm 1, lines 2-8), or in ``states``."""
+    n_alpha, n_beta = state_range(alpha, beta) if states is None else states
     keep = np.zeros(gamma.shape[0], dtype=bool)
     keep[n_alpha : n_beta + 1] = True
     return flow_matrix(
@@ -136,16 +137,18 @@ def _initial_flow_matrix(gamma: np.ndarray, alpha: np.ndarray, beta: np.ndarray)
     )
 
 
-def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity, removed: list | None = None, fits=None):
+def _reduce(gamma, alpha, beta, choose: _EdgeChooser, target_sparsity, removed: list | None = None, fits=None,
+            states: tuple[int, int] | None = None):
     """Shared set-up and stopping rule; `choose` decides which edge to try next. ``removed``, if
     given, receives (Ψ before the removal, flat index of the removed edge) for every removal;
-    ``fits`` (binary gamma, alpha, beta -> bool), if given, stops at the first Ψ that fits."""
+    ``fits`` (binary gamma, alpha, beta -> bool), if given, stops at the first Ψ that fits;
+    ``states`` replaces the set-up's [N_α, N_β] (a budget's fallback, `dagc.trainer.budget_reduction`)."""
     g, a, b = _as_task_arrays(gamma, alpha, beta)
     target = _check_target(target_sparsity)
     total_edges = np.count_nonzero(g) + 2 * g.shape[0]
-    psi = _initial_flow_matrix(g, a, b)
+    psi = _initial_flow_matrix(g, a, b, states)
     if not is_flow_connected(psi):
-        n_alpha, n_beta = state_range(a, b)
+        n_alpha, n_beta = state_range(a, b) if states is None else states
         raise SpecError(
             "input and read-out are not connected before any removal: no path through states "
             f"[{n_alpha}, {n_beta}] (are alpha or beta zero on all of them?)"

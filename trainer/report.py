@@ -16,7 +16,8 @@ metric on a training slice, `dagc.trainer.recalibrate.statistics_check`), ``vali
 task -> metric -> value on the validation slice of the training split, `dagc.trainer.validation`;
 the stages warmup, search, reduced and finetune that the run has: a baseline has finetune only;
 empty with ``val_fraction`` 0), ``validation_samples`` (per task; empty without a slice) and
-``stopped_early_at`` (the fine-tuning step early stopping ended at, else None),
+``stopped_early_at`` (the fine-tuning step early stopping ended at, else None), with a budget
+``budget`` (the reduced models' cost against it, `dagc.trainer.budget.budget_outcome`),
 under torchrun ``distributed`` (world size, backend, global batch size, each rank's digest, the
 stages whose end found the ranks apart); for the single-task baseline ``runs`` (task -> its run
 directory under the baseline's) and ``validation`` (its runs', stage -> task -> metrics).
@@ -33,6 +34,7 @@ from dagc.errors import ConfigError
 from dagc.spec import TaskSpec
 from dagc.trainer import distributed
 from dagc.trainer.baselines import parameter_ratio
+from dagc.trainer.budget import budget_outcome
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData
 from dagc.trainer.decisiveness import network_decisiveness
@@ -78,6 +80,9 @@ def run_metrics(run: Run, data: MultiTaskData, final: Scores, constant: Scores) 
         t = run.cost_table
         extra["cost_table"] = {"target": t.target, "batch": t.batch, "threads": t.threads, "unit": t.unit,
                                "network": t.network, "sha256": t.digest}
+    if run.cfg.budget is not None and net.hard:  # what the reduced models cost against the budget
+        extra["budget"] = budget_outcome(spec, run.cfg.budget, run.cfg.budget_scope,
+                                         (net.mask_gamma.cpu(), net.mask_alpha.cpu(), net.mask_beta.cpu()), run.cost_table)
     decisiveness = None if run.cfg.baseline is not None else network_decisiveness(net)
     return metrics(run.cfg, spec.to_dict(), spec.tasks, final, constant, run.topology, parameters, run.seconds,
                    decisiveness, **extra)

@@ -21,9 +21,10 @@ from dagc.cost_table import CostTable
 from dagc.errors import ConfigError
 from dagc.precision_table import BF16, FP16
 from dagc.trainer.baselines import full_masks
-from dagc.trainer.budget import fits as budget_fits
+from dagc.trainer.budget import SHARED, TASK
+from dagc.trainer.budget_reduction import reduce_shared, reduce_task
 from dagc.trainer.kinds import task_loss
-from dagc.trainer.losses import select_loss, squeeze_loss
+from dagc.trainer.losses import select_loss, shared_squeeze_loss, squeeze_loss
 from dagc.trainer.network import CentralNetwork
 from dagc.trainer.reduction import flow_based_reduction, random_reduction, threshold_reduction
 from dagc.trainer.topology import close_masks, topology_metrics
@@ -132,11 +133,12 @@ def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
                 targets: Mapping[str, Tensor], squeeze_weight: float, kappa: float,
                 dense_loss: str = "l2", *, model: Callable | None = None,
                 precision: Precision | None = None, costs: tuple[Tensor, ...] | None = None,
-                select_weight: float = 0.0) -> dict[str, float]:
+                select_weight: float = 0.0, shared: bool = False) -> dict[str, float]:
     """One search iteration: Eq. 8, L_task + λ_sq·L_sq, on θ and Γ/A/B together, plus
     ``select_weight`` times `select_loss` (0: the paper's).
     ``model`` / ``precision`` as in `total_task_loss`; ``costs`` (`dagc.trainer.budget.loss_costs`)
-    makes L_sq the cost-aware squeeze of a budget instead of Eq. 9 with ``kappa``. Returns the losses."""
+    makes L_sq the cost-aware squeeze of a budget instead of Eq. 9 with ``kappa``: per task, or with
+    ``shared`` of the shared model (`dagc.trainer.losses.shared_squeeze_loss`). Returns the losses."""
     net.train()
     loss, parts = total_task_loss(net, x, targets, dense_loss, model=model, precision=precision)
     # Outside the wrapper's forward, but arch_gamma is also used inside it, so its gradient
@@ -145,7 +147,9 @@ def search_step(net: CentralNetwork, opt: torch.optim.Optimizer, x: Tensor,
         sq = squeeze_loss(net.arch_gamma, net.band, kappa)
     else:
         g_cost, a_cost, b_cost, budgets = costs
-        sq = squeeze_loss(net.arch_gamma, g_cost, budgets, (net.arch_alpha, a_cost, net.arch_beta, b_cost))
+        read = (net.arch_alpha, a_cost, net.arch_beta, b_cost)
+        sq = shared_squeeze_loss(net.arch_gamma, g_cost, budgets, read, union=net.spec.shared_input) if shared \
+            else squeeze_loss(net.arch_gamma, g_cost, budgets, read)
     total = loss + squeeze_weight * sq
     extra = {}
     if select_weight:
@@ -162,11 +166,13 @@ finetune_step = warmup_step  # same update; the network is in hard mode by then
 
 def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
                    target_sparsity: float | None = None, budget: float | None = None,
-                   table: CostTable | None = None) -> dict[str, dict[str, float]]:
+                   table: CostTable | None = None, scope: str = TASK) -> dict[str, dict[str, float]]:
     """Discretise every task's σ(Γ, A, B) (Algorithm 1, threshold or random reduction, or ``none``:
-    keep every edge), close the masks, and switch the network to hard mode; with ``budget`` (per task
-    model, in the unit of ``table``, `dagc.cost_table`; default FLOPs) a reduction stops as soon as
-    the task's sub-network fits it. Returns
+    keep every edge), close the masks, and switch the network to hard mode; with ``budget`` (in the
+    unit of ``table``, `dagc.cost_table`; default FLOPs) a reduction stops as soon as the task's
+    sub-network fits it (``scope`` task) or all tasks' reductions together stop as soon as the
+    shared model fits it (``shared``), other read-ins/read-outs tried when the set-up's cannot fit
+    (`dagc.trainer.budget_reduction`). Returns
     the topology (D, W, S) of each task's sub-network. The random reduction of task k draws from ``seed + k``.
     Raises ConfigError for an unknown method or target."""
     if method not in (*REDUCTIONS, "none"):
@@ -178,12 +184,18 @@ def reduce_network(net: CentralNetwork, method: str = "fbr", *, seed: int = 0,
         bet = torch.sigmoid(net.arch_beta).cpu().double().numpy()
     masks, topo = [], {}
     keep_all = full_masks(net.spec) if method == "none" else None
+    joint = None
+    if budget is not None and scope == SHARED and method != "none":
+        joint, _ = reduce_shared(net.spec, list(zip(gam, alp, bet)), method, seed, budget, table)
     for k, task in enumerate(net.spec.tasks):
         if method == "none":  # the no-fbr ablation: every edge stays
             g, a, b = (m[k] for m in keep_all)
+        elif joint is not None:
+            g, a, b = joint[k]
+        elif budget is not None:
+            (g, a, b), _ = reduce_task(net.spec, task.name, (gam[k], alp[k], bet[k]), method, seed + k, budget, table)
         else:
-            fit = None if budget is None else budget_fits(net.spec, task.name, budget, table)
-            g, a, b = _REDUCE[method](gam[k], alp[k], bet[k], seed + k, target_sparsity, fit)
+            g, a, b = _REDUCE[method](gam[k], alp[k], bet[k], seed + k, target_sparsity, None)
         g, a, b = close_masks(g, a, b)
         masks.append((g, a, b))
         topo[task.name] = topology_metrics(g, a, b, band)

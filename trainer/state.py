@@ -137,7 +137,7 @@ def reduce_and_rewind(run: Run, on_reduced: Callable[[Run], None] | None = None)
     ranks get the same masks."""
     cfg = run.cfg
     run.topology = reduce_network(run.net, cfg.reduction_method, seed=cfg.seed, target_sparsity=cfg.target_sparsity,
-                                  budget=cfg.budget_value, table=run.cost_table)
+                                  budget=cfg.budget_value, table=run.cost_table, scope=cfg.budget_scope)
     if on_reduced is not None:
         on_reduced(run)
     rewind(run.net, run.rewind_theta)

@@ -48,7 +48,7 @@ from dagc.cost_table import CostTable, Measure
 from dagc.errors import CheckpointError, ConfigError
 from dagc.trainer import distributed, single_task
 from dagc.trainer.batches import build_spec, load_data, split_validation, training_size
-from dagc.trainer.budget import cost_table_for, task_budgets
+from dagc.trainer.budget import SHARED, cost_table_for, shared_budget, task_budgets
 from dagc.trainer.config import TrainConfig
 from dagc.trainer.datasets import MultiTaskData, Split
 from dagc.trainer.estimate import estimate_seconds, format_estimate
@@ -141,7 +141,7 @@ def train(cfg: TrainConfig | None, out_dir: str | os.PathLike, *, resume: bool =
     table = None
     if cfg.budget is not None and run is None:  # before anything is written: the table, and a head alone may not fit
         table = cost_table_for(spec, cfg.cost_target, cfg.cost_batch, cfg.cost_threads, measure_costs)
-        task_budgets(spec, cfg.budget_value, table)
+        (shared_budget if cfg.budget_scope == SHARED else task_budgets)(spec, cfg.budget_value, table)
     if run is None:  # before anything is written: --init may refuse its file
         run = new_run(cfg, spec, device)
         run.cost_table = table
