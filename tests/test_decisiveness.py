@@ -88,7 +88,10 @@ def test_cli_warns_in_one_line_when_the_search_did_not_decide(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert e.value.code == 0
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("dagc: warning:") and "--arch-lr" in lines[0], err
+    assert all(line.startswith("dagc: warning:") for line in lines), err
+    assert len([line for line in lines if "--arch-lr" in line]) == 1, err
+    # 2 iterations learn nothing either: the held-out scores are near the constant predictors'
+    assert len(lines) == 2 and "constant predictor" in lines[1], err
     assert "A-margin" in out
     report = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(report["decisiveness"]) == {"segmentation", "depth"}
@@ -111,3 +114,25 @@ def test_unknown_baseline_protocol_is_one_line(tmp_path, capsys):
         main(["train", "--out", str(tmp_path / "run"), "--baseline", "shared-bottom", "--baseline-protocol", "half"])
     _, err = capsys.readouterr()
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "baseline_protocol" in err
+
+
+def test_a_task_deployed_near_its_constant_predictor_is_warned_about():
+    from dagc.trainer.report import NEAR_CONSTANT, near_constant_line
+
+    # digits, seed 1, budget 1.3 ms: parity's chain read in at the 1x1 state (RESULTS)
+    primary = {"low": {"metric": "accuracy", "higher_is_better": True, "model": 1.0, "constant": 0.2},
+               "parity": {"metric": "accuracy", "higher_is_better": True, "model": 0.549, "constant": 0.504}}
+    line = near_constant_line(primary)
+    assert line is not None and "\n" not in line and line.startswith("warning:")
+    assert "parity accuracy 0.549 (constant predictor 0.504)" in line and "low" not in line
+    assert "--budget" in line
+    # lower is better: an error no smaller than the constant's is warned about, a real gain is not
+    depth = {"metric": "abs_err", "higher_is_better": False, "constant": 2.8}
+    assert "depth" in near_constant_line({"depth": {**depth, "model": 2.8 * (1 - NEAR_CONSTANT / 2)}})
+    assert "depth" in near_constant_line({"depth": {**depth, "model": 3.5}})  # worse than constant
+    assert near_constant_line({"depth": {**depth, "model": 0.6}}) is None
+    # synthetic edge F at shared-bottom's 25% of the gap is not flagged; an unbounded metric is not judged
+    assert near_constant_line({"edge": {"metric": "ods_f", "higher_is_better": True, "model": 0.387,
+                                        "constant": 0.184}}) is None
+    assert near_constant_line({"r": {"metric": "psnr", "higher_is_better": True, "model": 20.0, "constant": 19.9}}) is None
+    assert near_constant_line(None) is None and near_constant_line({}) is None

@@ -13,6 +13,7 @@ from dagc.spec import PRESETS
 from dagc.trainer.budget import budget_warning
 from dagc.trainer.datasets import ON_DISK, REGISTRY
 from dagc.trainer.decisiveness import warning_line
+from dagc.trainer.report import near_constant_line
 
 BUILT_IN = tuple(name for name, d in REGISTRY.items() if not d.on_disk)
 # "tiny for synthetic; omniglot for digits, omniglot; ...": each preset with the datasets it is the default of.
@@ -140,7 +141,8 @@ def train(out, resume, quiet, **options) -> None:
         for line in report_lines(metrics["init"]) if metrics.get("init") else ():
             click.echo(line)
         click.echo(train_summary(metrics, out))
-        for warning in (warning_line(metrics.get("decisiveness")), budget_warning(metrics.get("budget"))):
+        for warning in (warning_line(metrics.get("decisiveness")), budget_warning(metrics.get("budget")),
+                        near_constant_line(metrics.get("primary"))):
             if warning is not None:
                 click.echo(f"dagc: {warning}", err=True)
         for line in failed_checks(metrics.get("statistics_check") or {}):

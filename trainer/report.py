@@ -105,6 +105,34 @@ def single_task_metrics(cfg: TrainConfig, runs: Mapping[str, dict[str, Any]]) ->
                    sum(m["train_seconds"] for m in runs.values()), runs={t: t for t in runs}, validation=validation)
 
 
+# A deployed task that closes less than this share of the gap between its constant predictor and a
+# perfect score has lost what it needs: digits, seed 1, budget 1.3 ms, parity 0.549 against the
+# constant's 0.504 (9% of the gap) with a chain reading in at the 1x1 state (RESULTS "A budget for
+# the shared model"). The other 157 task results of this session's fights and runs closed 25% or
+# more (the hardest: synthetic edge F, 25-30%, shared-bottom's included).
+NEAR_CONSTANT = 0.15
+
+
+def near_constant_line(primary: Mapping[str, Mapping[str, Any]] | None) -> str | None:
+    """One warning line naming the tasks whose deployed model scores close to their best constant
+    predictor (closing less than `NEAR_CONSTANT` of the gap to a perfect score: 1 for a
+    higher-is-better metric in [0, 1], 0 for a lower-is-better one that is non-negative; other
+    metrics are not judged), or None. Takes ``metrics.json``'s ``primary``."""
+    weak = []
+    for task, p in (primary or {}).items():
+        model, constant = float(p["model"]), float(p["constant"])
+        ideal = 1.0 if p["higher_is_better"] else 0.0
+        bounded = 0.0 <= constant <= 1.0 and 0.0 <= model <= 1.0 if p["higher_is_better"] else min(model, constant) >= 0.0
+        gap = abs(ideal - constant)
+        if bounded and gap > 0 and (model - constant) / (ideal - constant) < NEAR_CONSTANT:
+            weak.append(f"{task} {p['metric']} {model:.3g} (constant predictor {constant:.3g})")
+    if not weak:
+        return None
+    return (f"warning: held out, {'; '.join(weak)}: the deployed sub-network scores close to a constant "
+            "predictor; see its read-in and depth in metrics.json's topology, and retrain without --budget "
+            "or with a larger one, or with more --search-iters")
+
+
 def write_json(path: Path, value: Any, sort_keys: bool = True, then: str = "run the command again") -> None:
     """Write ``value`` as indented JSON to ``path``, atomically. Raises ConfigError (one line, the
     path; ``then``: what to do once fixed) when the system fails the write, e.g. a full device."""
