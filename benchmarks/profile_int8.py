@@ -32,6 +32,7 @@ import numpy as np
 import onnxruntime as ort
 
 from dagc.artifact import load_manifest
+from dagc.manifest import Manifest
 from dagc.precision_table import INT8, REFERENCE
 from dagc.runners import session_options
 from dagc.tools.bench_system import machine
@@ -41,10 +42,10 @@ MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "spinning": ort.Executi
          "parallel": ort.ExecutionMode.ORT_PARALLEL}
 
 
-def shared_files(art: Path) -> dict[str, Path]:
-    """The shared model's file at fp32 and int8 (precision -> path). Raises SystemExit when the
-    artifact has no int8 shared model."""
-    manifest = load_manifest(art)
+def shared_files(art: Path, manifest: Manifest | None = None) -> dict[str, Path]:
+    """The shared model's file at fp32 and int8 (precision -> path), from ``manifest`` (default: the
+    artifact's). Raises SystemExit when the artifact has no int8 shared model."""
+    manifest = load_manifest(art) if manifest is None else manifest
     files = {}
     for name, m in manifest.models.items():
         precision = m.precision or REFERENCE
@@ -102,8 +103,8 @@ def profile_once(path: Path, threads: int, mode: str, feed: dict, calls: int) ->
 
 
 def profile(art: Path, batch: int, threads: list[int], modes: list[str], calls: int, rounds: int) -> dict:
-    files = shared_files(art)
     manifest = load_manifest(art)
+    files = shared_files(art, manifest)
     x = np.random.default_rng(0).standard_normal((batch, *manifest.input.shape)).astype(np.float32)
     feed = {n: x for n in manifest.input.names}
     keys = [(p, t, m) for t in threads for m in modes for p in files]

@@ -87,13 +87,14 @@ def budget_of(ck, graph: Graph | Callable[[], Graph]) -> BudgetReport | None:
     table = run_cost_table(ck)
     if table is None:
         return None
-    text = ck.json("config")["budget"]
+    config = ck.json("config")
+    text = config["budget"]
     try:
         budget = read_budget(text)
     except Exception as e:  # noqa: BLE001 - a ConfigError from an edited configuration
         raise CheckpointError(f"{ck.source}: its configuration's budget: {e}") from None
     graph = graph() if callable(graph) else graph
-    scope = ck.json("config").get("budget_scope") or TASK  # runs from before scopes were per task
+    scope = config.get("budget_scope") or TASK  # runs from before scopes were per task
     return BudgetReport(text, budget, table, predicted_costs(graph, table), scope)
 
 

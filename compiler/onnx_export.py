@@ -62,14 +62,17 @@ class _Builder:
         self.names.add(name)
         return name
 
+    def array(self, key: str) -> np.ndarray:
+        """``graph.params[key]`` as float32; CompileError when the graph lacks it."""
+        if key not in self.graph.params:
+            raise CompileError(f"the graph lacks parameter {key!r}")
+        return np.asarray(self.graph.params[key], dtype=np.float32)
+
     def param(self, key: str) -> str:
         """The initializer of ``graph.params[key]`` (float32), added once; returns its name."""
         if key not in self.inits:
-            if key not in self.graph.params:
-                raise CompileError(f"the graph lacks parameter {key!r}")
-            arr = np.ascontiguousarray(np.asarray(self.graph.params[key], dtype=np.float32))
             self.names.add(key)
-            self.inits[key] = numpy_helper.from_array(arr, key)
+            self.inits[key] = numpy_helper.from_array(np.ascontiguousarray(self.array(key)), key)
         return key
 
     def const(self, name: str, value, dtype=np.float32) -> str:
@@ -95,10 +98,8 @@ class _Builder:
         k = c.kernel // 2
         if (rh, rw) == (k, k):
             w = self.param(weight)
-        elif weight not in self.graph.params:
-            raise CompileError(f"the graph lacks parameter {weight!r}")
         else:
-            cut = np.asarray(self.graph.params[weight], dtype=np.float32)[:, :, k - rh:k + rh + 1, k - rw:k + rw + 1]
+            cut = self.array(weight)[:, :, k - rh:k + rh + 1, k - rw:k + rw + 1]
             w = self.const(f"{weight}.live{2 * rh + 1}x{2 * rw + 1}", np.ascontiguousarray(cut))
         # A 1x1 conv needs neither padding nor dilation.
         spatial = {"pads": [c.dilation * rh, c.dilation * rw] * 2, "dilations": [c.dilation] * 2} if rh or rw else {}
